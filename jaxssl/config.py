@@ -1,0 +1,162 @@
+"""Config loading: argument strings, locked ml_collections configs, overrides that fail with one clear line.
+
+A config file is a Python module with `get_config(arg: str | None) -> ConfigDict`. Users name it as
+`configs/videomae_v2.py:variant=L,runlocal` and override fields as `--config.input.global_batch=64`.
+Every mistake (unknown argument, misspelt key, value of the wrong type, value outside a field's choices)
+raises `ConfigError` whose message names the key and what is valid; `jaxssl.main` prints it as one line.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import importlib.util
+import os
+import pkgutil
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config mistake; the message is one line meant for the user."""
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ''
+    return f'{hint}; valid: {", ".join(choices)}'
+
+
+def _coerce(key: str, text: str, default: Any) -> Any:
+    """Parses `text` into the type of `default`."""
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ('1', 'true', 'yes', ''):
+            return True
+        if lowered in ('0', 'false', 'no'):
+            return False
+        raise ConfigError(f"bad value '{text}' for '{key}': expected true or false")
+    if isinstance(default, (int, float)):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"bad value '{text}' for '{key}': expected a number")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise ConfigError(f"bad value '{text}' for '{key}': expected an integer")
+        return type(default)(value)
+    if isinstance(default, (tuple, list)):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"bad value '{text}' for '{key}': expected a tuple") from e
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return type(default)(value)
+    return text
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses a config argument string such as 'variant=L,runlocal' against typed defaults.
+
+    A bare name sets a boolean to True. Names not in `defaults` are errors that list the valid ones.
+    """
+    result = dict(defaults)
+    for item in filter(None, (arg or '').split(',')):
+        name, has_value, text = item.partition('=')
+        name = name.strip()
+        if name not in defaults:
+            raise ConfigError(f"unknown config argument '{name}'{_suggest(name, defaults)}")
+        if not has_value and not isinstance(defaults[name], bool):
+            raise ConfigError(f"config argument '{name}' needs a value, e.g. {name}={defaults[name]}")
+        result[name] = _coerce(name, text.strip(), defaults[name])
+    return ml_collections.ConfigDict(result)
+
+
+def _import_file(path: str):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found")
+    name = 'jaxssl_config_' + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise ConfigError(f"config file '{path}' has no get_config(arg) function")
+    return module
+
+
+def available_methods() -> list[str]:
+    import jaxssl.methods
+
+    return sorted(m.name for m in pkgutil.iter_modules(jaxssl.methods.__path__))
+
+
+def method_module(config: ml_collections.ConfigDict):
+    """Imports the method named by `config.method` (e.g. 'videomae' -> jaxssl.methods.videomae)."""
+    name = config.get('method')
+    if name not in available_methods():
+        raise ConfigError(f"unknown method '{name}' for 'method'{_suggest(str(name), available_methods())}")
+    return importlib.import_module(f'jaxssl.methods.{name}')
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
+    """Sets `config.<dotted_key>` from a command-line string, keeping the field's type."""
+    *parents, leaf = dotted_key.split('.')
+    node, walked = config, []
+    for part in parents:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = '.'.join(walked) or 'the config'
+            raise ConfigError(f"unknown config key '{dotted_key}': no '{part}' in {where}{_suggest(part, node)}")
+        node, walked = node[part], [*walked, part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        where = '.'.join(walked) or 'the config'
+        raise ConfigError(f"unknown config key '{dotted_key}' in {where}{_suggest(leaf, node)}")
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"'{dotted_key}' is a group; set one of its keys: {', '.join(current)}")
+    with node.unlocked():
+        node[leaf] = text if current is None else _coerce(dotted_key, text, current)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads 'path.py[:arg]', applies 'key=value' overrides, validates through the method, and locks.
+
+    Raises ConfigError with a one-line message on any mistake.
+    """
+    path, _, arg = spec.partition(':')
+    module = _import_file(path)
+    config = module.get_config(arg or None)
+    for item in overrides:
+        key, has_value, text = item.partition('=')
+        if not has_value:
+            raise ConfigError(f"override '{item}' needs a value: --config.{key}=VALUE")
+        apply_override(config, key, text)
+    check = getattr(method_module(config), 'check_config', None)
+    if check is not None:
+        check(config)
+    config.lock()
+    return config
+
+
+def check_choice(config: ml_collections.ConfigDict, key: str, choices: Iterable[Any]) -> None:
+    """Fails with a ConfigError naming `key` when its value is not one of `choices`."""
+    value = config
+    for part in key.split('.'):
+        value = value[part]
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"bad value '{value}' for '{key}'{_suggest(str(value), map(str, choices))}")
+
+
+def check_range(config: ml_collections.ConfigDict, key: str, low: float, high: float) -> None:
+    """Fails with a ConfigError naming `key` when its value is outside [low, high)."""
+    value = config
+    for part in key.split('.'):
+        value = value[part]
+    if not low <= value < high:
+        raise ConfigError(f"bad value {value} for '{key}': must be in [{low}, {high})")

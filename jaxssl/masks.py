@@ -1,0 +1,90 @@
+"""VideoMAE V2's dual masking, as numpy functions run per sample in the input pipeline.
+
+Same semantics as the reference (OpenGVLab/VideoMAEv2 dataset/masking_generator.py): a mask is a flat bool
+array over the token grid (T', H', W') in (t, h, w) order, and True means "dropped": hidden from the encoder
+(encoder mask) or not reconstructed by the decoder (decoder mask). Randomness comes from the
+`np.random.Generator` the pipeline hands each sample, so masks are deterministic and checkpointable.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+Grid = tuple[int, int, int]
+
+
+def tube_mask(grid: Grid, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Tube masking: one random frame-level mask with int(ratio * H'W') dropped cells, repeated over time."""
+    frames, height, width = grid
+    per_frame = height * width
+    num_masked = int(ratio * per_frame)
+    if not 0 <= num_masked < per_frame:
+        raise ValueError(f'tube mask ratio {ratio} must leave at least one visible token per frame')
+    frame_mask = np.zeros(per_frame, dtype=bool)
+    frame_mask[rng.permutation(per_frame)[:num_masked]] = True
+    return np.tile(frame_mask, frames)
+
+
+@functools.lru_cache(maxsize=32)
+def running_cell_maps(grid: Grid, ratio: float) -> np.ndarray:
+    """The reference's 4 running-cell decoder masks, shape (4, T'*H'*W').
+
+    A 2x2 cell reads a cyclic queue [1]*m + [0]*(4-m) (m = int(4 * ratio); 1 = not reconstructed) from a
+    pointer that advances by one every temporal slice; the cell is tiled over the frame. The 4 maps are the
+    4 starting pointers. Each spatial position is thus reconstructed in a fixed share of the slices.
+    """
+    frames, height, width = grid
+    num_dropped = int(4 * ratio)
+    if not 0 < num_dropped < 4:
+        raise ValueError(f'running-cell ratio {ratio} must give 1 to 3 dropped cells of 4 (0.25 <= ratio < 1)')
+    if height % 2 or width % 2:
+        raise ValueError(f'running-cell masking needs an even token grid, got {height}x{width}')
+    queue = np.array([1] * num_dropped + [0] * (4 - num_dropped), dtype=bool)
+    maps = []
+    for start in range(4):
+        slices = []
+        for t in range(frames):
+            pointer = start + t + 1  # the reference advances the pointer before reading each slice
+            cell = queue[(np.arange(4) + pointer) % 4].reshape(2, 2)
+            slices.append(np.tile(cell, (height // 2, width // 2)).reshape(-1))
+        maps.append(np.concatenate(slices))
+    maps = np.stack(maps)
+    maps.setflags(write=False)
+    return maps
+
+
+def decoder_mask(encoder_mask: np.ndarray, grid: Grid, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Running-cell decoder mask (one of the 4 maps, chosen at random); ratio 0 gives VideoMAE v1 (NOT encoder mask)."""
+    if ratio == 0:
+        return ~encoder_mask
+    maps = running_cell_maps(tuple(grid), float(ratio))
+    return maps[rng.integers(len(maps))].copy()
+
+
+def mask_indices(encoder_mask: np.ndarray, decoder_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Turns boolean masks (N,) or (B, N) into the static-shape index arrays the model takes.
+
+    Returns visible_idx (tokens the encoder sees), target_idx (tokens the decoder reconstructs), both
+    ascending as in the reference's boolean indexing, and target_weight: 1 where a target token was hidden
+    from the encoder (the only ones the loss counts), else 0.
+    """
+    encoder_mask = np.asarray(encoder_mask, dtype=bool)
+    decoder_mask = np.asarray(decoder_mask, dtype=bool)
+    if encoder_mask.shape != decoder_mask.shape:
+        raise ValueError(f'mask shapes differ: {encoder_mask.shape} vs {decoder_mask.shape}')
+    batched = encoder_mask.ndim == 2
+    enc, dec = np.atleast_2d(encoder_mask), np.atleast_2d(decoder_mask)
+
+    def rows(keep: np.ndarray, what: str) -> np.ndarray:
+        counts = keep.sum(axis=1)
+        if np.any(counts != counts[0]):
+            raise ValueError(f'{what} count differs across the batch: {sorted(set(counts.tolist()))}')
+        return np.nonzero(keep)[1].reshape(len(keep), -1).astype(np.int32)
+
+    visible_idx = rows(~enc, 'visible token')
+    target_idx = rows(~dec, 'decoder target')
+    target_weight = np.take_along_axis(enc, target_idx, axis=1).astype(np.float32)
+    out = dict(visible_idx=visible_idx, target_idx=target_idx, target_weight=target_weight)
+    return out if batched else {k: v[0] for k, v in out.items()}

@@ -1,0 +1,129 @@
+"""VideoMAE V2 (and VideoMAE v1 with decoder_ratio 0): dual-masked video autoencoding with a pixel loss.
+
+Batch layout: 'video' (B, T, H, W, 3) normalised with ImageNet mean/std; 'visible_idx' (B, N_vis) int32;
+'target_idx' (B, N_tgt) int32; 'target_weight' (B, N_tgt) float32 (1 where the encoder did not see the
+token). jaxssl.masks builds the last three per sample in the input pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxssl import masks
+from jaxssl.config import ConfigError, check_choice, check_range
+from jaxssl.models import videomae as videomae_model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the key, on values the model or masks cannot use."""
+    try:
+        spec = videomae_model.decode_variant(config.model.variant)
+    except ValueError:
+        sizes = ', '.join(videomae_model.VARIANTS)
+        raise ConfigError(
+            f"bad value '{config.model.variant}' for 'model.variant'; valid: {sizes} (optionally '/patch')"
+        ) from None
+    check_choice(config, 'model.dtype', DTYPES)
+    check_choice(config, 'model.pos_embedding', ('sincos', 'learned'))
+    check_range(config, 'model.drop_path_rate', 0.0, 1.0)
+    check_range(config, 'masking.encoder_ratio', 0.0, 1.0)
+    ratio = config.masking.decoder_ratio
+    if ratio != 0 and not 0 < int(4 * ratio) < 4:
+        raise ConfigError(
+            f"bad value {ratio} for 'masking.decoder_ratio': 0 (VideoMAE v1) or in [0.25, 1) for running cells"
+        )
+    try:
+        grid = videomae_model.token_grid(
+            config.input.frames, config.input.image_size, spec['patch'], config.model.tubelet
+        )
+    except ValueError as e:
+        raise ConfigError(f"bad 'input.frames' / 'input.image_size' for 'model.variant': {e}") from None
+    if ratio != 0 and (grid[1] % 2 or grid[2] % 2):
+        raise ConfigError(
+            f"'masking.decoder_ratio' > 0 needs an even token grid; 'input.image_size' gives {grid[1]}x{grid[2]}"
+        )
+
+
+def make_model(config: ml_collections.ConfigDict) -> videomae_model.VideoMAEPretrain:
+    m = config.model
+    return videomae_model.make_pretrain_model(
+        m.variant,
+        tubelet=m.tubelet,
+        layer_norm_eps=m.layer_norm_eps,
+        layer_scale_init=m.layer_scale_init,
+        pos_embedding=m.pos_embedding,
+        drop_path_rate=m.drop_path_rate,
+        scan_layers=m.scan_layers,
+        remat=m.remat,
+        dtype=DTYPES[m.dtype],
+        attention_impl=m.attention_impl or None,
+    )
+
+
+def sample_masks(config: ml_collections.ConfigDict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One sample's encoder (tube) and decoder (running cell) masks as model indices; numpy, for the pipeline."""
+    patch = videomae_model.decode_variant(config.model.variant)['patch']
+    grid = videomae_model.token_grid(config.input.frames, config.input.image_size, patch, config.model.tubelet)
+    encoder = masks.tube_mask(grid, config.masking.encoder_ratio, rng)
+    decoder = masks.decoder_mask(encoder, grid, config.masking.decoder_ratio, rng)
+    return masks.mask_indices(encoder, decoder)
+
+
+def patch_targets(video: jax.Array, patch: int, tubelet: int = 2, normalize: bool = True) -> jax.Array:
+    """Reconstruction targets (B, N, tubelet * patch * patch * C) from an ImageNet-normalised clip.
+
+    Un-normalises to [0, 1], cuts (tubelet, patch, patch) tubes in token order, and (if `normalize`) normalises
+    each tube per channel over its pixels with the unbiased std + 1e-6, as the reference does. The vector order
+    is (p0 p1 p2 c), channel fastest.
+    """
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    pixels = video.astype(jnp.float32) * std + mean
+    tubes = einops.rearrange(
+        pixels, 'b (t p0) (h p1) (w p2) c -> b (t h w) (p0 p1 p2) c', p0=tubelet, p1=patch, p2=patch
+    )
+    if normalize:
+        mu = tubes.mean(axis=-2, keepdims=True)
+        sigma = jnp.sqrt(tubes.var(axis=-2, ddof=1, keepdims=True))
+        tubes = (tubes - mu) / (sigma + 1e-6)
+    return jax.lax.stop_gradient(tubes.reshape(*tubes.shape[:2], -1))
+
+
+def masked_mse(prediction: jax.Array, target: jax.Array, weight: jax.Array) -> jax.Array:
+    """Mean squared error per token, averaged over the tokens with weight 1 across the whole batch."""
+    per_token = jnp.mean(jnp.square(prediction - target), axis=-1)
+    return jnp.sum(per_token * weight) / jnp.sum(weight)
+
+
+def compute_loss(
+    model: videomae_model.VideoMAEPretrain,
+    params: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array | None = None,
+    train: bool = True,
+    normalize_target: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The VideoMAE V2 objective: normalised-pixel MSE at encoder-masked tokens among the decoder's targets."""
+    rngs = {'drop_path': rng} if train and rng is not None else {}
+    prediction, _ = model.apply(
+        {'params': params},
+        batch['video'],
+        batch['visible_idx'],
+        batch['target_idx'],
+        train=train,
+        rngs=rngs,
+    )
+    targets = patch_targets(batch['video'], model.patch, model.tubelet, normalize_target)
+    targets = jnp.take_along_axis(targets, batch['target_idx'][..., None], axis=1)
+    loss = masked_mse(prediction, targets, batch['target_weight'])
+    return loss, {'loss': loss, 'loss_tokens': jnp.sum(batch['target_weight'])}

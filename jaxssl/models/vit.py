@@ -1,0 +1,262 @@
+"""Vision Transformer building blocks shared by every ViT-based method.
+
+Conventions: inputs are channels-last ((B, T, H, W, C) for video, (B, H, W, C) for images); parameters are
+float32 and `dtype` sets the compute dtype (e.g. bfloat16); modules that other code probes return
+`(output, intermediates)`. Numerics follow the VideoMAE / BEiT reference (shared/reference/videomae_v2.md):
+pre-LN blocks, fused qkv projection with q and v biases but no k bias, exact GELU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# torch.nn.Linear's reference init in VideoMAE pretraining; torch Conv3d keeps its default, which is
+# kaiming_uniform(a=sqrt(5)): uniform(+-1/sqrt(fan_in)) for both kernel and bias.
+dense_init = nn.initializers.xavier_uniform()
+conv_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
+    """The reference's fixed 1-D sin/cos table over the flattened token index, shape (num_positions, dim).
+
+    angle(pos, j) = pos / 10000^(2 * floor(j / 2) / dim); sin on even j, cos on odd j (interleaved, not
+    concatenated). Computed in float64 and returned as float32, like the reference.
+    """
+    position = np.arange(num_positions, dtype=np.float64)[:, None]
+    exponent = 2 * (np.arange(dim) // 2) / dim
+    angle = position / np.power(10000.0, exponent)[None, :]
+    table = np.where(np.arange(dim) % 2 == 0, np.sin(angle), np.cos(angle))
+    return table.astype(np.float32)
+
+
+def truncated_normal_init(stddev: float) -> nn.initializers.Initializer:
+    """N(0, stddev) truncated at +-1 stddev: what the reference's trunc_normal_(std, a=-std, b=std) draws."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return stddev * jax.random.truncated_normal(key, -1.0, 1.0, shape, dtype)
+
+    return init
+
+
+class PositionEmbedding(nn.Module):
+    """Adds a position table to (B, N, D) tokens: the fixed sinusoid ('sincos') or a learned one ('learned').
+
+    The fixed table is a constant (never a parameter, never checkpointed), as in the reference.
+    """
+
+    kind: str = 'sincos'
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _, tokens, width = x.shape
+        if self.kind == 'sincos':
+            table = jnp.asarray(sinusoid_table(tokens, width))[None]
+        elif self.kind == 'learned':
+            table = self.param('pos_embed', truncated_normal_init(0.02), (1, tokens, width))
+        else:
+            raise ValueError(f"unknown position embedding '{self.kind}'; valid: sincos, learned")
+        return x + table.astype(x.dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens: a 2D patch (p, p) or a 3D tubelet (t, p, p) embedding.
+
+    Input (B, *spatial, C); output (B, N, width) with tokens in row-major (t, h, w) order, which is
+    the reference's flattened token index.
+    """
+
+    width: int
+    patch: Sequence[int]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        patch = tuple(self.patch)
+        chex.assert_rank(x, len(patch) + 2)
+        for axis, size in enumerate(patch):
+            if x.shape[1 + axis] % size:
+                raise ValueError(f'input shape {x.shape[1:-1]} is not divisible by patch {patch}')
+        fan_in = int(np.prod(patch)) * x.shape[-1]
+        bound = 1 / np.sqrt(fan_in)
+        x = nn.Conv(
+            self.width,
+            kernel_size=patch,
+            strides=patch,
+            padding='VALID',
+            dtype=self.dtype,
+            kernel_init=conv_init,
+            bias_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound),
+            name='proj',
+        )(x)
+        return x.reshape(x.shape[0], -1, self.width)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, q and v biases, no k bias."""
+
+    width: int
+    heads: int
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None  # None lets XLA pick; 'cudnn' forces flash attention on GPUs.
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, tokens, _ = x.shape
+        if self.width % self.heads:
+            raise ValueError(f'width {self.width} is not divisible by heads {self.heads}')
+        qkv = nn.Dense(3 * self.width, use_bias=False, dtype=self.dtype, kernel_init=dense_init, name='qkv')(x)
+        if self.qkv_bias:
+            q_bias = self.param('q_bias', nn.initializers.zeros, (self.width,))
+            v_bias = self.param('v_bias', nn.initializers.zeros, (self.width,))
+            bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+            qkv = qkv + bias.astype(qkv.dtype)
+        q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.heads, -1), 3, axis=2)
+        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], implementation=self.attention_impl)
+        out = out.reshape(batch, tokens, self.width)
+        return nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2."""
+
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)
+        x = nn.gelu(x, approximate=False)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name='fc2')(x)
+
+
+def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array) -> jax.Array:
+    """Stochastic depth: zeroes whole samples of a residual branch with probability `rate`, rescaling the rest."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x)).astype(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x += DropPath(Attn(LN x)); x += DropPath(MLP(LN x)); optional layer scale.
+
+    `drop_path_rate` is a call argument (not a field) so that a scanned stack can give each layer its own rate.
+    Returns (x, None) so the block can be used directly as an nn.scan body.
+    """
+
+    width: int
+    heads: int
+    mlp_hidden: int
+    layer_norm_eps: float = 1e-6
+    layer_scale_init: float = 0.0  # > 0 enables the reference's gamma_1 / gamma_2
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, drop_path_rate: jax.Array | float = 0.0, train: bool = False
+    ) -> tuple[jax.Array, None]:
+        def residual(branch: jax.Array, name: str) -> jax.Array:
+            if self.layer_scale_init > 0:
+                gamma = self.param(name, nn.initializers.constant(self.layer_scale_init), (self.width,))
+                branch = branch * gamma.astype(branch.dtype)
+            if train:
+                branch = drop_path(branch, drop_path_rate, self.make_rng('drop_path'))
+            return branch
+
+        norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
+        y = Attention(self.width, self.heads, self.qkv_bias, self.dtype, self.attention_impl, name='attn')(
+            norm('norm1')(x)
+        )
+        x = x + residual(y, 'gamma_1')
+        y = Mlp(self.mlp_hidden, self.dtype, name='mlp')(norm('norm2')(x))
+        x = x + residual(y, 'gamma_2')
+        return x, None
+
+
+class Transformer(nn.Module):
+    """A stack of `depth` Blocks with linearly increasing drop-path rates, then an optional final LayerNorm.
+
+    Parameters are named `block_00`, `block_01`, ... or, with `scan_layers`, stacked along a leading axis
+    under `blocks` (one compiled body: much faster compiles for deep models). `remat` recomputes each block
+    in the backward pass. Intermediates hold 'block_XX' outputs (unscanned only) and 'pre_norm'.
+    """
+
+    width: int
+    depth: int
+    heads: int
+    mlp_hidden: int
+    layer_norm_eps: float = 1e-6
+    layer_scale_init: float = 0.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    final_norm: bool = True
+    scan_layers: bool = False
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        chex.assert_rank(x, 3)
+        chex.assert_axis_dimension(x, 2, self.width)
+        x = x.astype(self.dtype)
+        block_kwargs = dict(
+            width=self.width,
+            heads=self.heads,
+            mlp_hidden=self.mlp_hidden,
+            layer_norm_eps=self.layer_norm_eps,
+            layer_scale_init=self.layer_scale_init,
+            qkv_bias=self.qkv_bias,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+        )
+        rates = np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
+        block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
+        intermediates = {}
+        if self.scan_layers:
+            stack = nn.scan(
+                block_cls,
+                variable_axes={'params': 0},
+                split_rngs={'params': True, 'drop_path': True},
+                in_axes=(0, nn.broadcast),
+                length=self.depth,
+            )(**block_kwargs, name='blocks')
+            x, _ = stack(x, jnp.asarray(rates), train)
+        else:
+            for i in range(self.depth):
+                x, _ = block_cls(**block_kwargs, name=f'block_{i:02d}')(x, float(rates[i]), train)
+                intermediates[f'block_{i:02d}'] = x
+        intermediates['pre_norm'] = x
+        if self.final_norm:
+            x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name='norm')(x)
+        return x, intermediates
+
+
+def stack_blocks(params: dict, depth: int) -> dict:
+    """Converts unscanned `block_XX` parameters of a Transformer into the scanned `blocks` layout."""
+    params = dict(params)
+    blocks = [params.pop(f'block_{i:02d}') for i in range(depth)]
+    params['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    return params
+
+
+def unstack_blocks(params: dict) -> dict:
+    """Inverse of `stack_blocks`."""
+    params = dict(params)
+    blocks = params.pop('blocks')
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    for i in range(depth):
+        params[f'block_{i:02d}'] = jax.tree.map(lambda x, i=i: x[i], blocks)
+    return params
