@@ -134,3 +134,15 @@ def test_learned_position_embedding():
     np.testing.assert_allclose(fixed.apply({}, x)[0], vit.sinusoid_table(5, 4))
     learned = vit.PositionEmbedding('learned').init(jax.random.key(0), x)['params']['pos_embed']
     assert learned.shape == (1, 5, 4) and float(jnp.abs(learned).max()) <= 0.02
+
+
+def test_patch_embed_2d_images():
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 12, 3)), jnp.float32)
+    module = vit.PatchEmbed(7, (4, 4))
+    params = module.init(jax.random.key(0), images)['params']
+    tokens = module.apply({'params': params}, images)
+    assert tokens.shape == (2, 6, 7) and params['proj']['kernel'].shape == (4, 4, 3, 7)
+    want = jnp.einsum('hwc,hwcd->d', images[1, 4:8, 8:12], params['proj']['kernel']) + params['proj']['bias']
+    np.testing.assert_allclose(tokens[1, 1 * 3 + 2], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match='not divisible'):
+        module.apply({'params': params}, images[:, :7])
