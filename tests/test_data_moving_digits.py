@@ -1,0 +1,101 @@
+"""moving_digits: files, determinism, atomic generation, and labels that match what moves in the video."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from jaxssl.data import decode, moving_digits
+
+
+@pytest.fixture(scope='session')
+def tiny_root(tmp_path_factory):
+    # A session-wide cache folder shared by the data tests (ensure() returns at once once it is there).
+    return moving_digits.ensure(str(tmp_path_factory.getbasetemp() / 'jaxssl-cache'), 'tiny')
+
+
+@pytest.fixture(scope='module')
+def metadata(tiny_root):
+    return moving_digits.load_metadata(tiny_root)
+
+
+def test_layout_lists_and_metadata(tiny_root, metadata):
+    sizes = moving_digits.SIZES['tiny']
+    for split, count in sizes.items():
+        lines = open(os.path.join(tiny_root, f'{split}.csv')).read().splitlines()
+        assert len(lines) == count == len(metadata['splits'][split])
+        for line, clip in zip(lines, metadata['splits'][split], strict=True):
+            assert line == f'{clip["path"]} 0 -1 {clip["label"]}'  # reference list format with a label column
+            assert os.path.isfile(os.path.join(tiny_root, clip['path']))
+    source = moving_digits.MovingDigitsSource(os.path.dirname(os.path.dirname(tiny_root)), 'tiny', 'val')
+    assert len(source) == sizes['val'] and source.label_keys == ('label', 'direction', 'speed')
+    first = metadata['splits']['val'][0]
+    assert {k: source[0][k] for k in source.label_keys} == {k: first[k] for k in source.label_keys}
+
+
+def test_clip_format(tiny_root, metadata):
+    path = os.path.join(tiny_root, metadata['splits']['train'][0]['path'])
+    assert decode.video_num_frames(path) == moving_digits.FRAMES == 32
+    frames = decode.read_video_frames(path, range(32))
+    assert frames.shape == (32, 64, 64, 3)
+    assert np.median(frames) < 10 and frames.max() > 200  # bright digits on a black canvas
+
+
+def test_val_uses_unseen_digit_instances(metadata):
+    train = {i for clip in metadata['splits']['train'] for i in clip['digit_index']}
+    val = {i for clip in metadata['splits']['val'] for i in clip['digit_index']}
+    assert train and val and not train & val
+
+
+def _centroid(frame: np.ndarray) -> np.ndarray:
+    mass = frame[..., 0].astype(np.float64)
+    ys, xs = np.indices(mass.shape)
+    return np.array([(xs * mass).sum(), (ys * mass).sum()]) / mass.sum()
+
+
+def test_labels_match_the_motion(tiny_root, metadata):
+    """The digits' centroid moves in the labelled direction at the labelled speed (decoded from the mp4 files)."""
+    clips = metadata['splits']['train'] + metadata['splits']['val']
+    assert {c['direction'] for c in clips} == set(range(8)) and {c['speed'] for c in clips} == {0, 1}
+    for clip in clips:
+        frames = decode.read_video_frames(os.path.join(tiny_root, clip['path']), [0, 31])
+        dx, dy = _centroid(frames[1]) - _centroid(frames[0])
+        angle = math.degrees(math.atan2(-dy, dx)) % 360  # image y points down; directions count counter-clockwise
+        error = min(abs(angle - 45 * clip['direction']), 360 - abs(angle - 45 * clip['direction']))
+        assert error < 12, (clip['path'], angle, clip['direction'])
+        distance = math.hypot(dx, dy)
+        expected = moving_digits.SPEEDS[clip['speed']] * 31  # 15.5 px slow, 31 px fast
+        assert abs(distance - expected) < 3, (clip['path'], distance, clip['speed'])
+
+
+def test_generation_is_deterministic(tmp_path, tiny_root, metadata):
+    other = tmp_path / 'again'
+    moving_digits.generate(str(other), 'tiny', seed=0, show_progress=False)
+    again = json.loads((other / 'metadata.json').read_text())
+    assert again == metadata
+    path = metadata['splits']['val'][3]['path']
+    np.testing.assert_array_equal(
+        decode.read_video_frames(str(other / path), range(32)),
+        decode.read_video_frames(os.path.join(tiny_root, path), range(32)),
+    )
+    assert (other / 'train.csv').read_text() == open(os.path.join(tiny_root, 'train.csv')).read()
+
+
+def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch):
+    real_write = moving_digits.write_mp4
+    calls = []
+
+    def failing_write(path, frames, **kwargs):
+        calls.append(path)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-way
+        real_write(path, frames, **kwargs)
+
+    monkeypatch.setattr(moving_digits, 'write_mp4', failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        moving_digits.ensure(str(tmp_path), 'tiny')
+    root = moving_digits.dataset_dir(str(tmp_path), 'tiny')
+    assert not os.path.exists(root)
+    assert os.listdir(os.path.dirname(root)) == []  # the temporary folder is gone too
