@@ -204,3 +204,93 @@ def make_pretrain_model(variant: str, **overrides: Any) -> VideoMAEPretrain:
 def count_params(tree: Any) -> int:
     """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
     return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def _head_init(stddev: float, scale: float) -> nn.initializers.Initializer:
+    """timm's trunc_normal_(std) scaled by `scale`. Its bounds (+-2) are absolute, so at std .02 the cut never bites."""
+
+    def init(key, shape, dtype=jnp.float32):
+        bound = 2.0 / stddev
+        return scale * stddev * jax.random.truncated_normal(key, -bound, bound, shape, dtype)
+
+    return init
+
+
+class VideoMAEClassifier(nn.Module):
+    """Fine-tuning model: the pretraining encoder on all tokens, mean pooling, `fc_norm`, dropout, linear `head`.
+
+    Matches the reference VisionTransformer of models/modeling_finetune.py. The shared parts keep
+    VideoMAEPretrain's parameter names (`patch_embed`, `pos_embed`, `encoder`) so pretrained encoders load
+    unchanged. With `use_mean_pooling` the encoder has no final norm (the reference drops `encoder.norm` and
+    normalises the pooled vector with `fc_norm`); without it the encoder's `norm` runs and token 0 is pooled,
+    as in the reference. Output: logits (B, num_classes) in float32, plus intermediates with 'encoded'
+    (B, N, width) and 'pooled' (B, width), and the encoder's own.
+    """
+
+    width: int
+    depth: int
+    heads: int
+    mlp_hidden: int
+    num_classes: int
+    patch: int = 16
+    tubelet: int = 2
+    channels: int = 3
+    layer_norm_eps: float = 1e-6
+    layer_scale_init: float = 0.0
+    pos_embedding: str = 'sincos'
+    drop_path_rate: float = 0.0
+    head_dropout: float = 0.0
+    init_scale: float = 0.001  # the reference's head init multiplier
+    use_mean_pooling: bool = True
+    scan_layers: bool = False
+    remat: bool = False
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    def setup(self):
+        self.patch_embed = vit.PatchEmbed(self.width, (self.tubelet, self.patch, self.patch), dtype=self.dtype)
+        self.pos_embed = vit.PositionEmbedding(self.pos_embedding)
+        self.encoder = vit.Transformer(
+            self.width,
+            self.depth,
+            self.heads,
+            self.mlp_hidden,
+            layer_norm_eps=self.layer_norm_eps,
+            layer_scale_init=self.layer_scale_init,
+            drop_path_rate=self.drop_path_rate,
+            final_norm=not self.use_mean_pooling,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+        )
+        if self.use_mean_pooling:
+            self.fc_norm = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype)
+        self.dropout = nn.Dropout(self.head_dropout)
+        self.head = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            kernel_init=_head_init(0.02, self.init_scale),
+            bias_init=nn.initializers.zeros,  # the reference's 0, times init_scale
+        )
+
+    def __call__(self, video: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        chex.assert_rank(video, 5)
+        x, intermediates = self.encoder(self.pos_embed(self.patch_embed(video)), train)
+        if self.use_mean_pooling:
+            # Average in float32: a bf16 sum over ~1.5k tokens loses the low bits the head sees.
+            pooled = self.fc_norm(x.astype(jnp.float32).mean(axis=1))
+        else:
+            pooled = x[:, 0]
+        logits = self.head(self.dropout(pooled, deterministic=not train)).astype(jnp.float32)
+        return logits, dict(intermediates, encoded=x, pooled=pooled)
+
+
+def make_classifier(variant: str, num_classes: int, **overrides: Any) -> VideoMAEClassifier:
+    """A VideoMAEClassifier of a named size ('S', 'B', 'L', 'H', 'g', 'micro'; '/patch' optional)."""
+    fields = {f.name for f in dataclasses.fields(VideoMAEClassifier)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f'unknown VideoMAEClassifier fields: {sorted(unknown)}')
+    spec = {k: v for k, v in decode_variant(variant).items() if not k.startswith('dec_')}
+    return VideoMAEClassifier(**{**spec, 'num_classes': num_classes, **overrides})
