@@ -12,17 +12,20 @@ Reference recipe values: shared/reference/videomae_v2.md ("Pretraining optimisat
 
 import ml_collections
 
-from jaxssl.config import parse_arg
+from jaxssl.config import add_trainer_defaults, parse_arg
 
-# Per-variant recipe differences of the reference scripts (scripts/pretrain/*.sh): global batch, base lr,
-# epochs, warmup epochs, gradient clipping, remat.
+# Per-variant recipe of the reference scripts (scripts/pretrain/vit_*_hybrid_pt.sh): global batch in CLIPS
+# (GPUs x 32 per GPU; each clip gives num_sample = 4 views, so a step sees 4x as many samples), base lr, epochs,
+# warmup epochs, gradient clipping, remat. The V2 release has no ViT-S pretraining script (its S is distilled
+# from g); S uses B's recipe.
 RECIPES = {
-    'S': dict(global_batch=4096, base_lr=1e-3, epochs=800, warmup_epochs=40, clip_grad=0.0, remat=False),
-    'B': dict(global_batch=4096, base_lr=1e-3, epochs=200, warmup_epochs=20, clip_grad=0.0, remat=False),
-    'L': dict(global_batch=6144, base_lr=1e-3, epochs=300, warmup_epochs=30, clip_grad=0.0, remat=False),
-    'H': dict(global_batch=8192, base_lr=1e-3, epochs=300, warmup_epochs=30, clip_grad=0.0, remat=True),
-    'g': dict(global_batch=8192, base_lr=6e-4, epochs=300, warmup_epochs=30, clip_grad=0.02, remat=True),
-    'micro': dict(global_batch=8, base_lr=1.5e-4, epochs=1, warmup_epochs=0, clip_grad=0.0, remat=False),
+    'S': dict(global_batch=1024, base_lr=1e-3, epochs=200, warmup_epochs=20, clip_grad=0.0, remat=False),
+    'B': dict(global_batch=1024, base_lr=1e-3, epochs=200, warmup_epochs=20, clip_grad=0.0, remat=False),
+    'L': dict(global_batch=1536, base_lr=1e-3, epochs=300, warmup_epochs=30, clip_grad=0.0, remat=False),
+    'H': dict(global_batch=2048, base_lr=1e-3, epochs=300, warmup_epochs=30, clip_grad=0.0, remat=True),
+    'g': dict(global_batch=2048, base_lr=6e-4, epochs=300, warmup_epochs=30, clip_grad=0.02, remat=True),
+    # runlocal: a few CPU minutes on the built-in moving digits (lr 1e-3 after batch scaling).
+    'micro': dict(global_batch=32, base_lr=8e-3, epochs=3, warmup_epochs=0, clip_grad=0.0, remat=False),
 }
 
 
@@ -60,7 +63,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.image_size = 32 if arg.runlocal else 224
     c.input.sampling_stride = 4  # 2 for Something-Something V2
     c.input.num_sample = 1 if arg.runlocal else 4  # repeated augmentation: crops + masks per decoded clip
-    c.input.global_batch = 8 if arg.runlocal else recipe['global_batch']  # clips, views excluded
+    c.input.global_batch = recipe['global_batch']  # clips, views excluded
+    # Data (jaxssl.data; jaxssl.data.check_input_config validates these).
+    c.input.dataset = 'moving_digits' if arg.runlocal else 'list'  # 'list', 'folder', 'tfds', 'moving_digits'
+    c.input.data_root = ''  # list paths are relative to it; the class-folder root for 'folder'
+    c.input.list_file = ''  # 'path 0 -1' (video) or 'frame_dir start_idx total_frames' lines, optional label last
+    c.input.list_columns = ''  # '' detects; or e.g. 'path,total,label' for frame lists without start_idx
+    c.input.frame_template = 'img_{:05d}.jpg'  # file names in frame folders
+    c.input.split = 'train'  # moving_digits: train / val; tfds: a split string
+    c.input.tfds_name = ''
+    c.input.tfds_data_dir = ''
+    c.input.tfds_video_key = 'video'  # encoded video bytes, or uint8 (T, H, W, 3) frames
+    c.input.tfds_label_key = 'label'
+    c.input.cache_dir = '~/.cache/jaxssl'  # where moving_digits is generated on first use
+    c.input.moving_digits_size = 'small'  # 'tiny' (48 clips, tests) or 'small' (3,000 clips)
+    c.input.num_workers = 0 if arg.runlocal else 16  # Grain worker processes per host (0: decode in-process)
+    c.input.read_threads = 2 if arg.runlocal else 1  # batches assembled concurrently per process (memory: 1 batch each)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.base_lr = recipe['base_lr']  # lr = base_lr * global_batch / 256
@@ -72,4 +90,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.05
     c.optim.clip_grad = recipe['clip_grad']  # 0 disables clipping
+    c.optim.warmup_steps = 20 if arg.runlocal else 0  # > 0 overrides warmup_epochs
+    # No weight decay for these (nor for any 1-D parameter): biases, norms, position table, mask token, layer scale.
+    c.optim.no_decay = ('.*bias', '.*scale', '.*pos_embed.*', '.*mask_token', '.*cls_token', '.*gamma_[12]')
+    c.optim.lr_rules = ()  # ((regex, multiplier), ...); 0 freezes
+
+    add_trainer_defaults(c, runlocal=arg.runlocal)
+    if arg.runlocal:
+        c.train.log_every = 10
+        c.checkpoint.every = 100
     return c

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import os
 import pkgutil
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -84,6 +85,7 @@ def _import_file(path: str):
     name = 'jaxssl_config_' + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses (e.g. Flax modules) defined in the file look their module up here
     spec.loader.exec_module(module)
     if not hasattr(module, 'get_config'):
         raise ConfigError(f"config file '{path}' has no get_config(arg) function")
@@ -93,15 +95,21 @@ def _import_file(path: str):
 def available_methods() -> list[str]:
     import jaxssl.methods
 
-    return sorted(m.name for m in pkgutil.iter_modules(jaxssl.methods.__path__))
+    return sorted(m.name for m in pkgutil.iter_modules(jaxssl.methods.__path__) if m.name != 'base')
 
 
 def method_module(config: ml_collections.ConfigDict):
-    """Imports the method named by `config.method` (e.g. 'videomae' -> jaxssl.methods.videomae)."""
+    """Imports the method named by `config.method`: 'videomae' -> jaxssl.methods.videomae. Any other importable
+    module name ('mylab.methods.foo') is imported as it is, so methods can live outside this package."""
     name = config.get('method')
-    if name not in available_methods():
-        raise ConfigError(f"unknown method '{name}' for 'method'{_suggest(str(name), available_methods())}")
-    return importlib.import_module(f'jaxssl.methods.{name}')
+    if name in available_methods():
+        return importlib.import_module(f'jaxssl.methods.{name}')
+    if isinstance(name, str) and name and importlib.util.find_spec(name.split('.')[0]) is not None:
+        try:
+            return importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"cannot import method module '{name}' for 'method': {e}") from None
+    raise ConfigError(f"unknown method '{name}' for 'method'{_suggest(str(name), available_methods())}")
 
 
 def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
@@ -139,6 +147,8 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     check = getattr(method_module(config), 'check_config', None)
     if check is not None:
         check(config)
+    if 'train' in config:
+        check_trainer_config(config)
     config.lock()
     return config
 
@@ -160,3 +170,42 @@ def check_range(config: ml_collections.ConfigDict, key: str, low: float, high: f
         value = value[part]
     if not low <= value < high:
         raise ConfigError(f"bad value {value} for '{key}': must be in [{low}, {high})")
+
+
+def add_trainer_defaults(config: ml_collections.ConfigDict, runlocal: bool = False) -> ml_collections.ConfigDict:
+    """Adds the sections every method's config shares: train loop, checkpoints, mesh, sharding, debug hooks."""
+    c = config
+    if 'seed' not in c:
+        c.seed = 0
+    c.init_from = ''  # a jaxssl params directory (python -m jaxssl.convert ...) to start from
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 0  # 0: optim.epochs x examples per epoch / global batch
+    c.train.log_every = 1 if runlocal else 50
+    c.train.grad_accum = 1  # micro-batches per step
+    c.train.nonfinite = 'stop'  # on a NaN/Inf loss or gradient: 'stop' (at the next log) or 'skip' the update
+    c.train.preemption_check_every = 10  # steps between multi-process agreement on SIGTERM
+    c.train.tensorboard = True
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 20 if runlocal else 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all remaining devices
+    c.mesh.fsdp = 1
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = ()  # ((regex, partition spec tuple), ...) tried before the FSDP default
+    c.sharding.min_size = 2**14  # smaller leaves stay replicated
+    c.debug = ml_collections.ConfigDict()
+    c.debug.sigterm_at_step = -1  # fault injection for preemption tests
+    c.debug.sigkill_at_step = -1
+    return c
+
+
+def check_trainer_config(config: ml_collections.ConfigDict) -> None:
+    check_choice(config, 'train.nonfinite', ('stop', 'skip'))
+    for key in ('train.log_every', 'checkpoint.every', 'checkpoint.keep', 'train.preemption_check_every'):
+        value = config
+        for part in key.split('.'):
+            value = value[part]
+        if value < 1:
+            raise ConfigError(f"bad value {value} for '{key}': must be >= 1")

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxssl import masks
+from jaxssl import data, masks
 from jaxssl.config import ConfigError, check_choice, check_range
+from jaxssl.methods import base
 from jaxssl.models import videomae as videomae_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -127,3 +128,84 @@ def compute_loss(
     targets = jnp.take_along_axis(targets, batch['target_idx'][..., None], axis=1)
     loss = masked_mse(prediction, targets, batch['target_weight'])
     return loss, {'loss': loss, 'loss_tokens': jnp.sum(batch['target_weight'])}
+
+
+def transformer_flops(tokens: int, width: int, depth: int, mlp_hidden: int) -> float:
+    """Forward matmul FLOPs of `depth` ViT blocks on `tokens` tokens (2 per multiply-add)."""
+    projections = 2 * tokens * (4 * width * width + 2 * width * mlp_hidden)
+    attention = 2 * 2 * tokens * tokens * width
+    return depth * (projections + attention)
+
+
+class Method(base.Method):
+    """VideoMAE V2 pretraining for the trainer."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        self.model = make_model(config)
+        self.grid = videomae_model.token_grid(
+            config.input.frames, config.input.image_size, self.model.patch, self.model.tubelet
+        )
+
+    def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Adds one sample's masks (as model indices); runs in the Grain pipeline."""
+        return {**sample, **sample_masks(self.config, rng)}
+
+    def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
+        data.check_input_config(self.config)  # paths are checked when a run starts, not when a config loads
+        source = data.make_source(self.config)
+        dataset = data.make_pretrain_dataset(
+            self.config,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            sample_transform=self.sample_transform,
+            source=source,
+        )
+        return dataset, len(source)
+
+    def host_metrics(self) -> dict[str, float]:
+        return {'skipped_files': float(data.skipped_files())}
+
+    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(0)
+        samples = [sample_masks(self.config, rng) for _ in range(batch_size)]
+        batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+        size = self.config.input.image_size
+        batch['video'] = rng.normal(size=(batch_size, self.config.input.frames, size, size, 3)).astype(np.float32)
+        return batch
+
+    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+        variables = self.model.init(rng, batch['video'], batch['visible_idx'], batch['target_idx'])
+        return variables['params'], {}
+
+    def loss(self, params, extra, batch, rng, step):
+        loss, metrics = compute_loss(
+            self.model, params, batch, base.stream(rng, 'drop_path'), True, self.config.loss.normalize_target
+        )
+        return loss, (metrics, extra)
+
+    def represent(self, params, extra, batch):
+        encoded, _ = self.model.apply({'params': params}, batch['video'], method=self.model.encode)
+        return {'mean_pool': encoded.astype(jnp.float32).mean(axis=1)}
+
+    def tokens_per_example(self) -> int:
+        frames, height, width = self.grid
+        return frames * height * width
+
+    def flops_per_example(self) -> float:
+        m, (frames, height, width) = self.model, self.grid
+        tokens = frames * height * width
+        per_frame = height * width
+        visible = frames * (per_frame - int(self.config.masking.encoder_ratio * per_frame))
+        ratio = self.config.masking.decoder_ratio
+        targets = tokens - visible if ratio == 0 else tokens * (4 - int(4 * ratio)) // 4
+        patch_dim = m.tubelet * m.patch * m.patch * m.channels
+        forward = (
+            2 * tokens * patch_dim * m.width  # tubelet embedding (on every token, as in the reference)
+            + transformer_flops(visible, m.width, m.depth, m.mlp_hidden)
+            + 2 * visible * m.width * m.dec_width  # encoder_to_decoder
+            + transformer_flops(visible + targets, m.dec_width, m.dec_depth, m.dec_mlp_hidden)
+            + 2 * targets * m.dec_width * patch_dim  # head
+        )
+        return 3.0 * forward  # backward ~ 2x forward

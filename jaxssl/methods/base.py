@@ -1,0 +1,71 @@
+"""The method interface: everything the one trainer needs to know about a self-supervised method.
+
+A method module `jaxssl/methods/<name>.py` defines `class Method(base.Method)` (and optionally a module-level
+`check_config(config)` that config loading calls). The trainer only calls the methods below; it knows nothing
+about models, modalities or losses. All jitted hooks are pure functions of their arguments.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import jax
+import ml_collections
+
+PyTree = Any
+Batch = dict[str, Any]
+
+
+class Method:
+    """Base class; subclasses override what they need."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    # --- data (host side, numpy) -------------------------------------------------------------------------------
+    def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
+        """(a Grain IterDataset of host-local batches, examples per epoch). Batches are dicts of numpy arrays
+        whose leading axis is the host-local batch; the trainer shards it over the mesh's batch axes."""
+        raise NotImplementedError(f'{type(self).__name__} must define dataset()')
+
+    def example_batch(self, batch_size: int) -> Batch:
+        """A batch with the shapes and dtypes of real ones (values may be random): used to initialise."""
+        raise NotImplementedError(f'{type(self).__name__} must define example_batch()')
+
+    # --- model (device side, jitted) ---------------------------------------------------------------------------
+    def init(self, rng: jax.Array, batch: Batch) -> tuple[PyTree, PyTree]:
+        """(params, extra state). Extra state is anything beside params that is not trained by the optimiser:
+        an EMA teacher, a queue, a codebook, batch statistics. Return {} when there is none."""
+        raise NotImplementedError(f'{type(self).__name__} must define init()')
+
+    def loss(
+        self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
+    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], PyTree]]:
+        """(scalar loss, (metrics, extra state after the forward pass)). Differentiated w.r.t. params only."""
+        raise NotImplementedError(f'{type(self).__name__} must define loss()')
+
+    def update_extra(self, params: PyTree, extra: PyTree, step: jax.Array) -> PyTree:
+        """Extra state after the optimiser step (e.g. an EMA teacher follows the new params). Default: unchanged."""
+        return extra
+
+    def represent(self, params: PyTree, extra: PyTree, batch: Batch) -> dict[str, jax.Array]:
+        """Named representations (B, D) for evaluators (linear probe, kNN, ...)."""
+        raise NotImplementedError(f'{type(self).__name__} must define represent()')
+
+    def tokens_per_example(self) -> int | None:
+        """Input tokens per example, for a tokens/s figure. None if the notion does not apply."""
+        return None
+
+    def host_metrics(self) -> dict[str, float]:
+        """Host-side counters to log (e.g. files the input pipeline skipped)."""
+        return {}
+
+    def flops_per_example(self) -> float | None:
+        """Analytic model FLOPs of one training example (forward + backward), for MFU. None if unknown."""
+        return None
+
+
+def stream(rng: jax.Array, name: str) -> jax.Array:
+    """A named RNG stream ('dropout', 'drop_path', 'mask', ...) derived from a step key."""
+    return jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)

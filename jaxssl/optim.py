@@ -1,0 +1,98 @@
+"""Optimiser and schedule: AdamW with rule-based weight-decay masks and lr multipliers, the reference's
+per-step warmup + cosine schedule, global-norm clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxssl import rules as rules_lib
+
+
+def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """lr = base_lr x global_batch / 256 (the global batch counts clips, not repeated-augmentation views)."""
+    return config.optim.base_lr * config.input.global_batch / 256
+
+
+def warmup_cosine(peak: float, final: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """The reference's cosine_scheduler: linspace(0, peak, warmup) (endpoint included), then cosine to `final`."""
+    warmup_steps = min(warmup_steps, total_steps)
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak * step / max(warmup_steps - 1, 1)
+        progress = (step - warmup_steps) / decay_steps
+        cosine = final + 0.5 * (peak - final) * (1 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    scale = config.input.global_batch / 256
+    warmup = (
+        config.optim.warmup_steps if config.optim.warmup_steps > 0 else config.optim.warmup_epochs * steps_per_epoch
+    )
+    return warmup_cosine(peak_learning_rate(config), config.optim.min_lr * scale, total_steps, int(warmup))
+
+
+def decay_mask(params: Any, no_decay_rules: rules_lib.Rules) -> Any:
+    """True where weight decay applies: not for 1-D parameters (per layer, for scanned stacks) nor rule matches."""
+
+    def decays(name: str, leaf: Any) -> bool:
+        per_layer_ndim = leaf.ndim - (1 if rules_lib.is_scanned(name) else 0)
+        return per_layer_ndim > 1 and rules_lib.first_match(no_decay_rules, name, default=None) is None
+
+    return rules_lib.map_with_names(decays, params)
+
+
+def lr_multipliers(params: Any, lr_rules: rules_lib.Rules) -> Any:
+    """Per-parameter lr multipliers from rules (default 1); 0 freezes a parameter."""
+    return rules_lib.map_with_names(lambda name, _: float(rules_lib.first_match(lr_rules, name, 1.0)), params)
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, params: Any, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    """clip -> Adam moments -> decoupled weight decay (masked) -> -lr(step) -> per-parameter multipliers.
+
+    Equal to torch AdamW with param groups whose lr is scaled by `lr_scale`: decay is scaled by the lr too.
+    """
+    o = config.optim
+    no_decay = [(pattern, True) for pattern in o.no_decay]
+    parts = []
+    if o.clip_grad > 0:
+        parts.append(optax.clip_by_global_norm(o.clip_grad))
+    parts += [
+        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+        optax.add_decayed_weights(o.weight_decay, mask=decay_mask(params, no_decay)),
+        optax.scale_by_learning_rate(schedule),
+    ]
+    lr_rules = [tuple(rule) for rule in o.lr_rules]
+    if lr_rules:
+        multipliers = lr_multipliers(params, lr_rules)
+        parts.append(optax.GradientTransformation(
+            lambda _: optax.EmptyState(),
+            lambda updates, state, _=None: (jax.tree.map(lambda u, m: u * m, updates, multipliers), state),
+        ))  # fmt: skip
+    return optax.chain(*parts)
+
+
+def training_steps(config: ml_collections.ConfigDict, examples_per_epoch: int) -> tuple[int, int]:
+    """(total steps, steps per epoch): config.train.steps if set, else epochs x examples // global batch."""
+    steps_per_epoch = max(examples_per_epoch // config.input.global_batch, 1)
+    if config.train.steps > 0:
+        return int(config.train.steps), steps_per_epoch
+    return math.ceil(config.optim.epochs * steps_per_epoch), steps_per_epoch
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all leaves together, accumulated in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

@@ -1,0 +1,335 @@
+"""The one trainer: sharded initialisation, a pure jitted update step, checkpoints with exact resume, logging.
+
+It knows nothing method-specific: the method module (jaxssl/methods/<name>.py, class Method) supplies data,
+init, loss, extra-state update and representations (see jaxssl/methods/base.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from jaxssl import checkpoint as checkpoint_lib
+from jaxssl import metrics as metrics_lib
+from jaxssl import optim, sharding
+from jaxssl.config import ConfigError, method_module
+from jaxssl.methods import base
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. non-finite loss); the message says why and what was kept."""
+
+
+def examples_per_step(config: ml_collections.ConfigDict) -> int:
+    """Examples in one global step: clips x repeated-augmentation views."""
+    return config.input.global_batch * config.input.get('num_sample', 1)
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Fails before compiling when the global batch cannot be split over processes, devices and micro-batches."""
+    examples, accum = examples_per_step(config), config.train.grad_accum
+    devices = mesh.shape['data'] * mesh.shape['fsdp']
+    if accum < 1 or examples % accum:
+        raise ConfigError(
+            f"'train.grad_accum' {accum} must divide the {examples} examples per step ('input.global_batch')"
+        )
+    if (examples // accum) % devices:
+        raise ConfigError(
+            f"'input.global_batch': {examples} examples per step / {accum} micro-batches is not divisible by "
+            f'{devices} devices on the batch axes'
+        )
+    if examples % jax.process_count():
+        raise ConfigError(f"'input.global_batch' {examples} is not divisible by {jax.process_count()} processes")
+
+
+def make_train_step(method: base.Method, optimizer: optax.GradientTransformation, schedule: optax.Schedule, accum: int):
+    """The pure update: (state, batch) -> (state, metrics). A non-finite loss or gradient leaves the state as it
+    was (the step counter still advances) and is counted, so a NaN never reaches the parameters or a checkpoint."""
+
+    def grads_of(params, extra, batch, rng, step):
+        (loss, (metrics, extra)), grads = jax.value_and_grad(method.loss, has_aux=True)(params, extra, batch, rng, step)
+        return loss, metrics, extra, grads
+
+    def step_fn(state, batch):
+        step, params, extra = state['step'], state['params'], state['extra']
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
+        if accum == 1:
+            loss, metrics, new_extra, grads = grads_of(params, extra, batch, rng, step)
+        else:
+            # Micro-batch j takes rows j, j + accum, ...: each device keeps its rows, no resharding.
+            micro = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(-1, accum, *x.shape[1:]), 1, 0), batch)
+
+            def body(carry, inputs):
+                mb, index = inputs
+                loss, metrics, new_extra, grads = grads_of(params, carry[3], mb, jax.random.fold_in(rng, index), step)
+                sums = jax.tree.map(jnp.add, carry[:3], (loss, metrics, grads))
+                return (*sums, new_extra), None
+
+            zeros = jax.eval_shape(lambda: grads_of(params, extra, jax.tree.map(lambda x: x[0], micro), rng, step))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0], zeros[1], zeros[3]))
+            (loss, metrics, grads, new_extra), _ = jax.lax.scan(body, (*zeros, extra), (micro, jnp.arange(accum)))
+            loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+        grad_norm = optim.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = optimizer.update(grads, state['opt'], params)
+        new_params = optax.apply_updates(params, updates)
+        new_extra = method.update_extra(new_params, new_extra, step)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        new_state = dict(
+            state,
+            step=step + 1,
+            params=keep_if_finite(new_params, params),
+            opt=keep_if_finite(new_opt, state['opt']),
+            extra=keep_if_finite(new_extra, extra),
+            nonfinite=state['nonfinite'] + (~finite).astype(jnp.int32),
+            first_nonfinite=jnp.where((~finite) & (state['first_nonfinite'] < 0), step + 1, state['first_nonfinite']),
+        )
+        metrics = dict(
+            metrics,
+            loss=loss,
+            grad_norm=grad_norm,
+            param_norm=optim.global_norm(new_state['params']),
+            lr=schedule(step),
+            nonfinite=new_state['nonfinite'],
+            first_nonfinite=new_state['first_nonfinite'],
+        )
+        return new_state, metrics
+
+    return step_fn
+
+
+class _StopSignal:
+    """Records SIGTERM / SIGINT so the loop can finish its step, checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _agree(flag: bool) -> bool:
+    """True on every process if it is true on any (so all processes stop at the same step)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def default_workdir(config_spec: str) -> str:
+    stem = os.path.splitext(os.path.basename(config_spec.partition(':')[0]))[0]
+    arg = config_spec.partition(':')[2].replace(',', '_').replace('=', '-').replace('/', '-')
+    return os.path.join('runs', stem + (f'_{arg}' if arg else ''))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Trains until config.train.steps (or epochs), resuming from workdir's latest checkpoint.
+
+    Returns (summary, final train state). Steps are counted from 1: step N is the state after N updates.
+    """
+    is_main = jax.process_index() == 0
+    writer = metrics_lib.MetricWriter(workdir, active=is_main, tensorboard=config.train.tensorboard)
+    method = method_module(config).Method(config)
+    mesh = sharding.make_mesh(config)
+    check_batch(config, mesh)
+
+    dataset, examples_per_epoch = method.dataset(config.seed, jax.process_index(), jax.process_count())
+    data_iterator = iter(dataset)
+    total_steps, steps_per_epoch = optim.training_steps(config, examples_per_epoch)
+    schedule = optim.learning_rate_schedule(config, total_steps, steps_per_epoch)
+
+    example = jax.tree.map(jnp.asarray, method.example_batch(1))
+    init_key = jax.random.key(config.seed)
+    abstract_params = jax.eval_shape(lambda k: method.init(k, example)[0], init_key)
+    optimizer = optim.make_optimizer(config, abstract_params, schedule)
+
+    def init_state(key):
+        params, extra = method.init(key, example)
+        return dict(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt=optimizer.init(params),
+            extra=extra,
+            rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+            nonfinite=jnp.zeros((), jnp.int32),
+            first_nonfinite=-jnp.ones((), jnp.int32),
+        )
+
+    rules = [tuple(rule) for rule in config.sharding.rules]
+    abstract_state = jax.eval_shape(init_state, init_key)
+    shardings = sharding.state_shardings(abstract_state, mesh, rules, config.sharding.min_size)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state = checkpointer.restore(
+            latest, checkpoint_lib.abstract_with_shardings(abstract_state, shardings), data_iterator
+        )
+        writer.print(f'resumed from {checkpointer.directory} at step {latest}')
+    else:
+        state = jax.jit(init_state, out_shardings=shardings)(init_key)
+        if config.init_from:
+            state = _load_initial_params(config.init_from, state, shardings, writer)
+
+    if is_main:
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            f.write(config.to_json_best_effort(indent=2))
+    start_step = int(jax.device_get(state['step']))
+    n_params = sum(int(x.size) for x in jax.tree.leaves(state['params']))
+    writer.print(
+        f'{config.method}: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} on {jax.device_count()} '
+        f'{jax.devices()[0].platform} devices, {jax.process_count()} process(es) | {total_steps} steps of '
+        f'{examples_per_step(config)} examples | workdir {workdir}'
+    )
+
+    step_fn = jax.jit(
+        make_train_step(method, optimizer, schedule, config.train.grad_accum),
+        donate_argnums=(0,),
+        out_shardings=(shardings, None),
+    )
+    flops = method.flops_per_example()
+    peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+    examples = examples_per_step(config)
+    pending: list[Any] = []
+    last_metrics: dict[str, float] = {}
+    step, stopped_by, compile_seconds = start_step, None, None
+    run_start = last_log_time = time.perf_counter()
+    last_log_step = step
+
+    with _StopSignal() as stop:
+        while step < total_steps:
+            batch = sharding.global_batch(next(data_iterator), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            pending.append(metrics)
+            if compile_seconds is None:
+                jax.block_until_ready(metrics)
+                compile_seconds = time.perf_counter() - run_start
+                last_log_time, last_log_step = time.perf_counter(), step
+            if step == config.debug.sigterm_at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            log_now = step % config.train.log_every == 0 or step == total_steps
+            save_now = step % config.checkpoint.every == 0 or step == total_steps
+            check_stop = jax.process_count() == 1 or step % config.train.preemption_check_every == 0
+            stop_now = check_stop and _agree(stop.received is not None)
+            if log_now or save_now or stop_now:
+                fetched = jax.device_get(pending)
+                pending = []
+                last = fetched[-1]
+                bad = int(last['nonfinite'])
+                if bad and config.train.nonfinite == 'stop':
+                    kept = checkpointer.latest_step()
+                    raise TrainingError(
+                        f'non-finite loss or gradient at step {int(last["first_nonfinite"])} ({bad} step(s) so far); '
+                        f'the update was not applied and no checkpoint was written after it; last good checkpoint: '
+                        f'{"step " + str(kept) if kept is not None else "none"}. Lower optim.base_lr, set '
+                        f"optim.clip_grad, or set train.nonfinite='skip' to skip such steps."
+                    )
+                if log_now:
+                    now = time.perf_counter()
+                    # The first step's time is mostly compilation: it is reported apart, not as throughput.
+                    seconds_per_step = (now - last_log_time) / (step - last_log_step) if step > last_log_step else None
+                    last_log_time, last_log_step = now, step
+                    last_metrics = _log(
+                        writer, fetched, step, total_steps, seconds_per_step, examples, flops, peak, method
+                    )
+            if save_now or stop_now:
+                checkpointer.save(step, state, data_iterator, force=True)
+            if step == config.debug.sigkill_at_step:
+                checkpointer.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop_now:
+                stopped_by = signal.Signals(stop.received).name if stop.received else 'another process'
+                writer.print(f'stopping at step {step} on {stopped_by}: checkpoint saved')
+                break
+
+    checkpointer.close()
+    elapsed = time.perf_counter() - run_start
+    summary = dict(
+        steps_done=step - start_step,
+        final_step=step,
+        total_steps=total_steps,
+        seconds=elapsed,
+        compile_seconds=compile_seconds or 0.0,
+        stopped_by=stopped_by,
+        nonfinite_steps=int(jax.device_get(state['nonfinite'])),
+        checkpoint_dir=checkpointer.directory,
+        **{f'final_{k}': v for k, v in last_metrics.items()},
+    )
+    if is_main:
+        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=2)
+    if start_step >= total_steps:
+        writer.print(f'already trained to step {start_step} of {total_steps}: nothing to do (use a new --workdir)')
+    writer.print(
+        f'done: {summary["steps_done"]} steps in {metrics_lib.format_duration(elapsed)} '
+        f'(first step incl. compile {summary["compile_seconds"]:.1f}s); final loss '
+        f'{last_metrics.get("loss", float("nan")):.4f}; non-finite steps {summary["nonfinite_steps"]}; '
+        f'checkpoints in {checkpointer.directory}'
+    )
+    writer.close()
+    return summary, state
+
+
+def _log(writer, fetched, step, total_steps, seconds_per_step, examples, flops, peak, method) -> dict[str, float]:
+    means = {
+        k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k not in ('nonfinite', 'first_nonfinite')
+    }
+    means['lr'] = float(fetched[-1]['lr'])
+    means['nonfinite_steps'] = float(fetched[-1]['nonfinite'])
+    speed = ''
+    if seconds_per_step:
+        means['seconds_per_step'] = seconds_per_step
+        means['examples_per_second'] = examples / seconds_per_step
+        tokens = method.tokens_per_example()
+        if tokens:
+            means['tokens_per_second'] = tokens * means['examples_per_second']
+        if flops and peak:
+            means['mfu'] = flops * means['examples_per_second'] / (peak * jax.device_count())
+        eta = metrics_lib.format_duration(seconds_per_step * (total_steps - step))
+        mfu = f' | MFU {means["mfu"]:.1%}' if 'mfu' in means else ''
+        speed = f' | {means["examples_per_second"]:.1f} ex/s | {seconds_per_step:.3f} s/step{mfu} | ETA {eta}'
+    means.update(method.host_metrics())
+    writer.write(step, means)
+    writer.print(
+        f'step {step}/{total_steps} | loss {means["loss"]:.4f} | lr {means["lr"]:.2e} | '
+        f'grad {means["grad_norm"]:.3f}{speed}'
+    )
+    return means
+
+
+def _load_initial_params(path: str, state: dict, shardings: dict, writer: metrics_lib.MetricWriter) -> dict:
+    """Starts from converted or pretrained params (`init_from`), keeping the optimiser's fresh state."""
+    from jaxssl import params_io
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"'init_from' {path} is not a directory (make one with python -m jaxssl.convert)")
+    target = checkpoint_lib.abstract_with_shardings(jax.eval_shape(lambda: state['params']), shardings['params'])
+    try:
+        params, metadata = params_io.load_params(path, target)
+    except ValueError as e:
+        raise ConfigError(f"'init_from' {path} does not fit the configured model: {e}") from None
+    writer.print(f'initialised from {path} ({metadata.get("source", "jaxssl params")})')
+    return dict(state, params=params)
