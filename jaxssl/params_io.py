@@ -22,32 +22,12 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 PARAMS_SUBDIR = 'params'
 METADATA_FILE = 'jaxssl_params.json'
 FORMAT = 'jaxssl-params/1'
 _BLOCK = re.compile(r'^(.+?)/block_(\d+)/(.+)$')
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f'{prefix}{key}/'))
-        else:
-            flat[prefix + str(key)] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split('/')
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def _relayout(
@@ -129,7 +109,7 @@ def read_metadata(directory: str | os.PathLike) -> dict:
 
 def _restore_numpy(path: str, paths: list[str]) -> dict[str, Any]:
     """The stored params as host numpy arrays, wherever and on however many devices they were saved."""
-    restore_args = _unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths})
+    restore_args = traverse_util.unflatten_dict({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths}, sep='/')
     with ocp.PyTreeCheckpointer() as checkpointer:
         return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
@@ -148,7 +128,7 @@ def load_params(directory: str | os.PathLike, target_shapes: Any = None) -> tupl
     with ocp.StandardCheckpointer() as checkpointer:
         info = checkpointer.metadata(path)
     info = getattr(getattr(info, 'item_metadata', info), 'tree', info)  # orbax 0.12 wraps the tree
-    stored = {p: tuple(m.shape) for p, m in _flatten(info).items()}
+    stored = {p: tuple(m.shape) for p, m in traverse_util.flatten_dict(info, sep='/').items()}
     if target_shapes is None:
         return _restore_numpy(path, list(stored)), metadata
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target_shapes)
@@ -159,7 +139,13 @@ def load_params(directory: str | os.PathLike, target_shapes: Any = None) -> tupl
     if relaid.keys() == stored.keys():
         with ocp.StandardCheckpointer() as checkpointer:  # same layout: straight onto the target's shardings
             return checkpointer.restore(path, target_shapes), metadata
-    flat = _relayout(_flatten(_restore_numpy(path, list(stored))), set(target), np.stack, lambda x, i: x[i], len)
+    flat = _relayout(
+        traverse_util.flatten_dict(_restore_numpy(path, list(stored)), sep='/'),
+        set(target),
+        np.stack,
+        lambda x, i: x[i],
+        len,
+    )
 
     def place(name: str) -> Any:
         value = np.asarray(flat[name], dtype=target[name].dtype)

@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from jaxssl.models import vit
 from jaxssl.models.videomae import VARIANTS, VideoMAEClassifier, VideoMAEPretrain, decode_variant, token_grid
@@ -258,27 +259,6 @@ def _to_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
     return value
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f'{prefix}{key}/'))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split('/')
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 Model = VideoMAEPretrain | VideoMAEClassifier
 KINDS = ('pretrain', 'classifier', 'encoder')
 # Checkpoint keys (fine-tuning layout) that are not part of an encoder: dropped, and listed, by kind='encoder'.
@@ -300,7 +280,7 @@ def expected_shapes(model: Model) -> dict[str, tuple[int, ...]]:
     else:
         idx = jax.ShapeDtypeStruct((1, tokens_per_frame // 2), np.int32)
         variables = jax.eval_shape(model.init, jax.random.key(0), video, idx, idx)
-    return {k: tuple(v.shape) for k, v in _flatten(variables['params']).items()}
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(variables['params'], sep='/').items()}
 
 
 # ---- Learned position tables of another clip size ------------------------------------------------------------
@@ -509,7 +489,7 @@ def convert_state_dict(
         state = {k: v for k, v in state.items() if not k.startswith(_NOT_ENCODER)}
     _fit_pos_embed(state, pos_key, model, expected, grid, skipped, notes)
     params = _fill(state, to_path, to_key, expected, allow_missing, optional)
-    tree = _stack_if_scanned(_unflatten(params), model)
+    tree = _stack_if_scanned(traverse_util.unflatten_dict(params, sep='/'), model)
     return Conversion(params=tree, kind=kind, model=model, skipped=skipped, notes=notes)
 
 
@@ -681,7 +661,7 @@ def to_torch_state_dict(params: Mapping[str, Any], layout: str = 'auto') -> dict
         raise ConversionError(f"unknown layout '{layout}'; valid: auto, pretrain, finetune")
     to_key = _torch_key if layout == 'pretrain' else _ft_torch_key
     state = {}
-    for path, value in _flatten(params).items():
+    for path, value in traverse_util.flatten_dict(params, sep='/').items():
         target = to_key(path)
         if target is None:
             raise ConversionError(f'no torch name for parameter {path} in the {layout} layout')

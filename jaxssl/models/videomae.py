@@ -18,63 +18,19 @@ import jax.numpy as jnp
 
 from jaxssl.models import vit
 
-# The size table lives here only. Encoder width / depth / heads / MLP ratio, then the pretraining decoder's
-# width / depth / heads (its MLP ratio is the encoder's), then the default patch size.
-VARIANTS: dict[str, dict[str, Any]] = {
-    # A tiny model for tests and `runlocal` runs on a CPU; not a reference size.
-    'micro': dict(width=64, depth=2, heads=4, mlp_ratio=4.0, dec_width=32, dec_depth=1, dec_heads=2, patch=16),
-    'S': dict(
-        width=384,
-        depth=12,
-        heads=6,
-        mlp_ratio=4.0,
-        dec_width=192,
-        dec_depth=4,
-        dec_heads=3,
-        patch=16,
-    ),
-    'B': dict(
-        width=768,
-        depth=12,
-        heads=12,
-        mlp_ratio=4.0,
-        dec_width=384,
-        dec_depth=4,
-        dec_heads=6,
-        patch=16,
-    ),
-    'L': dict(
-        width=1024,
-        depth=24,
-        heads=16,
-        mlp_ratio=4.0,
-        dec_width=512,
-        dec_depth=4,
-        dec_heads=8,
-        patch=16,
-    ),
-    'H': dict(
-        width=1280,
-        depth=32,
-        heads=16,
-        mlp_ratio=4.0,
-        dec_width=512,
-        dec_depth=4,
-        dec_heads=8,
-        patch=16,
-    ),
+# The size table lives here only: encoder width / depth / heads / MLP ratio, the pretraining decoder's
+# width / depth / heads (its MLP ratio is the encoder's), and the default patch size.
+_FIELDS = ('width', 'depth', 'heads', 'mlp_ratio', 'dec_width', 'dec_depth', 'dec_heads', 'patch')
+_TABLE = {
+    'micro': (64, 2, 4, 4.0, 32, 1, 2, 16),  # tests and `runlocal` on a CPU; not a reference size
+    'S': (384, 12, 6, 4.0, 192, 4, 3, 16),
+    'B': (768, 12, 12, 4.0, 384, 4, 6, 16),
+    'L': (1024, 24, 16, 4.0, 512, 4, 8, 16),
+    'H': (1280, 32, 16, 4.0, 512, 4, 8, 16),
     # ViT-g/14: MLP ratio 48/11 gives hidden 6144 in the encoder and int(512 * 48 / 11) = 2234 in the decoder.
-    'g': dict(
-        width=1408,
-        depth=40,
-        heads=16,
-        mlp_ratio=48 / 11,
-        dec_width=512,
-        dec_depth=4,
-        dec_heads=8,
-        patch=14,
-    ),
+    'g': (1408, 40, 16, 48 / 11, 512, 4, 8, 14),
 }
+VARIANTS: dict[str, dict[str, Any]] = {name: dict(zip(_FIELDS, row, strict=True)) for name, row in _TABLE.items()}
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
