@@ -213,6 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     examples = examples_per_step(config)
     pending: list[Any] = []
     last_metrics: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
     step, stopped_by, compile_seconds = start_step, None, None
     run_start = last_log_time = time.perf_counter()
     last_log_step = step
@@ -255,6 +256,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
                     last_metrics = _log(
                         writer, fetched, step, total_steps, seconds_per_step, examples, flops, peak, method
                     )
+            eval_every = config.eval.every
+            if (eval_every and step % eval_every == 0) or (step == total_steps and config.eval.at_end):
+                last_eval = _evaluate(method, state, mesh, writer, step)
             if save_now or stop_now:
                 checkpointer.save(step, state, data_iterator, force=True)
             if step == config.debug.sigkill_at_step:
@@ -277,6 +281,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
         nonfinite_steps=int(jax.device_get(state['nonfinite'])),
         checkpoint_dir=checkpointer.directory,
         **{f'final_{k}': v for k, v in last_metrics.items()},
+        **{f'final_eval/{k}': v for k, v in last_eval.items()},
     )
     if is_main:
         with open(os.path.join(workdir, 'summary.json'), 'w') as f:
@@ -318,6 +323,16 @@ def _log(writer, fetched, step, total_steps, seconds_per_step, examples, flops, 
         f'grad {means["grad_norm"]:.3f}{speed}'
     )
     return means
+
+
+def _evaluate(method: base.Method, state: dict, mesh: jax.sharding.Mesh, writer, step: int) -> dict[str, float]:
+    start = time.perf_counter()
+    results = method.evaluate(state['params'], state['extra'], mesh)
+    if results:
+        writer.write(step, {f'eval/{k}': v for k, v in results.items()})
+        shown = ', '.join(f'{k} {v:.3f}' for k, v in sorted(results.items()))
+        writer.print(f'eval at step {step} ({time.perf_counter() - start:.1f}s): {shown}')
+    return results
 
 
 def _load_initial_params(path: str, state: dict, shardings: dict, writer: metrics_lib.MetricWriter) -> dict:

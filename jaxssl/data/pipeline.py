@@ -77,18 +77,12 @@ def load_clip(
 
     Raises DecodeError when the record cannot be read.
     """
-    kind, video = record['kind'], record['video']
-    pick = lambda n: clip_indices(n, frames, stride, rng)
-    if kind in ('file', 'bytes'):
-        return read_video_frames(video, pick)
-    if kind == 'frames':
-        return read_frame_folder(video, pick(record['total']) + record['start'], frame_template)
-    if kind == 'array':
-        video = np.asarray(video)
-        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
-            raise DecodeError(f'expected uint8 (T, H, W, 3) frames, got {video.dtype} {video.shape}')
-        return video[pick(len(video))]
-    raise ValueError(f'unknown record kind {kind!r}')
+    clip = load_clip_frames(
+        record,
+        lambda n: clip_indices(n, frames, stride, rng),
+        ml_collections.ConfigDict({'frame_template': frame_template}),
+    )
+    return clip
 
 
 class ClipLoader:
@@ -220,3 +214,85 @@ def make_pretrain_dataset(
         ensure_absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.num_workers))
     return it.map(_count_skipped)
+
+
+class EvalClipLoader:
+    """Grain map function: source index -> the test-time views of one whole clip (no randomness).
+
+    Frames every `input.sampling_stride` of the whole video, resized so the short side is `input.image_size`, cut into
+    `num_clips` uniformly spaced clips of `input.frames` frames x `num_crops` spatial crops (finetune.test_views).
+    An unreadable file is not replaced (evaluation must see every clip): it yields `valid` 0 and zero views.
+    """
+
+    def __init__(self, source: ClipSource, config: ml_collections.ConfigDict, num_clips: int, num_crops: int):
+        self.source, self.config = source, config
+        self.num_clips, self.num_crops = num_clips, num_crops
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        from jaxssl.data.finetune import test_frame_indices, test_views
+
+        c = self.config.input
+        record = self.source[int(index)]
+        labels = {k: np.int32(record[k]) for k in self.source.label_keys}
+        try:
+            frames = load_clip_frames(record, lambda n: test_frame_indices(n, c.frames, c.sampling_stride), c)
+            views, valid = test_views(frames, c.image_size, c.frames, self.num_clips, self.num_crops), 1
+        except DecodeError as e:
+            _log_failure(record['name'], e)
+            _add_skipped(1)
+            shape = (self.num_clips * self.num_crops, c.frames, c.image_size, c.image_size, 3)
+            views, valid = np.zeros(shape, np.float32), 0
+        return {'video': views, 'index': np.int32(index), 'valid': np.int32(valid), **labels}
+
+
+def load_clip_frames(record: dict[str, Any], pick: Callable[[int], np.ndarray], input_config: Any) -> np.ndarray:
+    """Decodes the frames `pick(num_frames)` of a source record: uint8 (T, H, W, 3)."""
+    kind, video = record['kind'], record['video']
+    if kind in ('file', 'bytes'):
+        return read_video_frames(video, pick)
+    if kind == 'frames':
+        return read_frame_folder(video, pick(record['total']) + record['start'], input_config.frame_template)
+    if kind == 'array':
+        video = np.asarray(video)
+        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+            raise DecodeError(f'expected uint8 (T, H, W, 3) frames, got {video.dtype} {video.shape}')
+        return video[pick(len(video))]
+    raise ValueError(f'unknown record kind {kind!r}')
+
+
+def make_eval_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    split: str,
+    batch_size: int,
+    num_clips: int = 1,
+    num_crops: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_clips: int = 0,
+    source: ClipSource | None = None,
+) -> tuple[grain.IterDataset, int]:
+    """One deterministic pass over a split for evaluation: (dataset, clips on this process).
+
+    Batches: 'video' float32 (B, num_clips * num_crops, T, S, S, 3); 'index' (source index), 'valid' (0 for an
+    unreadable file), and the source's labels, each (B,). The last batch is padded with `valid` 0 rows, so every
+    clip is seen exactly once. `max_clips` > 0 takes an evenly spaced subset (cheap online evaluation).
+    """
+    source = make_source(config, split) if source is None else source
+    indices = np.arange(len(source))
+    if 0 < max_clips < len(indices):
+        indices = indices[np.linspace(0, len(indices) - 1, max_clips).astype(int)]
+    indices = indices[process_index::process_count]
+    loader = EvalClipLoader(source, config, num_clips, num_crops)
+    ds = grain.MapDataset.source(indices.tolist()).map(loader)
+    pad = -len(indices) % batch_size
+
+    def padded(i: int) -> dict[str, np.ndarray]:
+        if i < len(indices):
+            return ds[i]
+        row = ds[0] if len(indices) else None
+        return {k: np.zeros_like(v) for k, v in row.items()}
+
+    full = grain.MapDataset.range(len(indices) + pad).map(padded).batch(batch_size, drop_remainder=True)
+    threads = max(1, config.input.read_threads)
+    return full.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)), len(indices)

@@ -53,6 +53,12 @@ class Method:
         """Named representations (B, D) for evaluators (linear probe, kNN, ...)."""
         raise NotImplementedError(f'{type(self).__name__} must define represent()')
 
+    def evaluate(self, params: PyTree, extra: PyTree, mesh: jax.sharding.Mesh) -> dict[str, float]:
+        """Evaluation metrics of the current model (probes for pretraining, accuracy for fine-tuning). Called on
+        every process (it may run sharded computations) every `eval.every` steps, at the end, and by
+        `python -m jaxssl.evaluate`. Default: nothing to evaluate."""
+        return {}
+
     def tokens_per_example(self) -> int | None:
         """Input tokens per example, for a tokens/s figure. None if the notion does not apply."""
         return None
