@@ -1,22 +1,24 @@
 """Orbax checkpoints of the whole run: train state (params, optimiser, extra, step, RNG) + Grain iterator state.
 
 Saves are asynchronous; `keep` most recent are kept; the latest is restored automatically from the workdir,
-onto the current mesh's shardings, so a resumed run continues bitwise as if it had never stopped.
+onto the current mesh's shardings, so a resumed run continues bitwise as if it had never stopped. The workdir may
+be local or `gs://bucket/run` (Orbax writes arrays through TensorStore's own GCS driver, metadata through epath).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxssl import paths
+
 
 class Checkpointer:
     def __init__(self, workdir: str, keep: int, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+        self.directory = paths.join(workdir, 'checkpoints')  # absolute local path, or gs://bucket/run/checkpoints
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -35,6 +37,20 @@ class Checkpointer:
         if data_iterator is not None:
             items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored['state']
+
+    def restore_subset(self, step: int, abstract_subset: Any) -> Any:
+        """Restores only the train-state entries in `abstract_subset` (e.g. params and extra, not the optimiser)."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    abstract_subset,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subset),
+                    partial_restore=True,
+                )
+            ),
+        )
         return restored['state']
 
     def wait(self) -> None:

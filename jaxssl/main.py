@@ -46,7 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    distributed.maybe_initialize(args.coordinator_address, args.num_processes, args.process_id, args.distributed)
+    try:
+        distributed.maybe_initialize(args.coordinator_address, args.num_processes, args.process_id, args.distributed)
+    except distributed.DistributedError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     from jaxssl import train
 
     workdir = args.workdir or train.default_workdir(args.config)
