@@ -15,7 +15,13 @@ The trainer needs: check_input_config, make_pretrain_dataset, skipped_files.
 
 from jaxssl.data.checks import check_input_config
 from jaxssl.data.decode import DecodeError
-from jaxssl.data.pipeline import ensure_absl_flags_parsed, host_batch_sizes, make_pretrain_dataset, skipped_files
+from jaxssl.data.pipeline import (
+    ensure_absl_flags_parsed,
+    host_batch_sizes,
+    make_eval_dataset,
+    make_pretrain_dataset,
+    skipped_files,
+)
 from jaxssl.data.sources import ClipSource, make_source
 
 __all__ = [
@@ -24,6 +30,7 @@ __all__ = [
     'check_input_config',
     'ensure_absl_flags_parsed',
     'host_batch_sizes',
+    'make_eval_dataset',
     'make_pretrain_dataset',
     'make_source',
     'skipped_files',

@@ -111,21 +111,13 @@ class ClipLoader:
         self.sample_transform = sample_transform
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        failures = 0
-        while True:
-            record = self.source[int(index)]
-            try:
-                clip = load_clip(record, self.frames, self.stride, rng, self.frame_template)
-                break
-            except DecodeError as e:
-                failures += 1
-                _log_failure(record['name'], e)
-                if failures >= MAX_CONSECUTIVE_FAILURES:
-                    raise RuntimeError(
-                        f'{failures} clips in a row could not be read (last: {record["name"]}: {e}); '
-                        'check input.data_root / input.list_file'
-                    ) from e
-                index = self.shard[int(rng.integers(len(self.shard)))]
+        record, clip, failures = load_with_replacement(
+            self.source,
+            self.shard,
+            index,
+            rng,
+            lambda r: load_clip(r, self.frames, self.stride, rng, self.frame_template),
+        )
         labels = {k: np.int32(record[k]) for k in self.source.label_keys}
         views = []
         for _ in range(self.num_sample):
@@ -207,13 +199,7 @@ def make_pretrain_dataset(
     ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs).random_map(loader, seed=map_seed)
     # Batching before to_iter_dataset fixes each batch's clips by its index alone, so the stream does not depend on
     # num_workers or read_threads: threads and workers each assemble whole batches.
-    ds = ds.batch(clips_per_host, drop_remainder=True).map(_merge_views)
-    threads = c.read_threads
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, threads)))
-    if c.num_workers > 0:
-        ensure_absl_flags_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.num_workers))
-    return it.map(_count_skipped)
+    return batch_clips(ds, clips_per_host, c)
 
 
 class EvalClipLoader:
@@ -296,3 +282,41 @@ def make_eval_dataset(
     full = grain.MapDataset.range(len(indices) + pad).map(padded).batch(batch_size, drop_remainder=True)
     threads = max(1, config.input.read_threads)
     return full.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)), len(indices)
+
+
+def load_with_replacement(
+    source: ClipSource, shard: range, index: int, rng: np.random.Generator, load: Callable[[dict[str, Any]], Any]
+) -> tuple[dict[str, Any], Any, int]:
+    """ClipLoader's policy for unreadable clips, for other per-clip loaders: (record, load(record), failures).
+
+    A record whose `load` raises DecodeError is logged and replaced by another clip of `shard` drawn from `rng`
+    (so deterministically); after MAX_CONSECUTIVE_FAILURES in a row it raises. Put `failures` under SKIPPED_KEY in the
+    clip's output and finish the pipeline with `batch_clips`, so the skipped files are counted.
+    """
+    failures = 0
+    while True:
+        record = source[int(index)]
+        try:
+            return record, load(record), failures
+        except DecodeError as e:
+            failures += 1
+            _log_failure(record['name'], e)
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                raise RuntimeError(
+                    f'{failures} clips in a row could not be read (last: {record["name"]}: {e}); '
+                    'check input.data_root / input.list_file'
+                ) from e
+            index = shard[int(rng.integers(len(shard)))]
+
+
+def batch_clips(ds: grain.MapDataset, clips_per_host: int, input_config: Any) -> grain.IterDataset:
+    """make_pretrain_dataset's tail for a MapDataset of per-clip dicts (views stacked on axis 0, SKIPPED_KEY set):
+    batches of whole clips with their views merged, `read_threads` threads, `num_workers` processes, skipped files
+    counted as batches leave the iterator."""
+    ds = ds.batch(clips_per_host, drop_remainder=True).map(_merge_views)
+    threads = input_config.read_threads
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, threads)))
+    if input_config.num_workers > 0:
+        ensure_absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=input_config.num_workers))
+    return it.map(_count_skipped)

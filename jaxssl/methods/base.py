@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 PyTree = Any
 Batch = dict[str, Any]
@@ -53,10 +54,25 @@ class Method:
         """Named representations (B, D) for evaluators (linear probe, kNN, ...)."""
         raise NotImplementedError(f'{type(self).__name__} must define represent()')
 
+    def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
+        """One deterministic pass over a labelled split: batches with 'video' (B, views, ...) (or the method's input
+        key), 'valid' and integer labels. Methods that define it get frozen-feature probes from `evaluate`."""
+        raise NotImplementedError(f'{type(self).__name__} has no evaluation data')
+
     def evaluate(self, params: PyTree, extra: PyTree, mesh: jax.sharding.Mesh) -> dict[str, float]:
-        """Evaluation metrics of the current model (probes for pretraining, accuracy for fine-tuning). Called on
-        every process (it may run sharded computations) every `eval.every` steps, at the end, and by
-        `python -m jaxssl.evaluate`. Default: nothing to evaluate."""
+        """Evaluation metrics of the current model. Called on every process (it may run sharded computations)
+        every `eval.every` steps, at the end if `eval.at_end`, and by `python -m jaxssl.evaluate`.
+        Default: frozen-feature probes (jaxssl.evaluate.frozen) when the method defines `eval_dataset` and its
+        config has an eval.probes list; fine-tuning methods override this with their own metrics."""
+        if type(self).eval_dataset is Method.eval_dataset or 'probes' not in self.config.eval:
+            return {}
+        from jaxssl.evaluate import frozen
+
+        return frozen.evaluate(self, params, extra, mesh, self.config.eval)
+
+    def visualize(self, params: PyTree, extra: PyTree) -> dict[str, np.ndarray]:
+        """Pictures of what the model does (e.g. reconstructions): name -> uint8 (H, W, 3) image or (T, H, W, 3)
+        animation. Written to <workdir>/pictures and TensorBoard at evaluation time. Default: none."""
         return {}
 
     def tokens_per_example(self) -> int | None:

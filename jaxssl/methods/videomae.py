@@ -186,8 +186,54 @@ class Method(base.Method):
         return loss, (metrics, extra)
 
     def represent(self, params, extra, batch):
+        """The encoder on all tokens (no masking): mean-pooled features and the tokens (for attentive probes)."""
         encoded, _ = self.model.apply({'params': params}, batch['video'], method=self.model.encode)
-        return {'mean_pool': encoded.astype(jnp.float32).mean(axis=1)}
+        encoded = encoded.astype(jnp.float32)
+        batch_size, _, width = encoded.shape
+        # Spatial mean per temporal slice, slices concatenated in order: keeps the time axis a linear probe needs
+        # to read motion, which a mean over all tokens folds away.
+        per_slice = encoded.reshape(batch_size, self.grid[0], -1, width).mean(axis=2)
+        return {'mean_pool': encoded.mean(axis=1), 'time_pool': per_slice.reshape(batch_size, -1), 'tokens': encoded}
+
+    def eval_dataset(self, split, batch_size, max_examples, process_index, process_count):
+        dataset, _ = data.make_eval_dataset(
+            self.config,
+            split=split,
+            batch_size=batch_size,
+            max_clips=max_examples,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        return dataset
+
+    def visualize(self, params, extra):
+        """Reconstructions of the first `eval.pictures` clips of the eval split, masked as in training."""
+        from jaxssl.evaluate import reconstruction
+
+        count = self.config.eval.pictures
+        if count <= 0:
+            return {}
+        batch = next(iter(self.eval_dataset(self.config.eval.split, count, count, 0, 1)))
+        video = batch['video'][:, 0]
+        rng = np.random.default_rng(self.config.seed)
+        samples = [sample_masks(self.config, rng) for _ in range(count)]
+        idx = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+        prediction, _ = jax.jit(self.model.apply)({'params': params}, video, idx['visible_idx'], idx['target_idx'])
+        prediction = np.asarray(jax.device_get(prediction))
+        clips = [
+            reconstruction.reconstruct(
+                video[i],
+                prediction[i],
+                idx['visible_idx'][i],
+                idx['target_idx'][i],
+                self.model.patch,
+                self.model.tubelet,
+                self.config.loss.normalize_target,
+            )
+            for i in range(count)
+        ]
+        grid, animation = reconstruction.grid(clips), reconstruction.animation(clips[0])
+        return {'reconstruction': grid, 'reconstruction_clip0': animation}
 
     def tokens_per_example(self) -> int:
         frames, height, width = self.grid
