@@ -13,6 +13,7 @@ Reference recipe values: shared/reference/videomae_v2.md ("Pretraining optimisat
 import ml_collections
 
 from jaxssl.config import add_trainer_defaults, parse_arg
+from jaxssl.evaluate.frozen import add_probe_config
 
 # Per-variant recipe of the reference scripts (scripts/pretrain/vit_*_hybrid_pt.sh): global batch in CLIPS
 # (GPUs x 32 per GPU; each clip gives num_sample = 4 views, so a step sees 4x as many samples), base lr, epochs,
@@ -96,7 +97,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.lr_rules = ()  # ((regex, multiplier), ...); 0 freezes
 
     add_trainer_defaults(c, runlocal=arg.runlocal)
+    # Frozen-feature probes (linear, kNN) on the eval split; moving_digits labels digit identity and motion.
+    add_probe_config(c, label_keys=('label', 'direction', 'speed'), runlocal=arg.runlocal)
+    c.eval.pictures = 2  # reconstruction pictures (PNG grid + GIF) written at each evaluation
     if arg.runlocal:
+        c.eval.at_end = True
         c.train.log_every = 10
         c.checkpoint.every = 100
     return c

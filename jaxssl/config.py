@@ -177,7 +177,8 @@ def add_trainer_defaults(config: ml_collections.ConfigDict, runlocal: bool = Fal
     c = config
     if 'seed' not in c:
         c.seed = 0
-    c.init_from = ''  # a jaxssl params directory (python -m jaxssl.convert ...) to start from
+    c.init_from = ''  # a jaxssl params directory (python -m jaxssl.convert ...) or a training workdir to start from
+    c.init_from_select = ('.*',)  # regexes of the param names taken from init_from; '.*': all, exact fit
     c.train = ml_collections.ConfigDict()
     c.train.steps = 0  # 0: optim.epochs x examples per epoch / global batch
     c.train.log_every = 1 if runlocal else 50

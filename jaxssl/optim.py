@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from jaxssl import rules as rules_lib
@@ -54,8 +55,42 @@ def decay_mask(params: Any, no_decay_rules: rules_lib.Rules) -> Any:
 
 
 def lr_multipliers(params: Any, lr_rules: rules_lib.Rules) -> Any:
-    """Per-parameter lr multipliers from rules (default 1); 0 freezes a parameter."""
-    return rules_lib.map_with_names(lambda name, _: float(rules_lib.first_match(lr_rules, name, 1.0)), params)
+    """Per-parameter lr multipliers from rules (default 1); 0 freezes a parameter.
+
+    A rule's value is a number, or (for scanned layer stacks, whose leaves carry a leading layer axis) a sequence
+    with one number per layer, returned as an array broadcastable against the leaf: shape (layers, 1, ..., 1).
+    """
+
+    def multiplier(name: str, leaf: Any) -> Any:
+        value = rules_lib.first_match(lr_rules, name, 1.0)
+        if isinstance(value, (int, float)):
+            return float(value)
+        values = np.asarray(value, np.float32)
+        if values.ndim != 1 or not rules_lib.is_scanned(name) or values.shape[0] != leaf.shape[0]:
+            raise ValueError(
+                f'lr rule for {name} gives {values.shape[0] if values.ndim == 1 else values.shape} values; a '
+                f'sequence needs a scanned stack with one entry per layer (leaf shape {tuple(leaf.shape)})'
+            )
+        return values.reshape((-1,) + (1,) * (len(leaf.shape) - 1))
+
+    return rules_lib.map_with_names(multiplier, params)
+
+
+def layer_decay_rules(depth: int, decay: float, prefix: str = 'encoder') -> tuple[tuple[str, Any], ...]:
+    """lr rules for layer-wise lr decay (BEiT / the VideoMAE V2 fine-tuning recipe) over a ViT of `depth` blocks.
+
+    scale_i = decay ** (depth + 1 - i) with layer 0 = patch embedding and position table, layer k + 1 = block k,
+    layer depth + 1 = everything else (fc_norm, head, final norm: scale 1, the rules' default). Blocks are matched
+    both unscanned (`<prefix>/block_07/...`: one rule per block) and scanned (`<prefix>/blocks/...`: one rule
+    whose value lists the scales per layer). decay >= 1 gives no rules.
+    """
+    if decay >= 1.0:
+        return ()
+    scale = lambda layer: float(decay ** (depth + 1 - layer))
+    rules = [('patch_embed/.*', scale(0)), ('pos_embed/.*', scale(0)), ('cls_token', scale(0))]
+    rules += [(f'{prefix}/block_{k:02d}/.*', scale(k + 1)) for k in range(depth)]
+    rules.append((f'{prefix}/blocks/.*', tuple(scale(k + 1) for k in range(depth))))
+    return tuple(rules)
 
 
 def make_optimizer(

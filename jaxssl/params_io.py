@@ -153,3 +153,127 @@ def load_params(directory: str | os.PathLike, target_shapes: Any = None) -> tupl
         return jax.device_put(value, sharding) if sharding is not None else value
 
     return jax.tree_util.tree_unflatten(treedef, [place(n) for n in names]), metadata
+
+
+# ---- Partial loading for `init_from`: a params directory or a training workdir --------------------------------
+
+
+def _tree_metadata(path: str) -> Any:
+    with ocp.StandardCheckpointer() as checkpointer:
+        info = checkpointer.metadata(path)
+    return getattr(getattr(info, 'item_metadata', info), 'tree', info)  # orbax 0.12 wraps the tree
+
+
+def stored_shapes(source: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """({name: shape} of the params stored in a params directory or a workdir's latest checkpoint, metadata)."""
+    path, prefix, metadata = _locate(os.fspath(source))
+    info = _tree_metadata(path)
+    for key in prefix:
+        info = info[key]
+    return {p: tuple(m.shape) for p, m in traverse_util.flatten_dict(info, sep='/').items()}, metadata
+
+
+def _locate(source: str) -> tuple[str, tuple[str, ...], dict]:
+    """(Orbax tree path, key path of the params inside it, metadata) of a params directory or a workdir."""
+    from etils import epath
+
+    root = epath.Path(source)
+    if (root / METADATA_FILE).exists():
+        return os.fspath(root / PARAMS_SUBDIR), (), read_metadata(source)
+    if (root / 'checkpoints').is_dir():
+        with ocp.CheckpointManager(os.fspath(root / 'checkpoints')) as manager:
+            step = manager.latest_step()
+        if step is None:
+            raise ValueError(f'{source} is a training workdir without a finished checkpoint')
+        return os.fspath(root / 'checkpoints' / str(step) / 'state'), ('params',), {'source': f'{source} step {step}'}
+    raise ValueError(f'{source} is neither a params directory (no {METADATA_FILE}) nor a workdir (no checkpoints/)')
+
+
+def _token_grids(stored: int, wanted: int, metadata: Mapping[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(source, target) (T, H, W) grids of two learned position tables: square frames, the stored grid from the
+    metadata when it says (frames / tubelet, image_size / patch), else the same number of temporal slices on both
+    sides (8 first: the reference's 16 frames), else the same frame size."""
+    import math
+
+    def squares(n: int) -> dict[int, int]:  # temporal slices -> side
+        return {t: s for t in range(1, n + 1) if n % t == 0 and (s := math.isqrt(n // t)) ** 2 * t == n}
+
+    src, dst = squares(stored), squares(wanted)
+    meta = [metadata.get(k) for k in ('frames', 'tubelet', 'image_size', 'patch')]
+    if all(isinstance(v, int) and v > 0 for v in meta) and (meta[0] // meta[1]) in src:
+        src = {meta[0] // meta[1]: src[meta[0] // meta[1]]}
+    for t in sorted(set(src) & set(dst), key=lambda t: (t != 8, -t)):
+        return (t, src[t], src[t]), (t, dst[t], dst[t])
+    for t_src, side in src.items():
+        for t_dst, side_dst in dst.items():
+            if side == side_dst:
+                return (t_src, side, side), (t_dst, side, side)
+    raise ValueError(f'cannot tell the token grids of a {stored} -> {wanted} token position table')
+
+
+def load_selected(
+    source: str | os.PathLike, target_shapes: Any, select: tuple[str, ...] = ('.*',)
+) -> tuple[dict[str, Any], dict, list[str]]:
+    """Restores the params of `target_shapes` whose names match a `select` regex from a params directory
+    (`save_params`, python -m jaxssl.convert) or a training workdir (its latest Orbax checkpoint's params).
+
+    Returns ({name: array} for the selected names, in the target's dtypes and shardings; metadata; notes). Scanned /
+    unscanned layouts are converted; a learned position table ('.../pos_embed') of another token count is resampled
+    (jaxssl.convert.videomae.resample_pos_embed). Stored params that are not selected are ignored, unless `select` is
+    the default ('.*',), which asks for an exact fit. Raises ValueError listing every selected param that is missing
+    or mis-shaped (and, for the exact fit, every stored param the target lacks).
+    """
+    path, prefix, metadata = _locate(os.fspath(source))
+    info = _tree_metadata(path)
+    for key in prefix:
+        info = info[key]
+    stored = {p: tuple(m.shape) for p, m in traverse_util.flatten_dict(info, sep='/').items()}
+    leaves, _ = jax.tree_util.tree_flatten_with_path(target_shapes)
+    target = {'/'.join(str(getattr(k, 'key', k)) for k in keys): leaf for keys, leaf in leaves}
+    patterns = [re.compile(p) for p in select]
+    chosen = [n for n in target if any(p.fullmatch(n) for p in patterns)]
+    relaid = _shape_relayout(stored, set(target))
+    exact = tuple(select) == ('.*',)
+    missing = [n for n in chosen if n not in relaid]
+    extra = sorted(set(relaid) - set(target)) if exact else []
+    resample, mismatched = {}, []
+    for name in chosen:
+        have, want = relaid.get(name), tuple(target[name].shape)
+        if have is None or have == want:
+            continue
+        if name.endswith('pos_embed') and len(have) == len(want) == 3 and have[::2] == want[::2]:
+            try:
+                resample[name] = _token_grids(have[1], want[1], metadata)
+                continue
+            except ValueError:
+                pass
+        mismatched.append(f'{name}: stored {have}, wanted {want}')
+    problems = []
+    for label, items in (('missing', missing), ('not in the target', extra), ('shape mismatch', mismatched)):
+        if items:
+            shown = ', '.join(items[:8]) + (f', ... ({len(items) - 8} more)' if len(items) > 8 else '')
+            problems.append(f'{label} {len(items)}: {shown}')
+    if problems:
+        raise ValueError(f'params in {source} do not fit the selected target params: ' + ' | '.join(problems))
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), info)
+    for key in reversed(prefix):
+        restore_args = {key: restore_args}
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            path, args=ocp.args.PyTreeRestore(item=restore_args, restore_args=restore_args, partial_restore=True)
+        )
+    for key in prefix:
+        restored = restored[key]
+    flat = _relayout(traverse_util.flatten_dict(restored, sep='/'), set(target), np.stack, lambda x, i: x[i], len)
+    notes, out = [], {}
+    for name in chosen:
+        value = np.asarray(flat[name])
+        if name in resample:
+            from jaxssl.convert.videomae import resample_pos_embed
+
+            value = resample_pos_embed(value, *resample[name])
+            notes.append(f'{name} resampled from a {resample[name][0]} to a {resample[name][1]} token grid')
+        value = value.astype(target[name].dtype)
+        sharding = getattr(target[name], 'sharding', None)
+        out[name] = jax.device_put(value, sharding) if sharding is not None else value
+    return out, metadata, notes

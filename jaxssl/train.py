@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from jaxssl import checkpoint as checkpoint_lib
 from jaxssl import metrics as metrics_lib
-from jaxssl import optim, sharding
+from jaxssl import optim, paths, sharding
 from jaxssl.config import ConfigError, method_module
 from jaxssl.methods import base
 
@@ -190,11 +190,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     else:
         state = jax.jit(init_state, out_shardings=shardings)(init_key)
         if config.init_from:
-            state = _load_initial_params(config.init_from, state, shardings, writer)
+            state = _load_initial_params(config.init_from, state, shardings, writer, config.get('init_from_select'))
 
     if is_main:
-        with open(os.path.join(workdir, 'config.json'), 'w') as f:
-            f.write(config.to_json_best_effort(indent=2))
+        metrics_lib.write_text(workdir, 'config.json', config.to_json_best_effort(indent=2))
     start_step = int(jax.device_get(state['step']))
     n_params = sum(int(x.size) for x in jax.tree.leaves(state['params']))
     writer.print(
@@ -256,11 +255,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
                     last_metrics = _log(
                         writer, fetched, step, total_steps, seconds_per_step, examples, flops, peak, method
                     )
+            if save_now or stop_now:  # before evaluating, so a failing evaluation never costs the checkpoint
+                checkpointer.save(step, state, data_iterator, force=True)
             eval_every = config.eval.every
             if (eval_every and step % eval_every == 0) or (step == total_steps and config.eval.at_end):
-                last_eval = _evaluate(method, state, mesh, writer, step)
-            if save_now or stop_now:
-                checkpointer.save(step, state, data_iterator, force=True)
+                last_eval = _evaluate(method, state, mesh, writer, step, workdir)
             if step == config.debug.sigkill_at_step:
                 checkpointer.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -284,8 +283,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
         **{f'final_eval/{k}': v for k, v in last_eval.items()},
     )
     if is_main:
-        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-            json.dump(summary, f, indent=2)
+        metrics_lib.write_text(workdir, 'summary.json', json.dumps(summary, indent=2))
     if start_step >= total_steps:
         writer.print(f'already trained to step {start_step} of {total_steps}: nothing to do (use a new --workdir)')
     writer.print(
@@ -325,26 +323,82 @@ def _log(writer, fetched, step, total_steps, seconds_per_step, examples, flops, 
     return means
 
 
-def _evaluate(method: base.Method, state: dict, mesh: jax.sharding.Mesh, writer, step: int) -> dict[str, float]:
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
+    """Restores a run's params (latest or `step`) onto this machine's mesh and runs its evaluation and pictures."""
+    method = method_module(config).Method(config)
+    mesh = sharding.make_mesh(config)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, async_save=False)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise ConfigError(f"no checkpoint in '{checkpointer.directory}'")
+    example = jax.tree.map(jnp.asarray, method.example_batch(1))
+    abstract = jax.eval_shape(
+        lambda k: dict(zip(('params', 'extra'), method.init(k, example), strict=True)), jax.random.key(0)
+    )
+    shardings = sharding.state_shardings(
+        abstract, mesh, [tuple(r) for r in config.sharding.rules], config.sharding.min_size
+    )
+    restored = checkpointer.restore_subset(step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
+    checkpointer.close()
+    writer = metrics_lib.MetricWriter(workdir, active=jax.process_index() == 0, tensorboard=config.train.tensorboard)
+    results = _evaluate(method, restored, mesh, writer, step, workdir)
+    writer.close()
+    if jax.process_index() == 0:
+        metrics_lib.write_text(workdir, f'eval_{step}.json', json.dumps(results, indent=2, sort_keys=True))
+    return results
+
+
+def _evaluate(
+    method: base.Method, state: dict, mesh: jax.sharding.Mesh, writer: metrics_lib.MetricWriter, step: int, workdir: str
+) -> dict[str, float]:
+    """Runs the method's evaluation (all processes) and writes its metrics and pictures (process 0)."""
     start = time.perf_counter()
     results = method.evaluate(state['params'], state['extra'], mesh)
     if results:
         writer.write(step, {f'eval/{k}': v for k, v in results.items()})
         shown = ', '.join(f'{k} {v:.3f}' for k, v in sorted(results.items()))
         writer.print(f'eval at step {step} ({time.perf_counter() - start:.1f}s): {shown}')
+    if jax.process_index() == 0:
+        pictures = method.visualize(state['params'], state['extra'])
+        if pictures:
+            from jaxssl.evaluate import reconstruction
+
+            folder = paths.join(workdir, 'pictures')
+            paths.resolve(folder).mkdir(parents=True, exist_ok=True)
+            for name, image in pictures.items():
+                if image.ndim == 4:
+                    reconstruction.save_gif(image, paths.join(folder, f'{name}_{step:07d}.gif'))
+                else:
+                    reconstruction.save_png(image, paths.join(folder, f'{name}_{step:07d}.png'))
+                    writer.write_image(step, name, image)
+            writer.print(f'pictures at step {step} in {folder}')
     return results
 
 
-def _load_initial_params(path: str, state: dict, shardings: dict, writer: metrics_lib.MetricWriter) -> dict:
-    """Starts from converted or pretrained params (`init_from`), keeping the optimiser's fresh state."""
+def _load_initial_params(
+    path: str, state: dict, shardings: dict, writer: metrics_lib.MetricWriter, select: tuple[str, ...] | None = None
+) -> dict:
+    """Starts from converted or pretrained params (`init_from`: a params directory or a training workdir, whose
+    latest checkpoint's params are taken), keeping the optimiser's fresh state. Only the params whose names match an
+    `init_from_select` regex are taken (default '.*': all, and the stored params must fit exactly); the others keep
+    their fresh initialisation."""
+    from flax import traverse_util
+
     from jaxssl import params_io
 
-    if not os.path.isdir(path):
-        raise ConfigError(f"'init_from' {path} is not a directory (make one with python -m jaxssl.convert)")
+    select = tuple(select or ('.*',))
     target = checkpoint_lib.abstract_with_shardings(jax.eval_shape(lambda: state['params']), shardings['params'])
     try:
-        params, metadata = params_io.load_params(path, target)
-    except ValueError as e:
-        raise ConfigError(f"'init_from' {path} does not fit the configured model: {e}") from None
-    writer.print(f'initialised from {path} ({metadata.get("source", "jaxssl params")})')
-    return dict(state, params=params)
+        loaded, metadata, notes = params_io.load_selected(path, target, select)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"'init_from' {path}: {e}".replace('\n', ' ')) from None
+    flat = traverse_util.flatten_dict(state['params'], sep='/')
+    fresh = sorted(name for name in flat if name not in loaded)
+    flat.update(loaded)
+    fresh_text = ', '.join(fresh[:6]) + (f', ... ({len(fresh) - 6} more)' if len(fresh) > 6 else '')
+    writer.print(
+        f'initialised {len(loaded)} of {len(flat)} params from {path} ({metadata.get("source", "jaxssl params")})'
+        + (f'; fresh: {fresh_text}' if fresh else '')
+        + ''.join(f'; {note}' for note in notes)
+    )
+    return dict(state, params=traverse_util.unflatten_dict(flat, sep='/'))

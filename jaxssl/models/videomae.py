@@ -23,6 +23,7 @@ from jaxssl.models import vit
 _FIELDS = ('width', 'depth', 'heads', 'mlp_ratio', 'dec_width', 'dec_depth', 'dec_heads', 'patch')
 _TABLE = {
     'micro': (64, 2, 4, 4.0, 32, 1, 2, 16),  # tests and `runlocal` on a CPU; not a reference size
+    'tiny': (128, 4, 4, 4.0, 64, 2, 4, 16),  # CPU demos and quality checks; not a reference size
     'S': (384, 12, 6, 4.0, 192, 4, 3, 16),
     'B': (768, 12, 12, 4.0, 384, 4, 6, 16),
     'L': (1024, 24, 16, 4.0, 512, 4, 8, 16),

@@ -1,0 +1,80 @@
+"""benchmarks/train_throughput.py at the tiniest shapes: it runs end to end (jaxssl v1 and V2, the PyTorch baseline)
+and its record is complete and self-consistent. No timing is asserted: CI machines are shared."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from jaxssl.config import load_config
+from jaxssl.methods import videomae
+
+REPO = os.path.join(os.path.dirname(__file__), '..')
+# The tiniest clip: micro/8 on 4 frames x 16 px, a 2x2x2 token grid (one visible token per slice).
+TINY = ['--tiny', '--frames', '4', '--image-size', '16', '--batch', '2', '--steps', '2', '--warmup', '0']
+TINY += ['--matmul-size', '128', '--isolate', 'off', '--scan', 'off', '--cpu-threads', '1']
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        'train_throughput', os.path.join(REPO, 'benchmarks', 'train_throughput.py')
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flops_per_example(decoder_ratio):
+    overrides = [
+        'model.variant=micro/8',
+        'input.frames=4',
+        'input.image_size=16',
+        f'masking.decoder_ratio={decoder_ratio}',
+    ]
+    config = load_config(os.path.join(REPO, 'configs', 'videomae_v2.py'), overrides)
+    return videomae.Method(config).flops_per_example()
+
+
+def test_train_throughput_with_torch_baseline(tmp_path):
+    pytest.importorskip('torch')
+    pytest.importorskip('transformers')
+    out = tmp_path / 'results.json'
+    result = load_script().main([*TINY, '--torch', '--out', str(out)])
+    written = json.loads(out.read_text())
+    assert written['runs'] == json.loads(json.dumps(result['runs']))
+    assert {'device', 'host', 'command', 'spec_peak_flops', 'measured_peak_flops', 'ratios'} <= set(written)
+    assert written['measured_peak_flops'] > 0
+    runs = {run['role']: run for run in written['runs']}
+    assert set(runs) == {'torch', 'jaxssl_v1', 'jaxssl_v2'}
+    for run in runs.values():
+        assert 'error' not in run, run.get('error')
+        for key in ('steps_per_s', 'clips_per_s', 'flops_per_step', 'mfu_measured_peak', 'first_step_s', 'loss_last'):
+            assert run[key] is not None, key
+        assert run['global_batch'] == 2 and len(run['step_times_s']) == 2
+        assert 'peak_memory_bytes' in run and 'mfu_spec' in run
+    for role in ('jaxssl_v1', 'jaxssl_v2'):
+        assert runs[role]['compile_s'] > 0 and runs[role]['compiled_memory_bytes'] > 0
+        assert runs[role]['nonfinite_steps'] == 0
+    # Analytic FLOPs: Method.flops_per_example x the global batch; torch is counted as jaxssl's v1 (same model).
+    v1, v2 = flops_per_example(0), flops_per_example(0.5)
+    assert runs['jaxssl_v1']['flops_per_step'] == pytest.approx(v1 * 2)
+    assert runs['torch']['flops_per_step'] == pytest.approx(v1 * 2)
+    assert runs['jaxssl_v2']['flops_per_step'] == pytest.approx(v2 * 2)
+    assert v2 < v1
+    (ratios,) = written['ratios']
+    assert {'jaxssl_v1/torch', 'jaxssl_v2/jaxssl_v1', 'jaxssl_v2/torch'} <= set(ratios)
+
+
+def test_fsdp_mesh_and_lever_table(tmp_path):
+    """The FSDP lever on 2 of the fake CPU devices (correctness, not speed), and a lever table with a skipped row."""
+    script = load_script()
+    result = script.main(
+        [*TINY, '--modes', 'v2', '--mesh', 'fsdp', '--devices', '2', '--out', str(tmp_path / 'r.json')]
+    )
+    (run,) = result['runs']
+    assert 'error' not in run, run.get('error')
+    assert run['mesh_shape'] == {'data': 1, 'fsdp': 2} and run['global_batch'] == 4
+    assert run['flops_per_step'] == pytest.approx(flops_per_example(0.5) * 4)
+    text = script.table([run, dict(label='attention=cudnn', error='skipped: needs a GPU')])
+    assert 'ERROR skipped: needs a GPU' in text and 'fsdp' not in text.splitlines()[0]
