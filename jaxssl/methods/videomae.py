@@ -25,8 +25,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, naming the key, on values the model or masks cannot use."""
+def check_model_config(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """Checks the ViT fields shared by the pretraining, fine-tuning and distillation configs, naming the key.
+
+    Returns the decoded variant and the token grid of the configured clip.
+    """
     try:
         spec = videomae_model.decode_variant(config.model.variant)
     except ValueError:
@@ -37,18 +40,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_choice(config, 'model.dtype', DTYPES)
     check_choice(config, 'model.pos_embedding', ('sincos', 'learned'))
     check_range(config, 'model.drop_path_rate', 0.0, 1.0)
-    check_range(config, 'masking.encoder_ratio', 0.0, 1.0)
-    ratio = config.masking.decoder_ratio
-    if ratio != 0 and not 0 < int(4 * ratio) < 4:
-        raise ConfigError(
-            f"bad value {ratio} for 'masking.decoder_ratio': 0 (VideoMAE v1) or in [0.25, 1) for running cells"
-        )
     try:
         grid = videomae_model.token_grid(
             config.input.frames, config.input.image_size, spec['patch'], config.model.tubelet
         )
     except ValueError as e:
         raise ConfigError(f"bad 'input.frames' / 'input.image_size' for 'model.variant': {e}") from None
+    return spec, grid
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the key, on values the model or masks cannot use."""
+    _, grid = check_model_config(config)
+    check_range(config, 'masking.encoder_ratio', 0.0, 1.0)
+    ratio = config.masking.decoder_ratio
+    if ratio != 0 and not 0 < int(4 * ratio) < 4:
+        raise ConfigError(
+            f"bad value {ratio} for 'masking.decoder_ratio': 0 (VideoMAE v1) or in [0.25, 1) for running cells"
+        )
     if ratio != 0 and (grid[1] % 2 or grid[2] % 2):
         raise ConfigError(
             f"'masking.decoder_ratio' > 0 needs an even token grid; 'input.image_size' gives {grid[1]}x{grid[2]}"

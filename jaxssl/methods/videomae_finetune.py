@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxssl import mixup, sharding
 from jaxssl.config import ConfigError, check_choice, check_range
-from jaxssl.methods import base
+from jaxssl.methods import base, videomae
 from jaxssl.methods.videomae import DTYPES, transformer_flops
 from jaxssl.models import videomae as videomae_model
 
@@ -61,16 +61,7 @@ def check_layer_decay_rules(config: ml_collections.ConfigDict, depth: int) -> No
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model, data or loss cannot use (paths are checked at run time)."""
-    try:
-        spec = videomae_model.decode_variant(config.model.variant)
-    except ValueError:
-        sizes = ', '.join(videomae_model.VARIANTS)
-        raise ConfigError(
-            f"bad value '{config.model.variant}' for 'model.variant'; valid: {sizes} (optionally '/patch')"
-        ) from None
-    check_choice(config, 'model.dtype', DTYPES)
-    check_choice(config, 'model.pos_embedding', ('sincos', 'learned'))
-    check_range(config, 'model.drop_path_rate', 0.0, 1.0)
+    spec, _ = videomae.check_model_config(config)
     check_range(config, 'model.head_dropout', 0.0, 1.0)
     check_choice(config, 'input.temporal_sampling', ('clip', 'segments'))
     if config.input.dataset == 'moving_digits':
@@ -78,10 +69,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         check_choice(config, 'eval.split', ('train', 'val'))
     if config.model.num_classes < 0 or (config.model.num_classes == 0 and config.input.dataset in ('list', 'tfds')):
         raise ConfigError(f"set 'model.num_classes' (> 0) for input.dataset '{config.input.dataset}'")
-    try:
-        videomae_model.token_grid(config.input.frames, config.input.image_size, spec['patch'], config.model.tubelet)
-    except ValueError as e:
-        raise ConfigError(f"bad 'input.frames' / 'input.image_size' for 'model.variant': {e}") from None
     for key in ('mixup.mixup_alpha', 'mixup.cutmix_alpha'):
         check_range(config, key, 0.0, float('inf'))
     for key in ('mixup.prob', 'mixup.switch_prob'):
