@@ -529,7 +529,9 @@ def _fmt(value: Any, kind: str) -> str:
         return f'{value:.2f}'
     if kind == 'g':
         return f'{value / 1e9:.3g}'
-    return f'{value:.3g}' if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f'{value:.0f}' if abs(value) >= 1000 else f'{value:.3g}'
+    return str(value)
 
 
 COLUMNS = (
@@ -685,7 +687,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cpu_devices:
         flags.append(f'--xla_force_host_platform_device_count={args.cpu_devices}')
     if args.cpu_threads == 1:
-        flags.append('--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1')
+        flags.append('--xla_cpu_multi_thread_eigen=false')
     env = {}
     if flags:
         env['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), *flags]).strip()

@@ -194,6 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
 
     if is_main:
         metrics_lib.write_text(workdir, 'config.json', config.to_json_best_effort(indent=2))
+    writer.print(f'resolved config (saved as {paths.join(workdir, "config.json")}):\n{config}')
     start_step = int(jax.device_get(state['step']))
     n_params = sum(int(x.size) for x in jax.tree.leaves(state['params']))
     writer.print(
