@@ -40,7 +40,7 @@ def test_giant_sizes():
     spec = model_lib.decode_variant('g')
     assert (spec['patch'], spec['mlp_hidden'], spec['dec_mlp_hidden']) == (14, 6144, 2234)
     assert model_lib.decode_variant('B/8')['patch'] == 8
-    with pytest.raises(ValueError, match='valid: micro, S, B'):
+    with pytest.raises(ValueError, match='valid: micro, tiny, S, B'):
         model_lib.decode_variant('XL')
 
 
