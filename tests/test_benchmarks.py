@@ -37,8 +37,6 @@ def flops_per_example(decoder_ratio):
 
 
 def test_train_throughput_with_torch_baseline(tmp_path):
-    pytest.importorskip('torch')
-    pytest.importorskip('transformers')
     out = tmp_path / 'results.json'
     result = load_script().main([*TINY, '--torch', '--out', str(out)])
     written = json.loads(out.read_text())

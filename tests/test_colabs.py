@@ -5,9 +5,9 @@ import importlib.util
 import os
 import sys
 
+import nbclient  # the `colab` extra (in `dev`): a missing install fails rather than skipping
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip('nbformat')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(ROOT, 'colabs')
@@ -40,7 +40,6 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize('name', NAMES)
 def test_notebook_runs_on_cpu(name, runs, monkeypatch):
-    nbclient = pytest.importorskip('nbclient')
     monkeypatch.setenv('JAXSSL_COLAB_TINY', '1')
     monkeypatch.setenv('JAXSSL_COLAB_WORKDIR', str(runs))
     monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
