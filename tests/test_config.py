@@ -85,3 +85,18 @@ def test_cli_prints_one_line_for_a_typo():
     assert result.returncode == 2
     assert result.stderr.strip().count('\n') == 0, result.stderr
     assert "unknown config key 'model.varaint'" in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_readme_methods_table_matches_docs():
+    """The README repeats docs/methods.md's table of methods; keep them equal."""
+
+    def first_table(text):
+        lines = text.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith('| '))
+        end = next((i for i in range(start, len(lines)) if not lines[i].startswith('| ')), len(lines))
+        return lines[start:end]
+
+    with open('README.md') as f:
+        readme = first_table(f.read().split('## Methods', 1)[1])
+    with open('docs/methods.md') as f:
+        assert readme == first_table(f.read())
