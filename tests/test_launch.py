@@ -339,7 +339,6 @@ def test_slurm_job_trains_with_two_processes(tmp_path):
 
 def test_scripts_pass_shellcheck():
     shellcheck = shutil.which('shellcheck')
-    if shellcheck is None:
-        pytest.skip('shellcheck not installed (.ci/run installs it)')
+    assert shellcheck is not None, 'shellcheck is not installed: apt-get install -y shellcheck (.ci/run does)'
     result = subprocess.run([shellcheck, TPU, SLURM], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout

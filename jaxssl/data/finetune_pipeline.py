@@ -22,8 +22,6 @@ Testing: `make_finetune_eval_dataset` gives `pipeline.make_eval_dataset`'s unifo
 
 from __future__ import annotations
 
-from typing import Any
-
 import grain
 import ml_collections
 import numpy as np
@@ -189,14 +187,6 @@ class SegmentEvalLoader:
         return {'video': views, 'index': np.int32(index), 'valid': np.int32(valid), **labels}
 
 
-def eval_indices(num_clips_in_source: int, max_clips: int) -> np.ndarray:
-    """The source indices an evaluation reads: all, or `max_clips` > 0 evenly spaced ones (as make_eval_dataset)."""
-    indices = np.arange(num_clips_in_source)
-    if 0 < max_clips < len(indices):
-        indices = indices[np.linspace(0, len(indices) - 1, max_clips).astype(int)]
-    return indices
-
-
 def make_finetune_eval_dataset(
     config: ml_collections.ConfigDict,
     *,
@@ -212,27 +202,16 @@ def make_finetune_eval_dataset(
     """One deterministic pass over `split` for testing: (dataset, clips on this process); `make_eval_dataset`'s
     layout ('video' (B, num_clips * num_crops, T, S, S, 3), 'index', 'valid', labels; padded last batch)."""
     source = label_source(config, split) if source is None else source
-    if config.input.temporal_sampling != 'segments':
-        return pipeline.make_eval_dataset(
-            config,
-            split=split,
-            batch_size=batch_size,
-            num_clips=num_clips,
-            num_crops=num_crops,
-            process_index=process_index,
-            process_count=process_count,
-            max_clips=max_clips,
-            source=source,
-        )
-    indices = eval_indices(len(source), max_clips)[process_index::process_count]
-    ds = grain.MapDataset.source(indices.tolist()).map(SegmentEvalLoader(source, config, num_clips, num_crops))
-    pad = -len(indices) % batch_size
-
-    def padded(i: int) -> dict[str, Any]:
-        if i < len(indices):
-            return ds[i]
-        return {k: np.zeros_like(v) for k, v in ds[0].items()}
-
-    full = grain.MapDataset.range(len(indices) + pad).map(padded).batch(batch_size, drop_remainder=True)
-    threads = max(1, config.input.read_threads)
-    return full.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)), len(indices)
+    segments = config.input.temporal_sampling == 'segments'
+    return pipeline.make_eval_dataset(
+        config,
+        split=split,
+        batch_size=batch_size,
+        num_clips=num_clips,
+        num_crops=num_crops,
+        process_index=process_index,
+        process_count=process_count,
+        max_clips=max_clips,
+        source=source,
+        loader_cls=SegmentEvalLoader if segments else pipeline.EvalClipLoader,
+    )

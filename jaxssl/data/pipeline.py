@@ -246,6 +246,14 @@ def load_clip_frames(record: dict[str, Any], pick: Callable[[int], np.ndarray], 
     raise ValueError(f'unknown record kind {kind!r}')
 
 
+def eval_indices(num_clips_in_source: int, max_clips: int) -> np.ndarray:
+    """The source indices an evaluation reads: all, or `max_clips` > 0 evenly spaced ones."""
+    indices = np.arange(num_clips_in_source)
+    if 0 < max_clips < len(indices):
+        indices = indices[np.linspace(0, len(indices) - 1, max_clips).astype(int)]
+    return indices
+
+
 def make_eval_dataset(
     config: ml_collections.ConfigDict,
     *,
@@ -257,27 +265,25 @@ def make_eval_dataset(
     process_count: int = 1,
     max_clips: int = 0,
     source: ClipSource | None = None,
+    loader_cls: Callable[..., Callable[[int], dict[str, np.ndarray]]] = EvalClipLoader,
 ) -> tuple[grain.IterDataset, int]:
     """One deterministic pass over a split for evaluation: (dataset, clips on this process).
 
     Batches: 'video' float32 (B, num_clips * num_crops, T, S, S, 3); 'index' (source index), 'valid' (0 for an
     unreadable file), and the source's labels, each (B,). The last batch is padded with `valid` 0 rows, so every
     clip is seen exactly once. `max_clips` > 0 takes an evenly spaced subset (cheap online evaluation).
+    `loader_cls(source, config, num_clips, num_crops)` maps a source index to one clip's views (EvalClipLoader:
+    uniformly spaced clips; the fine-tuning pipeline passes its segment sampler).
     """
     source = make_source(config, split) if source is None else source
-    indices = np.arange(len(source))
-    if 0 < max_clips < len(indices):
-        indices = indices[np.linspace(0, len(indices) - 1, max_clips).astype(int)]
-    indices = indices[process_index::process_count]
-    loader = EvalClipLoader(source, config, num_clips, num_crops)
-    ds = grain.MapDataset.source(indices.tolist()).map(loader)
+    indices = eval_indices(len(source), max_clips)[process_index::process_count]
+    ds = grain.MapDataset.source(indices.tolist()).map(loader_cls(source, config, num_clips, num_crops))
     pad = -len(indices) % batch_size
 
     def padded(i: int) -> dict[str, np.ndarray]:
         if i < len(indices):
             return ds[i]
-        row = ds[0] if len(indices) else None
-        return {k: np.zeros_like(v) for k, v in row.items()}
+        return {k: np.zeros_like(v) for k, v in ds[0].items()}
 
     full = grain.MapDataset.range(len(indices) + pad).map(padded).batch(batch_size, drop_remainder=True)
     threads = max(1, config.input.read_threads)

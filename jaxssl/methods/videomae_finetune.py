@@ -219,7 +219,7 @@ class Method(base.Method):
 
     def evaluate(self, params: Any, extra: Any, mesh: jax.sharding.Mesh) -> dict[str, float]:
         """Multi-view top-1 / top-5 accuracy on eval.split (every process runs the same number of sharded steps)."""
-        from jaxssl.data import finetune_pipeline
+        from jaxssl.data import finetune_pipeline, pipeline
 
         e, c = self.config.eval, self.config.input
         processes, index = jax.process_count(), jax.process_index()
@@ -228,7 +228,7 @@ class Method(base.Method):
         local = global_batch // processes
         source = finetune_pipeline.label_source(self.config, e.split)
         finetune_pipeline.check_label_key(self.config, source)
-        total = len(finetune_pipeline.eval_indices(len(source), e.max_clips))
+        total = len(pipeline.eval_indices(len(source), e.max_clips))
         steps = math.ceil(math.ceil(total / processes) / local)  # batches of the process with the most clips
         dataset, _ = finetune_pipeline.make_finetune_eval_dataset(
             self.config,
