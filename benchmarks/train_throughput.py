@@ -189,7 +189,6 @@ class JaxRun:
 
     def __init__(self, spec: dict[str, Any]):
         import jax
-        import jax.numpy as jnp
 
         from jaxssl import optim, sharding, train
         from jaxssl.config import method_module
@@ -200,26 +199,8 @@ class JaxRun:
         mesh = self.mesh = sharding.make_mesh(config)
         train.check_batch(config, mesh)
         schedule = optim.learning_rate_schedule(config, config.train.steps, 100)
-        example = jax.tree.map(jnp.asarray, method.example_batch(1))
         init_key = jax.random.key(config.seed)
-        abstract_params = jax.eval_shape(lambda k: method.init(k, example)[0], init_key)
-        optimizer = optim.make_optimizer(config, abstract_params, schedule)
-
-        def init_state(key):  # as jaxssl.train.train builds it
-            params, extra = method.init(key, example)
-            return dict(
-                step=jnp.zeros((), jnp.int32),
-                params=params,
-                opt=optimizer.init(params),
-                extra=extra,
-                rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-                nonfinite=jnp.zeros((), jnp.int32),
-                first_nonfinite=-jnp.ones((), jnp.int32),
-            )
-
-        rules = [tuple(rule) for rule in config.sharding.rules]
-        abstract_state = jax.eval_shape(init_state, init_key)
-        shardings = sharding.state_shardings(abstract_state, mesh, rules, config.sharding.min_size)
+        optimizer, init_state, _, shardings = train.state_layout(config, method, mesh, schedule)
         start = time.perf_counter()
         self.state = jax.block_until_ready(jax.jit(init_state, out_shardings=shardings)(init_key))
         self.init_s = time.perf_counter() - start

@@ -138,6 +138,32 @@ def _agree(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
+def state_layout(
+    config: ml_collections.ConfigDict, method: base.Method, mesh: jax.sharding.Mesh, schedule: optax.Schedule
+) -> tuple[optax.GradientTransformation, Any, Any, Any]:
+    """(optimiser, init_state(key), abstract state, shardings): the train state every run (and benchmark) uses."""
+    example = jax.tree.map(jnp.asarray, method.example_batch(1))
+    abstract_params = jax.eval_shape(lambda k: method.init(k, example)[0], jax.random.key(0))
+    optimizer = optim.make_optimizer(config, abstract_params, schedule)
+
+    def init_state(key):
+        params, extra = method.init(key, example)
+        return dict(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt=optimizer.init(params),
+            extra=extra,
+            rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+            nonfinite=jnp.zeros((), jnp.int32),
+            first_nonfinite=-jnp.ones((), jnp.int32),
+        )
+
+    rules = [tuple(rule) for rule in config.sharding.rules]
+    abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
+    shardings = sharding.state_shardings(abstract_state, mesh, rules, config.sharding.min_size)
+    return optimizer, init_state, abstract_state, shardings
+
+
 def default_workdir(config_spec: str) -> str:
     stem = os.path.splitext(os.path.basename(config_spec.partition(':')[0]))[0]
     arg = config_spec.partition(':')[2].replace(',', '_').replace('=', '-').replace('/', '-')
@@ -160,26 +186,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     total_steps, steps_per_epoch = optim.training_steps(config, examples_per_epoch)
     schedule = optim.learning_rate_schedule(config, total_steps, steps_per_epoch)
 
-    example = jax.tree.map(jnp.asarray, method.example_batch(1))
     init_key = jax.random.key(config.seed)
-    abstract_params = jax.eval_shape(lambda k: method.init(k, example)[0], init_key)
-    optimizer = optim.make_optimizer(config, abstract_params, schedule)
-
-    def init_state(key):
-        params, extra = method.init(key, example)
-        return dict(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt=optimizer.init(params),
-            extra=extra,
-            rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-            nonfinite=jnp.zeros((), jnp.int32),
-            first_nonfinite=-jnp.ones((), jnp.int32),
-        )
-
-    rules = [tuple(rule) for rule in config.sharding.rules]
-    abstract_state = jax.eval_shape(init_state, init_key)
-    shardings = sharding.state_shardings(abstract_state, mesh, rules, config.sharding.min_size)
+    optimizer, init_state, abstract_state, shardings = state_layout(config, method, mesh, schedule)
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     latest = checkpointer.latest_step()
     if latest is not None:
