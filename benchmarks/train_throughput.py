@@ -70,6 +70,7 @@ def base_spec(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         decoder_ratio=args.decoder_ratio,
         dtype=args.dtype,
         attention=args.attention,
+        patch_embed=args.patch_embed,
         remat=args.remat,
         scan=args.scan,
         mesh=args.mesh,
@@ -119,6 +120,8 @@ def jaxssl_config(spec: dict[str, Any], device_count: int):
         overrides['model.scan_layers'] = spec['scan'] == 'on'
     if spec['attention'] != 'auto':
         overrides['model.attention_impl'] = spec['attention']
+    if spec.get('patch_embed', 'auto') != 'auto':
+        overrides['model.patch_embed_impl'] = spec['patch_embed']
     text = [f'{k}={str(v).lower() if isinstance(v, bool) else v}' for k, v in overrides.items()]
     return load_config(f'{CONFIG_FILE}:variant={spec["variant"]}', text)
 
@@ -318,7 +321,10 @@ class TorchRun:
         if spec.get('cpu_threads') and not cuda:
             torch.set_num_threads(spec['cpu_threads'])  # restored by result()
         device = torch.device('cuda' if cuda else 'cpu')
+        # patch_embed 'conv' makes the FLOP count the reference's: transformers embeds every token, jaxssl (matmul)
+        # only the visible ones.
         spec = dict(spec, decoder_ratio=0.0, devices=1, mesh='dp', dtype=resolve_dtype(spec['dtype'], cuda))
+        spec['patch_embed'] = 'conv'
         self.spec = spec
         config = jaxssl_config(spec, 1)
         self.method = method_module(config).Method(config)  # no device work: for the batch and the FLOP count
@@ -465,7 +471,15 @@ def run_isolated(kind: str, spec: dict[str, Any], timeout: float) -> dict[str, A
         return _error(kind, spec, f'timed out after {timeout:.0f}s')
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG) :])
+            run = json.loads(line[len(RESULT_TAG) :])
+            if 'step_time_median_s' in run:  # shown at once: a long sweep cut off by a time limit keeps its rows
+                print(
+                    f'    step {1e3 * run["step_time_median_s"]:.1f} ms, compile {run.get("compile_s") or 0:.1f} s, '
+                    f'peak {(run.get("peak_memory_bytes") or 0) / GiB:.3g} GiB',
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return run
     tail = (done.stderr or done.stdout).strip().splitlines()[-12:]
     print('\n'.join(tail), file=sys.stderr)
     error = next((line for line in reversed(tail) if 'Error' in line), tail[-1] if tail else '')
@@ -575,10 +589,12 @@ def lever_specs(args: argparse.Namespace, base: dict[str, Any], platform_name: s
     remat = base['remat'] if base['remat'] != 'auto' else default_remat
     scan = base['scan'] if base['scan'] != 'auto' else 'on'
     gpu = platform_name == 'gpu'
+    flip_embed = {'auto': 'conv', 'conv': 'matmul', 'matmul': 'conv'}  # the config's default is matmul
     levers = [
         ('baseline', {}),
         ('attention=xla', dict(attention='xla')),
         ('attention=cudnn', dict(attention='cudnn')) if gpu else ('attention=cudnn', None),
+        ('patch_embed=' + flip_embed[base['patch_embed']], dict(patch_embed=flip_embed[base['patch_embed']])),
         (f'remat={flip(remat)}', dict(remat=flip(remat))),
         (f'scan_layers={flip(scan)}', dict(scan=flip(scan))),
         ('donate=off', dict(donate=False)) if base['donate'] else ('donate=on', dict(donate=True)),
@@ -593,6 +609,9 @@ def lever_specs(args: argparse.Namespace, base: dict[str, Any], platform_name: s
         levers.append(('mesh=fsdp', None))
     for flags in args.lever_xla_flags or (['--xla_gpu_enable_triton_gemm=false'] if gpu else []):
         levers.append((f'XLA_FLAGS {flags}', dict(xla_flags=flags)))
+    if args.lever_names:  # a subset, the baseline always kept for the side-by-side ratios
+        keep = {'baseline', *args.lever_names.split(',')}
+        levers = [lever for lever in levers if lever[0] in keep]
     return [(name, None if change is None else dict(base, **change, label=name)) for name, change in levers]
 
 
@@ -627,7 +646,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--decoder-ratio', type=float, default=0.5, help='running-cell ratio of V2 mode (0: v1 only)')
     p.add_argument('--modes', default='v1,v2', help='jaxssl modes: v1 (decoder_ratio 0) and/or v2')
     p.add_argument('--dtype', default='auto', choices=('auto', 'bfloat16', 'float32'), help='auto: bf16 on GPU/TPU')
-    p.add_argument('--attention', default='auto', choices=('auto', 'xla', 'cudnn'), help='auto: XLA decides')
+    p.add_argument(
+        '--attention', default='auto', choices=('auto', 'xla', 'cudnn'), help='auto: cuDNN on GPU in bf16, else XLA'
+    )
+    p.add_argument(
+        '--patch-embed', default='auto', choices=('auto', 'conv', 'matmul'), help="tubelet embedding (auto: config's)"
+    )
     p.add_argument('--remat', default='auto', choices=('auto', 'on', 'off'), help='auto: the recipe (H, g on)')
     p.add_argument('--scan', default='auto', choices=('auto', 'on', 'off'), help="auto: the config's (on)")
     p.add_argument('--mesh', default='dp', choices=('dp', 'fsdp'), help='devices on the data or the fsdp axis')
@@ -643,6 +667,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--matmul-size', type=int, default=0, help='measured-peak matmul size (0: 8192 GPU, 1024 CPU)')
     p.add_argument('--no-matmul', dest='matmul', action='store_false', help='skip the measured matmul peak')
     p.add_argument('--levers', action='store_true', help='sweep the levers on the first variant (V2 mode)')
+    p.add_argument('--lever-names', default='', help="only these levers, e.g. 'attention=xla,remat=on'")
     p.add_argument('--lever-xla-flags', action='append', help='XLA_FLAGS to try as a lever (repeatable; isolated)')
     p.add_argument('--cpu-devices', type=int, default=0, help='fake CPU devices (correctness of meshes, not speed)')
     p.add_argument('--isolate', default='auto', choices=('auto', 'on', 'off'), help='one child process per run')

@@ -48,9 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.layer_scale_init = 0.0  # no released pretraining script enables layer scale
     c.model.drop_path_rate = 0.0
     c.model.dtype = 'bfloat16'  # compute dtype; parameters stay float32
-    c.model.scan_layers = not arg.runlocal
+    c.model.scan_layers = False  # unrolled: 1.26x faster ViT-B steps than scan on an H200, 2x compile time
     c.model.remat = recipe['remat']
-    c.model.attention_impl = ''  # '' lets XLA choose; 'cudnn' forces cuDNN flash attention on GPUs
+    c.model.attention_impl = ''  # '': cuDNN flash attention on GPUs in bf16, XLA's elsewhere; or 'xla' / 'cudnn'
+    c.model.patch_embed_impl = 'matmul'  # tubelet embedding as reshape + matmul, or 'conv' (same parameters)
 
     c.masking = ml_collections.ConfigDict()
     c.masking.encoder_ratio = 0.9  # tube masking

@@ -78,9 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.init_scale = 0.001  # head weights x 0.001 at init
     c.model.use_mean_pooling = True  # mean pool + fc_norm (the pretrained encoder's final norm is dropped)
     c.model.dtype = 'bfloat16'
-    c.model.scan_layers = not arg.runlocal
+    c.model.scan_layers = False  # unrolled: 1.26x faster ViT-B steps than scan on an H200, 2x compile time
     c.model.remat = size in ('H', 'g')
     c.model.attention_impl = ''
+    c.model.patch_embed_impl = 'matmul'
 
     c.input = ml_collections.ConfigDict()
     c.input.frames = 8 if arg.runlocal else 16

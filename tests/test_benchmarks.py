@@ -25,8 +25,9 @@ def load_script():
     return module
 
 
-def flops_per_example(decoder_ratio):
+def flops_per_example(decoder_ratio, patch_embed='matmul'):
     overrides = [
+        f'model.patch_embed_impl={patch_embed}',
         'model.variant=micro/8',
         'input.frames=4',
         'input.image_size=16',
@@ -54,10 +55,12 @@ def test_train_throughput_with_torch_baseline(tmp_path):
     for role in ('jaxssl_v1', 'jaxssl_v2'):
         assert runs[role]['compile_s'] > 0 and runs[role]['compiled_memory_bytes'] > 0
         assert runs[role]['nonfinite_steps'] == 0
-    # Analytic FLOPs: Method.flops_per_example x the global batch; torch is counted as jaxssl's v1 (same model).
+    # Analytic FLOPs: Method.flops_per_example x the global batch; torch is counted as jaxssl's v1 with every token
+    # embedded (conv), as transformers does; jaxssl embeds the visible ones only.
     v1, v2 = flops_per_example(0), flops_per_example(0.5)
     assert runs['jaxssl_v1']['flops_per_step'] == pytest.approx(v1 * 2)
-    assert runs['torch']['flops_per_step'] == pytest.approx(v1 * 2)
+    assert runs['torch']['flops_per_step'] == pytest.approx(flops_per_example(0, 'conv') * 2)
+    assert flops_per_example(0, 'conv') > v1
     assert runs['jaxssl_v2']['flops_per_step'] == pytest.approx(v2 * 2)
     assert v2 < v1
     (ratios,) = written['ratios']

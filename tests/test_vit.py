@@ -41,6 +41,26 @@ def test_patch_embed_token_order():
     np.testing.assert_allclose(tokens[0, t * 6 + h * 2 + w], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('patch, shape', [((2, 2, 2), (2, 4, 6, 4, 3)), ((4, 2), (2, 8, 6, 3))])
+def test_patch_embed_matmul_equals_conv(patch, shape):
+    """The reshape + matmul tubelet embedding has the conv's parameters and gives its result."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.float32)
+    conv, matmul = vit.PatchEmbed(7, patch), vit.PatchEmbed(7, patch, impl='matmul')
+    params = conv.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, matmul.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_allclose(matmul.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown patch embedding impl 'fft'"):
+        vit.PatchEmbed(7, patch, impl='fft').init(jax.random.key(0), x)
+
+
+def test_attention_auto_is_xla_off_gpu():
+    """'' / None pick cuDNN only on GPUs in half precision; here (CPU) they are the XLA attention."""
+    q, k, v = (jnp.asarray(np.random.default_rng(i).normal(size=(2, 5, 2, 8)), jnp.bfloat16) for i in range(3))
+    want = jax.nn.dot_product_attention(q, k, v, implementation='xla')
+    for impl in (None, '', 'xla'):
+        np.testing.assert_array_equal(vit.dot_product_attention(q, k, v, impl), want)
+
+
 def test_attention_has_q_and_v_bias_but_no_k_bias():
     x = jnp.ones((1, 3, 8))
     params = vit.Attention(8, 2).init(jax.random.key(0), x)['params']

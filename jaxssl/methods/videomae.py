@@ -39,6 +39,8 @@ def check_model_config(config: ml_collections.ConfigDict) -> tuple[dict[str, Any
         ) from None
     check_choice(config, 'model.dtype', DTYPES)
     check_choice(config, 'model.pos_embedding', ('sincos', 'learned'))
+    check_choice(config, 'model.attention_impl', ('', 'xla', 'cudnn'))
+    check_choice(config, 'model.patch_embed_impl', ('conv', 'matmul'))
     check_range(config, 'model.drop_path_rate', 0.0, 1.0)
     try:
         grid = videomae_model.token_grid(
@@ -77,6 +79,7 @@ def make_model(config: ml_collections.ConfigDict) -> videomae_model.VideoMAEPret
         remat=m.remat,
         dtype=DTYPES[m.dtype],
         attention_impl=m.attention_impl or None,
+        patch_embed_impl=m.patch_embed_impl,
     )
 
 
@@ -256,8 +259,9 @@ class Method(base.Method):
         ratio = self.config.masking.decoder_ratio
         targets = tokens - visible if ratio == 0 else tokens * (4 - int(4 * ratio)) // 4
         patch_dim = m.tubelet * m.patch * m.patch * m.channels
+        embedded = visible if m.patch_embed_impl == 'matmul' else tokens  # 'conv' embeds every token, as the reference
         forward = (
-            2 * tokens * patch_dim * m.width  # tubelet embedding (on every token, as in the reference)
+            2 * embedded * patch_dim * m.width  # tubelet embedding
             + transformer_flops(visible, m.width, m.depth, m.mlp_hidden)
             + 2 * visible * m.width * m.dec_width  # encoder_to_decoder
             + transformer_flops(visible + targets, m.dec_width, m.dec_depth, m.dec_mlp_hidden)

@@ -111,6 +111,7 @@ def teacher_model(config: ml_collections.ConfigDict) -> videomae_model.VideoMAEC
         layer_scale_init=1.0 if scaled else 0.0,
         dtype=DTYPES[config.model.dtype],
         attention_impl=config.model.attention_impl or None,
+        patch_embed_impl=config.model.patch_embed_impl,
     )
     fields = metadata.get('model') or {}
     if d.teacher_variant or not fields:

@@ -98,6 +98,7 @@ def make_model(config: ml_collections.ConfigDict, classes: int) -> videomae_mode
         remat=m.remat,
         dtype=DTYPES[m.dtype],
         attention_impl=m.attention_impl or None,
+        patch_embed_impl=m.patch_embed_impl,
     )
 
 

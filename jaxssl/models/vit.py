@@ -8,7 +8,7 @@ pre-LN blocks, fused qkv projection with q and v biases but no k bias, exact GEL
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import chex
@@ -56,14 +56,21 @@ class PositionEmbedding(nn.Module):
     kind: str = 'sincos'
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, token_idx: jax.Array | None = None, num_tokens: int | None = None) -> jax.Array:
+        """x: (B, N, D) tokens; or, with `token_idx` (B, N), the tokens at those positions of a `num_tokens` grid."""
         _, tokens, width = x.shape
+        if token_idx is not None:
+            if num_tokens is None:
+                raise ValueError('token_idx needs num_tokens, the size of the full position table')
+            tokens = num_tokens
         if self.kind == 'sincos':
             table = jnp.asarray(sinusoid_table(tokens, width))[None]
         elif self.kind == 'learned':
             table = self.param('pos_embed', truncated_normal_init(0.02), (1, tokens, width))
         else:
             raise ValueError(f"unknown position embedding '{self.kind}'; valid: sincos, learned")
+        if token_idx is not None:
+            table = table[0][token_idx]
         return x + table.astype(x.dtype)
 
 
@@ -71,15 +78,19 @@ class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens: a 2D patch (p, p) or a 3D tubelet (t, p, p) embedding.
 
     Input (B, *spatial, C); output (B, N, width) with tokens in row-major (t, h, w) order, which is
-    the reference's flattened token index.
+    the reference's flattened token index. `impl` 'conv' runs a strided convolution, 'matmul' cuts the
+    patches out with a reshape and runs one matrix product; both keep the convolution's parameters
+    ('proj/kernel' (*patch, C, width), 'proj/bias'), so checkpoints do not depend on the choice.
     """
 
     width: int
     patch: Sequence[int]
     dtype: Dtype = jnp.float32
+    impl: str = 'matmul'  # 1.25x faster ViT-B train steps than 'conv' on an H200 (docs/performance.md)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
+        """x: (B, *spatial, C) -> (B, N, width); with `token_idx` (B, K), only those K tokens (B, K, width)."""
         patch = tuple(self.patch)
         chex.assert_rank(x, len(patch) + 2)
         for axis, size in enumerate(patch):
@@ -87,17 +98,65 @@ class PatchEmbed(nn.Module):
                 raise ValueError(f'input shape {x.shape[1:-1]} is not divisible by patch {patch}')
         fan_in = int(np.prod(patch)) * x.shape[-1]
         bound = 1 / np.sqrt(fan_in)
-        x = nn.Conv(
-            self.width,
-            kernel_size=patch,
-            strides=patch,
-            padding='VALID',
-            dtype=self.dtype,
-            kernel_init=conv_init,
-            bias_init=lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound),
-            name='proj',
-        )(x)
-        return x.reshape(x.shape[0], -1, self.width)
+        bias_init = lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound)
+        if self.impl == 'conv':
+            x = nn.Conv(
+                self.width,
+                kernel_size=patch,
+                strides=patch,
+                padding='VALID',
+                dtype=self.dtype,
+                kernel_init=conv_init,
+                bias_init=bias_init,
+                name='proj',
+            )(x)
+            x = x.reshape(x.shape[0], -1, self.width)
+            return x if token_idx is None else jnp.take_along_axis(x, token_idx[..., None], axis=1)
+        if self.impl == 'matmul':  # picks the patches first: unselected tokens cost nothing
+            return _PatchMatmul(self.width, patch, self.dtype, bias_init, name='proj')(x, token_idx)
+        raise ValueError(f"unknown patch embedding impl '{self.impl}'; valid: conv, matmul")
+
+
+class _PatchMatmul(nn.Module):
+    """The strided convolution of PatchEmbed as reshape + one matmul (same parameters, same result)."""
+
+    width: int
+    patch: tuple[int, ...]
+    dtype: Dtype
+    bias_init: Callable
+
+    @nn.compact
+    def __call__(self, x: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
+        channels = x.shape[-1]
+        kernel = self.param('kernel', conv_init, (*self.patch, channels, self.width))
+        bias = self.param('bias', self.bias_init, (self.width,))
+        grid = [size // p for size, p in zip(x.shape[1:-1], self.patch, strict=True)]
+        # (B, g0, p0, g1, p1, ..., C) -> (B, g0, g1, ..., p0, p1, ..., C): patches become rows.
+        x = x.reshape(x.shape[0], *(d for pair in zip(grid, self.patch, strict=True) for d in pair), channels)
+        rank = len(self.patch)
+        order = (0, *range(1, 2 * rank, 2), *range(2, 2 * rank + 1, 2), 2 * rank + 1)
+        x = x.transpose(order).reshape(x.shape[0], int(np.prod(grid)), -1)
+        if token_idx is not None:
+            x = jnp.take_along_axis(x, token_idx[..., None], axis=1)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel.reshape(-1, self.width), bias, dtype=self.dtype)
+        return x @ kernel + bias
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None = None) -> jax.Array:
+    """Softmax attention over (B, N, heads, head_dim) inputs.
+
+    `impl` None (or '' / 'auto') picks cuDNN's fused flash attention on a GPU for bf16 / fp16 inputs it supports
+    and XLA's otherwise: jax's own default (None) runs the unfused XLA attention even on GPUs. 'xla' and
+    'cudnn' force one.
+    """
+    if impl in (None, '', 'auto'):
+        if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+            try:
+                return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+            except (ValueError, NotImplementedError, RuntimeError):
+                pass  # a shape or dtype cuDNN does not take: XLA's attention below
+        impl = 'xla'
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
 class Attention(nn.Module):
@@ -107,7 +166,7 @@ class Attention(nn.Module):
     heads: int
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
-    attention_impl: str | None = None  # None lets XLA pick; 'cudnn' forces flash attention on GPUs.
+    attention_impl: str | None = None  # see dot_product_attention
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -121,7 +180,7 @@ class Attention(nn.Module):
             bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
             qkv = qkv + bias.astype(qkv.dtype)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.heads, -1), 3, axis=2)
-        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], implementation=self.attention_impl)
+        out = dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.attention_impl)
         out = out.reshape(batch, tokens, self.width)
         return nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
 
