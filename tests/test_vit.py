@@ -53,6 +53,23 @@ def test_patch_embed_matmul_equals_conv(patch, shape):
         vit.PatchEmbed(7, patch, impl='fft').init(jax.random.key(0), x)
 
 
+@pytest.mark.parametrize('impl', ['conv', 'matmul'])
+def test_embedding_selected_tokens_equals_selecting_embedded_tokens(impl):
+    """token_idx (the encoder's visible tokens) gives the same rows as embedding everything and then selecting."""
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 4, 8, 8, 3)), jnp.float32)
+    idx = jnp.asarray([[0, 3, 5, 7], [1, 2, 6, 7]])
+    embed = vit.PatchEmbed(6, (2, 4, 4), impl=impl)
+    params = embed.init(jax.random.key(0), x)
+    selected = embed.apply(params, x, idx)
+    np.testing.assert_allclose(selected, jnp.take_along_axis(embed.apply(params, x), idx[..., None], 1), atol=1e-6)
+    pos = vit.PositionEmbedding('learned')
+    pos_params = pos.init(jax.random.key(1), embed.apply(params, x))
+    full = pos.apply(pos_params, embed.apply(params, x))
+    np.testing.assert_allclose(pos.apply(pos_params, selected, idx, 8), jnp.take_along_axis(full, idx[..., None], 1))
+    with pytest.raises(ValueError, match='needs num_tokens'):
+        pos.apply(pos_params, selected, idx)
+
+
 def test_attention_auto_is_xla_off_gpu():
     """'' / None pick cuDNN only on GPUs in half precision; here (CPU) they are the XLA attention."""
     q, k, v = (jnp.asarray(np.random.default_rng(i).normal(size=(2, 5, 2, 8)), jnp.bfloat16) for i in range(3))
