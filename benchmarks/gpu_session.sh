@@ -30,12 +30,13 @@ part() {
   timeout "$left" python3 benchmarks/train_throughput.py "$@" --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
 }
 
-# 1. The goals: ViT-B against PyTorch (compiled, SDPA, bf16 autocast), v1 and V2 modes; ViT-L.
-part gpu_BL --variants B,L --torch --torch-variants B --torch-compile --child-timeout 240
-# 2. The levers that decide defaults: XLA vs cuDNN attention, conv vs matmul tubelet embedding.
-part gpu_levers --variants B --levers --lever-names attention=xla,patch_embed=matmul --no-matmul --child-timeout 150
+# 1. The goals: ViT-B against PyTorch (compiled, SDPA, bf16 autocast), v1 and V2 modes; ViT-L. Profiles of the
+#    jaxssl runs say where the step's time goes (time by kind of work, top kernels).
+part gpu_BL --variants B,L --torch --torch-variants B --torch-compile --profile 3 --child-timeout 240
+# 2. The levers behind the defaults, against the defaults: XLA attention, conv embedding, scan, remat, XLA flags.
+part gpu_levers --variants B --levers --no-matmul --child-timeout 150 \
+  --lever-names attention=xla,patch_embed=conv,scan_layers=on,remat=on,'XLA_FLAGS --xla_gpu_enable_triton_gemm=false'
 # 3. ViT-g with remat at 6 clips per device.
 part gpu_g --variants g --modes v2 --no-matmul --child-timeout 200
-# 4. The remaining levers, as time allows.
-part gpu_levers_more --variants B --levers --lever-names remat=on,scan_layers=off,donate=off --no-matmul \
-  --child-timeout 120
+# 4. Larger per-device batches (MFU vs batch), as time allows.
+part gpu_B128 --variants B --modes v2 --batch 128 --no-matmul --child-timeout 120

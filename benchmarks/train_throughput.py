@@ -80,6 +80,7 @@ def base_spec(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         warmup=args.warmup,
         xla_flags='',
         cpu_threads=args.cpu_threads,
+        profile=args.profile,
     )
 
 
@@ -236,6 +237,21 @@ class JaxRun:
             jax.block_until_ready(self._step())
             self.times.append(time.perf_counter() - start)
 
+    def _profile(self, steps: int) -> dict[str, Any] | None:
+        """Device time by kind of work over `steps` more steps, from a JAX profiler trace (jaxssl.profiling)."""
+        import jax
+
+        from jaxssl import profiling
+
+        if steps <= 0:
+            return None
+        with tempfile.TemporaryDirectory() as log_dir:
+            with profiling.trace(log_dir):
+                for _ in range(steps):
+                    self._step()
+                jax.block_until_ready((self.state, self.metrics))
+            return profiling.summarize(log_dir, steps)
+
     def result(self) -> dict[str, Any]:
         import jax
 
@@ -245,6 +261,7 @@ class JaxRun:
             self._step()
         jax.block_until_ready((self.state, self.metrics))
         pipelined_s = (time.perf_counter() - start) / steps
+        profile = self._profile(self.spec.get('profile', 0))
         memory = self.compiled.memory_analysis()
         compiled_bytes = None
         if memory is not None:
@@ -273,6 +290,7 @@ class JaxRun:
             **_timings(self.times),
             peak_memory_bytes=_memory_stats_peak(self.mesh.devices.flat),
             compiled_memory_bytes=compiled_bytes,
+            profile=profile,
             loss_first=self.first_loss,
             loss_last=float(self.metrics['loss']),
             nonfinite_steps=int(self.metrics['nonfinite']),
@@ -587,7 +605,7 @@ def lever_specs(args: argparse.Namespace, base: dict[str, Any], platform_name: s
     flip = lambda value: 'off' if value == 'on' else 'on'
     default_remat = 'on' if size_of(base['variant']) in ('H', 'g') else 'off'
     remat = base['remat'] if base['remat'] != 'auto' else default_remat
-    scan = base['scan'] if base['scan'] != 'auto' else 'on'
+    scan = base['scan'] if base['scan'] != 'auto' else 'off'  # the config's default
     gpu = platform_name == 'gpu'
     flip_embed = {'auto': 'conv', 'conv': 'matmul', 'matmul': 'conv'}  # the config's default is matmul
     levers = [
@@ -666,6 +684,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--torch-attention', default='sdpa', choices=('sdpa', 'eager'))
     p.add_argument('--matmul-size', type=int, default=0, help='measured-peak matmul size (0: 8192 GPU, 1024 CPU)')
     p.add_argument('--no-matmul', dest='matmul', action='store_false', help='skip the measured matmul peak')
+    p.add_argument('--profile', type=int, default=0, help='jaxssl runs: profile N more steps, print time by op kind')
     p.add_argument('--levers', action='store_true', help='sweep the levers on the first variant (V2 mode)')
     p.add_argument('--lever-names', default='', help="only these levers, e.g. 'attention=xla,remat=on'")
     p.add_argument('--lever-xla-flags', action='append', help='XLA_FLAGS to try as a lever (repeatable; isolated)')
@@ -788,6 +807,12 @@ def _benchmark(args: argparse.Namespace, argv: list[str] | None, isolate: bool) 
         print(f'\nTrain step, {args.frames}x{args.image_size}x{args.image_size}, tube {args.encoder_ratio}')
         print(table(runs))
 
+    for run in runs:
+        if run.get('profile'):
+            from jaxssl import profiling
+
+            print(f'\nprofile of {run["label"]} (step {1e3 * run["step_time_median_s"]:.1f} ms):')
+            print(profiling.format_summary(run['profile']))
     result_ratios = [] if args.levers else ratios(runs)
     for row in result_ratios:
         shown = ', '.join(f'{k} {v:.2f}x' for k, v in row.items() if k != 'variant')

@@ -68,13 +68,26 @@ def test_train_throughput_with_torch_baseline(tmp_path):
 
 
 def test_fsdp_mesh_and_lever_table(tmp_path):
-    """The FSDP lever on 2 of the fake CPU devices (correctness, not speed), and a lever table with a skipped row."""
+    """FSDP on 2 fake CPU devices (correctness, not speed) with a profile; a lever table with a skipped row."""
     script = load_script()
     result = script.main(
-        [*TINY, '--modes', 'v2', '--mesh', 'fsdp', '--devices', '2', '--out', str(tmp_path / 'r.json')]
+        [
+            *TINY,
+            '--modes',
+            'v2',
+            '--mesh',
+            'fsdp',
+            '--devices',
+            '2',
+            '--profile',
+            '1',
+            '--out',
+            str(tmp_path / 'r.json'),
+        ]
     )
     (run,) = result['runs']
     assert 'error' not in run, run.get('error')
+    assert run['profile']['busy_ms_per_step'] > 0 and run['profile']['top']  # --profile: time by kind of work
     assert run['mesh_shape'] == {'data': 1, 'fsdp': 2} and run['global_batch'] == 4
     assert run['flops_per_step'] == pytest.approx(flops_per_example(0.5) * 4)
     text = script.table([run, dict(label='attention=cudnn', error='skipped: needs a GPU')])
