@@ -43,6 +43,16 @@ def test_patch_targets_match_loop_implementation():
                 token += 1
 
 
+@pytest.mark.parametrize('normalize', [True, False])
+def test_patch_targets_of_selected_tokens_equal_selecting_targets(normalize):
+    pixels = np.random.default_rng(2).uniform(size=(2, 4, 8, 8, 3)).astype(np.float32)
+    idx = np.array([[0, 2, 5], [7, 1, 3]])
+    video = normalise_pixels(pixels)
+    every = np.asarray(videomae.patch_targets(video, 4, 2, normalize))
+    picked = np.asarray(videomae.patch_targets(video, 4, 2, normalize, token_idx=idx))
+    np.testing.assert_allclose(picked, np.take_along_axis(every, idx[..., None], axis=1), atol=1e-5)
+
+
 def test_unnormalised_targets_are_raw_pixels():
     pixels = np.random.default_rng(1).uniform(size=(1, 2, 4, 4, 3)).astype(np.float32)
     targets = np.asarray(videomae.patch_targets(normalise_pixels(pixels), 2, 2, normalize=False))

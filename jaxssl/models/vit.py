@@ -130,6 +130,8 @@ class _PatchMatmul(nn.Module):
         channels = x.shape[-1]
         kernel = self.param('kernel', conv_init, (*self.patch, channels, self.width))
         bias = self.param('bias', self.bias_init, (self.width,))
+        # Cast first: the transpose and gather below then move compute-dtype (e.g. bf16) bytes, not float32 ones.
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel.reshape(-1, self.width), bias, dtype=self.dtype)
         grid = [size // p for size, p in zip(x.shape[1:-1], self.patch, strict=True)]
         # (B, g0, p0, g1, p1, ..., C) -> (B, g0, g1, ..., p0, p1, ..., C): patches become rows.
         x = x.reshape(x.shape[0], *(d for pair in zip(grid, self.patch, strict=True) for d in pair), channels)
@@ -138,7 +140,6 @@ class _PatchMatmul(nn.Module):
         x = x.transpose(order).reshape(x.shape[0], int(np.prod(grid)), -1)
         if token_idx is not None:
             x = jnp.take_along_axis(x, token_idx[..., None], axis=1)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel.reshape(-1, self.width), bias, dtype=self.dtype)
         return x @ kernel + bias
 
 
