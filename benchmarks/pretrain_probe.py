@@ -18,6 +18,41 @@ import jax
 import jax.numpy as jnp
 
 
+def trivial_losses(method, batches: int = 4) -> dict[str, float]:
+    """The objective's loss for predictors that know nothing of the clip beyond the visible tubes: zeros, the mean
+    target, and the mean of the visible 4-neighbours in the same temporal slice. A pretraining whose loss stays at
+    these values has learned nothing the probes could use."""
+    import numpy as np
+
+    from jaxssl.methods import videomae
+
+    config, (slices, height, width) = method.config, method.grid
+    dataset, _ = method.dataset(config.seed, 0, 1)
+    totals = dict(zeros=[], mean=[], neighbours=[])
+    for _, batch in zip(range(batches), dataset, strict=False):
+        targets = np.asarray(
+            videomae.patch_targets(
+                jnp.asarray(batch['video']), method.model.patch, method.model.tubelet, config.loss.normalize_target
+            )
+        )
+        size, tokens, dim = targets.shape
+        visible = np.zeros((size, tokens), bool)
+        np.put_along_axis(visible, batch['visible_idx'], True, axis=1)
+        hidden = ~visible
+        grid = targets.reshape(size, slices, height, width, dim)
+        seen = visible.reshape(size, slices, height, width, 1)
+        total, count = np.zeros_like(grid), np.zeros_like(seen, np.float32)
+        for shift in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+            total += np.roll(grid * seen, shift, axis=(2, 3))
+            count += np.roll(seen, shift, axis=(2, 3))
+        neighbours = (total / np.maximum(count, 1)).reshape(size, tokens, dim)
+        mean = targets[hidden].mean(axis=0)
+        totals['zeros'].append(np.mean(np.square(targets).mean(-1)[hidden]))
+        totals['mean'].append(np.mean(np.square(targets - mean).mean(-1)[hidden]))
+        totals['neighbours'].append(np.mean(np.square(targets - neighbours).mean(-1)[hidden]))
+    return {name: float(np.mean(values)) for name, values in totals.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', default='configs/videomae_v2.py:runlocal')
@@ -43,9 +78,11 @@ def main() -> None:
     random_init = method.evaluate(random_params, random_extra, mesh)
     probe_seconds = time.perf_counter() - start
 
+    baselines = trivial_losses(method)
     print(
         f'\npretraining: {summary["final_step"]} steps in {pretrain_seconds:.0f}s, '
-        f'final loss {summary.get("final_loss")}'
+        f'final loss {summary.get("final_loss")}; loss of trivial predictors (on hidden tubes): '
+        + ', '.join(f'{name} {value:.4f}' for name, value in baselines.items())
     )
     print(f'{"probe":34s} {"random init":>12s} {"pretrained":>12s} {"gain":>8s}')
     for key in sorted(pretrained):
@@ -53,7 +90,12 @@ def main() -> None:
         print(f'{key:34s} {random_init[key]:12.3f} {pretrained[key]:12.3f} {gain:+8.3f}')
     print(f'(probes took {probe_seconds:.0f}s)')
     result = dict(
-        steps=summary['final_step'], pretrain_seconds=pretrain_seconds, pretrained=pretrained, random_init=random_init
+        steps=summary['final_step'],
+        pretrain_seconds=pretrain_seconds,
+        final_loss=summary.get('final_loss'),
+        trivial_losses=baselines,
+        pretrained=pretrained,
+        random_init=random_init,
     )
     with open(os.path.join(args.workdir, 'probe_comparison.json'), 'w') as f:
         json.dump(result, f, indent=2)
