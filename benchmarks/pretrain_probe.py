@@ -1,8 +1,10 @@
-"""Evidence that VideoMAE V2 pretraining helps: pretrain on the built-in moving digits for a bounded CPU budget, then
-compare frozen-feature probes (linear, kNN) of the pretrained encoder with the same encoder at its random init, on the
-motion labels (direction, speed) and the digit labels.
+"""Evidence that pretraining helps: pretrain a method for a bounded CPU budget, then compare frozen-feature probes
+(linear, kNN) of the pretrained encoder with the same encoder at its random init. Any config whose method has probes
+works: VideoMAE V2 on the built-in moving digits (the default; motion and digit labels), MAE on the built-in MNIST
+digits (`--config configs/mae.py:runlocal --config.model.variant=tiny/4 --steps 1000`).
 
-    python benchmarks/pretrain_probe.py [--steps 600] [--workdir /tmp/probe_run] [--config.key=value ...]
+    python benchmarks/pretrain_probe.py [--config FILE.py:ARGS] [--steps 600] [--workdir /tmp/probe_run]
+        [--config.key=value ...]
 
 Prints a table and writes <workdir>/probe_comparison.json.
 """
