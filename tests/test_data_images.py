@@ -11,8 +11,15 @@ import pytest
 from PIL import Image
 
 from jaxssl.config import ConfigError
-from jaxssl.data import DecodeError, images, skipped_files
+from jaxssl.data import DecodeError, images, pipeline, skipped_files
 from jaxssl.data.transforms import normalize
+
+
+@pytest.fixture(autouse=True)
+def fresh_failure_log(monkeypatch):
+    """The pipeline logs only the first 20 unreadable files of a process: start each test at 0 and give the count back
+    afterwards, so these tests neither depend on nor use up the log budget of the other tests in the session."""
+    monkeypatch.setattr(pipeline, '_failures_logged', 0)
 
 
 def make_config(**input_overrides) -> ml_collections.ConfigDict:
