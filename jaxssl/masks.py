@@ -1,9 +1,13 @@
-"""VideoMAE V2's dual masking, as numpy functions run per sample in the input pipeline.
+"""Token masks as numpy functions run per sample in the input pipeline: VideoMAE V2's dual masking and MAE's
+per-sample random shuffle.
 
-Same semantics as the reference (OpenGVLab/VideoMAEv2 dataset/masking_generator.py): a mask is a flat bool
-array over the token grid (T', H', W') in (t, h, w) order, and True means "dropped": hidden from the encoder
-(encoder mask) or not reconstructed by the decoder (decoder mask). Randomness comes from the
-`np.random.Generator` the pipeline hands each sample, so masks are deterministic and checkpointable.
+VideoMAE V2 (OpenGVLab/VideoMAEv2 dataset/masking_generator.py): a mask is a flat bool array over the token grid
+(T', H', W') in (t, h, w) order, and True means "dropped": hidden from the encoder (encoder mask) or not
+reconstructed by the decoder (decoder mask).
+MAE (facebookresearch/mae models_mae.py random_masking): argsort of uniform noise; the first int(L * (1 - ratio))
+tokens of the shuffle are kept, in shuffle order. See `shuffle_masking`.
+Randomness comes from the `np.random.Generator` the pipeline hands each sample, so masks are deterministic and
+checkpointable.
 """
 
 from __future__ import annotations
@@ -88,3 +92,36 @@ def mask_indices(encoder_mask: np.ndarray, decoder_mask: np.ndarray) -> dict[str
     target_weight = np.take_along_axis(enc, target_idx, axis=1).astype(np.float32)
     out = dict(visible_idx=visible_idx, target_idx=target_idx, target_weight=target_weight)
     return out if batched else {k: v[0] for k, v in out.items()}
+
+
+def num_kept(num_tokens: int, ratio: float) -> int:
+    """Tokens the MAE encoder sees: int(L * (1 - ratio)), the reference's rounding (196 tokens at 0.75 -> 49)."""
+    kept = int(num_tokens * (1 - ratio))
+    if not 0 < kept <= num_tokens:
+        raise ValueError(f'mask ratio {ratio} keeps {kept} of {num_tokens} tokens; it must keep at least one')
+    return kept
+
+
+def shuffle_masking_from_noise(noise: np.ndarray, ratio: float) -> dict[str, np.ndarray]:
+    """MAE's random masking for given noise (L,) or (B, L), as the reference computes it.
+
+    ids_shuffle = argsort(noise) (ascending: the smallest noise is kept), ids_restore = argsort(ids_shuffle).
+    Returns int32 'ids_keep' (the first num_kept(L, ratio) entries of ids_shuffle, in that order: the encoder sees
+    its tokens in noise order, not raster order) and 'ids_restore' (L,): position of each token in the shuffle, so
+    token j was masked iff ids_restore[j] >= len(ids_keep). transformers' ViTMAE takes the same `noise`.
+    """
+    noise = np.asarray(noise)
+    ids_shuffle = np.argsort(noise, axis=-1, kind='stable')
+    ids_restore = np.argsort(ids_shuffle, axis=-1, kind='stable')
+    kept = num_kept(noise.shape[-1], ratio)
+    return {'ids_keep': ids_shuffle[..., :kept].astype(np.int32), 'ids_restore': ids_restore.astype(np.int32)}
+
+
+def shuffle_masking(num_tokens: int, ratio: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One sample's MAE mask from uniform [0, 1) noise drawn from `rng`; see `shuffle_masking_from_noise`."""
+    return shuffle_masking_from_noise(rng.random(num_tokens), ratio)
+
+
+def removed_mask(ids_restore: np.ndarray, num_keep: int) -> np.ndarray:
+    """The reference's binary mask (float32, 1 = removed from the encoder) from ids_restore; numpy or jax arrays."""
+    return (ids_restore >= num_keep).astype(np.float32)

@@ -1,4 +1,5 @@
-"""Video input pipelines: clip sources, PyAV decoding, reference augmentation, Grain datasets, moving_digits.
+"""Input pipelines: video (clip sources, PyAV decoding, reference augmentation, Grain datasets, moving_digits) and
+images (jaxssl.data.images).
 
 Modules, one job each:
   sources        list files, class folders, TFDS array_record datasets -> records (paths / bytes + labels)
@@ -10,6 +11,7 @@ Modules, one job each:
   moving_digits  the built-in dataset, generated on first use
   pipeline       the Grain pipeline and the skipped-file counter
   checks         config.input validation
+  images         the image pipeline: folder / TFDS / built-in mnist_digits sources, MAE-style views, Grain datasets
 The trainer needs: check_input_config, make_pretrain_dataset, skipped_files.
 """
 
