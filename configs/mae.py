@@ -30,9 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.layer_norm_eps = 1e-6
     c.model.drop_path_rate = 0.0  # the reference pretrains without drop path
     c.model.dtype = 'float32' if arg.runlocal else 'bfloat16'  # compute dtype; parameters stay float32
-    c.model.scan_layers = not arg.runlocal
+    c.model.scan_layers = False  # unrolled: faster steps on GPUs (docs/performance.md), slower compiles
     c.model.remat = arg.variant.startswith('H')
-    c.model.attention_impl = ''  # '' lets XLA choose; 'cudnn' forces cuDNN flash attention on GPUs
+    c.model.attention_impl = ''  # '': cuDNN flash attention on GPUs in bf16, XLA's elsewhere; or 'xla' / 'cudnn'
 
     c.masking = ml_collections.ConfigDict()
     c.masking.ratio = 0.75  # per-sample random masking; the encoder sees int(L * (1 - ratio)) patches
