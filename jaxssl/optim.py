@@ -1,5 +1,5 @@
-"""Optimiser and schedule: AdamW with rule-based weight-decay masks and lr multipliers, the reference's
-per-step warmup + cosine schedule, global-norm clipping.
+"""Optimiser and schedule: AdamW (default) or LARS (`optim.name`), with rule-based weight-decay masks and lr
+multipliers, the reference's per-step warmup + cosine schedule, global-norm clipping.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import numpy as np
 import optax
 
 from jaxssl import rules as rules_lib
+
+OPTIMIZERS = ('adamw', 'lars')
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -96,20 +98,38 @@ def layer_decay_rules(depth: int, decay: float, prefix: str = 'encoder') -> tupl
 def make_optimizer(
     config: ml_collections.ConfigDict, params: Any, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-    """clip -> Adam moments -> decoupled weight decay (masked) -> -lr(step) -> per-parameter multipliers.
+    """clip -> the optimiser's update -> -lr(step) -> per-parameter multipliers.
 
-    Equal to torch AdamW with param groups whose lr is scaled by `lr_scale`: decay is scaled by the lr too.
+    'adamw' (the default when `optim.name` is absent): Adam moments -> decoupled weight decay (masked); equal to
+    torch AdamW with param groups whose lr is scaled by `lr_scale`: decay is scaled by the lr too.
+    'lars' (SimCLR's, google-research/simclr tf2/lars_optimizer.py): g + wd * w, scaled by the trust ratio
+    optim.trust_coefficient * ||w|| / ||g + wd * w||, then -lr(step), then heavy-ball momentum optim.momentum on the
+    lr-scaled update (the reference's v = m v + lr * update). Parameters the decay mask leaves out (1-D: biases,
+    norms; `optim.no_decay` rules) get neither decay nor the trust ratio, as the reference's exclusions.
     """
     o = config.optim
     no_decay = [(pattern, True) for pattern in o.no_decay]
+    name = o.get('name', 'adamw')
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optim.name '{name}'; valid: {', '.join(OPTIMIZERS)}")
     parts = []
     if o.clip_grad > 0:
         parts.append(optax.clip_by_global_norm(o.clip_grad))
-    parts += [
-        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-        optax.add_decayed_weights(o.weight_decay, mask=decay_mask(params, no_decay)),
-        optax.scale_by_learning_rate(schedule),
-    ]
+    mask = decay_mask(params, no_decay)
+    if name == 'adamw':
+        parts += [
+            optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+            optax.add_decayed_weights(o.weight_decay, mask=mask),
+            optax.scale_by_learning_rate(schedule),
+        ]
+    else:
+        parts += [
+            optax.add_decayed_weights(o.weight_decay, mask=mask),
+            # Per leaf: a scanned layer stack would share one ratio over its layers (SimCLR's check_config refuses it).
+            optax.masked(optax.scale_by_trust_ratio(trust_coefficient=o.trust_coefficient), mask),
+            optax.scale_by_learning_rate(schedule),
+            optax.trace(decay=o.momentum, nesterov=False),
+        ]
     lr_rules = [tuple(rule) for rule in o.lr_rules]
     if lr_rules:
         multipliers = lr_multipliers(params, lr_rules)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 import torch
 
 from jaxssl import optim
@@ -105,3 +106,34 @@ def test_gradients_are_clipped_before_adam():
     adam_state = next(s for s in state if isinstance(s, optax.ScaleByAdamState))
     # Clipped to global norm 0.02 -> 0.01 per element; Adam's first moment after one step is (1 - b1) * g.
     np.testing.assert_allclose(adam_state.mu['w'], 0.1 * 0.01, rtol=1e-5)
+
+
+def test_lars_matches_hand_computed_reference_rule():
+    """Two steps of optim.name='lars' against the reference's rule written out in numpy: decayed, trust-scaled
+    (eta ||w|| / ||g + wd w||) and momentum on the lr-scaled update for 2-D weights; plain momentum SGD for 1-D."""
+    rng = np.random.default_rng(0)
+    weight, bias = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    grads = [(rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)) for _ in range(2)]
+    config = config_for(name='lars', momentum=0.9, trust_coefficient=1e-3, weight_decay=0.01, no_decay=())
+    params = {'dense': {'kernel': jnp.asarray(weight), 'bias': jnp.asarray(bias)}}
+    tx = optim.make_optimizer(config, params, lambda step: 0.5)
+    state = tx.init(params)
+    for gw, gb in grads:
+        updates, state = tx.update({'dense': {'kernel': jnp.asarray(gw), 'bias': jnp.asarray(gb)}}, state, params)
+        params = optax.apply_updates(params, updates)
+
+    w, b = weight.astype(np.float64), bias.astype(np.float64)
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    for gw, gb in grads:
+        u = gw + 0.01 * w
+        vw = 0.9 * vw + 0.5 * (1e-3 * np.linalg.norm(w) / np.linalg.norm(u)) * u
+        vb = 0.9 * vb + 0.5 * gb
+        w, b = w - vw, b - vb
+    np.testing.assert_allclose(params['dense']['kernel'], w, rtol=1e-5)
+    np.testing.assert_allclose(params['dense']['bias'], b, rtol=1e-5)
+    assert not np.allclose(w, weight)  # the weights moved
+
+
+def test_unknown_optimizer_name_is_refused():
+    with pytest.raises(ValueError, match=r"unknown optim\.name 'sgdd'"):
+        optim.make_optimizer(config_for(name='sgdd'), {'w': jnp.ones((2, 2))}, lambda step: 0.1)

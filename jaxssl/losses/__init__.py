@@ -1,0 +1,1 @@
+"""Losses shared by several methods (contrastive, ...), as pure functions."""

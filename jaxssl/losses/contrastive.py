@@ -1,0 +1,109 @@
+"""Contrastive losses: NT-Xent (SimCLR's normalised temperature-scaled cross entropy), on one device and over the
+global batch of a device mesh.
+
+NT-Xent (Chen et al. 2020, eq. 1; google-research/simclr tf2/objective.py): N images give 2N views z. Each view is
+an anchor whose positive is the other view of its image and whose 2N - 2 negatives are every other view of the
+batch; similarity is the cosine, divided by a temperature. The loss is the cross entropy of the positive among
+the 2N - 1 candidates, averaged over the 2N anchors (the paper's 1/(2N) sum; the tf2 code sums the two
+directional means, i.e. 2x this value, a constant factor that LARS's trust ratio cancels).
+
+`global_nt_xent` computes the same number when the batch is sharded over a mesh: each device all-gathers the
+normalised views of every device (`lax.all_gather`, whose transpose is the reduce-scatter of the gathered
+gradients), scores its own anchors against all 2N columns, and the per-device sums are psum'ed. So every anchor
+sees the negatives of the whole global batch, as the reference's cross-replica concatenation, and each device
+holds a (n_local, 2N) block of logits instead of the full (2N, 2N) matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+# Added to an anchor's similarity with itself before the softmax: the reference's LARGE_NUM (1e9) masking.
+# Finite rather than -inf so that 0 * mask stays 0 in the backward pass.
+SELF_MASK = 1e9
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) along the last axis, as tf.math.l2_normalize (eps on the norm, not the square)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def _anchor_losses(
+    q1: jax.Array, q2: jax.Array, k1: jax.Array, k2: jax.Array, offset: jax.Array | int, temperature: float
+) -> tuple[jax.Array, jax.Array]:
+    """Per-anchor cross entropies and top-1 hits for the anchors q1, q2 (n, D), rows `offset`.. of the keys k1, k2
+    (N, D): all four are unit vectors, view 1 and view 2 of the same images.
+
+    Row i of q1 is the positive of row offset + i of k2 (and q2 of k1); its own row in k1 is masked out. Returns
+    (losses (2n,), correct (2n,)) ordered [view-1 anchors, view-2 anchors].
+    """
+    n, big_n = q1.shape[0], k1.shape[0]
+    rows = offset + jnp.arange(n)
+    self_mask = jax.nn.one_hot(rows, big_n, dtype=q1.dtype) * SELF_MASK
+
+    def direction(q: jax.Array, k_same: jax.Array, k_other: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # Candidates: the other view of every image (the positive among them), then the same view of every
+        # other image. Logits in float32 whatever the compute dtype: 1/temperature amplifies rounding.
+        other = jnp.dot(q, k_other.T, preferred_element_type=jnp.float32) / temperature
+        same = jnp.dot(q, k_same.T, preferred_element_type=jnp.float32) / temperature - self_mask
+        logits = jnp.concatenate([other, same], axis=1)
+        log_z = jax.nn.logsumexp(logits, axis=1)
+        positive = jnp.take_along_axis(other, rows[:, None], axis=1)[:, 0]
+        correct = jnp.argmax(logits, axis=1) == rows
+        return log_z - positive, correct
+
+    loss1, correct1 = direction(q1, k1, k2)
+    loss2, correct2 = direction(q2, k2, k1)
+    return jnp.concatenate([loss1, loss2]), jnp.concatenate([correct1, correct2])
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """NT-Xent of one batch on one device. z1, z2: (N, D) projections of view 1 and view 2 of the same N images
+    (row i of each is image i; they need not be normalised). Returns (mean loss over the 2N anchors, metrics)."""
+    chex.assert_rank([z1, z2], 2)
+    chex.assert_equal_shape([z1, z2])
+    k1, k2 = l2_normalize(z1.astype(jnp.float32)), l2_normalize(z2.astype(jnp.float32))
+    losses, correct = _anchor_losses(k1, k2, k1, k2, 0, temperature)
+    return jnp.mean(losses), {'contrastive_acc': jnp.mean(correct.astype(jnp.float32))}
+
+
+def global_nt_xent(
+    z1: jax.Array, z2: jax.Array, temperature: float, mesh: Mesh | None, axes: Sequence[str] = ('data', 'fsdp')
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """NT-Xent over the global batch of `mesh`: z1, z2 (N, D) sharded (or to be sharded) over the mesh `axes` on
+    their leading axis; the value and its gradient equal `nt_xent` on the whole batch. `mesh=None` (or a mesh of
+    one device on those axes) runs `nt_xent` directly. N must divide evenly over the axes' devices."""
+    chex.assert_rank([z1, z2], 2)
+    chex.assert_equal_shape([z1, z2])
+    axes = tuple(axes)
+    devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in axes)
+    if devices == 1:
+        return nt_xent(z1, z2, temperature)
+    if z1.shape[0] % devices:
+        raise ValueError(f'{z1.shape[0]} images do not split evenly over {devices} devices on mesh axes {axes}')
+    big_n = z1.shape[0]
+
+    def per_device(z1_local: jax.Array, z2_local: jax.Array) -> tuple[jax.Array, jax.Array]:
+        q1, q2 = l2_normalize(z1_local.astype(jnp.float32)), l2_normalize(z2_local.astype(jnp.float32))
+        # tiled: (n, D) per device -> (N, D) in the order of the axes' linear index, which axis_index also uses,
+        # so this device's anchors are rows offset .. offset + n of the gathered keys.
+        k1 = jax.lax.all_gather(q1, axes, tiled=True)
+        k2 = jax.lax.all_gather(q2, axes, tiled=True)
+        offset = jax.lax.axis_index(axes) * q1.shape[0]
+        losses, correct = _anchor_losses(q1, q2, k1, k2, offset, temperature)
+        total = jax.lax.psum(jnp.sum(losses), axes)
+        hits = jax.lax.psum(jnp.sum(correct.astype(jnp.float32)), axes)
+        return total / (2 * big_n), hits / (2 * big_n)
+
+    spec = PartitionSpec(axes)
+    loss, accuracy = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=(PartitionSpec(),) * 2)(
+        z1, z2
+    )
+    return loss, {'contrastive_acc': accuracy}

@@ -1,0 +1,201 @@
+"""SimCLR (Chen et al., ICML 2020): two augmented views per image, a backbone and a projection head, NT-Xent over
+the global batch.
+
+Batch layout: 'image' (2B, S, S, 3), the two views of each image adjacent (input.num_sample = 2; jaxssl.data.views
+makes them in the Grain pipeline), ImageNet-normalised; 'label' (2B,) where the source has labels (unused by the
+loss). The loss all-gathers the projections over the mesh's batch axes inside shard_map (jaxssl.losses.
+contrastive.global_nt_xent), so every anchor has the 2N - 2 negatives of the whole global batch whatever the
+device count. The representation for probes is the backbone's cls token h, not the projection z.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxssl import data, sharding
+from jaxssl.config import ConfigError, check_choice, check_range
+from jaxssl.data import images as image_data
+from jaxssl.data import views
+from jaxssl.losses import contrastive
+from jaxssl.methods import base
+from jaxssl.methods.videomae import DTYPES, transformer_flops
+from jaxssl.models import mae as mae_model
+from jaxssl.models import simclr as simclr_model
+from jaxssl.optim import OPTIMIZERS
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the key, on values the model, views or loss cannot use (data paths: at run start)."""
+    try:
+        spec = mae_model.decode_variant(config.model.variant)
+    except ValueError:
+        sizes = ', '.join(mae_model.VARIANTS)
+        raise ConfigError(
+            f"bad value '{config.model.variant}' for 'model.variant'; valid: {sizes} (optionally '/patch')"
+        ) from None
+    check_choice(config, 'model.dtype', DTYPES)
+    check_range(config, 'model.drop_path_rate', 0.0, 1.0)
+    try:
+        mae_model.token_grid(config.input.image_size, spec['patch'])
+    except ValueError as e:
+        raise ConfigError(f"bad value {config.input.image_size} for 'input.image_size': {e}") from None
+    for key in ('model.head_hidden', 'model.head_out', 'model.head_layers'):
+        group, name = key.split('.')
+        if not isinstance(config[group][name], int) or config[group][name] < 1:
+            raise ConfigError(f"bad value {config[group][name]!r} for '{key}': must be an integer >= 1")
+    if config.input.num_sample != 2:
+        raise ConfigError(f"bad value {config.input.num_sample} for 'input.num_sample': SimCLR takes 2 views")
+    if not config.loss.temperature > 0:
+        raise ConfigError(f"bad value {config.loss.temperature} for 'loss.temperature': must be > 0")
+    for key in ('input.jitter_prob', 'input.grayscale_prob', 'input.blur_prob'):
+        check_range(config, key, 0.0, 1.000001)
+    check_range(config, 'input.jitter_strength', 0.0, math.inf)
+    check_choice(config, 'optim.name', OPTIMIZERS)
+    if config.optim.name == 'lars' and config.model.scan_layers:
+        raise ConfigError(
+            "'model.scan_layers' must be false with optim.name='lars': LARS's trust ratio is per layer, and a "
+            'scanned stack holds all layers in one parameter'
+        )
+
+
+def make_model(config: ml_collections.ConfigDict) -> simclr_model.SimCLRModel:
+    m = config.model
+    return simclr_model.make_model(
+        m.variant,
+        head_hidden=m.head_hidden,
+        head_out=m.head_out,
+        head_layers=m.head_layers,
+        layer_norm_eps=m.layer_norm_eps,
+        drop_path_rate=m.drop_path_rate,
+        scan_layers=m.scan_layers,
+        remat=m.remat,
+        dtype=DTYPES[m.dtype],
+        attention_impl=m.attention_impl or None,
+    )
+
+
+def make_view(config: ml_collections.ConfigDict) -> image_data.View:
+    """The training view function `config.input` describes."""
+    c = config.input
+    return functools.partial(
+        views.simclr_view,
+        size=c.image_size,
+        scale=tuple(c.crop_scale),
+        ratio=tuple(c.crop_ratio),
+        flip=c.hflip,
+        jitter_strength=c.jitter_strength,
+        jitter_prob=c.jitter_prob,
+        grayscale_prob=c.grayscale_prob,
+        blur_prob=c.blur_prob,
+        interpolation=c.interpolation,
+    )
+
+
+def split_views(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(2B, D) with each image's views adjacent -> view 1 (B, D), view 2 (B, D)."""
+    chex.assert_rank(z, 2)
+    pairs = z.reshape(z.shape[0] // 2, 2, z.shape[1])
+    return pairs[:, 0], pairs[:, 1]
+
+
+class Method(base.Method):
+    """SimCLR pretraining for the trainer."""
+
+    input_key = 'image'
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        self.model = make_model(config)
+
+    @functools.cached_property
+    def mesh(self) -> jax.sharding.Mesh:
+        """The trainer's mesh: built from the same config and devices, so equal to it. The loss's shard_map needs it
+        by name; it is made on first use (tracing), not at construction, so evaluators never build one."""
+        return sharding.make_mesh(self.config)
+
+    def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
+        image_data.check_image_input_config(self.config)  # paths are checked when a run starts, not at config load
+        source = image_data.make_image_source(self.config)
+        dataset = image_data.make_image_pretrain_dataset(
+            self.config,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            view=make_view(self.config),
+            source=source,
+        )
+        return dataset, len(source)
+
+    def host_metrics(self) -> dict[str, float]:
+        return {'skipped_files': float(data.skipped_files())}
+
+    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        size = self.config.input.image_size
+        rng = np.random.default_rng(0)
+        return {'image': rng.normal(size=(2 * batch_size, size, size, 3)).astype(np.float32)}
+
+    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+        # The head's BatchNorm statistics are not state (see jaxssl.models.simclr): only params are kept.
+        variables = self.model.init(rng, batch['image'])
+        return variables['params'], {}
+
+    def project(self, params: Any, images: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """Projections z (2B, head_out) of the views, in training mode (batch-statistics BN, drop path)."""
+        rngs = {'drop_path': rng} if rng is not None else {}
+        (z, _), _ = self.model.apply({'params': params}, images, True, rngs=rngs, mutable=['batch_stats'])
+        return z
+
+    def loss(self, params, extra, batch, rng, step):
+        images = batch['image']
+        chex.assert_rank(images, 4)
+        z1, z2 = split_views(self.project(params, images, base.stream(rng, 'drop_path')))
+        devices = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)
+        if z1.shape[0] % devices:
+            raise ConfigError(
+                f"'input.global_batch': {z1.shape[0]} images per (micro-)batch do not split over the {devices} "
+                'devices of the batch axes; SimCLR needs whole pairs of views on every device'
+            )
+        loss, metrics = contrastive.global_nt_xent(z1, z2, self.config.loss.temperature, self.mesh, sharding.BATCH_AXES)
+        return loss, ({'loss': loss, **metrics}, extra)
+
+    def represent(self, params, extra, batch):
+        """The backbone on the whole image: the cls token h (the representation SimCLR evaluates, before the
+        projection head) and the mean of the patch tokens."""
+        encoded, _ = self.model.apply({'params': params}, batch['image'], method=self.model.encode)
+        encoded = encoded.astype(jnp.float32)
+        return {'cls': encoded[:, 0], 'mean_pool': encoded[:, 1:].mean(axis=1)}
+
+    def eval_dataset(self, split, batch_size, max_examples, process_index, process_count):
+        dataset, _ = image_data.make_image_eval_dataset(
+            self.config,
+            split=split,
+            batch_size=batch_size,
+            process_index=process_index,
+            process_count=process_count,
+            max_examples=max_examples,
+        )
+        return dataset
+
+    def tokens_per_example(self) -> int:
+        grid = mae_model.token_grid(self.config.input.image_size, self.model.patch)
+        return grid[0] * grid[1]
+
+    def flops_per_example(self) -> float:
+        """Per view (the trainer counts views as examples)."""
+        m, tokens = self.model, self.tokens_per_example()
+        head = [m.width] + [m.head_hidden] * (m.head_layers - 1) + [m.head_out]
+        forward = (
+            2 * tokens * m.patch * m.patch * 3 * m.width
+            + transformer_flops(tokens + 1, m.width, m.depth, m.mlp_hidden)
+            + sum(2 * a * b for a, b in itertools.pairwise(head))
+        )
+        return 3.0 * forward

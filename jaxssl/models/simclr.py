@@ -1,0 +1,107 @@
+"""SimCLR model: a ViT backbone (the cls token after the final norm is the representation h) and the reference's
+projection head g(h) = z on which NT-Xent is computed.
+
+The reference backbone is a ResNet-50; this library's shared ViT is used instead (sizes from the ViT table in
+jaxssl.models.mae, which holds the encoder sizes once). The head is google-research/simclr's (tf2/model.py,
+shared/reference/methods/simclr_vicreg_dino_poa_uni.md): `proj_layers - 1` blocks of Dense (no bias) + BatchNorm +
+ReLU, then Dense (no bias) + BatchNorm without a shift; Dense kernels ~ N(0, 0.01). v1 (the 2020 paper) has 2
+layers, v2 3. BatchNorm always normalises with the statistics of the batch it sees: under jit with a batch sharded
+over devices these are global-batch statistics (the reference's global BN). Its running averages would only serve
+the head at test time, and the head is discarded after pretraining, so they are not kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxssl.models import mae as mae_model
+from jaxssl.models import vit
+
+
+class ProjectionHead(nn.Module):
+    """h (B, D) -> z (B, out_dim) in float32."""
+
+    hidden_dim: int = 2048
+    out_dim: int = 128
+    layers: int = 2
+    bn_epsilon: float = 1e-5  # the reference's BATCH_NORM_EPSILON
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        chex.assert_rank(h, 2)
+        x = h.astype(jnp.float32)
+        init = nn.initializers.normal(0.01)
+        for i in range(self.layers):
+            last = i == self.layers - 1
+            features = self.out_dim if last else self.hidden_dim
+            x = nn.Dense(features, use_bias=False, kernel_init=init, name=f'dense_{i}')(x)
+            # use_running_average=False: batch statistics always (see the module docstring).
+            x = nn.BatchNorm(use_running_average=False, epsilon=self.bn_epsilon, use_bias=not last, name=f'bn_{i}')(x)
+            if not last:
+                x = nn.relu(x)
+        return x
+
+
+class SimCLRModel(nn.Module):
+    """Images (B, S, S, C) -> (z (B, out_dim) float32, {'cls': h (B, width), 'encoded': (B, 1 + L, width)})."""
+
+    width: int
+    depth: int
+    heads: int
+    mlp_hidden: int
+    patch: int = 16
+    head_hidden: int = 2048
+    head_out: int = 128
+    head_layers: int = 2
+    layer_norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0
+    scan_layers: bool = False
+    remat: bool = False
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    def setup(self):
+        self.patch_embed = vit.PatchEmbed(self.width, (self.patch, self.patch), dtype=self.dtype)
+        self.cls_token = self.param('cls_token', nn.initializers.normal(0.02), (1, 1, self.width))
+        self.encoder = vit.Transformer(
+            self.width,
+            self.depth,
+            self.heads,
+            self.mlp_hidden,
+            layer_norm_eps=self.layer_norm_eps,
+            drop_path_rate=self.drop_path_rate,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+        )
+        self.head = ProjectionHead(self.head_hidden, self.head_out, self.head_layers)
+
+    def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The backbone: (B, 1 + L, width) tokens after the final norm, cls first (fixed 2-D sin-cos positions)."""
+        chex.assert_rank(images, 4)
+        grid = mae_model.token_grid(images.shape[1], self.patch)
+        tokens = self.patch_embed(images)
+        tokens = tokens + jnp.asarray(mae_model.sincos_2d_table(*grid, self.width)).astype(tokens.dtype)
+        cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (tokens.shape[0], 1, self.width))
+        x, intermediates = self.encoder(jnp.concatenate([cls, tokens], axis=1), train)
+        return x, dict(intermediates, encoded=x)
+
+    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        encoded, intermediates = self.encode(images, train)
+        h = encoded[:, 0]
+        z = self.head(h)
+        chex.assert_shape(z, (images.shape[0], self.head_out))
+        return z, dict(intermediates, cls=h)
+
+
+def make_model(variant: str, **overrides: Any) -> SimCLRModel:
+    """A SimCLRModel with the encoder of a named ViT size ('micro', 'tiny', 'B', 'L', 'H'; '/patch' optional)."""
+    spec = mae_model.decode_variant(variant)
+    fields = {k: spec[k] for k in ('width', 'depth', 'heads', 'mlp_hidden', 'patch')}
+    return SimCLRModel(**fields, **overrides)
