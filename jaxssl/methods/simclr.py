@@ -35,6 +35,14 @@ from jaxssl.optim import OPTIMIZERS
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model, views or loss cannot use (data paths: at run start)."""
+    check_two_view_config(config, 'SimCLR')
+    if not config.loss.temperature > 0:
+        raise ConfigError(f"bad value {config.loss.temperature} for 'loss.temperature': must be > 0")
+
+
+def check_two_view_config(config: ml_collections.ConfigDict, method_name: str) -> None:
+    """The model, two-view and optimiser keys shared by the methods built on this one (VICReg): `method_name` says whose
+    message it is."""
     try:
         spec = mae_model.decode_variant(config.model.variant)
     except ValueError:
@@ -53,9 +61,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if not isinstance(config[group][name], int) or config[group][name] < 1:
             raise ConfigError(f"bad value {config[group][name]!r} for '{key}': must be an integer >= 1")
     if config.input.num_sample != 2:
-        raise ConfigError(f"bad value {config.input.num_sample} for 'input.num_sample': SimCLR takes 2 views")
-    if not config.loss.temperature > 0:
-        raise ConfigError(f"bad value {config.loss.temperature} for 'loss.temperature': must be > 0")
+        raise ConfigError(f"bad value {config.input.num_sample} for 'input.num_sample': {method_name} takes 2 views")
     for key in ('input.jitter_prob', 'input.grayscale_prob', 'input.blur_prob'):
         check_range(config, key, 0.0, 1.000001)
     check_range(config, 'input.jitter_strength', 0.0, math.inf)

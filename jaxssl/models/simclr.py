@@ -80,7 +80,11 @@ class SimCLRModel(nn.Module):
             dtype=self.dtype,
             attention_impl=self.attention_impl,
         )
-        self.head = ProjectionHead(self.head_hidden, self.head_out, self.head_layers)
+        self.head = self.make_head()
+
+    def make_head(self) -> nn.Module:
+        """The head on the cls token; a hook so that methods sharing this backbone (VICReg's expander) swap it."""
+        return ProjectionHead(self.head_hidden, self.head_out, self.head_layers)
 
     def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The backbone: (B, 1 + L, width) tokens after the final norm, cls first (fixed 2-D sin-cos positions)."""
