@@ -12,7 +12,8 @@ models/SiamMAE.py and models/components/DecoderBlock.py; shared/reference/method
            x = LN2(x + CA(x, memory)); x = LN3(x + FFN(x)); x = LN1(x + SA(x))
   then decoder_norm, decoder_pred, and the cls output dropped.
 
-Attention is torch's nn.MultiheadAttention: q, k, v projections with biases, dropout on the attention weights; the
+Attention is torch's nn.MultiheadAttention less its key bias (it never changes the output; see MultiHeadAttention):
+q, k, v projections, dropout on the attention weights; the
 FFN has a fixed hidden width (2048 in the reference) and dropout after its GELU; each residual branch has dropout.
 """
 
@@ -57,7 +58,7 @@ def decode_variant(variant: str) -> dict[str, Any]:
 
 
 class MultiHeadAttention(nn.Module):
-    """torch's nn.MultiheadAttention (batch first): q from `x`, k and v from `memory`, all with biases, dropout on
+    """torch's nn.MultiheadAttention (batch first): q from `x`, k and v from `memory`, q and v biases, dropout on
     the attention weights, then the output projection. Self-attention is `memory = x`."""
 
     width: int
@@ -74,7 +75,12 @@ class MultiHeadAttention(nn.Module):
         head_dim = self.width // self.heads
 
         def project(inputs: jax.Array, name: str) -> jax.Array:
-            y = nn.Dense(self.width, dtype=self.dtype, kernel_init=vit.dense_init, name=name)(inputs)
+            # No key bias (as vit.Attention): it adds q . b_k to a whole row of logits, which softmax cancels, so
+            # its gradient is zero up to rounding and Adam would turn that rounding noise into lr-sized steps.
+            dense = nn.Dense(
+                self.width, use_bias=name != 'key', dtype=self.dtype, kernel_init=vit.dense_init, name=name
+            )
+            y = dense(inputs)
             return y.reshape(*y.shape[:2], self.heads, head_dim)
 
         q, k, v = project(x, 'query'), project(memory, 'key'), project(memory, 'value')
