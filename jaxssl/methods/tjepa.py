@@ -258,8 +258,9 @@ class Method(base.Method):
             'loss': loss,
             'context_features': jnp.mean(jnp.sum(batch['context_valid'], axis=1).astype(jnp.float32)),
             'target_features': jnp.mean(jnp.sum(target_mask, axis=2).astype(jnp.float32)),
-            # A collapse monitor: the spread over the batch of the target encoder's mean feature token.
-            'target_std': jnp.mean(jnp.std(full[:, self.reg_tokens :].mean(axis=1), axis=0)),
+            # A collapse monitor (the reference's intra-feature spread): how much each feature token of the target
+            # encoder varies over the rows of the batch, averaged over tokens and channels; 0 = collapsed.
+            'target_token_std': jnp.mean(jnp.std(full[:, self.reg_tokens :], axis=0)),
         }
         return loss, (metrics, extra)
 
