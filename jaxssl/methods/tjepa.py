@@ -222,7 +222,9 @@ class Method(base.Method):
         # The target encoder starts as a copy of the context encoder (the reference deep-copies it).
         return {'encoder': encoder, 'predictor': predictor['params']}, {'target_encoder': encoder}
 
-    def loss(self, params, extra, batch, rng, step):
+    def loss(
+        self, params: Any, extra: Any, batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array
+    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
         rows = batch['row']
         positions, context_mask = self._context(batch)
         target_positions = batch['target_idx'] + self.reg_tokens
@@ -264,7 +266,7 @@ class Method(base.Method):
         }
         return loss, (metrics, extra)
 
-    def update_extra(self, params, extra, step):
+    def update_extra(self, params: Any, extra: Any, step: jax.Array) -> Any:
         start, end = self.config.model.ema
         m = ema_momentum(step, self.total_steps, start, end)
         target = jax.tree.map(lambda t, p: m * t + (1 - m) * p, extra['target_encoder'], params['encoder'])
@@ -279,7 +281,7 @@ class Method(base.Method):
             parts.append(jax.nn.one_hot(rows[:, num + j].astype(jnp.int32), cardinality))
         return jnp.concatenate(parts, axis=1)
 
-    def represent(self, params, extra, batch):
+    def represent(self, params: Any, extra: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Frozen features of whole rows: 'flatten' (all R + D tokens, the reference's linear_flatten adapter), 'reg'
         (the [REG] tokens), 'mean_pool' (mean feature token), and 'raw' (the input itself, as a baseline)."""
         weights = extra['target_encoder'] if self.config.eval.encoder == 'target' else params['encoder']
@@ -295,7 +297,9 @@ class Method(base.Method):
             features['reg'] = encoded[:, :reg].reshape(size, -1)
         return features
 
-    def eval_dataset(self, split, batch_size, max_examples, process_index, process_count):
+    def eval_dataset(
+        self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int
+    ) -> Any:
         if split not in self.data.splits:
             raise ConfigError(f"bad split '{split}' for 'eval.split' / 'eval.train_split'; valid: train, val, test")
         source = tabular.RowSource(self.data.rows, self.data.labels, self.data.splits[split])
@@ -304,7 +308,7 @@ class Method(base.Method):
             raise ConfigError(f"split '{split}' of table {self.data.table.name} has no rows: check '{key}'")
         return tabular.make_eval_dataset(source, batch_size, max_examples, process_index, process_count)
 
-    def evaluate(self, params, extra, mesh):
+    def evaluate(self, params: Any, extra: Any, mesh: jax.sharding.Mesh) -> dict[str, float]:
         if self.data.table.target is None:  # an unlabelled CSV: nothing to probe
             return {}
         return super().evaluate(params, extra, mesh)
