@@ -47,7 +47,7 @@ def main() -> None:
         full, _ = method.encoder.apply({'params': extra['target_encoder']}, batch['row'])
         positions, mask = method._context(batch)
         target_positions = batch['target_idx'] + method.reg_tokens
-        targets = jnp.take_along_axis(full[:, None], target_positions[..., None], axis=2)
+        targets = method.regression_targets(full, target_positions)  # as the training loss (loss.target_norm)
 
         def loss(context_rows):
             context, _ = method.encoder.apply({'params': params['encoder']}, context_rows, positions, mask)

@@ -41,6 +41,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.masking.target_share = (0.1556321308543076, 0.6222278244105446)
     c.masking.num_targets = 4  # target sets per row (the reference's mask_num_preds)
 
+    c.loss = ml_collections.ConfigDict()
+    # 'none': the reference (targets are the target encoder's tokens); 'batch': each target position standardised
+    # over the batch, a deviation to test (docs/methods.md, T-JEPA section).
+    c.loss.target_norm = 'none'
+
     c.optim = ml_collections.ConfigDict()
     # lr = base_lr * global_batch / 256: the reference's 3.66e-4 at its batch of 512.
     c.optim.base_lr = REFERENCE_LR * 256 / REFERENCE_BATCH

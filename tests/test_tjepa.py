@@ -85,6 +85,13 @@ def test_latent_mse_known_answer():
     assert both == pytest.approx(float(jnp.mean((prediction - target) ** 2)))  # torch MSELoss: element mean
 
 
+def test_batch_standardised_targets():
+    tokens = jnp.array([[[1.0, 10.0], [5.0, 0.0]], [[3.0, 10.0], [5.0, 2.0]]])  # (B=2, N=2, H=2)
+    # Per position and channel over the 2 rows: (x - mean) / std; a constant channel becomes 0 (std 0 + eps).
+    want = [[[-1.0, 0.0], [0.0, -1.0]], [[1.0, 0.0], [0.0, 1.0]]]
+    np.testing.assert_allclose(tjepa.standardise_over_batch(tokens), want, atol=1e-5)
+
+
 def test_ema_momentum_and_update(method):
     assert float(tjepa.ema_momentum(0, 100, 0.996, 1.0)) == pytest.approx(0.996)
     assert float(tjepa.ema_momentum(50, 100, 0.996, 1.0)) == pytest.approx(0.998)
@@ -187,6 +194,7 @@ def test_represent_names_and_raw_features(method):
         (['model.variant=huge'], "'model.variant'"),
         (['eval.encoder=student'], "'eval.encoder'"),
         (['input.pretrain_rows=test'], "'input.pretrain_rows'"),
+        (['loss.target_norm=layer'], "'loss.target_norm'"),
         (['input.table=table.parquet'], "'input.table'"),
     ],
 )

@@ -76,6 +76,14 @@ def latent_mse(prediction: jax.Array, target: jax.Array, valid: jax.Array) -> ja
     return jnp.sum(per_token * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def standardise_over_batch(tokens: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Each position and channel of (B, N, H) tokens centred and scaled over the (global) batch. Not in the reference:
+    an option (loss.target_norm='batch') that removes what a position alone predicts, so that the loss is carried by
+    what varies from row to row (docs/methods.md, T-JEPA: the predictor otherwise learns position means only)."""
+    mean = jnp.mean(tokens, axis=0, keepdims=True)
+    return (tokens - mean) / (jnp.std(tokens, axis=0, keepdims=True) + eps)
+
+
 def ema_momentum(step: jax.Array, total_steps: int, start: float, end: float) -> jax.Array:
     """The reference's momentum schedule: linear from `start` at step 0 to `end` after all steps, one value per step."""
     return start + (end - start) * jnp.asarray(step, jnp.float32) / max(total_steps, 1)
@@ -116,6 +124,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.masking.num_targets < 1:
         raise ConfigError(f"bad value {config.masking.num_targets} for 'masking.num_targets': must be >= 1")
     check_choice(config, 'eval.encoder', ('target', 'context'))
+    check_choice(config, 'loss.target_norm', ('none', 'batch'))
 
 
 def check_masks(config: ml_collections.ConfigDict, num_features: int) -> None:
@@ -222,6 +231,13 @@ class Method(base.Method):
         # The target encoder starts as a copy of the context encoder (the reference deep-copies it).
         return {'encoder': encoder, 'predictor': predictor['params']}, {'target_encoder': encoder}
 
+    def regression_targets(self, encoded: jax.Array, target_positions: jax.Array) -> jax.Array:
+        """The target encoder's tokens (B, R + D, H) (standardised over the batch with loss.target_norm='batch') at
+        the target positions (B, M, T): (B, M, T, H)."""
+        if self.config.loss.target_norm == 'batch':
+            encoded = standardise_over_batch(encoded)
+        return jnp.take_along_axis(encoded[:, None], target_positions[..., None], axis=2)
+
     def loss(
         self, params: Any, extra: Any, batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
@@ -234,7 +250,7 @@ class Method(base.Method):
             {'params': extra['target_encoder']}, rows, train=True, rngs={'dropout': base.stream(rng, 'target_dropout')}
         )
         full = jax.lax.stop_gradient(full)
-        targets = jnp.take_along_axis(full[:, None], target_positions[..., None], axis=2)  # (B, M, T, H)
+        targets = self.regression_targets(full, target_positions)
         clamp = self.config.optim.encoder_grad_clamp
         encoder_params = clamp_gradient(params['encoder'], clamp) if clamp > 0 else params['encoder']
         context, _ = self.encoder.apply(
