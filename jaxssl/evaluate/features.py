@@ -21,23 +21,22 @@ def _fetch(tree: Any) -> Any:
 def extract(
     method: Any, params: Any, extra: Any, dataset: Any, mesh: jax.sharding.Mesh, keep_tokens: bool = False
 ) -> dict[str, np.ndarray]:
-    """Runs `method.represent` over `dataset` (batches with `method.input_key` (B, V, ...) views, 'valid' and labels;
-    the key is 'video' for video methods, 'image' for image methods).
+    """Runs `method.represent` over `dataset` (batches with the method's input (B, V, ...) views under
+    `method.input_key`, 'video' by default, plus 'valid' and labels).
 
     Returns {representation name: (N, D) features averaged over the V views, label name: (N,), 'valid': (N,)} over
     the clips of all processes; 'tokens' representations (N, T, D) are kept only with `keep_tokens`.
     """
     represent = jax.jit(method.represent)
-    input_key = getattr(method, 'input_key', 'video')
+    name = method.input_key
     chunks: dict[str, list[np.ndarray]] = {}
     for batch in dataset:
-        inputs = batch[input_key]
-        clips, views = inputs.shape[:2]
+        clips, views = batch[name].shape[:2]
         # Labels travel as global arrays beside the views, so rows line up however the batch is laid out on devices.
-        rows = {input_key: inputs.reshape(clips * views, *inputs.shape[2:])}
-        rows.update({k: np.repeat(np.asarray(v), views, axis=0) for k, v in batch.items() if k != input_key})
+        rows = {name: batch[name].reshape(clips * views, *batch[name].shape[2:])}
+        rows.update({k: np.repeat(np.asarray(v), views, axis=0) for k, v in batch.items() if k != name})
         rows = sharding.global_batch(rows, mesh)
-        outputs = {k: v for k, v in represent(params, extra, {input_key: rows.pop(input_key)}).items()}
+        outputs = {k: v for k, v in represent(params, extra, {name: rows.pop(name)}).items()}
         if not keep_tokens:
             outputs.pop('tokens', None)
         fetched = _fetch({**outputs, **rows})

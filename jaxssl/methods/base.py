@@ -21,7 +21,8 @@ Batch = dict[str, Any]
 class Method:
     """Base class; subclasses override what they need."""
 
-    # The batch key of the model input that evaluators feed to `represent` ('video', 'image', ...).
+    # The batch key of the model input that `represent` reads and `eval_dataset` batches carry with a views axis
+    # (video clips, tabular rows, audio frames, ...); the frozen-feature evaluators read the input under it.
     input_key: str = 'video'
 
     def __init__(self, config: ml_collections.ConfigDict):
@@ -58,9 +59,8 @@ class Method:
         raise NotImplementedError(f'{type(self).__name__} must define represent()')
 
     def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
-        """One deterministic pass over a labelled split: batches with the method's `input_key` ('video') holding
-        (B, views, ...), 'valid' and integer labels. Methods that define it get frozen-feature probes from
-        `evaluate`."""
+        """One deterministic pass over a labelled split: batches with the input under `input_key` (B, views, ...),
+        'valid' and integer labels. Methods that define it get frozen-feature probes from `evaluate`."""
         raise NotImplementedError(f'{type(self).__name__} has no evaluation data')
 
     def evaluate(self, params: PyTree, extra: PyTree, mesh: jax.sharding.Mesh) -> dict[str, float]:

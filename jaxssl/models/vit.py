@@ -25,15 +25,16 @@ dense_init = nn.initializers.xavier_uniform()
 conv_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
 
-def sinusoid_table(num_positions: int, dim: int) -> np.ndarray:
+def sinusoid_table(num_positions: int, dim: int, base: float = 10000.0) -> np.ndarray:
     """The reference's fixed 1-D sin/cos table over the flattened token index, shape (num_positions, dim).
 
-    angle(pos, j) = pos / 10000^(2 * floor(j / 2) / dim); sin on even j, cos on odd j (interleaved, not
-    concatenated). Computed in float64 and returned as float32, like the reference.
+    angle(pos, j) = pos / base^(2 * floor(j / 2) / dim); sin on even j, cos on odd j (interleaved, not
+    concatenated). Computed in float64 and returned as float32, like the reference. `base` is 10000 for ViTs;
+    T-JEPA's feature tokens use 100.
     """
     position = np.arange(num_positions, dtype=np.float64)[:, None]
     exponent = 2 * (np.arange(dim) // 2) / dim
-    angle = position / np.power(10000.0, exponent)[None, :]
+    angle = position / np.power(base, exponent)[None, :]
     table = np.where(np.arange(dim) % 2 == 0, np.sin(angle), np.cos(angle))
     return table.astype(np.float32)
 
