@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxssl import data, masks
+from jaxssl import masks
 from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.data import images as image_data
 from jaxssl.data.transforms import normalize
-from jaxssl.methods import base
+from jaxssl.methods import base, mae
 from jaxssl.methods.mae import masked_patch_mse, patch_targets
 from jaxssl.methods.videomae import DTYPES, transformer_flops
 from jaxssl.models import cropmae as cropmae_model
@@ -141,20 +141,11 @@ def compute_loss(
     return loss, {'loss': loss, 'loss_patches': jnp.sum(mask)}
 
 
-class Method(base.Method):
-    """CropMAE pretraining for the trainer."""
+class Method(mae.Method):
+    """CropMAE pretraining for the trainer: MAE's masks, data plumbing, probes and init, with two views per image,
+    the cross-attention decoder and the loss on the local view."""
 
-    input_key = 'image'
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        super().__init__(config)
-        self.model = make_model(config)
-        self.grid = mae_model.token_grid(config.input.image_size, self.model.patch)
-        self.num_tokens = self.grid[0] * self.grid[1]
-        self.num_keep = masks.num_kept(self.num_tokens, config.masking.ratio)
-
-    def sample_masks(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return masks.shuffle_masking(self.num_tokens, self.config.masking.ratio, rng)
+    build_model = staticmethod(make_model)
 
     def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Adds the local view's mask; runs in the Grain pipeline."""
@@ -174,20 +165,10 @@ class Method(base.Method):
         )
         return dataset, len(source)
 
-    def host_metrics(self) -> dict[str, float]:
-        return {'skipped_files': float(data.skipped_files())}
-
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(0)
-        samples = [self.sample_masks(rng) for _ in range(batch_size)]
-        batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
-        size = self.config.input.image_size
-        batch['image'] = rng.normal(size=(batch_size, 2, size, size, 3)).astype(np.float32)
+        batch = super().example_batch(batch_size)
+        batch['image'] = np.stack([batch['image'], batch['image'][::-1]], axis=1)  # (B, 2, S, S, 3): global, local
         return batch
-
-    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-        # mae.init_params: model.init plus the reference's xavier init of the patch embedding.
-        return mae_model.init_params(self.model, rng, batch['image'], batch['ids_keep'], batch['ids_restore']), {}
 
     def loss(self, params, extra, batch, rng, step):
         loss, metrics = compute_loss(
@@ -195,23 +176,8 @@ class Method(base.Method):
         )
         return loss, (metrics, extra)
 
-    def represent(self, params, extra, batch):
-        """The encoder on every patch of one image (no masking), after its final norm: the cls token, the mean of
-        the patch tokens, and the patch tokens (the reference's label propagation reads these)."""
-        encoded, _ = self.model.apply({'params': params}, batch['image'], method=self.model.encode)
-        encoded = encoded.astype(jnp.float32)
-        return {'cls': encoded[:, 0], 'mean_pool': encoded[:, 1:].mean(axis=1), 'tokens': encoded[:, 1:]}
-
-    def eval_dataset(self, split, batch_size, max_examples, process_index, process_count):
-        dataset, _ = image_data.make_image_eval_dataset(
-            self.config,
-            split=split,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            max_examples=max_examples,
-        )
-        return dataset
+    def visualize(self, params, extra):
+        return {}  # MAE's single-view pictures do not fit the two-view model (not implemented yet)
 
     def tokens_per_example(self) -> int:
         return 2 * self.num_tokens  # both views

@@ -129,10 +129,11 @@ class Method(base.Method):
     """MAE pretraining for the trainer."""
 
     input_key = 'image'
+    build_model = staticmethod(make_model)  # subclasses (CropMAE) put their own model on the same plumbing
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        self.model = make_model(config)
+        self.model = self.build_model(config)
         self.grid = mae_model.token_grid(config.input.image_size, self.model.patch)
         self.num_tokens = self.grid[0] * self.grid[1]
         self.num_keep = masks.num_kept(self.num_tokens, config.masking.ratio)
