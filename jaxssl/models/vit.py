@@ -58,7 +58,7 @@ class PositionEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, token_idx: jax.Array | None = None, num_tokens: int | None = None) -> jax.Array:
-        """x: (B, N, D) tokens; or, with `token_idx` (B, N), the tokens at those positions of a `num_tokens` grid."""
+        """x: (B, N, D) tokens; or, with `token_idx` (B, K), the K tokens at those positions of a `num_tokens` grid."""
         _, tokens, width = x.shape
         if token_idx is not None:
             if num_tokens is None:
