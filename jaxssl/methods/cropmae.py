@@ -22,37 +22,19 @@ import ml_collections
 import numpy as np
 
 from jaxssl import masks
-from jaxssl.config import ConfigError, check_choice, check_range
+from jaxssl.config import ConfigError, check_range
 from jaxssl.data import images as image_data
 from jaxssl.data.transforms import normalize
 from jaxssl.methods import base, mae
 from jaxssl.methods.mae import masked_patch_mse, patch_targets
 from jaxssl.methods.videomae import DTYPES, transformer_flops
 from jaxssl.models import cropmae as cropmae_model
-from jaxssl.models import mae as mae_model
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model, views or masks cannot use (data paths: at run start)."""
-    try:
-        spec = cropmae_model.decode_variant(config.model.variant)
-    except ValueError:
-        sizes = ', '.join(cropmae_model.VARIANTS)
-        raise ConfigError(
-            f"bad value '{config.model.variant}' for 'model.variant'; valid: {sizes} (optionally '/patch')"
-        ) from None
-    check_choice(config, 'model.dtype', DTYPES)
-    check_range(config, 'model.drop_path_rate', 0.0, 1.0)
+    mae.check_config(config, cropmae_model)
     check_range(config, 'model.dropout', 0.0, 1.0)
-    try:
-        grid = mae_model.token_grid(config.input.image_size, spec['patch'])
-    except ValueError as e:
-        raise ConfigError(f"bad value {config.input.image_size} for 'input.image_size': {e}") from None
-    check_range(config, 'masking.ratio', 0.0, 1.0)
-    try:
-        masks.num_kept(grid[0] * grid[1], config.masking.ratio)
-    except ValueError as e:
-        raise ConfigError(f"bad value {config.masking.ratio} for 'masking.ratio': {e}") from None
     scale = tuple(config.input.local_crop_scale)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"bad value {scale} for 'input.local_crop_scale': need (low, high), 0 < low <= high <= 1")

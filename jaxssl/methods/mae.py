@@ -25,12 +25,13 @@ from jaxssl.models import mae as mae_model
 GREY = 0.5  # masked patches in the pictures
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, naming the key, on values the model or masks cannot use (data paths are checked at run start)."""
+def check_config(config: ml_collections.ConfigDict, models: Any = mae_model) -> None:
+    """Fails fast, naming the key, on values the model or masks cannot use (data paths are checked at run start).
+    `models` is the module whose `decode_variant` / `VARIANTS` name the sizes (CropMAE passes its own)."""
     try:
-        spec = mae_model.decode_variant(config.model.variant)
+        spec = models.decode_variant(config.model.variant)
     except ValueError:
-        sizes = ', '.join(mae_model.VARIANTS)
+        sizes = ', '.join(models.VARIANTS)
         raise ConfigError(
             f"bad value '{config.model.variant}' for 'model.variant'; valid: {sizes} (optionally '/patch')"
         ) from None
