@@ -26,9 +26,11 @@ memory is its own and an out-of-memory run is recorded instead of ending the ben
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -81,6 +83,7 @@ def base_spec(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         xla_flags='',
         cpu_threads=args.cpu_threads,
         profile=args.profile,
+        profile_dir=args.profile_dir,
     )
 
 
@@ -250,6 +253,11 @@ class JaxRun:
                 for _ in range(steps):
                     self._step()
                 jax.block_until_ready((self.state, self.metrics))
+            if self.spec.get('profile_dir'):  # keep the raw trace for offline reading (Perfetto, profiling.py)
+                os.makedirs(self.spec['profile_dir'], exist_ok=True)
+                trace = max(glob.glob(os.path.join(log_dir, '**', '*.trace.json.gz'), recursive=True))
+                name = re.sub(r'[^A-Za-z0-9._-]+', '_', self.spec.get('label', 'run'))
+                shutil.copy(trace, os.path.join(self.spec['profile_dir'], f'{name}.trace.json.gz'))
             return profiling.summarize(log_dir, steps)
 
     def result(self) -> dict[str, Any]:
@@ -685,6 +693,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--matmul-size', type=int, default=0, help='measured-peak matmul size (0: 8192 GPU, 1024 CPU)')
     p.add_argument('--no-matmul', dest='matmul', action='store_false', help='skip the measured matmul peak')
     p.add_argument('--profile', type=int, default=0, help='jaxssl runs: profile N more steps, print time by op kind')
+    p.add_argument('--profile-dir', default='', help="keep each profiled run's trace here (<label>.trace.json.gz)")
     p.add_argument('--levers', action='store_true', help='sweep the levers on the first variant (V2 mode)')
     p.add_argument('--lever-names', default='', help="only these levers, e.g. 'attention=xla,remat=on'")
     p.add_argument('--lever-xla-flags', action='append', help='XLA_FLAGS to try as a lever (repeatable; isolated)')

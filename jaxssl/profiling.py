@@ -59,7 +59,9 @@ def _events(path: str) -> list[dict[str, Any]]:
 def summarize(log_dir: str, steps: int = 1, top: int = 15) -> dict[str, Any]:
     """Device time per step by kind of work and the `top` ops, from the newest trace under `log_dir`.
 
-    Returns {'source', 'busy_ms_per_step', 'kinds': {kind: ms per step}, 'top': [(op, kind, ms per step)]}.
+    Returns {'source', 'busy_ms_per_step', 'kernels_per_step', 'kinds': {kind: ms per step},
+    'top': [(op, kind, ms per step)], 'families': [(op family, kind, ms per step, launches per step)]}: a family
+    is an op name without its numeric suffixes, so the same fusion in every unrolled layer adds up.
     """
     paths = glob.glob(os.path.join(log_dir, '**', '*.trace.json.gz'), recursive=True)
     if not paths:
@@ -80,6 +82,7 @@ def summarize(log_dir: str, steps: int = 1, top: int = 15) -> dict[str, Any]:
         source = 'host XLA threads'
         keep = lambda e: threads.get((e['pid'], e['tid']), '').startswith('tf_XLA')
     per_op: collections.Counter[str] = collections.Counter()
+    launches: collections.Counter[str] = collections.Counter()
     for event in events:
         if event.get('ph') != 'X' or not keep(event):
             continue
@@ -87,23 +90,45 @@ def summarize(log_dir: str, steps: int = 1, top: int = 15) -> dict[str, Any]:
         if name.startswith('end: ') or name.startswith('ThunkExecutor'):
             continue  # markers and the executor's wait, not work
         per_op[name] += float(event.get('dur', 0.0))  # microseconds; kernel names on a GPU, thunks on a CPU
+        launches[name] += 1
     scale = 1e-3 / max(steps, 1)
     kinds: collections.Counter[str] = collections.Counter()
+    family_time: collections.Counter[str] = collections.Counter()
+    family_launches: collections.Counter[str] = collections.Counter()
     for op, micros in per_op.items():
         kinds[kind_of(op)] += micros
+        family = family_of(op)
+        family_time[family] += micros
+        family_launches[family] += launches[op]
     return dict(
         source=source,
         busy_ms_per_step=sum(per_op.values()) * scale,
+        kernels_per_step=sum(launches.values()) / max(steps, 1),
         kinds={kind: micros * scale for kind, micros in kinds.most_common()},
         top=[(op[:120], kind_of(op), micros * scale) for op, micros in per_op.most_common(top)],
+        families=[
+            (family[:120], kind_of(family), micros * scale, family_launches[family] / max(steps, 1))
+            for family, micros in family_time.most_common(top)
+        ],
     )
+
+
+def family_of(name: str) -> str:
+    """An op name without its numeric suffixes ('loop_add_fusion_12' and 'loop_add_fusion.3' -> 'loop_add_fusion')."""
+    return re.sub(r'([._]\d+)+$', '', name)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A few lines: busy time per step, its split by kind, the top ops."""
     busy = summary['busy_ms_per_step'] or 1e-12
-    lines = [f'device busy {summary["busy_ms_per_step"]:.2f} ms/step ({summary["source"]})']
+    lines = [
+        f'device busy {summary["busy_ms_per_step"]:.2f} ms/step, {summary.get("kernels_per_step", 0):.0f} kernels/step'
+        f' ({summary["source"]})'
+    ]
     lines += [f'  {kind:20s} {ms:8.2f} ms  {100 * ms / busy:5.1f}%' for kind, ms in summary['kinds'].items()]
     lines.append('  top ops:')
     lines += [f'    {ms:8.3f} ms  {kind:20s} {op}' for op, kind, ms in summary['top']]
+    if summary.get('families'):
+        lines.append('  top op families (numeric suffixes dropped):')
+        lines += [f'    {ms:8.3f} ms  {n:6.0f}x  {kind:20s} {op}' for op, kind, ms, n in summary['families']]
     return '\n'.join(lines)

@@ -59,7 +59,28 @@ def test_gpu_trace_counts_stream_kernels_once(tmp_path):
     assert summary['busy_ms_per_step'] == pytest.approx(2.5)
     assert summary['kinds'] == pytest.approx({'matmul': 2.0, 'elementwise fusion': 0.5})
     assert summary['top'][0] == ('sm90_xmma_gemm_bf16', 'matmul', pytest.approx(2.0))
+    assert summary['kernels_per_step'] == pytest.approx(1.5)
     assert 'matmul' in profiling.format_summary(summary)
+
+
+def test_families_add_up_the_unrolled_copies_of_an_op(tmp_path):
+    meta = lambda kind, pid, tid, name: dict(ph='M', name=kind, pid=pid, tid=tid, args=dict(name=name))
+    span = lambda name, dur: dict(ph='X', pid=1, tid=7, name=name, ts=0, dur=dur)
+    _write_trace(
+        str(tmp_path),
+        [
+            meta('process_name', 1, 0, '/device:GPU:0'),
+            meta('thread_name', 1, 7, 'Stream #7(Compute)'),
+            span('loop_add_fusion_1', 1000.0),
+            span('loop_add_fusion_12', 2000.0),
+            span('loop_add_fusion.3', 500.0),
+            span('sm90_xmma_gemm_bf16', 3000.0),
+        ],
+    )
+    summary = profiling.summarize(str(tmp_path), steps=1)
+    assert summary['families'][0] == ('loop_add_fusion', 'elementwise fusion', pytest.approx(3.5), 3)
+    assert summary['families'][1] == ('sm90_xmma_gemm_bf16', 'matmul', pytest.approx(3.0), 1)
+    assert profiling.family_of('input_reduce_fusion_3.1') == 'input_reduce_fusion'
 
 
 def test_cpu_trace_of_a_jitted_function(tmp_path):
