@@ -49,13 +49,13 @@ if [ "$plan" = profile ]; then
   exit 0
 fi
 
-# 1. The goals: ViT-B against PyTorch (compiled, SDPA, bf16 autocast), v1 and V2 modes; ViT-L. Profiles of the
-#    jaxssl runs say where the step's time goes (time by kind of work, top kernels).
-part gpu_BL --variants B,L --torch --torch-variants B --torch-compile --profile 3 --child-timeout 240
-# 2. The levers behind the defaults, against the defaults: XLA attention, conv embedding, scan, remat, XLA flags.
-part gpu_levers --variants B --levers --no-matmul --child-timeout 150 \
-  --lever-names attention=xla,patch_embed=conv,scan_layers=on,remat=on,'XLA_FLAGS --xla_gpu_enable_triton_gemm=false'
-# 3. ViT-g with remat at 6 clips per device.
+# 1. ViT-B V2 with the defaults against the levers of the 2nd H200 call: the per-leaf norms it replaced, and
+#    the scanned parameter layout with the loop unrolled (few large leaves for the optimiser).
+part gpu_levers --variants B --levers --child-timeout 150 --lever-names norms=per_leaf,scan_layers=unrolled
+# 2. The apples-to-apples goal: jaxssl v1 mode against PyTorch (compiled, SDPA, bf16 autocast).
+part gpu_B_torch --variants B --modes v1 --torch --torch-compile --no-matmul --child-timeout 200
+# 3. ViT-L V2, profiled.
+part gpu_L --variants L --modes v2 --no-matmul --profile 3 --child-timeout 150
+# 4. ViT-g with remat at 6 clips per device; larger per-device batches, as time allows.
 part gpu_g --variants g --modes v2 --no-matmul --child-timeout 200
-# 4. Larger per-device batches (MFU vs batch), as time allows.
 part gpu_B128 --variants B --modes v2 --batch 128 --no-matmul --child-timeout 120

@@ -121,7 +121,8 @@ def jaxssl_config(spec: dict[str, Any], device_count: int):
     else:
         overrides['model.remat'] = RECIPES.get(size_of(spec['variant']), RECIPES['B'])['remat']
     if spec['scan'] != 'auto':
-        overrides['model.scan_layers'] = spec['scan'] == 'on'
+        overrides['model.scan_layers'] = spec['scan'] in ('on', 'unrolled')
+        overrides['model.scan_unroll'] = 0 if spec['scan'] == 'unrolled' else 1
     if spec['attention'] != 'auto':
         overrides['model.attention_impl'] = spec['attention']
     if spec.get('patch_embed', 'auto') != 'auto':
@@ -213,6 +214,10 @@ class JaxRun:
         self.init_s = time.perf_counter() - start
         self.batch = sharding.global_batch(method.example_batch(config.input.global_batch), mesh)
 
+        if spec.get('per_leaf_norms'):  # the lever 'norms=per_leaf': the trainer's norms as before 2026-11-26
+            optim.global_norm = lambda tree: jax.numpy.sqrt(
+                sum(jax.numpy.sum(jax.numpy.square(x.astype('float32'))) for x in jax.tree.leaves(tree))
+            )
         step_fn = jax.jit(
             train.make_train_step(method, optimizer, schedule, config.train.grad_accum),
             donate_argnums=(0,) if spec['donate'] else (),
@@ -623,6 +628,8 @@ def lever_specs(args: argparse.Namespace, base: dict[str, Any], platform_name: s
         ('patch_embed=' + flip_embed[base['patch_embed']], dict(patch_embed=flip_embed[base['patch_embed']])),
         (f'remat={flip(remat)}', dict(remat=flip(remat))),
         (f'scan_layers={flip(scan)}', dict(scan=flip(scan))),
+        ('scan_layers=unrolled', dict(scan='unrolled')),
+        ('norms=per_leaf', dict(per_leaf_norms=True)),
         ('donate=off', dict(donate=False)) if base['donate'] else ('donate=on', dict(donate=True)),
     ]
     dtype = resolve_dtype(base['dtype'], platform_name != 'cpu')
@@ -679,7 +686,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         '--patch-embed', default='auto', choices=('auto', 'conv', 'matmul'), help="tubelet embedding (auto: config's)"
     )
     p.add_argument('--remat', default='auto', choices=('auto', 'on', 'off'), help='auto: the recipe (H, g on)')
-    p.add_argument('--scan', default='auto', choices=('auto', 'on', 'off'), help="auto: the config's (on)")
+    p.add_argument(
+        '--scan',
+        default='auto',
+        choices=('auto', 'on', 'off', 'unrolled'),
+        help="auto: the config's (off); unrolled: the scanned parameter layout, the loop fully unrolled",
+    )
     p.add_argument('--mesh', default='dp', choices=('dp', 'fsdp'), help='devices on the data or the fsdp axis')
     p.add_argument('--devices', type=int, default=1, help='devices in the mesh (0: all)')
     p.add_argument('--no-donate', dest='donate', action='store_false', help='do not donate the train state')

@@ -26,8 +26,8 @@ from typing import Any
 KINDS = (
     ('attention', re.compile(r'fmha|sdpa|flash|softmax|attention|attn', re.I)),
     ('collective', re.compile(r'nccl|all-reduce|all-gather|reduce-scatter|all-to-all|collective', re.I)),
-    ('matmul', re.compile(r'gemm|cublas|cutlass|matmul|dot|wgmma|sm90_xmma|xmma', re.I)),
-    ('convolution', re.compile(r'conv', re.I)),
+    ('matmul', re.compile(r'gemm|cublas|cutlass|matmul|dot|wgmma|sm90_xmma|xmma|nvjet', re.I)),
+    ('convolution', re.compile(r'conv(?!ert)', re.I)),  # not XLA's 'convert' fusions
     ('copy / transpose', re.compile(r'copy|transpose|memcpy|memset|dynamic-update-slice|slice|concatenate|gather')),
     ('reduction', re.compile(r'reduce|reduction', re.I)),
     ('elementwise fusion', re.compile(r'fusion|loop_|input_|triton', re.I)),

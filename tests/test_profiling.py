@@ -16,6 +16,8 @@ from jaxssl import profiling
     [
         ('sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64', 'matmul'),
         ('cutlass_80_wmma_tensorop_bf16_s161616gemm', 'matmul'),
+        ('nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT', 'matmul'),  # cuBLAS's kernels on Hopper
+        ('loop_convert_multiply_fusion_15', 'elementwise fusion'),
         ('cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64', 'attention'),
         ('ncclDevKernel_AllReduce_Sum_bf16_RING_LL', 'collective'),
         ('input_reduce_fusion_3', 'reduction'),

@@ -133,6 +133,21 @@ def test_scan_and_remat_match_unrolled(tiny_stack):
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), round_trip, params))
 
 
+@pytest.mark.parametrize('unroll', [0, 2])
+def test_unrolled_scan_matches_unrolled_layers_and_keeps_the_stacked_layout(tiny_stack, unroll):
+    module, params, x = tiny_stack
+    want, _ = module.apply({'params': params}, x)
+    unrolled = dataclasses.replace(module, scan_layers=True, scan_unroll=unroll)
+    stacked = vit.stack_blocks(params, 3)
+    got, _ = unrolled.apply({'params': stacked}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    shapes = jax.eval_shape(unrolled.init, jax.random.key(0), x)['params']
+    assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(lambda a: a.shape, stacked)
+    grads = jax.grad(lambda p: unrolled.apply({'params': p}, x)[0].sum())(stacked)
+    want_grads = vit.stack_blocks(jax.grad(lambda p: module.apply({'params': p}, x)[0].sum())(params), 3)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, want_grads)
+
+
 def test_bfloat16_compute_keeps_float32_params(tiny_stack):
     module, params, x = tiny_stack
     bf16 = dataclasses.replace(module, dtype=jnp.bfloat16)

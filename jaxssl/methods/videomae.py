@@ -76,6 +76,7 @@ def make_model(config: ml_collections.ConfigDict) -> videomae_model.VideoMAEPret
         pos_embedding=m.pos_embedding,
         drop_path_rate=m.drop_path_rate,
         scan_layers=m.scan_layers,
+        scan_unroll=m.get('scan_unroll', 1),
         remat=m.remat,
         dtype=DTYPES[m.dtype],
         attention_impl=m.attention_impl or None,

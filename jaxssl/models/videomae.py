@@ -80,6 +80,7 @@ class VideoMAEPretrain(nn.Module):
     pos_embedding: str = 'sincos'
     drop_path_rate: float = 0.0
     scan_layers: bool = False
+    scan_unroll: int = 1  # with scan_layers: layers per loop iteration, 0 = all (vit.Transformer)
     remat: bool = False
     dtype: Any = jnp.float32
     attention_impl: str | None = None
@@ -91,6 +92,7 @@ class VideoMAEPretrain(nn.Module):
             layer_scale_init=self.layer_scale_init,
             drop_path_rate=self.drop_path_rate,
             scan_layers=self.scan_layers,
+            scan_unroll=self.scan_unroll,
             remat=self.remat,
             dtype=self.dtype,
             attention_impl=self.attention_impl,

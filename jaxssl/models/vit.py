@@ -250,8 +250,10 @@ class Transformer(nn.Module):
     """A stack of `depth` Blocks with linearly increasing drop-path rates, then an optional final LayerNorm.
 
     Parameters are named `block_00`, `block_01`, ... or, with `scan_layers`, stacked along a leading axis
-    under `blocks` (one compiled body: much faster compiles for deep models). `remat` recomputes each block
-    in the backward pass. Intermediates hold 'block_XX' outputs (unscanned only) and 'pre_norm'.
+    under `blocks` (one compiled body: much faster compiles for deep models). `scan_unroll` layers run per loop
+    iteration of the scan; 0 unrolls all of them: straight-line code with the stacked layout, whose few large
+    leaves make the optimiser's updates a few kernels instead of one per layer and leaf. `remat` recomputes each
+    block in the backward pass. Intermediates hold 'block_XX' outputs (unscanned only) and 'pre_norm'.
     """
 
     width: int
@@ -264,6 +266,7 @@ class Transformer(nn.Module):
     drop_path_rate: float = 0.0
     final_norm: bool = True
     scan_layers: bool = False
+    scan_unroll: int = 1
     remat: bool = False
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
@@ -293,6 +296,7 @@ class Transformer(nn.Module):
                 split_rngs={'params': True, 'drop_path': True},
                 in_axes=(0, nn.broadcast),
                 length=self.depth,
+                unroll=self.scan_unroll or self.depth,
             )(**block_kwargs, name='blocks')
             x, _ = stack(x, jnp.asarray(rates), train)
         else:
