@@ -214,10 +214,6 @@ class JaxRun:
         self.init_s = time.perf_counter() - start
         self.batch = sharding.global_batch(method.example_batch(config.input.global_batch), mesh)
 
-        if spec.get('per_leaf_norms'):  # the lever 'norms=per_leaf': the trainer's norms as before 2026-11-26
-            optim.global_norm = lambda tree: jax.numpy.sqrt(
-                sum(jax.numpy.sum(jax.numpy.square(x.astype('float32'))) for x in jax.tree.leaves(tree))
-            )
         step_fn = jax.jit(
             train.make_train_step(method, optimizer, schedule, config.train.grad_accum),
             donate_argnums=(0,) if spec['donate'] else (),
@@ -618,7 +614,7 @@ def lever_specs(args: argparse.Namespace, base: dict[str, Any], platform_name: s
     flip = lambda value: 'off' if value == 'on' else 'on'
     default_remat = 'on' if size_of(base['variant']) in ('H', 'g') else 'off'
     remat = base['remat'] if base['remat'] != 'auto' else default_remat
-    scan = base['scan'] if base['scan'] != 'auto' else 'off'  # the config's default
+    scan = base['scan'] if base['scan'] != 'auto' else 'unrolled'  # the config's default
     gpu = platform_name == 'gpu'
     flip_embed = {'auto': 'conv', 'conv': 'matmul', 'matmul': 'conv'}  # the config's default is matmul
     levers = [
@@ -627,9 +623,7 @@ def lever_specs(args: argparse.Namespace, base: dict[str, Any], platform_name: s
         ('attention=cudnn', dict(attention='cudnn')) if gpu else ('attention=cudnn', None),
         ('patch_embed=' + flip_embed[base['patch_embed']], dict(patch_embed=flip_embed[base['patch_embed']])),
         (f'remat={flip(remat)}', dict(remat=flip(remat))),
-        (f'scan_layers={flip(scan)}', dict(scan=flip(scan))),
-        ('scan_layers=unrolled', dict(scan='unrolled')),
-        ('norms=per_leaf', dict(per_leaf_norms=True)),
+        *[(f'scan_layers={other}', dict(scan=other)) for other in ('off', 'on', 'unrolled') if other != scan],
         ('donate=off', dict(donate=False)) if base['donate'] else ('donate=on', dict(donate=True)),
     ]
     dtype = resolve_dtype(base['dtype'], platform_name != 'cpu')
@@ -690,7 +684,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         '--scan',
         default='auto',
         choices=('auto', 'on', 'off', 'unrolled'),
-        help="auto: the config's (off); unrolled: the scanned parameter layout, the loop fully unrolled",
+        help="auto: the config's (unrolled: the scanned parameter layout, the loop fully unrolled)",
     )
     p.add_argument('--mesh', default='dp', choices=('dp', 'fsdp'), help='devices on the data or the fsdp axis')
     p.add_argument('--devices', type=int, default=1, help='devices in the mesh (0: all)')

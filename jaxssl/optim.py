@@ -114,7 +114,7 @@ def make_optimizer(
         raise ValueError(f"unknown optim.name '{name}'; valid: {', '.join(OPTIMIZERS)}")
     parts = []
     if o.clip_grad > 0:
-        parts.append(clip_by_global_norm(o.clip_grad))
+        parts.append(optax.clip_by_global_norm(o.clip_grad))
     mask = decay_mask(params, no_decay)
     if name == 'adamw':
         parts += [
@@ -148,30 +148,6 @@ def training_steps(config: ml_collections.ConfigDict, examples_per_epoch: int) -
     return math.ceil(config.optim.epochs * steps_per_epoch), steps_per_epoch
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """optax.clip_by_global_norm (scale by max_norm / norm when the norm is at least max_norm) on `global_norm`."""
-
-    def update(updates, state, params=None):
-        del params
-        norm = global_norm(updates)
-        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-        return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
-
-    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
-
-
 def global_norm(tree: Any) -> jax.Array:
-    """The L2 norm of all leaves together, accumulated in float32.
-
-    Leaves of one shape are stacked and reduced together: on a GPU each reduction is a kernel of its own, and one
-    per leaf is hundreds of tiny kernels per step for a ViT (docs/performance.md). A stack keeps each leaf's
-    sharding along its own axes, so sharded leaves still reduce where they lie.
-    """
-    groups: dict[tuple, list[jax.Array]] = {}
-    for x in jax.tree.leaves(tree):
-        groups.setdefault((x.shape, jnp.dtype(x.dtype)), []).append(x)
-    total = jnp.zeros((), jnp.float32)
-    for group in groups.values():
-        stacked = group[0] if len(group) == 1 else jnp.stack(group)
-        total = total + jnp.sum(jnp.square(stacked.astype(jnp.float32)))
-    return jnp.sqrt(total)
+    """The L2 norm of all leaves together, accumulated in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

@@ -45,6 +45,7 @@ def test_variant_and_overrides():
         (CONFIG, ['modle.variant=B'], ["'modle.variant'", "did you mean 'model'"]),
         (CONFIG, ['input.global_batch=1.5'], ["'input.global_batch'", 'integer']),
         (CONFIG, ['model.scan_layers=maybe'], ["'model.scan_layers'", 'true or false']),
+        (CONFIG, ['model.scan_unroll=-1'], ["'model.scan_unroll'", '>= 0']),
         (CONFIG, ['model.dtype=float16'], ["'model.dtype'", 'bfloat16, float32']),
         (CONFIG, ['masking.decoder_ratio=0.1'], ["'masking.decoder_ratio'", '0.25']),
         (CONFIG, ['masking.encoder_ratio=1.0'], ["'masking.encoder_ratio'"]),

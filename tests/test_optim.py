@@ -137,28 +137,3 @@ def test_lars_matches_hand_computed_reference_rule():
 def test_unknown_optimizer_name_is_refused():
     with pytest.raises(ValueError, match=r"unknown optim\.name 'sgdd'"):
         optim.make_optimizer(config_for(name='sgdd'), {'w': jnp.ones((2, 2))}, lambda step: 0.1)
-
-
-def test_global_norm_of_stacked_groups_equals_the_plain_sum():
-    """Leaves of one shape are reduced as a stack: the value must still be the norm over every leaf (mixed
-    shapes and dtypes, a scalar, a repeated shape)."""
-    rng = np.random.default_rng(0)
-    tree = {
-        'a': rng.normal(size=(3, 4)).astype(np.float32),
-        'b': [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(5,)).astype(np.float32)],
-        'c': jnp.asarray(rng.normal(size=(3, 4)), jnp.bfloat16),
-        'd': np.float32(2.5),
-    }
-    expected = math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in jax.tree.leaves(tree)))
-    assert float(optim.global_norm(tree)) == pytest.approx(expected, rel=1e-6)
-    assert float(optim.global_norm({})) == 0.0
-
-
-@pytest.mark.parametrize('max_norm', [0.5, 100.0])
-def test_clip_by_global_norm_matches_optax(max_norm):
-    rng = np.random.default_rng(1)
-    grads = {'w': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), 'b': jnp.asarray(rng.normal(size=(3,)))}
-    ours, _ = optim.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
-    theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
-    for key in grads:
-        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-6)

@@ -55,6 +55,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model or masks cannot use."""
     _, grid = check_model_config(config)
     check_range(config, 'masking.encoder_ratio', 0.0, 1.0)
+    unroll = config.model.get('scan_unroll', 1)
+    if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 0:
+        raise ConfigError(f"bad value {unroll!r} for 'model.scan_unroll': layers per scan iteration, >= 0 (0 = all)")
     ratio = config.masking.decoder_ratio
     if ratio != 0 and not 0 < int(4 * ratio) < 4:
         raise ConfigError(
