@@ -5,6 +5,7 @@ fake CPU devices (data x FSDP) with equal losses and parameters."""
 import json
 import os
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -112,3 +113,13 @@ def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path):
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state['params'], want_state['params']
     )
     assert 0.0 <= summary['final_eval/label/cls/knn'] <= 1.0
+
+
+def test_training_source_without_labels_or_with_other_classes_names_the_key():
+    method = sla.Method(load_config(CONFIG))
+    unlabelled = types.SimpleNamespace(label_keys=())
+    with pytest.raises(ConfigError, match=re.escape('input.dataset')):
+        method.check_labels(unlabelled)
+    with pytest.raises(ConfigError, match=re.escape("'model.num_classes'")):
+        method.check_labels(types.SimpleNamespace(label_keys=('label',), class_names=['a', 'b']))
+    method.check_labels(types.SimpleNamespace(label_keys=('label',), class_names=list('0123456789')))

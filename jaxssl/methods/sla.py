@@ -143,6 +143,7 @@ class ClassifierBase(base.Method):
     init, probes and FLOPs. Subclasses say how many outputs the head has and what the loss is."""
 
     input_key = 'image'
+    needs_labels = True  # whether the loss reads the training labels (SSLD's does not)
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -154,6 +155,15 @@ class ClassifierBase(base.Method):
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
         image_data.check_image_input_config(self.config)  # paths are checked when a run starts, not at config load
         source = image_data.make_image_source(self.config)
+        if self.needs_labels:
+            self.check_labels(source)
+        dataset = image_data.make_image_pretrain_dataset(
+            self.config, seed=seed, process_index=process_index, process_count=process_count, source=source
+        )
+        return dataset, len(source)
+
+    def check_labels(self, source: Any) -> None:
+        """Fails, naming the key, when the training source has no labels or another number of classes."""
         if 'label' not in source.label_keys:
             raise ConfigError(f'input.dataset: {source!r} has no labels; {self.config.method} trains on labels')
         classes = getattr(source, 'class_names', None)
@@ -161,10 +171,6 @@ class ClassifierBase(base.Method):
             raise ConfigError(
                 f"bad value {self.config.model.num_classes} for 'model.num_classes': {source!r} has {len(classes)}"
             )
-        dataset = image_data.make_image_pretrain_dataset(
-            self.config, seed=seed, process_index=process_index, process_count=process_count, source=source
-        )
-        return dataset, len(source)
 
     def host_metrics(self) -> dict[str, float]:
         return {'skipped_files': float(data.skipped_files())}

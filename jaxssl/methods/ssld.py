@@ -81,6 +81,8 @@ def teacher_model(config: ml_collections.ConfigDict) -> tuple[sla.ClassifierMode
 class Method(sla.ClassifierBase):
     """SSLD distillation for the trainer; extra state {'teacher': params}."""
 
+    needs_labels = False  # any images: the teacher's predictions are the only targets
+
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         self.teacher, _ = teacher_model(config)
