@@ -24,7 +24,7 @@ from typing import Any
 
 # First match wins; names are XLA's HLO op / fusion names or CUDA kernel names.
 KINDS = (
-    ('attention', re.compile(r'fmha|sdpa|flash|softmax|attention|attn', re.I)),
+    ('attention', re.compile(r'fmha|sdpa|flash|softmax|attention|attn|cudnn::fusion', re.I)),  # cuDNN's helpers
     ('collective', re.compile(r'nccl|all-reduce|all-gather|reduce-scatter|all-to-all|collective', re.I)),
     ('matmul', re.compile(r'gemm|cublas|cutlass|matmul|dot|wgmma|sm90_xmma|xmma|nvjet', re.I)),
     ('convolution', re.compile(r'conv(?!ert)', re.I)),  # not XLA's 'convert' fusions

@@ -18,6 +18,7 @@ from jaxssl import profiling
         ('cutlass_80_wmma_tensorop_bf16_s161616gemm', 'matmul'),
         ('nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT', 'matmul'),  # cuBLAS's kernels on Hopper
         ('loop_convert_multiply_fusion_15', 'elementwise fusion'),
+        ('void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)', 'attention'),
         ('cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64', 'attention'),
         ('ncclDevKernel_AllReduce_Sum_bf16_RING_LL', 'collective'),
         ('input_reduce_fusion_3', 'reduction'),
