@@ -11,6 +11,8 @@ Modules, one job each:
   moving_digits  the built-in dataset, generated on first use
   pipeline       the Grain pipeline and the skipped-file counter
   checks         config.input validation
+  frame_pairs    two frames of one video at a random gap, one crop and flip for both (SiamMAE), on pipeline's
+                 sources, decoding and skip-and-count policy
   images         the image pipeline: folder / TFDS / built-in mnist_digits sources, MAE-style views, Grain datasets
 The trainer needs: check_input_config, make_pretrain_dataset, skipped_files.
 """

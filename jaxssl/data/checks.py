@@ -24,9 +24,17 @@ def check_input_config(config: ml_collections.ConfigDict) -> None:
     Checks value ranges, that the selected dataset's required keys are set, and that the files and folders they
     name exist. Does not open videos.
     """
+    for key in ('frames', 'sampling_stride'):
+        _positive(config, key)
+    check_clip_source_config(config)
+
+
+def check_clip_source_config(config: ml_collections.ConfigDict) -> None:
+    """The part of `check_input_config` that any reader of clip sources needs (batch, image size, workers, the
+    dataset and its files), without the clip length: e.g. the frame-pair pipeline (jaxssl.data.frame_pairs)."""
     c = config.input
     check_choice(config, 'input.dataset', DATASETS)
-    for key in ('frames', 'sampling_stride', 'num_sample', 'global_batch', 'image_size'):
+    for key in ('num_sample', 'global_batch', 'image_size'):
         _positive(config, key)
     for key in ('num_workers', 'read_threads'):
         _positive(config, key, minimum=0)

@@ -175,31 +175,58 @@ def make_pretrain_dataset(
     checkpointing. `source` overrides the one `config.input` describes (tests, custom data).
     """
     c = config.input
+    source = make_source(config) if source is None else source
+
+    def make_loader(shard: range) -> ClipLoader:
+        return ClipLoader(
+            source,
+            shard,
+            frames=c.frames,
+            stride=c.sampling_stride,
+            input_size=c.image_size,
+            num_sample=c.num_sample,
+            frame_template=c.frame_template,
+            sample_transform=sample_transform,
+        )
+
+    return sharded_pretrain_dataset(
+        config,
+        source,
+        make_loader,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=num_epochs,
+    )
+
+
+def sharded_pretrain_dataset(
+    config: ml_collections.ConfigDict,
+    source: ClipSource,
+    make_loader: Callable[[range], Callable[[int, np.random.Generator], dict[str, np.ndarray]]],
+    *,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    num_epochs: int | None,
+) -> grain.IterDataset:
+    """make_pretrain_dataset's body for any per-clip loader (ClipLoader, the frame-pair loader, ...): this
+    process's shard of `source`, shuffled per epoch, repeated, mapped by `make_loader(shard)` (a Grain random_map
+    function that puts SKIPPED_KEY in its output, e.g. through `load_with_replacement`), then `batch_clips`."""
     clips_per_host, _ = host_batch_sizes(config, process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f'process_index {process_index} outside [0, {process_count})')
-    source = make_source(config) if source is None else source
     usable = len(source) - len(source) % process_count
     shard = range(process_index, usable, process_count)
     if len(shard) == 0:
         raise ValueError(f'{source!r} has fewer clips than the {process_count} processes reading it')
     # Independent seeds for the shuffle and the per-clip generators, different on every process.
     shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence([seed, process_index]).generate_state(2))
-    loader = ClipLoader(
-        source,
-        shard,
-        frames=c.frames,
-        stride=c.sampling_stride,
-        input_size=c.image_size,
-        num_sample=c.num_sample,
-        frame_template=c.frame_template,
-        sample_transform=sample_transform,
-    )
     ds = grain.MapDataset.range(usable)[process_index::process_count]
-    ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs).random_map(loader, seed=map_seed)
+    ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs).random_map(make_loader(shard), seed=map_seed)
     # Batching before to_iter_dataset fixes each batch's clips by its index alone, so the stream does not depend on
     # num_workers or read_threads: threads and workers each assemble whole batches.
-    return batch_clips(ds, clips_per_host, c)
+    return batch_clips(ds, clips_per_host, config.input)
 
 
 class EvalClipLoader:

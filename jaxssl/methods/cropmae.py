@@ -6,8 +6,8 @@ is a crop of the global one, so both come from one `cropmae_views` call in the G
 'ids_restore' (B, L) int32, the local view's MAE shuffle mask (jaxssl.masks.shuffle_masking); 'label' (B,) where the
 source has labels (unused by the loss). The loss is MAE's (norm-pix) MSE on the local view's masked patches only.
 
-SiamMAE (Gupta et al. 2023) is the same model with two frames of a video for the two views and a 95% mask; it needs
-a two-frame video pipeline, which this module does not provide (docs/methods.md, CropMAE section).
+SiamMAE (Gupta et al. 2023) is the same model with two frames of a video for the two views and a 95% mask:
+jaxssl.methods.siammae subclasses this Method with the frame-pair video pipeline (jaxssl.data.frame_pairs).
 """
 
 from __future__ import annotations
