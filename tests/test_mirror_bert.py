@@ -3,6 +3,7 @@ temperature 0.04, by hand), the Flax BERT against transformers' BertModel on the
 and tokenizer, config errors naming the key, the sentence evaluation of the pretrained encoder, and the trainer end to
 end: a 2-step runlocal run and the same run sharded over 8 devices."""
 
+import importlib.util
 import json
 import os
 
@@ -218,6 +219,20 @@ def test_pretrained_minilm_scores():
     params, _ = pretrained.init(jax.random.key(0), pretrained.example_batch(1))
     scores = pretrained.evaluate(params, {}, None)
     assert scores['lee_spearman/mean'] > 40 and scores['duplicate_top1/mean'] > 90
+
+
+def test_benchmark_reports_before_and_after(tmp_path):
+    spec = importlib.util.spec_from_file_location('mirror_bert_sts', os.path.join('benchmarks', 'mirror_bert_sts.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    overrides = ['model.pretrained=', 'model.variant=micro', 'input.global_batch=8', 'input.max_len=16']
+    overrides += ['train.steps=1', 'eval.max_len=32', 'eval.max_sentences=8', "eval.poolings=('mean',)"]
+    overrides += ['train.tensorboard=false', 'checkpoint.async_save=false']
+    args = ['--config', f'{CONFIG}:runlocal', '--workdir', str(tmp_path), *(f'--config.{o}' for o in overrides)]
+    result = module.main(args)
+    assert result['steps'] == 1 and set(result['before']) == set(result['after'])
+    assert set(result['before']) == {'lee_spearman/mean', 'duplicate_top1/mean'}
+    assert json.loads((tmp_path / 'sts_comparison.json').read_text())['after'] == result['after']
 
 
 # --- the trainer --------------------------------------------------------------------------------------------------
