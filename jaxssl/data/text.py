@@ -126,8 +126,8 @@ def make_pretrain_dataset(
 
     def views(indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         batch = two_view_batch(sentences, indices, tokenize, max_len, span, min_chars, rng)
-        return {'tokens': batch['tokens'][2 * lo : 2 * hi], 'mask': batch['mask'][2 * lo : 2 * hi],
-                'index': batch['index'][lo:hi]}  # fmt: skip
+        rows = slice(2 * lo, 2 * hi)  # the views of this process's sentences
+        return {'tokens': batch['tokens'][rows], 'mask': batch['mask'][rows], 'index': batch['index'][lo:hi]}
 
     ds = grain.MapDataset.source(SentenceSource(len(sentences))).shuffle(seed=shuffle_seed).repeat()
     return ds.batch(global_batch, drop_remainder=True).random_map(views, seed=map_seed).to_iter_dataset()

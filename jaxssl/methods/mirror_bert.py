@@ -94,10 +94,8 @@ class Method(base.Method):
 
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
         c = self.config.input
-        dataset = text.make_pretrain_dataset(
-            self.sentences, self.tokenizer, c.global_batch, c.max_len, c.span, c.min_chars, seed,
-            process_index, process_count,
-        )  # fmt: skip
+        args = (c.global_batch, c.max_len, c.span, c.min_chars, seed, process_index, process_count)
+        dataset = text.make_pretrain_dataset(self.sentences, self.tokenizer, *args)
         return dataset, len(self.sentences)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:

@@ -31,8 +31,8 @@ def checkpoint_dir(name: str) -> str:
             )
         return os.path.join(spec.submodule_search_locations[0], 'model')
     if not os.path.isfile(os.path.join(name, 'model.safetensors')):
-        raise FileNotFoundError(f"'{name}' is neither a built-in checkpoint ({', '.join(BUILTIN)}) nor a directory "
-                                'with model.safetensors')  # fmt: skip
+        builtin = ','.join(BUILTIN)
+        raise FileNotFoundError(f"'{name}' is no built-in checkpoint ({builtin}) nor a folder of model.safetensors")
     return name
 
 
