@@ -38,12 +38,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_range(config, 'masking.min_aspect', 1e-6, 1.0 + 1e-9)
     if not isinstance(config.masking.min_block, int) or config.masking.min_block < 1:
         raise ConfigError(f"bad value {config.masking.min_block!r} for 'masking.min_block': must be an integer >= 1")
-    side = config.input.image_size // cae_model.decode_variant(config.model.variant)['patch']
-    if side < 2:
-        raise ConfigError(
-            f"bad value {config.input.image_size} for 'input.image_size': block masking needs a grid of at least "
-            f'2x2 patches, got {side}x{side}'
-        )
 
 
 def make_model(config: ml_collections.ConfigDict) -> cae_model.CAEPretrain:
