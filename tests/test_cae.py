@@ -70,6 +70,18 @@ def test_shapes_and_reference_init(tiny):
         assert np.abs(leaf).max() <= 0.02 and np.std(leaf) > 0.005
     assert not np.any(params['patch_embed']['proj']['bias'])
     assert 'k_bias' not in params['regressor_00']['cross_attn'] and 'q_bias' in params['regressor_00']['cross_attn']
+    assert 'bias' not in params['regressor_00']['norm1_k']  # softmax cancels it: zero gradient
+
+
+def test_every_parameter_gets_a_gradient(tiny):
+    # No parameter whose gradient is zero up to rounding (Adam would turn the noise into lr-sized steps).
+    def loss(p):
+        prediction, inter = tiny.forward(p, tiny.images)
+        return jnp.mean(prediction**2) + jnp.mean((inter['latent_pred'] - inter['latent_target']) ** 2)
+
+    grads = jax.grad(loss)(tiny.params)
+    for path, grad in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        assert np.abs(grad).max() > 1e-6, jax.tree_util.keystr(path)
 
 
 def test_prediction_sees_only_visible_patches_and_target_only_masked(tiny):

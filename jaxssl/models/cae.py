@@ -124,8 +124,12 @@ class RegressorBlock(nn.Module):
                 branch = vit.drop_path(branch, drop_path_rate, self.make_rng('drop_path'))
             return branch
 
+        # No bias on the key norm: it shifts every key of a query's row by the same W_k b, which softmax cancels,
+        # so its gradient is zero up to rounding (Adam would turn that noise into lr-sized steps); as vit.Attention
+        # drops the key bias. The reference has it; it never changes the output (a converter would drop it).
+        key_norm = nn.LayerNorm(self.layer_norm_eps, use_bias=False, dtype=self.dtype, name='norm1_k')
         attended = CrossAttention(self.width, self.heads, self.dtype, self.attention_impl, name='cross_attn')(
-            norm('norm1_q')(queries + pos_q), norm('norm1_k')(context + pos_context), norm('norm1_v')(context)
+            norm('norm1_q')(queries + pos_q), key_norm(context + pos_context), norm('norm1_v')(context)
         )
         x = norm('norm2_cross')(queries + residual(attended, 'gamma_1_cross'))
         return x + residual(vit.Mlp(self.mlp_hidden, self.dtype, name='mlp_cross')(x), 'gamma_2_cross')
