@@ -1,11 +1,14 @@
-"""Token masks as numpy functions run per sample in the input pipeline: VideoMAE V2's dual masking and MAE's
-per-sample random shuffle.
+"""Token masks as numpy functions run per sample in the input pipeline: VideoMAE V2's dual masking, MAE's
+per-sample random shuffle, and BEiT / CAE's block-wise masking.
 
 VideoMAE V2 (OpenGVLab/VideoMAEv2 dataset/masking_generator.py): a mask is a flat bool array over the token grid
 (T', H', W') in (t, h, w) order, and True means "dropped": hidden from the encoder (encoder mask) or not
 reconstructed by the decoder (decoder mask).
 MAE (facebookresearch/mae models_mae.py random_masking): argsort of uniform noise; the first int(L * (1 - ratio))
 tokens of the shuffle are kept, in shuffle order. See `shuffle_masking`.
+BEiT block-wise (microsoft/unilm beit/masking_generator.py, reused by Atten4Vis/CAE furnace/masking_generator.py):
+rectangles of at least `min_block` cells and random aspect ratio are added until exactly `num_masked` cells are
+covered. See `block_masking`.
 Randomness comes from the `np.random.Generator` the pipeline hands each sample, so masks are deterministic and
 checkpointable.
 """
@@ -13,6 +16,7 @@ checkpointable.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -125,3 +129,71 @@ def shuffle_masking(num_tokens: int, ratio: float, rng: np.random.Generator) -> 
 def removed_mask(ids_restore: np.ndarray, num_keep: int) -> np.ndarray:
     """The reference's binary mask (float32, 1 = removed from the encoder) from ids_restore; numpy or jax arrays."""
     return (ids_restore >= num_keep).astype(np.float32)
+
+
+def _add_block(
+    mask: np.ndarray, budget: int, min_block: int, log_aspect: tuple[float, float], rng: np.random.Generator
+) -> int:
+    """One round of the reference's `_mask`: up to 10 tries to place a rectangle of area U(min_block, budget)
+    and aspect ratio exp(U(log_aspect)) that adds between 1 and `budget` new cells. Returns the cells added."""
+    height, width = mask.shape
+    for _ in range(10):
+        # random.uniform's formula, which also takes budget < min_block (numpy's uniform refuses high < low).
+        area = min_block + (budget - min_block) * rng.random()
+        aspect = math.exp(rng.uniform(*log_aspect))
+        h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if w < width and h < height:
+            top = int(rng.integers(0, height - h + 1))  # random.randint's upper bound is inclusive
+            left = int(rng.integers(0, width - w + 1))
+            new = h * w - int(mask[top : top + h, left : left + w].sum())
+            if 0 < new <= budget:
+                mask[top : top + h, left : left + w] = True
+                return new
+    return 0
+
+
+def block_masking(
+    grid: tuple[int, int],
+    num_masked: int,
+    rng: np.random.Generator,
+    min_block: int = 16,
+    max_block: int | None = None,
+    min_aspect: float = 0.3,
+    max_aspect: float | None = None,
+) -> np.ndarray:
+    """BEiT / CAE block-wise mask over an (H', W') token grid: flat bool (H' * W',), raster order, True = masked,
+    with exactly `num_masked` True cells. Each round adds a rectangle whose target area is U(min_block, budget)
+    (budget = cells still to mask, capped at `max_block`), aspect ratio log-uniform in [min_aspect, max_aspect]
+    (max_aspect defaults to 1 / min_aspect), height and width each smaller than the grid's, counting only the
+    cells it newly covers, and never overshooting the count. CAE: 98 of 196 tokens, min_block 16, aspect 0.3."""
+    height, width = grid
+    if height < 2 or width < 2:
+        raise ValueError(f'block masking needs a grid of at least 2x2 tokens, got {height}x{width}')
+    if not 0 <= num_masked <= height * width:
+        raise ValueError(f'cannot mask {num_masked} of {height * width} tokens')
+    if min_block < 1 or not 0 < min_aspect <= (max_aspect or 1 / min_aspect):
+        raise ValueError(f'bad block sizes: min_block {min_block}, aspect {min_aspect}..{max_aspect}')
+    log_aspect = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
+    cap = num_masked if max_block is None else max_block
+    mask = np.zeros(grid, dtype=bool)
+    count, rounds = 0, 0
+    while count != num_masked:
+        count += _add_block(mask, min(num_masked - count, cap), min_block, log_aspect, rng)
+        rounds += 1
+        if rounds > 100 * height * width:  # the reference loops forever; a 1x1 block always fits eventually
+            raise RuntimeError(f'block masking could not reach {num_masked} masked tokens on a {grid} grid')
+    return mask.reshape(-1)
+
+
+def mask_to_ids(mask: np.ndarray) -> dict[str, np.ndarray]:
+    """A flat bool mask (L,) (True = masked) -> int32 'ids_keep' (visible tokens, ascending), 'ids_masked' (masked
+    tokens, ascending: the reference's boolean indexing order) and 'ids_restore' (L,), each token's position in the
+    order [ids_keep, ids_masked], so `removed_mask(ids_restore, len(ids_keep))` gives the mask back."""
+    mask = np.asarray(mask, dtype=bool)
+    ids_keep, ids_masked = np.flatnonzero(~mask), np.flatnonzero(mask)
+    ids_restore = np.argsort(np.concatenate([ids_keep, ids_masked]), kind='stable')
+    return {
+        'ids_keep': ids_keep.astype(np.int32),
+        'ids_masked': ids_masked.astype(np.int32),
+        'ids_restore': ids_restore.astype(np.int32),
+    }

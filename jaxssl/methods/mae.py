@@ -210,8 +210,7 @@ class Method(base.Method):
         rng = np.random.default_rng(self.config.seed)
         samples = [self.sample_masks(rng) for _ in range(count)]
         idx = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
-        prediction, _ = jax.jit(self.model.apply)({'params': params}, images, idx['ids_keep'], idx['ids_restore'])
-        prediction = np.asarray(jax.device_get(prediction))
+        prediction = self.predict_patches(params, images, idx)
         rows = [
             reconstruction_panels(
                 images[i],
@@ -224,6 +223,12 @@ class Method(base.Method):
             for i in range(count)
         ]
         return {'reconstruction': reconstruction.grid([{'panels': r} for r in rows], order=('panels',))}
+
+    def predict_patches(self, params: Any, images: np.ndarray, idx: dict[str, np.ndarray]) -> np.ndarray:
+        """The model's prediction (B, L, patch * patch * C) of every patch, for the pictures; `idx` holds the
+        batch's `sample_masks` arrays. Subclasses whose model predicts only some patches override it."""
+        prediction, _ = jax.jit(self.model.apply)({'params': params}, images, idx['ids_keep'], idx['ids_restore'])
+        return np.asarray(jax.device_get(prediction))
 
     def tokens_per_example(self) -> int:
         return self.num_tokens
