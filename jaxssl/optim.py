@@ -171,35 +171,36 @@ def make_optimizer(
     mask = lambda p: decay_mask(p, no_decay)  # a function: multi_transform hands each group a partial tree
     decay = weight_decay_schedule(config, total_steps)
 
-    def core(shift: int) -> optax.GradientTransformation:
+    def core(shift: int) -> list[optax.GradientTransformation]:
         """The optimiser proper; `shift` offsets the step its schedules see (a group that starts late)."""
         lr = (lambda step: schedule(step + shift)) if shift else schedule
         wd = (lambda step: decay(step + shift)) if shift and callable(decay) else decay
         if name == 'adamw':
-            return optax.chain(
+            return [
                 optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
                 optax.add_decayed_weights(wd, mask=mask),
                 optax.scale_by_learning_rate(lr),
-            )
-        return optax.chain(
+            ]
+        return [
             optax.add_decayed_weights(wd, mask=mask),
             # Per leaf: a scanned layer stack would share one ratio over its layers (SimCLR's check_config refuses it).
             optax.masked(optax.scale_by_trust_ratio(trust_coefficient=o.trust_coefficient), mask),
             optax.scale_by_learning_rate(lr),
             optax.trace(decay=o.momentum, nesterov=False),
-        )
+        ]
 
     freeze = [(pattern, round(epochs * steps_per_epoch)) for pattern, epochs in o.get('freeze_epochs', ())]
     freeze = [(pattern, steps) for pattern, steps in freeze if steps > 0]
     if freeze:
         # One optimiser per frozen group, with its own state, so its moments start when it thaws.
-        groups = {'trained': core(0)}
-        groups.update({f'frozen_{i}': frozen_for(core(steps), steps) for i, (_, steps) in enumerate(freeze)})
+        groups = {'trained': optax.chain(*core(0))}
+        for i, (_, steps) in enumerate(freeze):
+            groups[f'frozen_{i}'] = frozen_for(optax.chain(*core(steps)), steps)
         rules = [(pattern, f'frozen_{i}') for i, (pattern, _) in enumerate(freeze)]
         labels = rules_lib.map_with_names(lambda n, _: rules_lib.first_match(rules, n, 'trained'), params)
         parts.append(optax.multi_transform(groups, labels))
     else:
-        parts.append(core(0))
+        parts += core(0)  # flat, so runs without frozen groups keep their optimiser state layout
     lr_rules = [tuple(rule) for rule in o.lr_rules]
     if lr_rules:
         multipliers = lr_multipliers(params, lr_rules)
