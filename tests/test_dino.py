@@ -86,8 +86,8 @@ def test_teacher_follows_the_student_by_ema():
     extra = {'teacher': jax.tree.map(jnp.zeros_like, params), 'center': jnp.ones((1, 5))}
     new = method.update_extra(params, extra, jnp.asarray(0))
     m = config.model.teacher_momentum
-    np.testing.assert_allclose(new['teacher']['a'], (1 - m) * 1.0, rtol=1e-6)
-    np.testing.assert_allclose(new['teacher']['b']['c'], (1 - m) * 2.0, rtol=1e-6)
+    np.testing.assert_allclose(new['teacher']['a'], (1 - m) * 1.0, rtol=1e-4)  # float32 momentum
+    np.testing.assert_allclose(new['teacher']['b']['c'], (1 - m) * 2.0, rtol=1e-4)
     np.testing.assert_array_equal(new['center'], extra['center'])  # the centre moves in the loss, not here
     last = method.update_extra(params, extra, jnp.asarray(total))
     np.testing.assert_allclose(last['teacher']['a'], 0.0, atol=1e-7)  # momentum 1 at the end of the run
