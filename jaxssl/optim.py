@@ -1,5 +1,7 @@
 """Optimiser and schedule: AdamW (default) or LARS (`optim.name`), with rule-based weight-decay masks and lr
-multipliers, the reference's per-step warmup + cosine schedule, global-norm clipping.
+multipliers, the reference's per-step warmup + cosine schedule, global-norm or per-tensor clipping, an optional
+cosine weight-decay schedule (`optim.weight_decay_end`) and parameters frozen for the first epochs
+(`optim.freeze_epochs`).
 """
 
 from __future__ import annotations
@@ -95,8 +97,58 @@ def layer_decay_rules(depth: int, decay: float, prefix: str = 'encoder') -> tupl
     return tuple(rules)
 
 
+def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
+    """DINO's utils.clip_gradients: each parameter tensor's gradient scaled to norm <= max_norm on its own
+    (coefficient max_norm / (norm + 1e-6) when below 1), not one global norm."""
+
+    def update(updates, state, params=None):
+        del params
+
+        def clip(g):
+            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def frozen_for(inner: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+    """`inner` with zero updates for the first `steps` updates, during which its state does not advance either: as
+    torch parameters whose grad is None (DINO's freeze_last_layer): no step, no weight decay, no moment update, and
+    Adam's bias correction starts when they thaw."""
+
+    def init(params):
+        return inner.init(params), jnp.zeros((), jnp.int32)
+
+    def update(updates, state, params=None):
+        inner_state, count = state
+        new_updates, new_state = jax.lax.cond(
+            count < steps,
+            lambda: (jax.tree.map(jnp.zeros_like, updates), inner_state),
+            lambda: inner.update(updates, inner_state, params),
+        )
+        return new_updates, (new_state, jnp.minimum(count + 1, steps))
+
+    return optax.GradientTransformation(init, update)
+
+
+def weight_decay_schedule(config: ml_collections.ConfigDict, total_steps: int) -> float | optax.Schedule:
+    """optim.weight_decay, or (with optim.weight_decay_end >= 0) DINO's cosine from weight_decay to weight_decay_end
+    over the run, one value per step, no warmup."""
+    o = config.optim
+    end = o.get('weight_decay_end', -1.0)
+    if end is None or end < 0:
+        return o.weight_decay
+    return warmup_cosine(o.weight_decay, end, max(total_steps, 1), 0)
+
+
 def make_optimizer(
-    config: ml_collections.ConfigDict, params: Any, schedule: optax.Schedule
+    config: ml_collections.ConfigDict,
+    params: Any,
+    schedule: optax.Schedule,
+    total_steps: int = 1,
+    steps_per_epoch: int = 1,
 ) -> optax.GradientTransformation:
     """clip -> the optimiser's update -> -lr(step) -> per-parameter multipliers.
 
@@ -114,22 +166,41 @@ def make_optimizer(
         raise ValueError(f"unknown optim.name '{name}'; valid: {', '.join(OPTIMIZERS)}")
     parts = []
     if o.clip_grad > 0:
-        parts.append(optax.clip_by_global_norm(o.clip_grad))
-    mask = decay_mask(params, no_decay)
-    if name == 'adamw':
-        parts += [
-            optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-            optax.add_decayed_weights(o.weight_decay, mask=mask),
-            optax.scale_by_learning_rate(schedule),
-        ]
-    else:
-        parts += [
-            optax.add_decayed_weights(o.weight_decay, mask=mask),
+        per_tensor = o.get('clip_mode', 'global') == 'per_tensor'
+        parts.append(clip_per_tensor(o.clip_grad) if per_tensor else optax.clip_by_global_norm(o.clip_grad))
+    mask = lambda p: decay_mask(p, no_decay)  # a function: multi_transform hands each group a partial tree
+    decay = weight_decay_schedule(config, total_steps)
+
+    def core(shift: int) -> list[optax.GradientTransformation]:
+        """The optimiser proper; `shift` offsets the step its schedules see (a group that starts late)."""
+        lr = (lambda step: schedule(step + shift)) if shift else schedule
+        wd = (lambda step: decay(step + shift)) if shift and callable(decay) else decay
+        if name == 'adamw':
+            return [
+                optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+                optax.add_decayed_weights(wd, mask=mask),
+                optax.scale_by_learning_rate(lr),
+            ]
+        return [
+            optax.add_decayed_weights(wd, mask=mask),
             # Per leaf: a scanned layer stack would share one ratio over its layers (SimCLR's check_config refuses it).
             optax.masked(optax.scale_by_trust_ratio(trust_coefficient=o.trust_coefficient), mask),
-            optax.scale_by_learning_rate(schedule),
+            optax.scale_by_learning_rate(lr),
             optax.trace(decay=o.momentum, nesterov=False),
         ]
+
+    freeze = [(pattern, round(epochs * steps_per_epoch)) for pattern, epochs in o.get('freeze_epochs', ())]
+    freeze = [(pattern, steps) for pattern, steps in freeze if steps > 0]
+    if freeze:
+        # One optimiser per frozen group, with its own state, so its moments start when it thaws.
+        groups = {'trained': optax.chain(*core(0))}
+        for i, (_, steps) in enumerate(freeze):
+            groups[f'frozen_{i}'] = frozen_for(optax.chain(*core(steps)), steps)
+        rules = [(pattern, f'frozen_{i}') for i, (pattern, _) in enumerate(freeze)]
+        labels = rules_lib.map_with_names(lambda n, _: rules_lib.first_match(rules, n, 'trained'), params)
+        parts.append(optax.multi_transform(groups, labels))
+    else:
+        parts += core(0)  # flat, so runs without frozen groups keep their optimiser state layout
     lr_rules = [tuple(rule) for rule in o.lr_rules]
     if lr_rules:
         multipliers = lr_multipliers(params, lr_rules)

@@ -139,12 +139,18 @@ def _agree(flag: bool) -> bool:
 
 
 def state_layout(
-    config: ml_collections.ConfigDict, method: base.Method, mesh: jax.sharding.Mesh, schedule: optax.Schedule
+    config: ml_collections.ConfigDict,
+    method: base.Method,
+    mesh: jax.sharding.Mesh,
+    schedule: optax.Schedule,
+    total_steps: int = 1,
+    steps_per_epoch: int = 1,
 ) -> tuple[optax.GradientTransformation, Any, Any, Any]:
-    """(optimiser, init_state(key), abstract state, shardings): the train state every run (and benchmark) uses."""
+    """(optimiser, init_state(key), abstract state, shardings): the train state every run (and benchmark) uses.
+    The run's length feeds the optimiser's step-indexed schedules (weight decay, parameters frozen for epochs)."""
     example = jax.tree.map(jnp.asarray, method.example_batch(1))
     abstract_params = jax.eval_shape(lambda k: method.init(k, example)[0], jax.random.key(0))
-    optimizer = optim.make_optimizer(config, abstract_params, schedule)
+    optimizer = optim.make_optimizer(config, abstract_params, schedule, total_steps, steps_per_epoch)
 
     def init_state(key):
         params, extra = method.init(key, example)
@@ -187,7 +193,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     schedule = optim.learning_rate_schedule(config, total_steps, steps_per_epoch)
 
     init_key = jax.random.key(config.seed)
-    optimizer, init_state, abstract_state, shardings = state_layout(config, method, mesh, schedule)
+    optimizer, init_state, abstract_state, shardings = state_layout(
+        config, method, mesh, schedule, total_steps, steps_per_epoch
+    )
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     latest = checkpointer.latest_step()
     if latest is not None:

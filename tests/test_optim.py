@@ -137,3 +137,47 @@ def test_lars_matches_hand_computed_reference_rule():
 def test_unknown_optimizer_name_is_refused():
     with pytest.raises(ValueError, match=r"unknown optim\.name 'sgdd'"):
         optim.make_optimizer(config_for(name='sgdd'), {'w': jnp.ones((2, 2))}, lambda step: 0.1)
+
+
+def test_dino_recipe_matches_torch():
+    """DINO's optimiser (main_dino.py): AdamW whose weight decay follows a cosine, each gradient tensor clipped to
+    norm 0.5 on its own (utils.clip_gradients), and a 'last' layer whose grad is None for the first 2 steps
+    (freeze_last_layer: no step, no decay, no moments). lr(step) grows, so a group that starts late must see the
+    global step's lr."""
+    rng = np.random.default_rng(1)
+    init = {'w': rng.normal(size=(4, 3)), 'b': rng.normal(size=3), 'last': rng.normal(size=(3, 5))}
+    init = {k: v.astype(np.float32) for k, v in init.items()}
+    steps, freeze = 5, 2
+    grads = [{k: (3 * rng.normal(size=v.shape)).astype(np.float32) for k, v in init.items()} for _ in range(steps)]
+    lr = lambda step: 0.01 * (step + 1)
+    config = config_for(clip_grad=0.5, clip_mode='per_tensor', weight_decay=0.04, weight_decay_end=0.4, no_decay=(),
+                        freeze_epochs=(('last', 1),))  # fmt: skip
+    params = jax.tree.map(jnp.asarray, init)
+    tx = optim.make_optimizer(config, params, lr, total_steps=steps, steps_per_epoch=freeze)
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, params)
+        params = optax.apply_updates(params, updates)
+
+    decay = reference_cosine_scheduler(0.04, 0.4, epochs=1, niter_per_ep=steps, warmup_epochs=0)
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in init.items()}
+    opt = torch.optim.AdamW(
+        [{'params': [tensors['w'], tensors['last']]}, {'params': [tensors['b']], 'weight_decay': 0.0}],
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    for step, g in enumerate(grads):
+        opt.param_groups[0]['weight_decay'] = decay[step]
+        for group in opt.param_groups:
+            group['lr'] = lr(step)
+        for name, t in tensors.items():
+            t.grad = torch.tensor(g[name])
+            coef = 0.5 / (t.grad.norm() + 1e-6)
+            if coef < 1:
+                t.grad.mul_(coef)
+        if step < freeze:
+            tensors['last'].grad = None
+        opt.step()
+    for name, t in tensors.items():
+        np.testing.assert_allclose(params[name], t.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+    assert not np.allclose(params['last'], init['last'])

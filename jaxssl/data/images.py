@@ -44,7 +44,9 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 DATASETS = ('folder', 'tfds', 'mnist_digits')
 DIGIT_SPLITS = ('train', 'val')
 INTERPOLATIONS = ('bicubic', 'bilinear')
-View = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# A view function returns one view (under 'image') or a dict of named view arrays (multi-crop groups of different
+# sizes, e.g. DINO's {'global_crops': (2, S, S, 3), 'local_crops': (n, s, s, 3)}).
+View = Callable[[np.ndarray, np.random.Generator], np.ndarray | dict[str, np.ndarray]]
 SampleTransform = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
 
 
@@ -293,7 +295,8 @@ class ImageLoader:
         labels = {k: np.int32(record[k]) for k in self.source.label_keys}
         views = []
         for _ in range(self.num_sample):
-            sample = {'image': self.view(image, rng), **labels}
+            view = self.view(image, rng)
+            sample = {**(view if isinstance(view, dict) else {'image': view}), **labels}
             if self.sample_transform is not None:
                 sample = self.sample_transform(sample, rng)
             views.append(sample)

@@ -1,5 +1,6 @@
 """Augmented views for joint-embedding methods (SimCLR; VICReg and DINO use the same operations with other
-probabilities): random resized crop, flip, colour jitter, grayscale, Gaussian blur, on the host in numpy.
+probabilities): random resized crop, flip, colour jitter, grayscale, Gaussian blur, solarisation, on the host in
+numpy; `multi_crop_views` makes several groups of views of different sizes (DINO's global and local crops).
 
 Every random choice comes from the np.random.Generator Grain passes to the view function, so views are a pure
 function of (seed, element index). Colour operations work on float32 RGB in [0, 1] and clip after each one, as
@@ -9,6 +10,8 @@ chroma plane in YIQ space instead of shifting H in HSV (the same for greys, clos
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -55,8 +58,15 @@ def adjust_hue(image: np.ndarray, delta: float) -> np.ndarray:
 
 def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     """SimCLR's colour jitter at strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s, in random order."""
-    b = c = s = 0.8 * strength
-    h = 0.2 * strength
+    return jitter_colours(image, (0.8 * strength,) * 3 + (0.2 * strength,), rng)
+
+
+def jitter_colours(
+    image: np.ndarray, amounts: tuple[float, float, float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """torchvision's ColorJitter(brightness b, contrast c, saturation s, hue h) = `amounts`: factors ~ U(1 - x, 1 + x)
+    (hue shift ~ U(-h, h)), the four operations in random order."""
+    b, c, s, h = amounts
     ops = (
         lambda x: adjust_brightness(x, rng.uniform(max(1 - b, 0.0), 1 + b)),
         lambda x: adjust_contrast(x, rng.uniform(max(1 - c, 0.0), 1 + c)),
@@ -109,3 +119,70 @@ def simclr_view(
     if rng.random() < blur_prob:
         x = gaussian_blur(x, rng.uniform(0.1, 2.0), (size // 10) | 1)
     return ((x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)).astype(np.float32)
+
+
+def solarize(image: np.ndarray, threshold: float = 128 / 255) -> np.ndarray:
+    """PIL's ImageOps.solarize(threshold 128) on [0, 1] pixels: values >= threshold are inverted."""
+    return np.where(image >= threshold, 1.0 - image, image).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropGroup:
+    """A group of multi-crop views of one size: `name` is its batch key; `blur_probs` and `solarize_probs` hold one
+    probability per view of the group (DINO blurs its first global view always, its second with p 0.1)."""
+
+    name: str
+    size: int
+    scale: tuple[float, float]
+    blur_probs: tuple[float, ...]
+    solarize_probs: tuple[float, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.blur_probs)
+
+
+def pil_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """PIL's ImageFilter.GaussianBlur(radius=sigma) approximated by a true Gaussian over +-3 sigma (clamped to the
+    image, which reflect padding needs)."""
+    radius = min(int(np.ceil(3 * sigma)), min(image.shape[:2]) - 1)
+    return gaussian_blur(image, sigma, 2 * radius + 1)
+
+
+def multi_crop_views(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    groups: tuple[CropGroup, ...],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.2,
+    interpolation: str = 'bicubic',
+) -> dict[str, np.ndarray]:
+    """Multi-crop (DINO's DataAugmentationDINO, BYOL's two-view set with one group): per group, `count` views of a
+    uint8 (H, W, 3) image, each RandomResizedCrop(size, scale) -> flip (p 0.5) -> ColorJitter(`jitter`) with
+    p `jitter_prob` -> grayscale (p `grayscale_prob`) -> Gaussian blur, sigma ~ U(0.1, 2), with the view's
+    probability -> solarize with the view's probability -> ImageNet normalisation. Returns {group name: float32
+    (count, size, size, 3)}: groups of different sizes are separate arrays."""
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    out = {}
+    for group in groups:
+        stack = []
+        for blur_prob, solarize_prob in zip(group.blur_probs, group.solarize_probs, strict=True):
+            crop = random_resized_crop(image, group.size, rng, group.scale, ratio, interpolation)
+            if flip and rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            x = crop.astype(np.float32) / 255.0
+            if rng.random() < jitter_prob:
+                x = jitter_colours(x, jitter, rng)
+            if rng.random() < grayscale_prob:
+                x = grayscale(x)
+            if rng.random() < blur_prob:
+                x = pil_blur(x, rng.uniform(0.1, 2.0))
+            if rng.random() < solarize_prob:
+                x = solarize(x)
+            stack.append((x - mean) / std)
+        out[group.name] = np.stack(stack).astype(np.float32)
+    return out

@@ -1,0 +1,190 @@
+"""DINO: the loss (centring, sharpening, same-view pairs excluded) against numpy, the teacher's momentum and
+temperature schedules, the EMA teacher and centre updates, multi-crop views and batches, config errors naming the
+key, and a 2-step runlocal run through train.train on one device and sharded over 8 fake CPU devices (data x FSDP)
+with equal losses, parameters and centres: the centre's batch mean is over the global batch whatever the mesh."""
+
+import json
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxssl import train
+from jaxssl.config import ConfigError, load_config
+from jaxssl.data import views
+from jaxssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from jaxssl.methods import dino
+from jaxssl.models import dino as dino_model
+
+CONFIG = 'configs/dino.py:runlocal'
+
+
+def numpy_dino_loss(student, teacher, center, student_temp, teacher_temp, same_view_pairs=False):
+    """main_dino.py:DINOLoss, written out with loops: student (V, B, K), teacher (G, B, K)."""
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    total, terms = 0.0, 0
+    for g in range(teacher.shape[0]):
+        q = softmax((teacher[g] - center) / teacher_temp)
+        for v in range(student.shape[0]):
+            if v == g and not same_view_pairs:
+                continue
+            log_p = np.log(softmax(student[v] / student_temp))
+            total += np.mean(np.sum(-q * log_p, axis=-1))
+            terms += 1
+    return total / terms
+
+
+def test_loss_matches_numpy_with_centring_sharpening_and_pair_exclusion():
+    rng = np.random.default_rng(0)
+    student = rng.normal(size=(5, 3, 7)).astype(np.float32)  # 2 global + 3 local crops, batch 3, 7 prototypes
+    teacher = rng.normal(size=(2, 3, 7)).astype(np.float32)
+    center = rng.normal(size=(1, 7)).astype(np.float32)
+    got = dino.dino_loss(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(center), 0.1, 0.04)
+    want = numpy_dino_loss(student, teacher, center, 0.1, 0.04)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # 2 x 5 - 2 = 8 terms: the same-view pairs (global crop g against itself) are left out.
+    assert not np.isclose(want, numpy_dino_loss(student, teacher, center, 0.1, 0.04, same_view_pairs=True))
+    # The centre matters (a non-constant shift of the teacher logits) and so does the teacher temperature.
+    assert not np.isclose(want, numpy_dino_loss(student, teacher, 0 * center, 0.1, 0.04))
+    assert not np.isclose(float(dino.dino_loss(student, teacher, center, 0.1, 0.07)), want)
+
+
+def test_teacher_temperature_and_momentum_schedules():
+    # np.linspace(0.04, 0.07, 4) per epoch, then 0.07.
+    temps = [float(dino.teacher_temperature(e, 0.04, 0.07, 4)) for e in range(6)]
+    np.testing.assert_allclose(temps, [0.04, 0.05, 0.06, 0.07, 0.07, 0.07], rtol=1e-6)
+    assert float(dino.teacher_temperature(3, 0.04, 0.07, 0)) == pytest.approx(0.07)
+    # utils.cosine_scheduler(0.996, 1, ...): 0.996 at the start, halfway 0.998, -> 1 at the end.
+    got = [float(dino.teacher_momentum(s, 10, 0.996)) for s in (0, 5, 10)]
+    want = [1 + 0.5 * (0.996 - 1) * (1 + math.cos(math.pi * s / 10)) for s in (0, 5, 10)]
+    np.testing.assert_allclose(got, want, rtol=1e-7)
+    np.testing.assert_allclose(got, [0.996, 0.998, 1.0], rtol=1e-6)
+
+
+def test_center_update_is_an_ema_of_the_mean_teacher_logits():
+    rng = np.random.default_rng(1)
+    teacher = rng.normal(size=(2, 4, 6)).astype(np.float32)
+    center = rng.normal(size=(1, 6)).astype(np.float32)
+    got = dino.center_update(jnp.asarray(center), jnp.asarray(teacher), 0.9)
+    want = 0.9 * center + 0.1 * teacher.reshape(-1, 6).sum(0, keepdims=True) / 8
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_teacher_follows_the_student_by_ema():
+    config = load_config(CONFIG, [])
+    method = dino.Method(config)
+    total, _ = method.run_length
+    params = {'a': jnp.ones((2, 3)), 'b': {'c': jnp.full(4, 2.0)}}
+    extra = {'teacher': jax.tree.map(jnp.zeros_like, params), 'center': jnp.ones((1, 5))}
+    new = method.update_extra(params, extra, jnp.asarray(0))
+    m = config.model.teacher_momentum
+    np.testing.assert_allclose(new['teacher']['a'], (1 - m) * 1.0, rtol=1e-4)  # float32 momentum
+    np.testing.assert_allclose(new['teacher']['b']['c'], (1 - m) * 2.0, rtol=1e-4)
+    np.testing.assert_array_equal(new['center'], extra['center'])  # the centre moves in the loss, not here
+    last = method.update_extra(params, extra, jnp.asarray(total))
+    np.testing.assert_allclose(last['teacher']['a'], 0.0, atol=1e-7)  # momentum 1 at the end of the run
+
+
+def test_head_prototypes_are_unit_vectors_and_logits_cosines():
+    head = dino_model.DINOHead(out_dim=11, hidden_dim=8, bottleneck_dim=5, layers=3, norm_last_layer=True)
+    h = jax.random.normal(jax.random.key(0), (4, 6))
+    params = head.init(jax.random.key(1), h)['params']
+    assert set(params['last_layer']) == {'v'}  # the gain is fixed at 1
+    logits = head.apply({'params': params}, h)
+    assert logits.shape == (4, 11) and float(jnp.max(jnp.abs(logits))) <= 1.0 + 1e-5
+    learned = dino_model.DINOHead(11, 8, 5, 3, norm_last_layer=False).init(jax.random.key(1), h)['params']
+    np.testing.assert_array_equal(learned['last_layer']['g'], np.ones(11))
+
+
+def test_multi_crop_views_groups_sizes_and_per_view_probabilities():
+    image = (np.random.default_rng(0).uniform(size=(28, 28, 3)) * 255).astype(np.uint8)
+    groups = (
+        views.CropGroup('global_crops', 16, (0.4, 1.0), (1.0, 0.1), (0.0, 0.2)),
+        views.CropGroup('local_crops', 8, (0.05, 0.4), (0.5,) * 3, (0.0,) * 3),
+    )
+    make = lambda seed, **kw: views.multi_crop_views(image, np.random.default_rng(seed), groups=groups, **kw)
+    a, b, c = make(1), make(1), make(2)
+    assert a['global_crops'].shape == (2, 16, 16, 3) and a['local_crops'].shape == (3, 8, 8, 3)
+    np.testing.assert_array_equal(a['local_crops'], b['local_crops'])
+    assert not np.array_equal(a['global_crops'], c['global_crops'])
+    # Nothing random applied except a view's solarisation with probability 1: the whole image, inverted above 128.
+    plain = (views.CropGroup('g', 28, (1.0, 1.0), (0.0, 0.0), (0.0, 1.0)),)
+    out = views.multi_crop_views(image, np.random.default_rng(0), groups=plain, ratio=(1.0, 1.0), flip=False,
+                                 jitter_prob=0.0, grayscale_prob=0.0)['g']  # fmt: skip
+    x = image / 255.0
+    normalise = lambda y: (y - IMAGENET_MEAN) / IMAGENET_STD
+    np.testing.assert_allclose(out[0], normalise(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[1], normalise(np.where(image >= 128, 1 - x, x)), rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_batches_hold_global_and_local_crops():
+    config = load_config(CONFIG, ['input.global_batch=4'])
+    method = dino.Method(config)
+    batch = next(iter(method.dataset(seed=3, process_index=0, process_count=1)[0]))
+    n_local = config.input.local_crops_number
+    assert batch['global_crops'].shape == (4, 2, 32, 32, 3) and batch['global_crops'].dtype == np.float32
+    assert batch['local_crops'].shape == (4, n_local, 16, 16, 3)
+    assert batch['label'].shape == (4,)
+    assert not np.array_equal(batch['global_crops'][0, 0], batch['global_crops'][0, 1])
+    example = method.example_batch(2)
+    assert {k: v.shape for k, v in example.items()} == {
+        'global_crops': (2, 2, 32, 32, 3),
+        'local_crops': (2, n_local, 16, 16, 3),
+    }
+
+
+@pytest.mark.parametrize(
+    'override, key',
+    [
+        ('input.num_sample=2', "'input.num_sample'"),
+        ('input.local_crop_size=18', "'input.local_crop_size'"),
+        ('loss.student_temp=0.0', "'loss.student_temp'"),
+        ('loss.center_momentum=1.5', "'loss.center_momentum'"),
+        ('input.local_crop_scale=(0.5,0.2)', "'input.local_crop_scale'"),
+        ('model.head_bottleneck=0', "'model.head_bottleneck'"),
+        ('model.variant=XL', "'model.variant'"),
+    ],
+)
+def test_config_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(CONFIG, [override])
+
+
+SMALL_EVAL = ['eval.max_train_clips=64', 'eval.max_test_clips=32', 'eval.batch_size=16', "eval.probes=('knn',)"]
+
+
+def run(workdir, *overrides):
+    config = load_config(
+        CONFIG, ['train.steps=2', 'train.log_every=1', 'train.tensorboard=false', 'input.global_batch=16', *overrides]
+    )
+    summary, state = train.train(config, str(workdir))
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        rows = [row for row in map(json.loads, f) if 'loss' in row]
+    return summary, jax.device_get(state), rows
+
+
+@pytest.fixture(scope='module')
+def one_device(tmp_path_factory):
+    return run(tmp_path_factory.mktemp('dino') / 'one', 'mesh.data=1', 'eval.at_end=false')
+
+
+def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path, one_device):
+    _, want_state, want_rows = one_device
+    summary, state, rows = run(tmp_path / 'sharded', 'mesh.data=2', 'mesh.fsdp=4', 'sharding.min_size=0', *SMALL_EVAL)
+    assert jax.device_count() == 8 and summary['final_step'] == 2 and summary['nonfinite_steps'] == 0
+    assert [r['step'] for r in rows] == [1, 2] and all(np.isfinite(r['loss']) for r in rows)
+    np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in want_rows], rtol=1e-5)
+    for part in ('params', 'extra'):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state[part], want_state[part])
+    # The centre moved off zero and the teacher off the student's initial copy (EMA steps happened).
+    assert np.abs(state['extra']['center']).max() > 0
+    for key in ('label/cls/knn', 'label/mean_pool/knn'):
+        assert 0.0 <= summary[f'final_eval/{key}'] <= 1.0
