@@ -88,6 +88,7 @@ def test_loss_gradient_reaches_the_student_not_the_teacher(teacher, one_device):
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grad['decoder']))
 
 
+@pytest.mark.slow
 def test_sharded_matches_one_device(teacher, one_device, tmp_path):
     _, _, want_state, want_rows = one_device
     _, summary, state, rows = run(
