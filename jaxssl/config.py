@@ -202,11 +202,19 @@ def add_trainer_defaults(config: ml_collections.ConfigDict, runlocal: bool = Fal
     c.debug = ml_collections.ConfigDict()
     c.debug.sigterm_at_step = -1  # fault injection for preemption tests
     c.debug.sigkill_at_step = -1
+    if 'optim' in c:  # the lr schedule's keys (jaxssl/optim.py), so any config can select any schedule
+        from jaxssl import optim
+
+        optim.add_schedule_defaults(c.optim)
     return c
 
 
 def check_trainer_config(config: ml_collections.ConfigDict) -> None:
     check_choice(config, 'train.nonfinite', ('stop', 'skip'))
+    if 'optim' in config:
+        from jaxssl import optim
+
+        optim.check_schedule_config(config)
     for key in ('train.log_every', 'checkpoint.every', 'checkpoint.keep', 'train.preemption_check_every'):
         value = config
         for part in key.split('.'):

@@ -1,7 +1,16 @@
 """Optimiser and schedule: AdamW (default) or LARS (`optim.name`), with rule-based weight-decay masks and lr
-multipliers, the reference's per-step warmup + cosine schedule, global-norm or per-tensor clipping, an optional
-cosine weight-decay schedule (`optim.weight_decay_end`) and parameters frozen for the first epochs
-(`optim.freeze_epochs`).
+multipliers, global-norm or per-tensor clipping, an optional cosine weight-decay schedule (`optim.weight_decay_end`),
+parameters frozen for the first epochs (`optim.freeze_epochs`), and a per-step lr schedule (`optim.schedule`):
+
+- 'cosine' (default): the reference's warmup + cosine decay to `optim.min_lr`;
+- 'linear': warmup + linear decay to `optim.min_lr` (the HF Trainer default, e.g. self-distillation's recipe);
+- 'infinite': the infinite schedule of Ibrahim et al. 2024 / Singh et al. 2025 (`infinite_schedule`): warmup,
+  cooldown to a constant lr, constant, exponential annealing to a minimum lr.
+
+Continual pretraining over a sequence of tasks: `optim.task_steps` (> 0) makes the schedule restart every
+task_steps steps (cosine / linear: one full cycle per task, i.e. repeated cosine; infinite: tasks after the first
+skip warmup and cooldown), and `optim.schedule_offset` is added to the step, so a run started with `init_from` the
+previous task's workdir continues the schedule where the earlier tasks left it.
 """
 
 from __future__ import annotations
@@ -16,8 +25,24 @@ import numpy as np
 import optax
 
 from jaxssl import rules as rules_lib
+from jaxssl.config import ConfigError
 
 OPTIMIZERS = ('adamw', 'lars')
+SCHEDULES = ('cosine', 'linear', 'infinite')
+COOLDOWNS = ('cosine', 'linear', 'inv_sqrt')  # the infinite schedule's cooldown shapes (the reference's options)
+# Schedule keys every config gets (add_schedule_defaults) so any of them can be selected on the command line; the
+# infinite schedule's values are the authors' final small-scale MAE runs (Pauljanson002/MAE-1 bin/mila/*.sh).
+SCHEDULE_DEFAULTS = dict(
+    schedule='cosine',
+    task_steps=0,  # > 0: the schedule restarts every task_steps steps (one cycle per task); 0: one cycle per run
+    schedule_offset=0,  # steps of earlier tasks / runs already taken (continual pretraining with init_from)
+    cooldown='cosine',  # infinite: the cooldown's shape, 'cosine', 'linear' or 'inv_sqrt'
+    cooldown_ratio=0.5,  # infinite: the cooldown ends at cooldown_ratio x task steps (absolute cut point)
+    constant_ratio=0.8,  # infinite: the constant phase ends (annealing starts) at constant_ratio x task steps
+    constant_lr_ratio=0.75,  # infinite: the constant lr, a fraction of the peak lr
+    min_lr_ratio=0.05,  # infinite: the annealing's final lr, a fraction of the peak lr
+)
+INV_SQRT_ALPHA = 10.0  # the reference's inverse-sqrt cooldown steepness
 
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
@@ -40,12 +65,139 @@ def warmup_cosine(peak: float, final: float, total_steps: int, warmup_steps: int
     return schedule
 
 
+def warmup_linear(peak: float, final: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 (peak at step warmup_steps), then linear decay to `final` at total_steps."""
+    warmup_steps = min(warmup_steps, total_steps)
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak * step / max(warmup_steps, 1)
+        progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
+        return jnp.where(step < warmup_steps, warm, peak + (final - peak) * progress)
+
+    return schedule
+
+
+def infinite_schedule(
+    peak: float,
+    task_steps: int,
+    warmup_steps: int,
+    cooldown_end: int,
+    constant_end: int,
+    constant_lr: float,
+    min_lr: float,
+    cooldown: str = 'cosine',
+) -> optax.Schedule:
+    """The infinite lr schedule (Pauljanson002/MAE-1 infinite_scheduler.py), a function of the step counted from the
+    start of the first task. Within task k, t = step mod task_steps; the cut points are absolute steps of a task:
+
+      task 0, t <= warmup_steps:          peak * t / warmup_steps
+      task 0, warmup < t <= cooldown_end: from peak to constant_lr, p = (t - warmup) / (cooldown_end - warmup):
+                                          cosine: c + (peak - c) / 2 (1 + cos(pi p)); linear: peak - (peak - c) p;
+                                          inv_sqrt: peak + (c - peak) h(p) / h(1), h(x) = 1 / sqrt(1 + 10 x) - 1
+      t <= constant_end (task 0 after the cooldown, every t of later tasks): constant_lr
+      t > constant_end:                   constant_lr * (min_lr / constant_lr) ** ((t - constant_end) /
+                                          (task_steps - constant_end))   (exponential annealing)
+    """
+    if not 0 <= warmup_steps < cooldown_end <= constant_end < task_steps:
+        raise ValueError(
+            f'need 0 <= warmup {warmup_steps} < cooldown end {cooldown_end} <= constant end {constant_end} < task '
+            f'steps {task_steps}'
+        )
+    if cooldown not in COOLDOWNS:
+        raise ValueError(f"unknown cooldown '{cooldown}'; valid: {', '.join(COOLDOWNS)}")
+    h = lambda x: 1.0 / jnp.sqrt(1.0 + INV_SQRT_ALPHA * x) - 1.0
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        task, t = jnp.floor(step / task_steps), jnp.mod(step, task_steps)
+        warm = peak * t / max(warmup_steps, 1)
+        p = jnp.clip((t - warmup_steps) / (cooldown_end - warmup_steps), 0.0, 1.0)
+        if cooldown == 'cosine':
+            cool = constant_lr + 0.5 * (peak - constant_lr) * (1 + jnp.cos(jnp.pi * p))
+        elif cooldown == 'linear':
+            cool = peak - (peak - constant_lr) * p
+        else:
+            cool = peak + (constant_lr - peak) * h(p) / h(1.0)
+        anneal = constant_lr * (min_lr / constant_lr) ** ((t - constant_end) / (task_steps - constant_end))
+        first = jnp.where(t <= warmup_steps, warm, jnp.where(t <= cooldown_end, cool, constant_lr))
+        held = jnp.where(task == 0, first, constant_lr)
+        return jnp.where(t <= constant_end, held, anneal)
+
+    return schedule
+
+
+def add_schedule_defaults(optim_config: ml_collections.ConfigDict) -> None:
+    """Adds the schedule keys (SCHEDULE_DEFAULTS) a config's `optim` section lacks; values it sets are kept."""
+    for key, value in SCHEDULE_DEFAULTS.items():
+        if key not in optim_config:
+            optim_config[key] = value
+
+
+def schedule_fields(optim_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The schedule keys of `optim_config`, SCHEDULE_DEFAULTS for those it lacks (configs built by hand)."""
+    return ml_collections.ConfigDict({k: optim_config.get(k, v) for k, v in SCHEDULE_DEFAULTS.items()})
+
+
+def check_schedule_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the key, on schedule values that cannot make a schedule (step counts are checked when the
+    run knows its length)."""
+    o = schedule_fields(config.optim)
+    for key, choices in (('schedule', SCHEDULES), ('cooldown', COOLDOWNS)):
+        value = o[key]
+        if value not in choices:
+            raise ConfigError(f"bad value '{value}' for 'optim.{key}'; valid: {', '.join(choices)}")
+    for key in ('task_steps', 'schedule_offset'):
+        value = o[key]
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"bad value {value!r} for 'optim.{key}': must be an integer >= 0")
+    if o.schedule != 'infinite':
+        return
+    cool, const = o.cooldown_ratio, o.constant_ratio
+    if not 0 < cool <= const < 1:
+        raise ConfigError(
+            f"bad values {cool} for 'optim.cooldown_ratio' and {const} for 'optim.constant_ratio': "
+            'need 0 < cooldown_ratio <= constant_ratio < 1'
+        )
+    c_lr, m_lr = o.constant_lr_ratio, o.min_lr_ratio
+    if not 0 < c_lr <= 1:
+        raise ConfigError(f"bad value {c_lr} for 'optim.constant_lr_ratio': must be in (0, 1]")
+    if not 0 < m_lr <= c_lr:
+        raise ConfigError(f"bad value {m_lr} for 'optim.min_lr_ratio': must be in (0, optim.constant_lr_ratio]")
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    """The schedule `optim.schedule` names, over tasks of `optim.task_steps` steps (0: this run's total_steps),
+    shifted by `optim.schedule_offset` steps. Warmup: `optim.warmup_steps`, else `optim.warmup_epochs`."""
+    check_schedule_config(config)
+    o, optim_config = schedule_fields(config.optim), config.optim
     scale = config.input.global_batch / 256
-    warmup = (
-        config.optim.warmup_steps if config.optim.warmup_steps > 0 else config.optim.warmup_epochs * steps_per_epoch
-    )
-    return warmup_cosine(peak_learning_rate(config), config.optim.min_lr * scale, total_steps, int(warmup))
+    peak = peak_learning_rate(config)
+    warmup = optim_config.warmup_steps
+    warmup = int(warmup if warmup > 0 else optim_config.warmup_epochs * steps_per_epoch)
+    task_steps = o.task_steps or total_steps
+    name = o.schedule
+    if name == 'infinite':
+        cooldown_end, constant_end = int(o.cooldown_ratio * task_steps), int(o.constant_ratio * task_steps)
+        if not warmup < cooldown_end <= constant_end < task_steps:
+            raise ConfigError(
+                f"'optim.schedule' infinite over tasks of {task_steps} steps: need warmup ({warmup} steps) < "
+                f"cooldown end ('optim.cooldown_ratio': {cooldown_end} steps) <= annealing start "
+                f"('optim.constant_ratio': {constant_end} steps) < {task_steps}"
+            )
+        per_task = infinite_schedule(
+            peak, task_steps, warmup, cooldown_end, constant_end, o.constant_lr_ratio * peak, o.min_lr_ratio * peak,
+            o.cooldown,
+        )  # fmt: skip
+    else:
+        make = warmup_cosine if name == 'cosine' else warmup_linear
+        cycle = make(peak, optim_config.min_lr * scale, task_steps, warmup)
+        per_task = lambda step: cycle(jnp.mod(step, task_steps))  # one full cycle per task: repeated cosine
+    offset = o.schedule_offset
+    if offset == 0 and name != 'infinite' and task_steps == total_steps:
+        return cycle  # the default: exactly the schedule every existing config had
+    return lambda step: per_task(jnp.asarray(step) + offset)
 
 
 def decay_mask(params: Any, no_decay_rules: rules_lib.Rules) -> Any:

@@ -156,11 +156,38 @@ class DigitsSource:
         return f'DigitsSource({self.split!r}, {len(self)} images)'
 
 
+class ClassSubset:
+    """The images of `source` whose 'label' is one of `classes` (a task of class-incremental continual pretraining).
+    Reads every record's label once (no image is decoded)."""
+
+    def __init__(self, source: Any, classes: tuple[int, ...]):
+        if 'label' not in source.label_keys:
+            raise ValueError(f'{source!r} has no labels to select classes {tuple(classes)} by')
+        wanted = {int(k) for k in classes}
+        self.source, self.classes, self.label_keys = source, tuple(classes), source.label_keys
+        self._index = [i for i in range(len(source)) if int(source[i]['label']) in wanted]
+        if not self._index:
+            raise ValueError(f'{source!r} has no image of classes {tuple(classes)}')
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.source[self._index[index]]
+
+    def __repr__(self) -> str:
+        return f'ClassSubset({self.source!r}, classes {self.classes}, {len(self)} images)'
+
+
 def make_image_source(config: ml_collections.ConfigDict, split: str | None = None) -> Any:
     """The source `config.input.dataset` names: 'folder' (<data_root>/<split>/<class>/<image>; `split` '' reads
     <data_root> itself), 'tfds' (a TFDS split string) or 'mnist_digits' ('train' / 'val'). `split` overrides
-    `config.input.split`."""
+    `config.input.split`. The training split (no `split` given) keeps only `config.input.classes` when that is set;
+    evaluation splits keep every class."""
     c = config.input
+    classes = tuple(c.get('classes', ())) if split is None else ()
+    if classes:
+        return ClassSubset(make_image_source(config, c.split), classes)
     split = c.split if split is None else split
     if c.dataset == 'folder':
         return ImageFolderSource(os.path.join(c.data_root, split) if split else c.data_root)
@@ -407,6 +434,7 @@ def add_image_input_config(config: ml_collections.ConfigDict, *, runlocal: bool 
     c.dataset = 'mnist_digits' if runlocal else 'folder'  # 'folder', 'tfds' or 'mnist_digits'
     c.data_root = ''  # 'folder': <data_root>/<split>/<class>/<image> (ImageNet's layout)
     c.split = 'train'  # the training split: a sub-folder of data_root ('' for data_root itself), a TFDS split
+    c.classes = ()  # labels the training split is restricted to (continual pretraining tasks); (): all
     c.tfds_name = ''
     c.tfds_data_dir = ''
     c.tfds_image_key = 'image'  # encoded image bytes or a uint8 array
@@ -434,6 +462,8 @@ def check_image_input_config(config: ml_collections.ConfigDict) -> None:
         value = c[key]
         if not isinstance(value, int) or value < minimum:
             raise ConfigError(f"bad value {value!r} for 'input.{key}': must be an integer >= {minimum}")
+    if any(not isinstance(k, int) or k < 0 for k in c.get('classes', ())):
+        raise ConfigError(f"bad value {tuple(c.classes)!r} for 'input.classes': must be integer labels >= 0")
     low, high = (float(v) for v in c.crop_scale) if len(c.crop_scale) == 2 else (math.nan, math.nan)
     if not 0 < low <= high <= 1:
         raise ConfigError(
