@@ -185,6 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     writer = metrics_lib.MetricWriter(workdir, active=is_main, tensorboard=config.train.tensorboard)
     method = method_module(config).Method(config)
     mesh = sharding.make_mesh(config)
+    method.use_mesh(mesh)
     check_batch(config, mesh)
 
     dataset, examples_per_epoch = method.dataset(config.seed, jax.process_index(), jax.process_count())
@@ -344,6 +345,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     """Restores a run's params (latest or `step`) onto this machine's mesh and runs its evaluation and pictures."""
     method = method_module(config).Method(config)
     mesh = sharding.make_mesh(config)
+    method.use_mesh(mesh)
     checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint.keep, async_save=False)
     step = checkpointer.latest_step() if step is None else step
     if step is None:

@@ -27,6 +27,21 @@ class Method:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
+        self._mesh: jax.sharding.Mesh | None = None
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        """The device mesh the trainer runs on, for losses that name its axes (shard_map over the batch axes). The
+        trainer hands it over with `use_mesh`; without one (tests, evaluators) it is built from the config on first
+        use, which gives the same mesh on the same devices."""
+        if self._mesh is None:
+            from jaxssl import sharding
+
+            self._mesh = sharding.make_mesh(self.config)
+        return self._mesh
+
+    def use_mesh(self, mesh: jax.sharding.Mesh) -> None:
+        self._mesh = mesh
 
     # --- data (host side, numpy) -------------------------------------------------------------------------------
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:

@@ -79,11 +79,6 @@ class Method(base.Method):
             limit = self.model.max_positions
             raise ConfigError(f"'input.max_len' / 'eval.max_len' exceed the model's {limit} positions")
 
-    @functools.cached_property
-    def mesh(self) -> jax.sharding.Mesh:
-        """The trainer's mesh (same config and devices), built on first use by the loss's shard_map."""
-        return sharding.make_mesh(self.config)
-
     # --- data -------------------------------------------------------------------------------------------------
     @functools.cached_property
     def sentences(self) -> list[str]:

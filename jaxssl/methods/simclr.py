@@ -122,12 +122,6 @@ class Method(base.Method):
         super().__init__(config)
         self.model = make_model(config)
 
-    @functools.cached_property
-    def mesh(self) -> jax.sharding.Mesh:
-        """The trainer's mesh: built from the same config and devices, so equal to it. The loss's shard_map needs it
-        by name; it is made on first use (tracing), not at construction, so evaluators never build one."""
-        return sharding.make_mesh(self.config)
-
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
         image_data.check_image_input_config(self.config)  # paths are checked when a run starts, not at config load
         source = image_data.make_image_source(self.config)
