@@ -44,9 +44,13 @@ def trivial_losses(method, batches: int = 4) -> dict[str, float]:
         grid = targets.reshape(size, slices, height, width, dim)
         seen = visible.reshape(size, slices, height, width, 1)
         total, count = np.zeros_like(grid), np.zeros_like(seen, np.float32)
-        for shift in ((0, 1), (0, -1), (1, 0), (-1, 0)):
-            total += np.roll(grid * seen, shift, axis=(2, 3))
-            count += np.roll(seen, shift, axis=(2, 3))
+        # Shift by one position without wrapping around: a border tube has only the neighbours inside the grid.
+        padded_grid = np.pad(grid * seen, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+        padded_seen = np.pad(seen.astype(np.float32), ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+            window = np.s_[:, :, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+            total += padded_grid[window]
+            count += padded_seen[window]
         neighbours = (total / np.maximum(count, 1)).reshape(size, tokens, dim)
         mean = targets[hidden].mean(axis=0)
         totals['zeros'].append(np.mean(np.square(targets).mean(-1)[hidden]))

@@ -82,6 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.tfds_label_key = 'label'
     c.input.cache_dir = '~/.cache/jaxssl'  # where moving_digits is generated on first use
     c.input.moving_digits_size = 'small'  # 'tiny' (48 clips, tests) or 'small' (3,000 clips)
+    # A moving_digits variant: digits zoomed by this factor and Gaussian-blurred (sigma px), so hidden tubes are
+    # predictable from their neighbours (jaxssl/data/moving_digits.py; docs/methods.md, VideoMAE V2).
+    c.input.moving_digits_scale = 1.0
+    c.input.moving_digits_blur = 0.0
     c.input.num_workers = 0 if arg.runlocal else 16  # Grain worker processes per host (0: decode in-process)
     c.input.read_threads = 2 if arg.runlocal else 1  # batches assembled concurrently per process (memory: 1 batch each)
 

@@ -104,6 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.tfds_label_key = 'label'
     c.input.cache_dir = '~/.cache/jaxssl'
     c.input.moving_digits_size = 'small'
+    c.input.moving_digits_scale = 1.0  # the zoomed / blurred variant, as in configs/videomae_v2.py
+    c.input.moving_digits_blur = 0.0
     c.input.num_workers = 0 if arg.runlocal else 16
     c.input.read_threads = 2 if arg.runlocal else 1
 

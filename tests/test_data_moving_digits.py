@@ -99,3 +99,53 @@ def test_interrupted_generation_leaves_no_dataset(tmp_path, monkeypatch):
     root = moving_digits.dataset_dir(str(tmp_path), 'tiny')
     assert not os.path.exists(root)
     assert os.listdir(os.path.dirname(root)) == []  # the temporary folder is gone too
+
+
+# The zoomed / blurred variant (input.moving_digits_scale / input.moving_digits_blur): same clips and labels.
+
+
+def test_sprite_variant_zooms_pads_blurs_and_keeps_the_peak():
+    digits = np.zeros((2, 28, 28), np.uint8)
+    digits[0, 10:18, 12:14] = 200  # a vertical bar
+    digits[1, 4, 4] = 90  # one dot
+    assert moving_digits.sprite_images(digits) is digits  # the default draws the digits as they are
+    zoomed = moving_digits.sprite_images(digits, scale=2.0)
+    assert zoomed.shape == (2, 56, 56)
+    assert zoomed[0, 21:35, 25:27].min() == 200 and zoomed[0, :19].max() == 0  # the bar at twice the coordinates
+    blurred = moving_digits.sprite_images(digits, scale=2.0, blur=2.0)
+    assert blurred.shape == (2, 56 + 2 * 6, 56 + 2 * 6)  # padded by ceil(3 * sigma) on each side
+    assert [blurred[0].max(), blurred[1].max()] == [200, 90]  # each digit keeps its peak brightness
+    assert blurred[0, :, 0].max() == 0 and blurred[0, 6 + 16, 6 + 20] > 0  # smooth tails, not cut off square
+    ys, xs = np.nonzero(blurred[0] == 200)
+    assert abs(ys.mean() - (6 + 27.5)) < 1 and abs(xs.mean() - (6 + 25.5)) < 1  # the bar stays where it was
+
+
+def test_a_sprite_larger_than_its_room_travels_a_path_centred_on_the_canvas():
+    assert moving_digits._start_range(1.0) == (0.0, 36 - 31.0)  # the default digits stay inside the canvas
+    for v in (1.0, -1.0, 0.5):
+        low, high = moving_digits._start_range(v, sprite=56)
+        assert low == high  # no room to spare: one start
+        middle = low + v * 31 / 2 + 56 / 2  # the sprite's centre half-way along the path
+        assert middle == moving_digits.CANVAS / 2
+
+
+def test_render_cuts_a_sprite_that_leaves_the_canvas():
+    sprite = np.full((1, 10, 10), 255, np.uint8)
+    spec = {'velocity': [1.0, 0.0], 'digit_index': [0], 'start_xy': [[-5.0, -3.0]]}
+    frames = moving_digits.render_clip(spec, sprite)[..., 0]
+    assert frames.shape == (32, 64, 64)
+    assert frames[0].sum() == 255 * 5 * 7 and frames[0, :7, :5].min() == 255  # the part inside, at the corner
+    assert frames[31].sum() == 255 * 10 * 7 and frames[31, :7, 26:36].min() == 255
+
+
+def test_variant_has_its_own_folder_and_bad_values_fail_with_the_key(tmp_path):
+    from jaxssl import data
+    from jaxssl.config import ConfigError, load_config
+
+    assert moving_digits.dataset_dir('/c', 'tiny').endswith('moving_digits/tiny-v1')
+    assert moving_digits.dataset_dir('/c', 'tiny', 2.0, 8.0).endswith('moving_digits/tiny-v1-x2-blur8')
+    for key, value in (('moving_digits_scale', 5.0), ('moving_digits_blur', -1.0)):
+        config = load_config('configs/videomae_v2.py:runlocal', [f'input.cache_dir={tmp_path}'])
+        config.input[key] = value
+        with pytest.raises(ConfigError, match=f'input.{key}'):
+            data.check_input_config(config)

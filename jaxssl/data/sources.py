@@ -210,5 +210,7 @@ def make_source(config: ml_collections.ConfigDict, split: str | None = None) -> 
     if c.dataset == 'moving_digits':
         from jaxssl.data import moving_digits
 
-        return moving_digits.MovingDigitsSource(c.cache_dir, c.moving_digits_size, split)
+        # The variant keys are optional: configs without them get the default digits.
+        scale, blur = c.get('moving_digits_scale', 1.0), c.get('moving_digits_blur', 0.0)
+        return moving_digits.MovingDigitsSource(c.cache_dir, c.moving_digits_size, split, scale=scale, blur=blur)
     raise ValueError(f"unknown input.dataset '{c.dataset}'")
