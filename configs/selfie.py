@@ -9,11 +9,12 @@ Examples:
   --config=configs/selfie.py --config.input.data_root=/data/imagenet   (<root>/train/<class>/<image>)
   --config=configs/selfie.py:runlocal
 Reference recipe: no official code is public (shared/reference/methods/cae_gmml_sit_mp3_selfie.md, section 5).
-Confirmed from the paper: 32-px patches on 224-px images (49 patches, 7 + 7 row / column embeddings; 8-px patches on
-32-px images), a learned pooling query u0, candidates = the other masked patches of the same image, all masked
-locations scored at once. Ours, not the paper's: P is a small residual conv net with GroupNorm instead of the first
-three ResNet-50 blocks (model.patch_widths). Unverified and taken as assumptions: the masked fraction (0.25; the
-paper's figure masks 3 of 9), the size of the pooling transformer, and the optimiser (AdamW, cosine).
+Confirmed from the paper: 32-px patches on 224-px images (49 patches, 7 + 7 row / column embeddings; 8-px patches
+on 32-px images, 16 per-patch embeddings), a learned pooling query u0, candidates = the other masked patches of the
+same image, all masked locations scored at once. Ours, not the paper's: P is a small residual conv net with
+GroupNorm instead of the first three ResNet-50 blocks (model.patch_widths). Unverified and taken as assumptions: the
+masked fraction (0.25; the paper's figure masks 3 of 9), the size of the pooling transformer, and the optimiser
+(AdamW, cosine).
 """
 
 import ml_collections
@@ -33,6 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.patch = 8 if arg.runlocal else 32  # pixels per patch side
     c.model.patch_widths = (16, 32) if arg.runlocal else (64, 128, 256, 512)  # P's blocks; the last is A's width
+    # The query's position: 7 + 7 row / column vectors at 224 px, one vector per patch at 32 px (the paper's two cases).
+    c.model.position = 'patch' if arg.runlocal else 'row_col'
     c.model.pool_depth = 1 if arg.runlocal else 3  # attention pooling blocks
     c.model.pool_heads = 4 if arg.runlocal else 8
     c.model.layer_norm_eps = 1e-6

@@ -56,6 +56,17 @@ def test_logits_are_pooled_query_plus_row_and_column_dot_candidates(tiny):
         np.testing.assert_allclose(logits[b], queries @ h[b, 11:].T, rtol=1e-4, atol=1e-5)
 
 
+def test_per_patch_position_embedding_indexes_the_masked_location():
+    # The paper's 32-px setting: one learned vector per patch instead of row + column vectors.
+    model = selfie_model.SelfiePretrain(patch_widths=(8,), pool_depth=1, pool_heads=2, patch=4, position='patch')
+    images = jnp.asarray(np.random.default_rng(5).normal(size=(1, 8, 8, 3)), jnp.float32)  # 4 patches
+    ids = jnp.asarray([[2, 0, 3, 1]], jnp.int32)  # patches 3 and 1 masked
+    params = model.init(jax.random.key(1), images, ids, 2)['params']
+    logits, inter = model.apply({'params': params}, images, ids, 2)
+    queries = np.asarray(inter['pooled'])[0] + np.asarray(params['pos_embed'])[[3, 1]]
+    np.testing.assert_allclose(logits[0], queries @ np.asarray(inter['patches'])[0, 2:].T, rtol=1e-4, atol=1e-5)
+
+
 def test_pooling_sees_only_visible_patches(tiny):
     apply, _, images, ids = tiny
     logits, inter = apply(images)
@@ -72,7 +83,8 @@ def test_pooling_sees_only_visible_patches(tiny):
 @pytest.mark.parametrize(
     ('override', 'key'),
     [('masking.ratio=0.05', r'masking\.ratio'), ('model.patch_widths=(16, 20)', r'model\.patch_widths'),
-     ('model.pool_heads=5', r'model\.pool_heads'), ('model.patch=5', r'input\.image_size')],
+     ('model.pool_heads=5', r'model\.pool_heads'), ('model.patch=5', r'input\.image_size'),
+     ("model.position='grid'", r'model\.position')],
 )  # fmt: skip
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key):

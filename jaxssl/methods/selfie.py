@@ -28,6 +28,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model or masks cannot use (data paths are checked at run start)."""
     m = config.model
     check_choice(config, 'model.dtype', DTYPES)
+    check_choice(config, 'model.position', selfie_model.POSITIONS)
     widths = tuple(m.patch_widths)
     if not widths or any(not isinstance(w, int) or w <= 0 or w % selfie_model.GROUPS for w in widths):
         raise ConfigError(
@@ -62,6 +63,7 @@ def make_model(config: ml_collections.ConfigDict) -> selfie_model.SelfiePretrain
         pool_depth=m.pool_depth,
         pool_heads=m.pool_heads,
         patch=m.patch,
+        position=m.position,
         layer_norm_eps=m.layer_norm_eps,
         dtype=DTYPES[m.dtype],
     )

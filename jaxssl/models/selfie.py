@@ -2,7 +2,8 @@
 
 A patch network P encodes every patch on its own into one vector; an attention pooling network A (a transformer
 whose first token is a learned query u0) summarises the visible patches' vectors into u; for each masked location,
-v = u + row embedding + column embedding of that location, and v is scored by dot product against the vectors of
+v = u + the position embedding of that location (row + column
+embeddings, or one per patch as the paper does on 32-px images), and v is scored by dot product against the vectors of
 all masked patches of the same image (the right one and its distractors): an (m, m) logit matrix per image whose
 diagonal is the answer. P is the paper's first three ResNet-50 blocks; here it is a small residual conv net with
 GroupNorm (no batch statistics to carry in the trainer's state). Tokens come in shuffle order from `ids_shuffle`
@@ -23,6 +24,7 @@ from jaxssl.models import mae as mae_model
 from jaxssl.models import vit
 
 GROUPS = 8  # GroupNorm groups: every patch-network width must divide by it
+POSITIONS = ('row_col', 'patch')
 
 
 class ResidualBlock(nn.Module):
@@ -77,6 +79,7 @@ class SelfiePretrain(nn.Module):
     pool_depth: int
     pool_heads: int
     patch: int = 8
+    position: str = 'row_col'  # 'row_col': grid_h + grid_w vectors (the paper at 224 px); 'patch': one per patch
     layer_norm_eps: float = 1e-6
     dtype: Any = jnp.float32
 
@@ -120,10 +123,16 @@ class SelfiePretrain(nn.Module):
         intermediates = {'patches': h, 'pooled': u}
         if ids_shuffle is None:
             return None, intermediates
-        # The query of each masked location: u plus that location's row and column embeddings.
-        rows = self.param('row_embed', nn.initializers.normal(0.02), (grid[0], self.width))
-        cols = self.param('col_embed', nn.initializers.normal(0.02), (grid[1], self.width))
+        # The query of each masked location: u plus that location's position embedding.
         masked = ids_shuffle[:, num_visible:]
-        queries = u[:, None] + (rows[masked // grid[1]] + cols[masked % grid[1]]).astype(u.dtype)
+        if self.position == 'row_col':
+            rows = self.param('row_embed', nn.initializers.normal(0.02), (grid[0], self.width))
+            cols = self.param('col_embed', nn.initializers.normal(0.02), (grid[1], self.width))
+            position = rows[masked // grid[1]] + cols[masked % grid[1]]
+        elif self.position == 'patch':
+            position = self.param('pos_embed', nn.initializers.normal(0.02), (num_tokens, self.width))[masked]
+        else:
+            raise ValueError(f"unknown position embedding '{self.position}'; valid: {', '.join(POSITIONS)}")
+        queries = u[:, None] + position.astype(u.dtype)
         logits = jnp.einsum('bid,bjd->bij', queries, h[:, num_visible:])
         return logits.astype(jnp.float32), intermediates
