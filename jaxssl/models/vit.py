@@ -162,13 +162,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | 
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection, q and v biases, no k bias."""
+    """Multi-head self-attention with a fused qkv projection, q and v biases, no k bias.
+
+    `num_context` > 0 restricts the keys and values to the first `num_context` tokens while every token still queries
+    (MP3's masked context: the other tokens read the context but are never read).
+    """
 
     width: int
     heads: int
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None  # see dot_product_attention
+    num_context: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -182,6 +187,8 @@ class Attention(nn.Module):
             bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
             qkv = qkv + bias.astype(qkv.dtype)
         q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.heads, -1), 3, axis=2)
+        if self.num_context:
+            k, v = k[:, : self.num_context], v[:, : self.num_context]
         out = dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.attention_impl)
         out = out.reshape(batch, tokens, self.width)
         return nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
@@ -223,6 +230,7 @@ class Block(nn.Module):
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    num_context: int = 0  # > 0: keys / values from the first num_context tokens only (see Attention)
 
     @nn.compact
     def __call__(
@@ -237,9 +245,9 @@ class Block(nn.Module):
             return branch
 
         norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
-        y = Attention(self.width, self.heads, self.qkv_bias, self.dtype, self.attention_impl, name='attn')(
-            norm('norm1')(x)
-        )
+        y = Attention(
+            self.width, self.heads, self.qkv_bias, self.dtype, self.attention_impl, self.num_context, name='attn'
+        )(norm('norm1')(x))
         x = x + residual(y, 'gamma_1')
         y = Mlp(self.mlp_hidden, self.dtype, name='mlp')(norm('norm2')(x))
         x = x + residual(y, 'gamma_2')
@@ -270,6 +278,7 @@ class Transformer(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    num_context: int = 0  # > 0: every block's keys / values are the first num_context tokens (see Attention)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -285,6 +294,7 @@ class Transformer(nn.Module):
             qkv_bias=self.qkv_bias,
             dtype=self.dtype,
             attention_impl=self.attention_impl,
+            num_context=self.num_context,
         )
         rates = np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
         block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
