@@ -51,9 +51,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         raise ConfigError(f"bad value {config.input.image_size} for 'input.image_size': {e}") from None
     blocks = tuple(config.model.recons_blocks)
-    if not blocks or not all(isinstance(b, int) and 1 <= b <= spec['depth'] for b in blocks):
+    depth = spec['depth']
+    if not blocks or not all(isinstance(b, int) and 1 <= abs(b) <= depth for b in blocks):
         raise ConfigError(
-            f"bad value {blocks} for 'model.recons_blocks': need block numbers in 1..{spec['depth']} (1-indexed)"
+            f"bad value {blocks} for 'model.recons_blocks': need block numbers in 1..{depth} (1-indexed; -1: last)"
         )
     if not isinstance(config.model.head_layers, int) or config.model.head_layers < 0:
         raise ConfigError(f"bad value {config.model.head_layers!r} for 'model.head_layers': must be an integer >= 0")

@@ -3,11 +3,12 @@
 
 Tokens: `task_tokens` learned tokens in front of the patches (GMML: one cls token; SiT v1: a rotation token and a
 contrastive token), a learned position table over all of them, then jaxssl.models.vit blocks and a final LayerNorm.
-Reconstruction reads the mean of the outputs of `recons_blocks` (1-indexed, before the final norm), applies the final
-norm, drops the task tokens and runs the reference's RECHead: `head_layers` x (Linear, GELU) (GMML: 3; SiT v1: 0),
-then ConvTranspose2d(width, C, kernel = stride = patch), which on non-overlapping patches is one Linear to the
-patch's p * p * C pixels with a bias per channel (not per pixel), unpatchified. SiT's heads (Linear(width, 4) on the
-rotation token, Linear(width, contrastive_dim) on the contrastive token) read the final-norm output.
+Reconstruction reads the mean of the outputs of `recons_blocks` (1-indexed, -1 the last; before the final
+norm), applies the final norm, drops the task tokens and runs the reference's RECHead: `head_layers` x (Linear,
+GELU) (GMML: 3; SiT v1: 0), then ConvTranspose2d(width, C, kernel = stride = patch), which on non-overlapping
+patches is one Linear to the patch's p * p * C pixels with a bias per channel (not per pixel), unpatchified. SiT's
+heads (Linear(width, 4) on the rotation token, Linear(width, contrastive_dim) on the contrastive token) read the
+final-norm output.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class ReconstructionHead(nn.Module):
 class GMMLModel(nn.Module):
     """`__call__(images, train)` -> (reconstruction (B, H, W, C) float32, outputs, intermediates). outputs holds
     'encoded' (B, T + L, width) after the final norm (T = task_tokens) and, when configured, 'rotation' (B, 4) and
-    'contrastive' (B, contrastive_dim) logits in float32."""
+    'contrastive' (B, contrastive_dim) logits in float32, and SiT's 'task_weights'."""
 
     width: int
     depth: int
@@ -70,6 +71,7 @@ class GMMLModel(nn.Module):
     head_layers: int = 3
     rotation_classes: int = 0
     contrastive_dim: int = 0
+    task_weights: int = 0  # SiT's learned uncertainty weights s_t, one per task, init 1 (a 1-D parameter: no decay)
     layer_norm_eps: float = 1e-6
     drop_path_rate: float = 0.0
     remat: bool = False
@@ -103,7 +105,8 @@ class GMMLModel(nn.Module):
         )(x, train)
         norm = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name='norm')
         encoded = norm(x)
-        recons = sum(intermediates[f'block_{b - 1:02d}'] for b in self.recons_blocks) / len(self.recons_blocks)
+        numbers = [b - 1 if b > 0 else self.depth + b for b in self.recons_blocks]  # 1-indexed; -1: the last
+        recons = sum(intermediates[f'block_{i:02d}'] for i in numbers) / len(numbers)
         recons = norm(recons)[:, self.task_tokens :]
         pixels = ReconstructionHead(self.head_layers, self.patch, self.channels, self.dtype, name='rec_head')(
             recons, grid
@@ -115,6 +118,8 @@ class GMMLModel(nn.Module):
         if self.contrastive_dim:
             dense = nn.Dense(self.contrastive_dim, dtype=self.dtype, kernel_init=head_init, name='contrastive_head')
             outputs['contrastive'] = dense(encoded[:, 1]).astype(jnp.float32)
+        if self.task_weights:
+            outputs['task_weights'] = self.param('task_weights', nn.initializers.ones, (self.task_weights,))
         return pixels, outputs, intermediates
 
 
