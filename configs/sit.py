@@ -42,11 +42,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.attention_impl = ''  # '': cuDNN flash attention on GPUs in bf16, XLA's elsewhere; or 'xla' / 'cudnn'
 
     c.corruption = ml_collections.ConfigDict()
-    c.corruption.noise_ratio = 0.75  # --drop_perc: noise over U(min(0.5, r), r) of the pixels
-    c.corruption.replace_ratio = 0.3  # --drop_replace: pasted blocks cover U(min(0.5, r), r) = exactly r
-    c.corruption.replace_prob = 0.5  # 1 / (drop types + 1) with --drop_type noise
-    c.corruption.align = 1  # --drop_align: 1 = pixel rectangles; the patch size aligns them to the token grid
-    c.corruption.max_block = 0.3  # the longest side of a block, as a fraction of the image side
+    # GMML's plan at v1's strength: v1 draws noise blocks over U(0, 0.3) and pasted blocks over U(0, 0.3) of the
+    # image (max_block_sz 0.25); here a view gets noise or a paste over 0.3 (U(min(0.5, r), r) = r).
+    c.corruption.noise_ratio = 0.3
+    c.corruption.replace_ratio = 0.3
+    c.corruption.replace_prob = 0.5
+    c.corruption.align = 1  # pixel rectangles, as v1
+    c.corruption.max_block = 0.25
 
     c.loss = ml_collections.ConfigDict()
     c.loss.region = 'all'  # v1: L1 over every pixel of the clean view; 'corrupted': GMML's
