@@ -1,5 +1,5 @@
 """Token masks as numpy functions run per sample in the input pipeline: VideoMAE V2's dual masking, MAE's
-per-sample random shuffle, and BEiT / CAE's block-wise masking.
+per-sample random shuffle, BEiT / CAE's block-wise masking, and GMML's pixel-rectangle group corruption.
 
 VideoMAE V2 (OpenGVLab/VideoMAEv2 dataset/masking_generator.py): a mask is a flat bool array over the token grid
 (T', H', W') in (t, h, w) order, and True means "dropped": hidden from the encoder (encoder mask) or not
@@ -197,3 +197,51 @@ def mask_to_ids(mask: np.ndarray) -> dict[str, np.ndarray]:
         'ids_masked': ids_masked.astype(np.int32),
         'ids_restore': ids_restore.astype(np.int32),
     }
+
+
+def group_block_mask(
+    height: int, width: int, max_ratio: float, rng: np.random.Generator, align: int = 1, max_block: float = 0.3
+) -> np.ndarray:
+    """GMML's group mask (Sara-Ahmed/GMML datasets_utils.GMML_drop_rand_patches): a (height, width) bool pixel mask,
+    True = corrupted, the union of random rectangles drawn until it covers U(min(0.5, max_ratio), max_ratio) of the
+    pixels (overlaps allowed, so the last rectangle may overshoot the target).
+
+    Each rectangle: top-left corner randint(0, H - align) // align * align (numpy's exclusive upper bound, as the
+    reference), side min(randint(align, int(H * max_block)), H - top) rounded to a multiple of `align`. align=1
+    (the reference's default) gives pixel rectangles not aligned with the patch grid; align=patch aligns them.
+    """
+    align = max(1, align)
+    longest = (int(height * max_block), int(width * max_block))
+    if min(longest) <= align:
+        raise ValueError(f'max_block {max_block} of {height}x{width} px allows no rectangle wider than align {align}')
+    target = rng.uniform(min(0.5, max_ratio), max_ratio) * height * width
+    mask = np.zeros((height, width), dtype=bool)
+    while mask.sum() < target:
+        top = rng.integers(0, height - align) // align * align
+        left = rng.integers(0, width - align) // align * align
+        h = round(min(rng.integers(align, longest[0]), height - top) / align) * align
+        w = round(min(rng.integers(align, longest[1]), width - left) / align) * align
+        mask[top : top + h, left : left + w] = True
+    return mask
+
+
+def gmml_corruption(
+    size: int,
+    rng: np.random.Generator,
+    noise_ratio: float = 0.75,
+    replace_ratio: float = 0.3,
+    replace_prob: float = 0.5,
+    align: int = 1,
+    max_block: float = 0.3,
+) -> dict[str, np.ndarray]:
+    """One view's GMML corruption plan: 'mask' (size, size) bool and 'paste' () bool.
+
+    The reference corrupts in two stages: its loader fills U(0.5, noise_ratio) of every crop with N(0, 1) noise,
+    then its train loop, per image with probability replace_prob (1 / (drop types + 1) = 0.5 for 'noise'), throws
+    that away and pastes blocks covering exactly replace_ratio of the clean crop from a random image of the batch at
+    the same place. The plan is drawn here (numpy, per sample, in the Grain pipeline); the pixels are filled on
+    device by jaxssl.methods.gmml.corrupt, which sees the batch the pasted blocks come from.
+    """
+    paste = rng.random() < replace_prob
+    ratio = replace_ratio if paste else noise_ratio
+    return {'mask': group_block_mask(size, size, ratio, rng, align, max_block), 'paste': np.asarray(paste)}

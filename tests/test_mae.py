@@ -171,8 +171,8 @@ def vit_count(tree):
 
 def test_variants():
     assert model_lib.decode_variant('H')['patch'] == 14 and model_lib.decode_variant('B/8')['patch'] == 8
-    with pytest.raises(ValueError, match='valid: micro, tiny, Ti, B, L, H'):
-        model_lib.decode_variant('S')
+    with pytest.raises(ValueError, match='valid: micro, tiny, Ti, S, B, L, H'):
+        model_lib.decode_variant('Q')
 
 
 @pytest.fixture(scope='module')
@@ -317,7 +317,7 @@ def test_recipe():
 @pytest.mark.parametrize(
     ('overrides', 'needles'),
     [
-        (['model.variant=S'], ["'model.variant'", 'micro, tiny, Ti, B, L, H']),
+        (['model.variant=Q'], ["'model.variant'", 'micro, tiny, Ti, S, B, L, H']),
         (['input.image_size=30'], ["'input.image_size'", 'not divisible by patch']),
         (['masking.ratio=1.0'], ["'masking.ratio'"]),
         (['masking.ratio=0.99'], ["'masking.ratio'", 'keep at least one']),

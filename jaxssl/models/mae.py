@@ -34,6 +34,7 @@ _TABLE = {
     'tiny': (128, 4, 4, 4.0, 64, 2, 4, 16),  # CPU demos and quality checks; not a reference size
     # ViT-Ti with a 4-block decoder of its own width: the small-scale continual MAE of the infinite-lr paper.
     'Ti': (192, 12, 3, 4.0, 192, 4, 3, 16),
+    'S': (384, 12, 6, 4.0, 512, 8, 16, 16),  # GMML / DINO ViT-S/16 (no MAE reference model of this size)
     'B': (768, 12, 12, 4.0, 512, 8, 16, 16),
     'L': (1024, 24, 16, 4.0, 512, 8, 16, 16),
     'H': (1280, 32, 16, 4.0, 512, 8, 16, 14),
