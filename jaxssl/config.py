@@ -95,7 +95,9 @@ def _import_file(path: str):
 def available_methods() -> list[str]:
     import jaxssl.methods
 
-    return sorted(m.name for m in pkgutil.iter_modules(jaxssl.methods.__path__) if m.name != 'base')
+    # base and _private modules hold shared plumbing, not methods.
+    names = (m.name for m in pkgutil.iter_modules(jaxssl.methods.__path__))
+    return sorted(name for name in names if name != 'base' and not name.startswith('_'))
 
 
 def method_module(config: ml_collections.ConfigDict):

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxssl import data, optim
+from jaxssl import optim
 from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.data import images as image_data
 from jaxssl.data import views
-from jaxssl.methods import base
+from jaxssl.methods import _image, base
 from jaxssl.methods.videomae import DTYPES
 from jaxssl.models import dino as dino_model
 from jaxssl.models import mae as mae_model
@@ -170,10 +170,8 @@ def views_major(crops: jax.Array) -> jax.Array:
     return jnp.swapaxes(crops, 0, 1).reshape(-1, *crops.shape[2:])
 
 
-class Method(base.Method):
+class Method(_image.ImageMethod):
     """DINO pretraining for the trainer."""
-
-    input_key = 'image'
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -196,9 +194,6 @@ class Method(base.Method):
             source=source,
         )
         return dataset, len(source)
-
-    def host_metrics(self) -> dict[str, float]:
-        return {'skipped_files': float(data.skipped_files())}
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(0)
@@ -254,17 +249,6 @@ class Method(base.Method):
         encoded, _ = self.model.apply({'params': extra['teacher']}, batch['image'], method=self.model.encode)
         encoded = encoded.astype(jnp.float32)
         return {'cls': encoded[:, 0], 'mean_pool': encoded[:, 1:].mean(axis=1)}
-
-    def eval_dataset(self, split, batch_size, max_examples, process_index, process_count):
-        dataset, _ = image_data.make_image_eval_dataset(
-            self.config,
-            split=split,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            max_examples=max_examples,
-        )
-        return dataset
 
     def tokens_per_example(self) -> int:
         """Backbone tokens of all crops of one image."""

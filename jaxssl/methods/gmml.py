@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxssl import data, masks
+from jaxssl import masks
 from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.data import images as image_data
-from jaxssl.methods import base
+from jaxssl.methods import _image, base
 from jaxssl.methods.simclr import make_view
 from jaxssl.methods.videomae import DTYPES, transformer_flops
 from jaxssl.models import gmml as gmml_model
@@ -94,10 +94,8 @@ def reconstruction_l1(prediction: jax.Array, target: jax.Array, mask: jax.Array,
     return jnp.sum(error * weight) / (jnp.sum(weight) * error.shape[-1])
 
 
-class Method(base.Method):
+class Method(_image.ImageMethod):
     """GMML pretraining for the trainer; SiT (jaxssl.methods.sit) adds its task tokens and losses."""
-
-    input_key = 'image'
 
     def model_fields(self) -> dict[str, Any]:
         """Model fields beyond the shared ones: GMML has one cls token and only the reconstruction head."""
@@ -141,9 +139,6 @@ class Method(base.Method):
         )
         return dataset, len(source)
 
-    def host_metrics(self) -> dict[str, float]:
-        return {'skipped_files': float(data.skipped_files())}
-
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         rng, size = np.random.default_rng(0), self.config.input.image_size
         samples = [
@@ -176,21 +171,6 @@ class Method(base.Method):
         _, outputs, _ = self.model.apply({'params': params}, batch['image'])
         encoded = outputs['encoded'].astype(jnp.float32)
         return {'cls': encoded[:, 0], 'mean_pool': encoded[:, self.model.task_tokens :].mean(axis=1)}
-
-    def eval_dataset(self, split, batch_size, max_examples, process_index, process_count):
-        dataset, _ = image_data.make_image_eval_dataset(
-            self.config,
-            split=split,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            max_examples=max_examples,
-        )
-        return dataset
-
-    def tokens_per_example(self) -> int:
-        grid = mae_model.token_grid(self.config.input.image_size, self.model.patch)
-        return grid[0] * grid[1]
 
     def flops_per_example(self) -> float:
         """Per view (the trainer counts views as examples): patch embedding, encoder, reconstruction head."""

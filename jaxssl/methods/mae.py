@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxssl import data, masks
+from jaxssl import masks
 from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.data import images as image_data
 from jaxssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from jaxssl.methods import base
+from jaxssl.methods import _image, base
 from jaxssl.methods.videomae import DTYPES, transformer_flops
 from jaxssl.models import mae as mae_model
 
@@ -126,10 +126,9 @@ def reconstruction_panels(
     return np.stack([pixels(target), masked_pixels, pixels(recon), pixels(predicted)])
 
 
-class Method(base.Method):
+class Method(_image.ImageMethod):
     """MAE pretraining for the trainer."""
 
-    input_key = 'image'
     build_model = staticmethod(make_model)  # subclasses (CropMAE) put their own model on the same plumbing
 
     def __init__(self, config: ml_collections.ConfigDict):
@@ -159,9 +158,6 @@ class Method(base.Method):
         )
         return dataset, len(source)
 
-    def host_metrics(self) -> dict[str, float]:
-        return {'skipped_files': float(data.skipped_files())}
-
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(0)
         samples = [self.sample_masks(rng) for _ in range(batch_size)]
@@ -185,17 +181,6 @@ class Method(base.Method):
         encoded, _ = self.model.apply({'params': params}, batch['image'], method=self.model.encode)
         encoded = encoded.astype(jnp.float32)
         return {'cls': encoded[:, 0], 'mean_pool': encoded[:, 1:].mean(axis=1), 'tokens': encoded[:, 1:]}
-
-    def eval_dataset(self, split, batch_size, max_examples, process_index, process_count):
-        dataset, _ = image_data.make_image_eval_dataset(
-            self.config,
-            split=split,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            max_examples=max_examples,
-        )
-        return dataset
 
     def visualize(self, params, extra):
         """Reconstructions of the first `eval.pictures` images of the eval split, masked as in training: one row

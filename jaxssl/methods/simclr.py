@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxssl import data, sharding
+from jaxssl import sharding
 from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.data import images as image_data
 from jaxssl.data import views
 from jaxssl.losses import contrastive
-from jaxssl.methods import base
+from jaxssl.methods import _image, base
 from jaxssl.methods.videomae import DTYPES, transformer_flops
 from jaxssl.models import mae as mae_model
 from jaxssl.models import simclr as simclr_model
@@ -113,10 +113,8 @@ def split_views(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return pairs[:, 0], pairs[:, 1]
 
 
-class Method(base.Method):
+class Method(_image.ImageMethod):
     """SimCLR pretraining for the trainer."""
-
-    input_key = 'image'
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -134,9 +132,6 @@ class Method(base.Method):
             source=source,
         )
         return dataset, len(source)
-
-    def host_metrics(self) -> dict[str, float]:
-        return {'skipped_files': float(data.skipped_files())}
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         size = self.config.input.image_size
@@ -173,21 +168,6 @@ class Method(base.Method):
         encoded, _ = self.model.apply({'params': params}, batch['image'], method=self.model.encode)
         encoded = encoded.astype(jnp.float32)
         return {'cls': encoded[:, 0], 'mean_pool': encoded[:, 1:].mean(axis=1)}
-
-    def eval_dataset(self, split, batch_size, max_examples, process_index, process_count):
-        dataset, _ = image_data.make_image_eval_dataset(
-            self.config,
-            split=split,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            max_examples=max_examples,
-        )
-        return dataset
-
-    def tokens_per_example(self) -> int:
-        grid = mae_model.token_grid(self.config.input.image_size, self.model.patch)
-        return grid[0] * grid[1]
 
     def flops_per_example(self) -> float:
         """Per view (the trainer counts views as examples)."""

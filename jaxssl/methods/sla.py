@@ -29,10 +29,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxssl import data
 from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.data import images as image_data
-from jaxssl.methods import base
+from jaxssl.methods import _image, base
 from jaxssl.methods.videomae import DTYPES, transformer_flops
 from jaxssl.models import mae as mae_model
 from jaxssl.models import simclr as simclr_model
@@ -138,11 +137,10 @@ def sla_loss(
     return loss, dict(metrics, loss=loss)
 
 
-class ClassifierBase(base.Method):
+class ClassifierBase(_image.ImageMethod):
     """Labelled training of the shared ViT with a linear head on the built-in / folder / TFDS image sources: data,
     init, probes and FLOPs. Subclasses say how many outputs the head has and what the loss is."""
 
-    input_key = 'image'
     needs_labels = True  # whether the loss reads the training labels (SSLD's does not)
 
     def __init__(self, config: ml_collections.ConfigDict):
@@ -172,9 +170,6 @@ class ClassifierBase(base.Method):
                 f"bad value {self.config.model.num_classes} for 'model.num_classes': {source!r} has {len(classes)}"
             )
 
-    def host_metrics(self) -> dict[str, float]:
-        return {'skipped_files': float(data.skipped_files())}
-
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         size = self.config.input.image_size
         rng = np.random.default_rng(0)
@@ -197,21 +192,6 @@ class ClassifierBase(base.Method):
         encoded, _ = self.model.apply({'params': params}, batch['image'], method=self.model.encode)
         encoded = encoded.astype(jnp.float32)
         return {'cls': encoded[:, 0], 'mean_pool': encoded[:, 1:].mean(axis=1)}
-
-    def eval_dataset(self, split, batch_size, max_examples, process_index, process_count):
-        dataset, _ = image_data.make_image_eval_dataset(
-            self.config,
-            split=split,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            max_examples=max_examples,
-        )
-        return dataset
-
-    def tokens_per_example(self) -> int:
-        grid = mae_model.token_grid(self.config.input.image_size, self.model.patch)
-        return grid[0] * grid[1]
 
     def flops_per_example(self) -> float:
         """One forward + backward of one image through the backbone and head."""
