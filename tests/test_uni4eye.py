@@ -144,3 +144,13 @@ def test_stand_in_volumes_and_config_errors():
     ):
         with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
             load_config(CONFIG, [override])
+
+
+def test_pictures_come_from_the_pixel_branch():
+    config = load_config(CONFIG, ['eval.pictures=2'])
+    m = method.Method(config)
+    batch = m.example_batch(2)
+    params, _ = m.init(jax.random.key(0), batch)
+    pictures = m.visualize(params, {})['reconstruction']
+    assert pictures.dtype == np.uint8 and pictures.ndim == 3 and pictures.shape[-1] == 3
+    assert m.tokens_per_example() == 64 + 2 * 8 * 8  # 32x32 images in 4x4 patches, 8x32x32 volumes in 4x4x4 cubes
