@@ -145,9 +145,9 @@ def compute_loss(
     """The Uni4Eye objective on a batch carrying images and volumes (layout in the module docstring)."""
     weights = {'pixel': loss_config.pixel_weight, 'gradient': loss_config.gradient_weight}
     total, metrics, patches = 0.0, {}, 0.0
-    for kind, prefix in (('2d', ''), ('3d', 'volume_')):
+    for index, (kind, prefix) in enumerate((('2d', ''), ('3d', 'volume_'))):
         x = batch['image'] if kind == '2d' else batch['volume']
-        kind_rng = None if rng is None else jax.random.fold_in(rng, len(metrics))
+        kind_rng = None if rng is None else jax.random.fold_in(rng, index)  # own drop-path draws per input kind
         losses, count = input_losses(
             model, params, x, batch[f'{prefix}ids_keep'], batch[f'{prefix}ids_restore'], loss_config, kind_rng, train
         )
