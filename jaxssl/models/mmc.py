@@ -2,7 +2,8 @@
 one ViT that reads a masked view (masked patches replaced by a learned mask token, every position kept, as
 SimMIM / GMML: the patch-level losses need an output at every masked position), a linear pixel head on the patch
 outputs, a projection MLP on every token and a prediction MLP on the projections (the student's only, as BYOL /
-MoCo v3). The EMA teacher is the same module's parameters run on the unmasked view up to the projection.
+MoCo v3), both with batch-statistics normalisation as MoCo v3's heads. The EMA teacher is the same module's
+parameters run on the unmasked view up to the projection.
 
 Layers and the 2-D sin-cos positions come from jaxssl.models.vit and jaxssl.models.mae; the size table is MAE's
 (`mae.decode_variant`; the decoder fields are unused).
@@ -21,9 +22,28 @@ import jax.numpy as jnp
 from jaxssl.models import mae, vit
 
 
+class BatchStatNorm(nn.Module):
+    """Batch normalisation with the statistics of the tokens passed in (every axis but the features), always, and a
+    learned scale and bias: MoCo v3's train-mode BN in the heads, with no running averages to keep (the heads are
+    never used at evaluation). Under jit the mean spans the global batch whatever the mesh."""
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param('scale', nn.initializers.ones, (x.shape[-1],))
+        bias = self.param('bias', nn.initializers.zeros, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        mean = jnp.mean(x32, axis=axes)
+        var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+        return ((x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(x.dtype)
+
+
 class ProjectionMLP(nn.Module):
-    """Linear -> LayerNorm -> GELU -> Linear (LayerNorm rather than BatchNorm: the same function per token, with no
-    batch statistics to synchronise over the mesh)."""
+    """Linear -> batch norm -> GELU -> Linear. The batch norm matters: a random-init ViT gives nearly the same cls
+    token for every image, and only batch statistics spread them apart enough for the contrast to start (with a
+    per-token LayerNorm the runlocal contrast stayed at chance, docs/methods.md)."""
 
     hidden: int
     out: int
@@ -32,7 +52,7 @@ class ProjectionMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=vit.dense_init)(x)
-        x = nn.gelu(nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x), approximate=False)
+        x = nn.gelu(BatchStatNorm()(x), approximate=False)
         return nn.Dense(self.out, dtype=self.dtype, kernel_init=vit.dense_init)(x)
 
 
@@ -90,18 +110,22 @@ class MMCModel(nn.Module):
         x, _ = self.encoder(jnp.concatenate([cls, tokens], axis=1), train)
         return x
 
+    def head(self, module: nn.Module, tokens: jax.Array) -> jax.Array:
+        """A head on (B, 1 + L, D) tokens with separate batch statistics for the cls token and the patches."""
+        return jnp.concatenate([module(tokens[:, :1]), module(tokens[:, 1:])], axis=1)
+
     def teacher(self, images: jax.Array) -> dict[str, jax.Array]:
         encoded = self.encode(images)
-        return {'encoded': encoded.astype(jnp.float32), 'proj': self.projector(encoded).astype(jnp.float32)}
+        return {'encoded': encoded.astype(jnp.float32), 'proj': self.head(self.projector, encoded).astype(jnp.float32)}
 
     def __call__(self, images: jax.Array, mask: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         encoded = self.encode(images, mask, train)
-        proj = self.projector(encoded)
+        proj = self.head(self.projector, encoded)
         return {
             'encoded': encoded.astype(jnp.float32),
             'pixels': self.pixel_head(encoded[:, 1:]).astype(jnp.float32),
             'proj': proj.astype(jnp.float32),
-            'pred': self.predictor(proj).astype(jnp.float32),
+            'pred': self.head(self.predictor, proj).astype(jnp.float32),
         }
 
 
