@@ -88,6 +88,14 @@ def test_ema_update_and_method_teacher_follows_params():
     np.testing.assert_allclose(got['teacher']['w'], 1 - 0.7, rtol=1e-6)
 
 
+def test_head_batch_norm_uses_the_batch_statistics():
+    x = np.random.default_rng(3).normal(2.0, 3.0, size=(4, 5, 6)).astype(np.float32)
+    norm = mmc_model.BatchStatNorm()
+    params = norm.init(jax.random.key(0), x)
+    want = (x - x.mean(axis=(0, 1))) / np.sqrt(x.var(axis=(0, 1)) + 1e-5)
+    np.testing.assert_allclose(norm.apply(params, x), want, rtol=1e-4, atol=1e-5)
+
+
 def test_masked_patches_are_hidden_from_the_student():
     model = mmc_model.make_model('micro/4', head_hidden=16, head_out=8)
     rng = np.random.default_rng(2)

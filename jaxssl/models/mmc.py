@@ -41,9 +41,9 @@ class BatchStatNorm(nn.Module):
 
 
 class ProjectionMLP(nn.Module):
-    """Linear -> batch norm -> GELU -> Linear. The batch norm matters: a random-init ViT gives nearly the same cls
-    token for every image, and only batch statistics spread them apart enough for the contrast to start (with a
-    per-token LayerNorm the runlocal contrast stayed at chance, docs/methods.md)."""
+    """Linear -> batch norm -> GELU -> Linear, without biases. The batch norm matters: a random-init ViT gives nearly
+    the same cls token for every image, and only batch statistics spread them apart enough for the contrast to start
+    (with a per-token LayerNorm the runlocal contrast stayed at chance, docs/methods.md)."""
 
     hidden: int
     out: int
@@ -51,9 +51,12 @@ class ProjectionMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=vit.dense_init)(x)
+        # No biases (MoCo v3's heads have none): a bias before the norm is removed by the batch mean, and the
+        # projector's output bias only feeds the predictor's norm, so both would get exactly zero gradients, which
+        # Adam turns into full-size steps of rounding noise that differ between meshes.
+        x = nn.Dense(self.hidden, use_bias=False, dtype=self.dtype, kernel_init=vit.dense_init)(x)
         x = nn.gelu(BatchStatNorm()(x), approximate=False)
-        return nn.Dense(self.out, dtype=self.dtype, kernel_init=vit.dense_init)(x)
+        return nn.Dense(self.out, use_bias=False, dtype=self.dtype, kernel_init=vit.dense_init)(x)
 
 
 class MMCModel(nn.Module):
