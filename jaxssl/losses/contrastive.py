@@ -107,3 +107,55 @@ def global_nt_xent(
         z1, z2
     )
     return loss, {'contrastive_acc': accuracy}
+
+
+def _query_key_losses(
+    q: jax.Array, k: jax.Array, offset: jax.Array | int, temperature: float
+) -> tuple[jax.Array, jax.Array]:
+    """Cross entropies and top-1 hits of the unit queries q (n, D), rows `offset`.. of the batch, against all unit
+    keys k (N, D), the positive of query i being key offset + i."""
+    rows = offset + jnp.arange(q.shape[0])
+    logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) / temperature
+    positive = jnp.take_along_axis(logits, rows[:, None], axis=1)[:, 0]
+    return jax.nn.logsumexp(logits, axis=1) - positive, jnp.argmax(logits, axis=1) == rows
+
+
+def info_nce(q: jax.Array, k: jax.Array, temperature: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """MoCo-style InfoNCE on one device: query i's positive is key i, its negatives every other key of the batch
+    (no query-query pairs, unlike NT-Xent). q, k (N, D), normalised here; the keys usually come from a momentum
+    teacher under stop_gradient. Returns (mean cross entropy over the N queries, metrics); plain cross entropy,
+    without MoCo v3's 2T factor."""
+    chex.assert_rank([q, k], 2)
+    chex.assert_equal_shape([q, k])
+    losses, correct = _query_key_losses(
+        l2_normalize(q.astype(jnp.float32)), l2_normalize(k.astype(jnp.float32)), 0, temperature
+    )
+    return jnp.mean(losses), {'contrastive_acc': jnp.mean(correct.astype(jnp.float32))}
+
+
+def global_info_nce(
+    q: jax.Array, k: jax.Array, temperature: float, mesh: Mesh | None, axes: Sequence[str] = ('data', 'fsdp')
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`info_nce` over the global batch of `mesh` (q, k sharded over `axes` on their leading axis): each device
+    all-gathers the keys and scores its own queries against all N of them, as `global_nt_xent` does."""
+    chex.assert_rank([q, k], 2)
+    chex.assert_equal_shape([q, k])
+    axes = tuple(axes)
+    devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in axes)
+    if devices == 1:
+        return info_nce(q, k, temperature)
+    if q.shape[0] % devices:
+        raise ValueError(f'{q.shape[0]} queries do not split evenly over {devices} devices on mesh axes {axes}')
+    big_n = q.shape[0]
+
+    def per_device(q_local: jax.Array, k_local: jax.Array) -> tuple[jax.Array, jax.Array]:
+        keys = jax.lax.all_gather(l2_normalize(k_local.astype(jnp.float32)), axes, tiled=True)
+        offset = jax.lax.axis_index(axes) * q_local.shape[0]
+        losses, correct = _query_key_losses(l2_normalize(q_local.astype(jnp.float32)), keys, offset, temperature)
+        total = jax.lax.psum(jnp.sum(losses), axes)
+        hits = jax.lax.psum(jnp.sum(correct.astype(jnp.float32)), axes)
+        return total / big_n, hits / big_n
+
+    spec = PartitionSpec(axes)
+    loss, accuracy = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=(PartitionSpec(),) * 2)(q, k)
+    return loss, {'contrastive_acc': accuracy}
