@@ -182,3 +182,16 @@ def test_recipe():
     assert (c.optim.base_lr, c.optim.b2, c.optim.weight_decay, c.input.global_batch) == (1.5e-4, 0.95, 0.05, 256)
     assert croco.decode_variant('L+B') == croco.decode_variant('L+B/16')
     assert croco.decode_variant('L+B')['dec_width'] == 768 and croco.decode_variant('B+S')['dec_depth'] == 8
+
+
+def test_scanned_rematerialised_encoder_takes_positions():
+    # The RoPE positions are broadcast to every layer of a scanned stack: same output as the unrolled stack.
+    module = vit.Transformer(32, 2, 2, 64)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 32))
+    positions = jnp.asarray(vit.grid_positions(2, 3))[None].repeat(2, axis=0)
+    params = module.init(jax.random.key(1), x, False, positions)['params']
+    want, _ = module.apply({'params': params}, x, False, positions)
+    scanned = vit.Transformer(32, 2, 2, 64, scan_layers=True, remat=True)
+    got, _ = scanned.apply({'params': vit.stack_blocks(params, 2)}, x, False, positions)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(module.apply({'params': params}, x)[0], want, atol=1e-4)
