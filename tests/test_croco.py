@@ -79,7 +79,11 @@ def test_masks_follow_randommask_by_hand():
     np.testing.assert_array_equal(idx['ids_restore'], [3, 0, 1, 4, 2, 5])
     np.testing.assert_array_equal(masks.removed_mask(idx['ids_restore'], 3), [1, 0, 0, 1, 0, 1])
     # 196 tokens at 0.9: int(176.4) = 176 masked, 20 visible (MAE's rounding would keep 19).
-    assert croco.num_masked(196, 0.9) == 176
+    assert croco.num_masked(196, 0.9) == 176 and croco.num_visible(196, 0.9) == 20
+    # 0.999 of 64 masks int(63.9) = 63 and keeps 1, where MAE's int(64 * 0.001) would keep none: the Method counts
+    # CroCo's way.
+    method = croco_method.Method(load_config(f'{CONFIG}:runlocal', ['masking.ratio=0.999']))
+    assert method.num_keep == 1 and method.example_batch(2)['ids_keep'].shape == (2, 1)
     batch = masks.croco_masking_from_noise(np.random.default_rng(0).random((3, 196)), 0.9)
     assert batch['ids_keep'].shape == (3, 20) and np.all(np.diff(batch['ids_keep'], axis=1) > 0)
     assert np.all(masks.removed_mask(batch['ids_restore'], 20).sum(axis=1) == 176)

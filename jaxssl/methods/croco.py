@@ -166,10 +166,7 @@ class Method(cropmae.Method):
 
     build_model = staticmethod(make_model)
     build_view = staticmethod(make_view)
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        super().__init__(config)
-        self.num_keep = self.num_tokens - croco_model.num_masked(self.num_tokens, config.masking.ratio)
+    visible_count = staticmethod(croco_model.num_visible)
 
     def sample_masks(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return masks.croco_masking_from_noise(rng.random(self.num_tokens), self.config.masking.ratio)

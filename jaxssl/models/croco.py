@@ -63,6 +63,11 @@ def num_masked(num_tokens: int, ratio: float) -> int:
     return masked
 
 
+def num_visible(num_tokens: int, ratio: float) -> int:
+    """Tokens of view 1 the encoder sees: L - num_masked(L, ratio)."""
+    return num_tokens - num_masked(num_tokens, ratio)
+
+
 class DecoderBlock(nn.Module):
     """The reference's pre-norm DecoderBlock: self-attention on view 1's tokens, cross-attention to view 2's (normed
     by this block's own `norm_y`), MLP; optional RoPE positions for both streams, optional drop path."""
