@@ -126,6 +126,29 @@ def shuffle_masking(num_tokens: int, ratio: float, rng: np.random.Generator) -> 
     return shuffle_masking_from_noise(rng.random(num_tokens), ratio)
 
 
+def croco_masking_from_noise(noise: np.ndarray, ratio: float) -> dict[str, np.ndarray]:
+    """CroCo's RandomMask (naver/croco models/masking.py) for given noise (L,) or (B, L): num_mask = int(ratio * L)
+    and token j is masked iff argsort(noise)[j] < num_mask (the permutation's value at j, not j's rank: the same
+    distribution as MAE's, different tokens for the same noise). The encoder sees the visible tokens in raster
+    order (the reference's x[~masks]).
+
+    Returns int32 'ids_keep' (the visible tokens, ascending) and 'ids_restore' (L,): each token's place in [visible
+    tokens, masked tokens] (each ascending), so that, as for MAE, token j was masked iff ids_restore[j] >=
+    len(ids_keep) and the decoder's [visible, mask tokens] list gathered by ids_restore is back in raster order.
+    """
+    noise = np.asarray(noise)
+    num_tokens = noise.shape[-1]
+    masked_count = int(ratio * num_tokens)
+    if not 0 <= masked_count < num_tokens:
+        raise ValueError(f'mask ratio {ratio} masks {masked_count} of {num_tokens} tokens; one must stay visible')
+    masked = np.argsort(noise, axis=-1, kind='stable') < masked_count
+    # Stable sort of the mask flags: visible tokens first, masked after, each group in raster order.
+    ids_shuffle = np.argsort(masked, axis=-1, kind='stable')
+    ids_restore = np.argsort(ids_shuffle, axis=-1, kind='stable')
+    keep = num_tokens - masked_count
+    return {'ids_keep': ids_shuffle[..., :keep].astype(np.int32), 'ids_restore': ids_restore.astype(np.int32)}
+
+
 def removed_mask(ids_restore: np.ndarray, num_keep: int) -> np.ndarray:
     """The reference's binary mask (float32, 1 = removed from the encoder) from ids_restore; numpy or jax arrays."""
     return (ids_restore >= num_keep).astype(np.float32)

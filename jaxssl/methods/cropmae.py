@@ -128,6 +128,7 @@ class Method(mae.Method):
     the cross-attention decoder and the loss on the local view."""
 
     build_model = staticmethod(make_model)
+    build_view = staticmethod(make_view)  # the two-view function of config.input (CroCo's subclass puts its own)
 
     def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Adds the local view's mask; runs in the Grain pipeline."""
@@ -141,7 +142,7 @@ class Method(mae.Method):
             seed=seed,
             process_index=process_index,
             process_count=process_count,
-            view=make_view(self.config),
+            view=self.build_view(self.config),
             sample_transform=self.sample_transform,
             source=source,
         )

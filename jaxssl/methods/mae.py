@@ -130,13 +130,14 @@ class Method(_image.ImageMethod):
     """MAE pretraining for the trainer."""
 
     build_model = staticmethod(make_model)  # subclasses (CropMAE) put their own model on the same plumbing
+    visible_count = staticmethod(masks.num_kept)  # (tokens, ratio) -> visible tokens; CroCo rounds its own way
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         self.model = self.build_model(config)
         self.grid = mae_model.token_grid(config.input.image_size, self.model.patch)
         self.num_tokens = self.grid[0] * self.grid[1]
-        self.num_keep = masks.num_kept(self.num_tokens, config.masking.ratio)
+        self.num_keep = self.visible_count(self.num_tokens, config.masking.ratio)
 
     def sample_masks(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return masks.shuffle_masking(self.num_tokens, self.config.masking.ratio, rng)

@@ -59,15 +59,26 @@ def decode_variant(variant: str) -> dict[str, Any]:
 
 class MultiHeadAttention(nn.Module):
     """torch's nn.MultiheadAttention (batch first): q from `x`, k and v from `memory`, q and v biases, dropout on
-    the attention weights, then the output projection. Self-attention is `memory = x`."""
+    the attention weights, then the output projection. Self-attention is `memory = x`.
+
+    With `x_positions` (B, Nq, 2) and `memory_positions` (B, Nk, 2) (token (row, col)), queries and keys get 2-D
+    RoPE (vit.rope_2d, base `rope_base`: CroCo v2's cross-attention); without, nothing changes."""
 
     width: int
     heads: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    rope_base: float = 100.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, memory: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        memory: jax.Array,
+        train: bool = False,
+        x_positions: jax.Array | None = None,
+        memory_positions: jax.Array | None = None,
+    ) -> jax.Array:
         chex.assert_rank([x, memory], 3)
         chex.assert_equal_shape_prefix([x, memory], 1)
         if self.width % self.heads:
@@ -84,6 +95,10 @@ class MultiHeadAttention(nn.Module):
             return y.reshape(*y.shape[:2], self.heads, head_dim)
 
         q, k, v = project(x, 'query'), project(memory, 'key'), project(memory, 'value')
+        if (x_positions is None) != (memory_positions is None):
+            raise ValueError('RoPE needs the positions of both the queries and the memory')
+        if x_positions is not None:
+            q, k = vit.rope_2d(q, x_positions, self.rope_base), vit.rope_2d(k, memory_positions, self.rope_base)
         # Softmax in float32 for bf16 stability; written out (not jax.nn.dot_product_attention) because the
         # reference drops attention weights, which the fused kernels cannot do.
         logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * head_dim**-0.5

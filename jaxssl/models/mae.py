@@ -42,12 +42,14 @@ _TABLE = {
 VARIANTS: dict[str, dict[str, Any]] = {name: dict(zip(_FIELDS, row, strict=True)) for name, row in _TABLE.items()}
 
 
-def decode_variant(variant: str) -> dict[str, Any]:
-    """'B', 'B/16' or 'H/14' -> MAEPretrain size fields. Raises ValueError listing valid names."""
+def decode_variant(variant: str, table: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """'B', 'B/16' or 'H/14' -> MAEPretrain size fields. Raises ValueError listing valid names. `table` replaces
+    VARIANTS for models with MAE's size fields and their own sizes (CroCo)."""
+    table = VARIANTS if table is None else table
     size, _, patch = variant.partition('/')
-    if size not in VARIANTS:
-        raise ValueError(f"unknown variant '{variant}'; valid: {', '.join(VARIANTS)} (optionally '/patch')")
-    spec = dict(VARIANTS[size])
+    if size not in table:
+        raise ValueError(f"unknown variant '{variant}'; valid: {', '.join(table)} (optionally '/patch')")
+    spec = dict(table[size])
     if patch:
         if not patch.isdigit() or int(patch) < 1:
             raise ValueError(f"bad patch size in variant '{variant}'")

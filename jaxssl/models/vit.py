@@ -144,6 +144,42 @@ class _PatchMatmul(nn.Module):
         return x @ kernel + bias
 
 
+def grid_positions(grid_h: int, grid_w: int) -> np.ndarray:
+    """Integer (row, col) of each token of a (grid_h, grid_w) patch grid in raster order, int32 (grid_h * grid_w, 2):
+    CroCo's PositionGetter (torch.cartesian_prod(y, x)), the `positions` that `rope_2d` takes."""
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')
+    return np.stack([rows.reshape(-1), cols.reshape(-1)], axis=1).astype(np.int32)
+
+
+def rope_2d(x: jax.Array, positions: jax.Array, base: float = 100.0) -> jax.Array:
+    """2-D rotary position embedding (CroCo v2's RoPE2D, naver/croco models/pos_embed.py) of (B, N, heads, head_dim)
+    queries or keys at integer `positions` (B, N, 2) or (N, 2), (row, col) per token.
+
+    The first half of each head's dims rotates with the row, the second half with the column; within a half of
+    size m, dim j pairs with dim j + m / 2 (rotate-half, not interleaved), both at angle pos * base^(-2j / m) for
+    j < m / 2: t * cos + rotate_half(t) * sin with rotate_half(a, b) = (-b, a). A dot product of a rotated query
+    and key then depends on their positions only through the difference. Computed in float32, returned in x's dtype.
+    """
+    chex.assert_rank(x, 4)
+    head_dim = x.shape[-1]
+    if head_dim % 4:
+        raise ValueError(f'2-D RoPE needs a head dim divisible by 4, got {head_dim}')
+    if positions.shape[-2:] != (x.shape[1], 2):
+        raise ValueError(f'positions {positions.shape} do not fit {x.shape[1]} tokens (need (..., N, 2))')
+    half = head_dim // 2
+    inv_freq = jnp.asarray(1.0 / base ** (np.arange(0, half, 2, dtype=np.float64) / half), jnp.float32)
+
+    def rotate(t: jax.Array, pos: jax.Array) -> jax.Array:
+        angle = pos.astype(jnp.float32)[..., None] * inv_freq  # (..., N, m / 2)
+        angle = jnp.concatenate([angle, angle], axis=-1)[..., None, :]  # (..., N, 1, m): broadcast over heads
+        first, second = jnp.split(t, 2, axis=-1)
+        return t * jnp.cos(angle) + jnp.concatenate([-second, first], axis=-1) * jnp.sin(angle)
+
+    rows, cols = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([rotate(rows, positions[..., 0]), rotate(cols, positions[..., 1])], axis=-1)
+    return out.astype(x.dtype)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None = None) -> jax.Array:
     """Softmax attention over (B, N, heads, head_dim) inputs.
 
@@ -166,6 +202,8 @@ class Attention(nn.Module):
 
     `num_context` > 0 restricts the keys and values to the first `num_context` tokens while every token still queries
     (MP3's masked context: the other tokens read the context but are never read).
+    With `positions` (B, N, 2) or (N, 2) (each token's (row, col)), queries and keys get 2-D RoPE (`rope_2d`, base
+    `rope_base`) before the product; without, nothing changes.
     """
 
     width: int
@@ -174,9 +212,10 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None  # see dot_product_attention
     num_context: int = 0
+    rope_base: float = 100.0  # CroCo v2's RoPE100; used only with positions
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         batch, tokens, _ = x.shape
         if self.width % self.heads:
             raise ValueError(f'width {self.width} is not divisible by heads {self.heads}')
@@ -186,10 +225,12 @@ class Attention(nn.Module):
             v_bias = self.param('v_bias', nn.initializers.zeros, (self.width,))
             bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
             qkv = qkv + bias.astype(qkv.dtype)
-        q, k, v = jnp.split(qkv.reshape(batch, tokens, 3, self.heads, -1), 3, axis=2)
+        q, k, v = (t[:, :, 0] for t in jnp.split(qkv.reshape(batch, tokens, 3, self.heads, -1), 3, axis=2))
+        if positions is not None:
+            q, k = rope_2d(q, positions, self.rope_base), rope_2d(k, positions, self.rope_base)
         if self.num_context:
             k, v = k[:, : self.num_context], v[:, : self.num_context]
-        out = dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.attention_impl)
+        out = dot_product_attention(q, k, v, self.attention_impl)
         out = out.reshape(batch, tokens, self.width)
         return nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
 
@@ -219,7 +260,8 @@ class Block(nn.Module):
     """Pre-LN transformer block: x += DropPath(Attn(LN x)); x += DropPath(MLP(LN x)); optional layer scale.
 
     `drop_path_rate` is a call argument (not a field) so that a scanned stack can give each layer its own rate.
-    Returns (x, None) so the block can be used directly as an nn.scan body.
+    `positions` (optional, see Attention) turns on 2-D RoPE in the attention. Returns (x, None) so the block can be
+    used directly as an nn.scan body.
     """
 
     width: int
@@ -231,10 +273,15 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     num_context: int = 0  # > 0: keys / values from the first num_context tokens only (see Attention)
+    rope_base: float = 100.0
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, drop_path_rate: jax.Array | float = 0.0, train: bool = False
+        self,
+        x: jax.Array,
+        drop_path_rate: jax.Array | float = 0.0,
+        train: bool = False,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
         def residual(branch: jax.Array, name: str) -> jax.Array:
             if self.layer_scale_init > 0:
@@ -245,9 +292,17 @@ class Block(nn.Module):
             return branch
 
         norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
-        y = Attention(
-            self.width, self.heads, self.qkv_bias, self.dtype, self.attention_impl, self.num_context, name='attn'
-        )(norm('norm1')(x))
+        attention = Attention(
+            self.width,
+            self.heads,
+            self.qkv_bias,
+            self.dtype,
+            self.attention_impl,
+            num_context=self.num_context,
+            rope_base=self.rope_base,
+            name='attn',
+        )
+        y = attention(norm('norm1')(x), positions)
         x = x + residual(y, 'gamma_1')
         y = Mlp(self.mlp_hidden, self.dtype, name='mlp')(norm('norm2')(x))
         x = x + residual(y, 'gamma_2')
@@ -261,7 +316,8 @@ class Transformer(nn.Module):
     under `blocks` (one compiled body: much faster compiles for deep models). `scan_unroll` layers run per loop
     iteration of the scan; 0 unrolls all of them: straight-line code with the stacked layout, whose few large
     leaves make the optimiser's updates a few kernels instead of one per layer and leaf. `remat` recomputes each
-    block in the backward pass. Intermediates hold 'block_XX' outputs (unscanned only) and 'pre_norm'.
+    block in the backward pass. Intermediates hold 'block_XX' outputs (unscanned only) and 'pre_norm'. `positions`
+    (optional, (B, N, 2) or (N, 2) token (row, col)) gives every block's attention 2-D RoPE (base `rope_base`).
     """
 
     width: int
@@ -279,9 +335,12 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     num_context: int = 0  # > 0: every block's keys / values are the first num_context tokens (see Attention)
+    rope_base: float = 100.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, x: jax.Array, train: bool = False, positions: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         chex.assert_rank(x, 3)
         chex.assert_axis_dimension(x, 2, self.width)
         x = x.astype(self.dtype)
@@ -295,6 +354,7 @@ class Transformer(nn.Module):
             dtype=self.dtype,
             attention_impl=self.attention_impl,
             num_context=self.num_context,
+            rope_base=self.rope_base,
         )
         rates = np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
         block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
@@ -304,14 +364,14 @@ class Transformer(nn.Module):
                 block_cls,
                 variable_axes={'params': 0},
                 split_rngs={'params': True, 'drop_path': True},
-                in_axes=(0, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast),
                 length=self.depth,
                 unroll=self.scan_unroll or self.depth,
             )(**block_kwargs, name='blocks')
-            x, _ = stack(x, jnp.asarray(rates), train)
+            x, _ = stack(x, jnp.asarray(rates), train, positions)
         else:
             for i in range(self.depth):
-                x, _ = block_cls(**block_kwargs, name=f'block_{i:02d}')(x, float(rates[i]), train)
+                x, _ = block_cls(**block_kwargs, name=f'block_{i:02d}')(x, float(rates[i]), train, positions)
                 intermediates[f'block_{i:02d}'] = x
         intermediates['pre_norm'] = x
         if self.final_norm:
