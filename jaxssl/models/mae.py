@@ -32,6 +32,7 @@ _FIELDS = ('width', 'depth', 'heads', 'mlp_ratio', 'dec_width', 'dec_depth', 'de
 _TABLE = {
     'micro': (64, 2, 4, 4.0, 32, 1, 2, 16),  # tests and `runlocal` on a CPU; not a reference size
     'tiny': (128, 4, 4, 4.0, 64, 2, 4, 16),  # CPU demos and quality checks; not a reference size
+    'Ti': (192, 12, 3, 4.0, 512, 8, 16, 16),  # DeiT-Tiny (TOV-VICReg's ViT-Tiny); MAE's decoder as B's
     'B': (768, 12, 12, 4.0, 512, 8, 16, 16),
     'L': (1024, 24, 16, 4.0, 512, 8, 16, 16),
     'H': (1280, 32, 16, 4.0, 512, 8, 16, 14),
