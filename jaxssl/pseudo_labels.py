@@ -48,7 +48,7 @@ def pseudo_labels(
         raise ConfigError(f"no representation '{representation}'; this method gives: {names}")
     keep = rows['valid'] > 0  # padding of the last batch (and unreadable files, clustered by their zero view)
     index, x = rows['index'][keep], rows[representation][keep].astype(np.float64)
-    if len(np.unique(index)) != len(index) or sorted(index) != list(range(len(index))):
+    if not np.array_equal(np.sort(index), np.arange(len(index))):
         raise ValueError('the evaluation pass did not visit every training example exactly once')
     labels, _, _ = kmeans.kmeans(x, clusters, seed=seed)
     out = np.empty(len(index), np.int32)

@@ -19,6 +19,7 @@ from typing import Any
 
 import chex
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -103,7 +104,7 @@ class Method(vicreg.Method):
         vic, metrics = vicreg_loss.global_vicreg(
             z1, z2, self.mesh, sharding.BATCH_AXES, c.sim_coeff, c.std_coeff, c.cov_coeff, c.std_eps
         )
-        triplets = y[:, jax.numpy.array([0, 2, 3])]  # [o_t (view 1), o_{t - k}, o_{t + k}], the reference's order
+        triplets = y[:, jnp.array([0, 2, 3])]  # [o_t (view 1), o_{t - k}, o_{t + k}], the reference's order
         logits = self.model.apply(
             variables, temporal_order.permute_triplets(triplets, order), method=self.model.order_logit
         )
