@@ -90,8 +90,8 @@ def test_autoencoder_loss_and_input_range():
     reconstruction = np.random.default_rng(1).uniform(size=unit.shape).astype(np.float32)
     np.testing.assert_allclose(dae.dae_loss(reconstruction, unit), ((reconstruction - unit) ** 2).mean(), rtol=1e-6)
     model = dae.DenoisingAutoencoder(widths=(4, 8))
-    variables = model.init(jax.random.key(0), unit)
-    out, inter = model.apply(variables, unit)
+    variables = jax.jit(model.init)(jax.random.key(0), unit)
+    out, inter = jax.jit(model.apply)(variables, unit)
     assert out.shape == unit.shape and inter['latent'].shape == (2, 8)
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0  # the sigmoid output
 
