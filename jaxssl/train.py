@@ -343,6 +343,20 @@ def _log(writer, fetched, step, total_steps, seconds_per_step, examples, flops, 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
     """Restores a run's params (latest or `step`) onto this machine's mesh and runs its evaluation and pictures."""
+    method, mesh, restored, step = restore_checkpoint(config, workdir, step)
+    writer = metrics_lib.MetricWriter(workdir, active=jax.process_index() == 0, tensorboard=config.train.tensorboard)
+    results = _evaluate(method, restored, mesh, writer, step, workdir)
+    writer.close()
+    if jax.process_index() == 0:
+        metrics_lib.write_text(workdir, f'eval_{step}.json', json.dumps(results, indent=2, sort_keys=True))
+    return results
+
+
+def restore_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> tuple[base.Method, jax.sharding.Mesh, dict[str, Any], int]:
+    """(method, mesh, {'params', 'extra'} of a run's checkpoint (latest or `step`) on this machine's mesh, step):
+    for evaluation and for tools that read a trained model (jaxssl.pseudo_labels)."""
     method = method_module(config).Method(config)
     mesh = sharding.make_mesh(config)
     method.use_mesh(mesh)
@@ -359,12 +373,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     )
     restored = checkpointer.restore_subset(step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
     checkpointer.close()
-    writer = metrics_lib.MetricWriter(workdir, active=jax.process_index() == 0, tensorboard=config.train.tensorboard)
-    results = _evaluate(method, restored, mesh, writer, step, workdir)
-    writer.close()
-    if jax.process_index() == 0:
-        metrics_lib.write_text(workdir, f'eval_{step}.json', json.dumps(results, indent=2, sort_keys=True))
-    return results
+    return method, mesh, restored, step
 
 
 def _evaluate(

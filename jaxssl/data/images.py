@@ -342,6 +342,7 @@ def make_image_pretrain_dataset(
     sample_transform: SampleTransform | None = None,
     num_epochs: int | None = None,
     source: Any = None,
+    order: grain.MapDataset | None = None,
 ) -> grain.IterDataset:
     """Host-local pretraining batches for JAX process `process_index` of `process_count`.
 
@@ -350,7 +351,9 @@ def make_image_pretrain_dataset(
     int32 (B_local,) per label the source knows, plus whatever `sample_transform(sample, rng)` adds per view (e.g.
     MAE's masks). `view` defaults to `make_pretrain_view(config)`. Each process reads a disjoint, equal-sized shard
     of the source, shuffled per epoch; `num_epochs=None` repeats forever. `source` overrides the one `config.input`
-    describes (tests, custom data).
+    describes (tests, custom data). `order` replaces the reading order (this process's shard, shuffled per epoch,
+    repeated): a MapDataset of source indices, read in batches of consecutive elements (e.g. jaxssl.data.
+    distinct_batches's batches of distinct pseudo labels).
     """
     images_per_host, _ = pipeline.host_batch_sizes(config, process_count)
     if not 0 <= process_index < process_count:
@@ -365,8 +368,10 @@ def make_image_pretrain_dataset(
     loader = ImageLoader(
         source, shard, view or make_pretrain_view(config), config.input.num_sample, sample_transform=sample_transform
     )
-    ds = grain.MapDataset.range(usable)[process_index::process_count]
-    ds = ds.shuffle(seed=shuffle_seed).repeat(num_epochs).random_map(loader, seed=map_seed)
+    if order is None:
+        order = grain.MapDataset.range(usable)[process_index::process_count]
+        order = order.shuffle(seed=shuffle_seed).repeat(num_epochs)
+    ds = order.random_map(loader, seed=map_seed)
     # Batching before to_iter_dataset fixes each batch's images by its index alone: the stream does not depend on
     # num_workers or read_threads.
     return pipeline.batch_clips(ds, images_per_host, config.input)

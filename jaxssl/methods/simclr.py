@@ -40,9 +40,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"bad value {config.loss.temperature} for 'loss.temperature': must be > 0")
 
 
-def check_two_view_config(config: ml_collections.ConfigDict, method_name: str) -> None:
+def check_two_view_config(config: ml_collections.ConfigDict, method_name: str, num_sample: int = 2) -> None:
     """The model, two-view and optimiser keys shared by the methods built on this one (VICReg): `method_name` says whose
-    message it is."""
+    message it is; `num_sample` is the input.num_sample it needs (TOV-VICReg makes its views per frame triplet: 1)."""
     try:
         spec = mae_model.decode_variant(config.model.variant)
     except ValueError:
@@ -60,8 +60,10 @@ def check_two_view_config(config: ml_collections.ConfigDict, method_name: str) -
         group, name = key.split('.')
         if not isinstance(config[group][name], int) or config[group][name] < 1:
             raise ConfigError(f"bad value {config[group][name]!r} for '{key}': must be an integer >= 1")
-    if config.input.num_sample != 2:
-        raise ConfigError(f"bad value {config.input.num_sample} for 'input.num_sample': {method_name} takes 2 views")
+    if config.input.num_sample != num_sample:
+        raise ConfigError(
+            f"bad value {config.input.num_sample} for 'input.num_sample': {method_name} takes {num_sample}"
+        )
     for key in ('input.jitter_prob', 'input.grayscale_prob', 'input.blur_prob'):
         check_range(config, key, 0.0, 1.000001)
     check_range(config, 'input.jitter_strength', 0.0, math.inf)

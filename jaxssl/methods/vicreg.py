@@ -24,9 +24,10 @@ from jaxssl.methods.videomae import DTYPES
 from jaxssl.models import vicreg as vicreg_model
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, naming the key, on values the model, views or loss cannot use (data paths: at run start)."""
-    simclr.check_two_view_config(config, 'VICReg')
+def check_config(config: ml_collections.ConfigDict, method_name: str = 'VICReg', num_sample: int = 2) -> None:
+    """Fails fast, naming the key, on values the model, views or loss cannot use (data paths: at run start).
+    `method_name` and `num_sample` are for the methods built on this one (TOV-VICReg)."""
+    simclr.check_two_view_config(config, method_name, num_sample)
     for key in ('loss.sim_coeff', 'loss.std_coeff', 'loss.cov_coeff'):
         value = config.loss[key.split('.')[1]]
         if not (isinstance(value, int | float) and value >= 0):
@@ -36,9 +37,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"bad value {config.loss.std_eps} for 'loss.std_eps': must be > 0")
 
 
-def make_model(config: ml_collections.ConfigDict) -> vicreg_model.VICRegModel:
+def make_model(config: ml_collections.ConfigDict, build=vicreg_model.make_model) -> vicreg_model.VICRegModel:
+    """The model `config.model` describes, made by `build(variant, **fields)` (a subclass's builder: TOV-VICReg)."""
     m = config.model
-    return vicreg_model.make_model(
+    return build(
         m.variant,
         head_hidden=m.head_hidden,
         head_out=m.head_out,

@@ -32,7 +32,8 @@ _FIELDS = ('width', 'depth', 'heads', 'mlp_ratio', 'dec_width', 'dec_depth', 'de
 _TABLE = {
     'micro': (64, 2, 4, 4.0, 32, 1, 2, 16),  # tests and `runlocal` on a CPU; not a reference size
     'tiny': (128, 4, 4, 4.0, 64, 2, 4, 16),  # CPU demos and quality checks; not a reference size
-    # ViT-Ti with a 4-block decoder of its own width: the small-scale continual MAE of the infinite-lr paper.
+    # ViT-Ti with a 4-block decoder of its own width: the small-scale continual MAE of the infinite-lr
+    # paper; its encoder is DeiT-Tiny (TOV-VICReg's ViT-Tiny).
     'Ti': (192, 12, 3, 4.0, 192, 4, 3, 16),
     'S': (384, 12, 6, 4.0, 512, 8, 16, 16),  # GMML / DINO ViT-S/16 (no MAE reference model of this size)
     'B': (768, 12, 12, 4.0, 512, 8, 16, 16),
