@@ -104,7 +104,7 @@ def test_mask_token_replaces_masked_patches_only():
     assert {'mask_token', 'ibot_head', 'head'} <= set(params)
     params['mask_token'] = jnp.ones_like(params['mask_token'])
     logits, out = model.apply({'params': params}, [images], False, masks, idx)
-    plain, plain_out = model.apply({'params': params}, [images], False, None, idx)
+    plain, _ = model.apply({'params': params}, [images], False, None, idx)
     assert out['patch_logits'].shape == (2, 2, 12)
     np.testing.assert_allclose(logits[1], plain[1], rtol=1e-5)  # the unmasked image is untouched
     assert not np.allclose(logits[0], plain[0])
