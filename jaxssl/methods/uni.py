@@ -55,9 +55,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"bad value {config.model[key.split('.')[1]]!r} for '{key}': must be an integer >= 1")
 
 
-def make_model(config: ml_collections.ConfigDict) -> uni_model.UNIModel:
+def make_model(config: ml_collections.ConfigDict, builder=uni_model.make_model) -> uni_model.UNIModel:
+    """The model `config.model` describes, built by `builder(variant, **fields)` (POA passes its elastic model's)."""
     m = config.model
-    return uni_model.make_model(
+    return builder(
         m.variant,
         head_hidden=m.head_hidden,
         head_out=m.head_out,
@@ -158,46 +159,56 @@ class Method(dino.Method):
             return dinov2.sinkhorn_knopp(logits, temp, c.sinkhorn_iterations, w), center
         targets = jax.nn.softmax((logits - center) / temp, axis=-1)
         # The reference's update_center: the mean teacher logits over the (masked-patch) rows of the global batch.
-        mean = jnp.sum(logits * w[:, None], axis=0, keepdims=True) / jnp.maximum(jnp.sum(w), 1.0)
-        return targets, c.center_momentum * center + (1 - c.center_momentum) * mean
+        # Nothing masked anywhere in the batch: the centre stays (the reference has no patches to average).
+        total = jnp.sum(w)
+        mean = jnp.sum(logits * w[:, None], axis=0, keepdims=True) / jnp.maximum(total, 1.0)
+        moved = c.center_momentum * center + (1 - c.center_momentum) * mean
+        return targets, jnp.where(total > 0, moved, center)
 
-    def loss(self, params, extra, batch, rng, step):
-        groups = self._groups(batch)
-        batch_size, num_global = batch[GLOBAL].shape[:2]
-        masks = dino.views_major(batch[MASKS])  # (G B, L), crop-major as the crops
-        patch_idx, weights = patch_slots(masks, self.slots)
-        teacher, t_out = self.model.apply({'params': extra['teacher']}, groups[:1], False, None, patch_idx)
-        teacher, teacher_patch = jax.lax.stop_gradient((teacher, t_out['patch_logits']))
-        student, s_out = self.model.apply(
-            {'params': params}, groups, True, masks, patch_idx, rngs={'drop_path': base.stream(rng, 'drop_path')}
-        )
+    def temperature(self, step: jax.Array) -> jax.Array:
+        """DINOv2's teacher temperature: linear over the warmup epochs, per step."""
         c = self.config.loss
         _, steps_per_epoch = self.run_length
-        temp = dino.teacher_temperature(
-            step, c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs * steps_per_epoch
-        )
-        cls_targets, center = self.teacher_targets(teacher, extra['center'], temp)
-        flat_weights = weights.reshape(-1)
+        warmup = c.warmup_teacher_temp_epochs * steps_per_epoch
+        return dino.teacher_temperature(step, c.warmup_teacher_temp, c.teacher_temp, warmup)
+
+    def teacher_pass(self, extra, groups, patch_idx, weights, temp) -> tuple[jax.Array, jax.Array, dict]:
+        """The teacher on the whole global crops: (cls targets (G B, K), patch targets (G B, M, K') at the slots,
+        extra state with the centres moved)."""
+        logits, out = self.model.apply({'params': extra['teacher']}, groups[:1], False, None, patch_idx)
+        logits, patch = jax.lax.stop_gradient((logits, out['patch_logits']))
+        cls_targets, center = self.teacher_targets(logits, extra['center'], temp)
         patch_targets, patch_center = self.teacher_targets(
-            teacher_patch.reshape(-1, teacher_patch.shape[-1]), extra['patch_center'], temp, flat_weights
+            patch.reshape(-1, patch.shape[-1]), extra['patch_center'], temp, weights.reshape(-1)
         )
+        return cls_targets, patch_targets.reshape(patch.shape), dict(extra, center=center, patch_center=patch_center)
+
+    def student_terms(self, logits, out, cls_targets, patch_targets, weights, batch_size) -> dict[str, jax.Array]:
+        """One student pass's DINO (all crop pairs), iBOT (masked patches) and KoLeo (per global crop) terms."""
+        c = self.config.loss
+        num_global = cls_targets.shape[0] // batch_size
         dino_term = dino.pair_cross_entropy(
-            student.reshape(-1, batch_size, student.shape[-1]),
+            logits.reshape(-1, batch_size, logits.shape[-1]),
             cls_targets.reshape(num_global, batch_size, -1),
             c.student_temp,
         )
-        ibot_term = dinov2.ibot_loss(
-            s_out['patch_logits'], patch_targets.reshape(teacher_patch.shape), weights, c.student_temp
-        )
-        cls_tokens = s_out['cls'][: num_global * batch_size].reshape(num_global, batch_size, -1)
+        ibot_term = dinov2.ibot_loss(out['patch_logits'], patch_targets, weights, c.student_temp)
+        cls_tokens = out['cls'][: num_global * batch_size].reshape(num_global, batch_size, -1)
         koleo_term = sum(dinov2.koleo_loss(cls_tokens[g]) for g in range(num_global))
-        loss = dino_term + c.koleo_weight * koleo_term + c.ibot_weight * ibot_term
-        metrics = {
-            'loss': loss,
-            'dino_loss': dino_term,
-            'ibot_loss': ibot_term,
-            'koleo_loss': koleo_term,
-            'masked_fraction': jnp.mean(masks.astype(jnp.float32)),
-            'teacher_temp': temp,
-        }
-        return loss, (metrics, dict(extra, center=center, patch_center=patch_center))
+        return {'dino_loss': dino_term, 'ibot_loss': ibot_term, 'koleo_loss': koleo_term}
+
+    def loss(self, params, extra, batch, rng, step):
+        groups = self._groups(batch)
+        batch_size = batch[GLOBAL].shape[0]
+        masks = dino.views_major(batch[MASKS])  # (G B, L), crop-major as the crops
+        patch_idx, weights = patch_slots(masks, self.slots)
+        temp = self.temperature(step)
+        cls_targets, patch_targets, extra = self.teacher_pass(extra, groups, patch_idx, weights, temp)
+        logits, out = self.model.apply(
+            {'params': params}, groups, True, masks, patch_idx, rngs={'drop_path': base.stream(rng, 'drop_path')}
+        )
+        terms = self.student_terms(logits, out, cls_targets, patch_targets, weights, batch_size)
+        c = self.config.loss
+        loss = terms['dino_loss'] + c.koleo_weight * terms['koleo_loss'] + c.ibot_weight * terms['ibot_loss']
+        metrics = dict(terms, loss=loss, teacher_temp=temp, masked_fraction=jnp.mean(masks.astype(jnp.float32)))
+        return loss, (metrics, extra)
