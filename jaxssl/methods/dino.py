@@ -130,19 +130,25 @@ def make_view(config: ml_collections.ConfigDict) -> image_data.View:
     )
 
 
+def pair_cross_entropy(student: jax.Array, targets: jax.Array, student_temp: float) -> jax.Array:
+    """Student logits (V, B, K) of all crops, globals first; teacher targets (G, B, K) (probabilities) of the global
+    crops. Mean over the pairs (teacher crop g, student crop v != g) of the batch-mean cross-entropy
+    -sum_k targets_gk log_softmax(s_v / student_temp)_k (DINOv2 sums the same terms and divides by their count)."""
+    chex.assert_rank([student, targets], 3)
+    chex.assert_equal_shape([student[: targets.shape[0]], targets])
+    log_probs = jax.nn.log_softmax(student / student_temp, axis=-1)
+    ce = -jnp.einsum('gbk,vbk->gv', targets, log_probs) / student.shape[1]  # (G, V), each a batch mean
+    pairs = ~jnp.eye(targets.shape[0], student.shape[0], dtype=bool)  # same-view pairs excluded
+    return jnp.sum(jnp.where(pairs, ce, 0.0)) / jnp.sum(pairs)
+
+
 def dino_loss(
     student: jax.Array, teacher: jax.Array, center: jax.Array, student_temp: float, teacher_temp: jax.Array
 ) -> jax.Array:
     """DINOLoss: student logits (V, B, K) of all crops, globals first; teacher logits (G, B, K) of the global crops.
-    Mean over the pairs (teacher crop g, student crop v != g) of the batch-mean cross-entropy
-    -sum_k softmax((t_g - c) / teacher_temp)_k log_softmax(s_v / student_temp)_k."""
-    chex.assert_rank([student, teacher], 3)
-    chex.assert_equal_shape([student[: teacher.shape[0]], teacher])
-    targets = jax.nn.softmax((teacher - center) / teacher_temp, axis=-1)
-    log_probs = jax.nn.log_softmax(student / student_temp, axis=-1)
-    ce = -jnp.einsum('gbk,vbk->gv', targets, log_probs) / student.shape[1]  # (G, V), each a batch mean
-    pairs = ~jnp.eye(teacher.shape[0], student.shape[0], dtype=bool)  # same-view pairs excluded
-    return jnp.sum(jnp.where(pairs, ce, 0.0)) / jnp.sum(pairs)
+    `pair_cross_entropy` against the centred, sharpened targets softmax((t_g - c) / teacher_temp)."""
+    chex.assert_rank(teacher, 3)
+    return pair_cross_entropy(student, jax.nn.softmax((teacher - center) / teacher_temp, axis=-1), student_temp)
 
 
 def teacher_temperature(epoch: jax.Array, start: float, end: float, warmup_epochs: int) -> jax.Array:
@@ -190,10 +196,14 @@ class Method(_image.ImageMethod):
             seed=seed,
             process_index=process_index,
             process_count=process_count,
-            view=make_view(self.config),
+            view=self.make_view(),
             source=source,
         )
         return dataset, len(source)
+
+    def make_view(self) -> image_data.View:
+        """The per-image view function of the input pipeline (a hook: UNI adds iBOT masks)."""
+        return make_view(self.config)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(0)

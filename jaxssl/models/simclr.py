@@ -59,11 +59,15 @@ class SimCLRModel(nn.Module):
     head_out: int = 128
     head_layers: int = 2
     layer_norm_eps: float = 1e-6
+    layer_scale_init: float = 0.0  # > 0: LayerScale (DINOv2's 1e-5)
     drop_path_rate: float = 0.0
     scan_layers: bool = False
     remat: bool = False
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    # The sin-cos position table is built at this width and its first `width` columns are used (0: at `width`), so a
+    # narrower ViT sliced out of a wider one (POA's sub-models) keeps the wide one's positions.
+    position_width: int = 0
 
     def setup(self):
         self.patch_embed = vit.PatchEmbed(self.width, (self.patch, self.patch), dtype=self.dtype)
@@ -74,6 +78,7 @@ class SimCLRModel(nn.Module):
             self.heads,
             self.mlp_hidden,
             layer_norm_eps=self.layer_norm_eps,
+            layer_scale_init=self.layer_scale_init,
             drop_path_rate=self.drop_path_rate,
             scan_layers=self.scan_layers,
             remat=self.remat,
@@ -86,12 +91,22 @@ class SimCLRModel(nn.Module):
         """The head on the cls token; a hook so that methods sharing this backbone (VICReg's expander) swap it."""
         return ProjectionHead(self.head_hidden, self.head_out, self.head_layers)
 
+    def position_table(self, image_size: int) -> jax.Array:
+        """(L, width) fixed 2-D sin-cos positions of a square image's token grid (see `position_width`)."""
+        grid = mae_model.token_grid(image_size, self.patch)
+        return jnp.asarray(mae_model.sincos_2d_table(*grid, self.position_width or self.width)[:, : self.width])
+
     def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The backbone: (B, 1 + L, width) tokens after the final norm, cls first (fixed 2-D sin-cos positions)."""
         chex.assert_rank(images, 4)
-        grid = mae_model.token_grid(images.shape[1], self.patch)
-        tokens = self.patch_embed(images)
-        tokens = tokens + jnp.asarray(mae_model.sincos_2d_table(*grid, self.width)).astype(tokens.dtype)
+        return self.encode_tokens(self.patch_embed(images), images.shape[1], train)
+
+    def encode_tokens(
+        self, tokens: jax.Array, image_size: int, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The backbone from patch embeddings (B, L, width) of a square image (methods that edit them, e.g. iBOT's
+        mask tokens, call this): positions added, cls prepended, the transformer."""
+        tokens = tokens + self.position_table(image_size).astype(tokens.dtype)
         cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (tokens.shape[0], 1, self.width))
         x, intermediates = self.encoder(jnp.concatenate([cls, tokens], axis=1), train)
         return x, dict(intermediates, encoded=x)
