@@ -1,12 +1,43 @@
-"""The plumbing every image method shares: its input key, the input pipeline's skipped-file counter, the labelled
-eval split the frozen-feature probes read, and tokens per image for the progress line."""
+"""The plumbing every image-ViT method shares: the check of its ViT config keys, its input key, the input
+pipeline's skipped-file counter, the labelled eval split the frozen-feature probes read, and tokens per image for
+the progress line."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import ml_collections
+
 from jaxssl import data
+from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.data import images as image_data
 from jaxssl.methods import base
+from jaxssl.methods.videomae import DTYPES
 from jaxssl.models import mae as mae_model
+
+
+def check_vit_config(
+    config: ml_collections.ConfigDict, size_keys: tuple[str, ...] = ('input.image_size',)
+) -> dict[str, Any]:
+    """Checks the shared image-ViT keys, naming the key: `model.variant` (jaxssl.models.mae's size table,
+    optionally '/patch'), `model.dtype`, `model.drop_path_rate`, and that each image size in `size_keys` splits
+    into patches. Returns the decoded variant."""
+    try:
+        spec = mae_model.decode_variant(config.model.variant)
+    except ValueError:
+        sizes = ', '.join(mae_model.VARIANTS)
+        raise ConfigError(
+            f"bad value '{config.model.variant}' for 'model.variant'; valid: {sizes} (optionally '/patch')"
+        ) from None
+    check_choice(config, 'model.dtype', DTYPES)
+    check_range(config, 'model.drop_path_rate', 0.0, 1.0)
+    for key in size_keys:
+        group, name = key.split('.')
+        try:
+            mae_model.token_grid(config[group][name], spec['patch'])
+        except ValueError as e:
+            raise ConfigError(f"bad value {config[group][name]} for '{key}': {e}") from None
+    return spec
 
 
 class ImageMethod(base.Method):

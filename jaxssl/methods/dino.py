@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from jaxssl import optim
-from jaxssl.config import ConfigError, check_choice, check_range
+from jaxssl.config import ConfigError, check_range
 from jaxssl.data import images as image_data
 from jaxssl.data import views
 from jaxssl.methods import _image, base
@@ -39,20 +39,7 @@ LAST_LAYER = 'head/last_layer/.*'
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model, crops or loss cannot use (data paths: at run start)."""
-    try:
-        spec = mae_model.decode_variant(config.model.variant)
-    except ValueError:
-        sizes = ', '.join(mae_model.VARIANTS)
-        raise ConfigError(
-            f"bad value '{config.model.variant}' for 'model.variant'; valid: {sizes} (optionally '/patch')"
-        ) from None
-    check_choice(config, 'model.dtype', DTYPES)
-    check_range(config, 'model.drop_path_rate', 0.0, 1.0)
-    for key in ('input.image_size', 'input.local_crop_size'):
-        try:
-            mae_model.token_grid(config.input[key.split('.')[1]], spec['patch'])
-        except ValueError as e:
-            raise ConfigError(f"bad value {config.input[key.split('.')[1]]} for '{key}': {e}") from None
+    _image.check_vit_config(config, ('input.image_size', 'input.local_crop_size'))
     for key in ('model.head_hidden', 'model.head_out', 'model.head_bottleneck', 'model.head_layers'):
         group, name = key.split('.')
         if not isinstance(config[group][name], int) or config[group][name] < 1:

@@ -30,26 +30,13 @@ from jaxssl.methods import _image, base
 from jaxssl.methods.simclr import make_view
 from jaxssl.methods.videomae import DTYPES, transformer_flops
 from jaxssl.models import gmml as gmml_model
-from jaxssl.models import mae as mae_model
 
 REGIONS = ('corrupted', 'all')  # loss.region: GMML's drop_only=1 / SiT v1's whole-image L1
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model, corruption or loss cannot use (data paths: at run start)."""
-    try:
-        spec = mae_model.decode_variant(config.model.variant)
-    except ValueError:
-        sizes = ', '.join(mae_model.VARIANTS)
-        raise ConfigError(
-            f"bad value '{config.model.variant}' for 'model.variant'; valid: {sizes} (optionally '/patch')"
-        ) from None
-    check_choice(config, 'model.dtype', DTYPES)
-    check_range(config, 'model.drop_path_rate', 0.0, 1.0)
-    try:
-        mae_model.token_grid(config.input.image_size, spec['patch'])
-    except ValueError as e:
-        raise ConfigError(f"bad value {config.input.image_size} for 'input.image_size': {e}") from None
+    spec = _image.check_vit_config(config)
     blocks = tuple(config.model.recons_blocks)
     depth = spec['depth']
     if not blocks or not all(isinstance(b, int) and 1 <= abs(b) <= depth for b in blocks):

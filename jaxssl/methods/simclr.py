@@ -28,7 +28,6 @@ from jaxssl.data import views
 from jaxssl.losses import contrastive
 from jaxssl.methods import _image, base
 from jaxssl.methods.videomae import DTYPES, transformer_flops
-from jaxssl.models import mae as mae_model
 from jaxssl.models import simclr as simclr_model
 from jaxssl.optim import OPTIMIZERS
 
@@ -43,19 +42,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def check_two_view_config(config: ml_collections.ConfigDict, method_name: str, num_sample: int = 2) -> None:
     """The model, two-view and optimiser keys shared by the methods built on this one (VICReg): `method_name` says whose
     message it is; `num_sample` is the input.num_sample it needs (TOV-VICReg makes its views per frame triplet: 1)."""
-    try:
-        spec = mae_model.decode_variant(config.model.variant)
-    except ValueError:
-        sizes = ', '.join(mae_model.VARIANTS)
-        raise ConfigError(
-            f"bad value '{config.model.variant}' for 'model.variant'; valid: {sizes} (optionally '/patch')"
-        ) from None
-    check_choice(config, 'model.dtype', DTYPES)
-    check_range(config, 'model.drop_path_rate', 0.0, 1.0)
-    try:
-        mae_model.token_grid(config.input.image_size, spec['patch'])
-    except ValueError as e:
-        raise ConfigError(f"bad value {config.input.image_size} for 'input.image_size': {e}") from None
+    _image.check_vit_config(config)
     for key in ('model.head_hidden', 'model.head_out', 'model.head_layers'):
         group, name = key.split('.')
         if not isinstance(config[group][name], int) or config[group][name] < 1:

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxssl.config import ConfigError, check_choice, check_range
+from jaxssl.config import ConfigError, check_choice
 from jaxssl.data import images as image_data
 from jaxssl.methods import _image, base
 from jaxssl.methods.videomae import DTYPES, transformer_flops
@@ -42,19 +42,7 @@ ROTATIONS = {4: (0, 1, 2, 3), 2: (0, 2)}  # the reference's rotation and rotatio
 
 def check_backbone_config(config: ml_collections.ConfigDict) -> None:
     """The ViT, label-count and optimiser keys every method built on this base shares."""
-    try:
-        spec = mae_model.decode_variant(config.model.variant)
-    except ValueError:
-        sizes = ', '.join(mae_model.VARIANTS)
-        raise ConfigError(
-            f"bad value '{config.model.variant}' for 'model.variant'; valid: {sizes} (optionally '/patch')"
-        ) from None
-    check_choice(config, 'model.dtype', DTYPES)
-    check_range(config, 'model.drop_path_rate', 0.0, 1.0)
-    try:
-        mae_model.token_grid(config.input.image_size, spec['patch'])
-    except ValueError as e:
-        raise ConfigError(f"bad value {config.input.image_size} for 'input.image_size': {e}") from None
+    _image.check_vit_config(config)
     if not isinstance(config.model.num_classes, int) or config.model.num_classes < 2:
         raise ConfigError(f"bad value {config.model.num_classes!r} for 'model.num_classes': must be an integer >= 2")
     if config.input.num_sample != 1:
