@@ -69,7 +69,7 @@ def teacher_model(config: ml_collections.ConfigDict) -> tuple[sla.ClassifierMode
         with open(os.path.join(path, 'config.json')) as f:
             run = json.load(f).get('model', {})
     except (OSError, ValueError):
-        pass
+        pass  # a bare params directory has no run config: the metadata or distill.teacher_variant must say
     variant = config.distill.teacher_variant or metadata.get('variant') or run.get('variant')
     if not variant:
         raise ConfigError(f"cannot tell the teacher's size from {path}: set 'distill.teacher_variant'")

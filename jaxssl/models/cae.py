@@ -43,18 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {name: dict(zip(_FIELDS, row, strict=True)
 
 def decode_variant(variant: str) -> dict[str, Any]:
     """'B', 'B/16' or 'micro/4' -> CAEPretrain size fields. Raises ValueError listing valid names."""
-    size, _, patch = variant.partition('/')
-    if size not in VARIANTS:
-        raise ValueError(f"unknown variant '{variant}'; valid: {', '.join(VARIANTS)} (optionally '/patch')")
-    spec = dict(VARIANTS[size])
-    if patch:
-        if not patch.isdigit() or int(patch) < 1:
-            raise ValueError(f"bad patch size in variant '{variant}'")
-        spec['patch'] = int(patch)
-    mlp_ratio = spec.pop('mlp_ratio')
-    spec['mlp_hidden'] = int(spec['width'] * mlp_ratio)
-    spec['dec_mlp_hidden'] = int(spec['dec_width'] * mlp_ratio)
-    return spec
+    return mae.decode_variant(variant, VARIANTS)  # MAE's parser on CAE's table
 
 
 def sincos_table(grid_h: int, grid_w: int, dim: int) -> np.ndarray:

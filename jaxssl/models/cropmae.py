@@ -43,15 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {name: dict(zip(_FIELDS, row, strict=True)
 
 def decode_variant(variant: str) -> dict[str, Any]:
     """'S', 'S/16' or 'micro/4' -> CropMAEPretrain size fields. Raises ValueError listing valid names."""
-    size, _, patch = variant.partition('/')
-    if size not in VARIANTS:
-        raise ValueError(f"unknown variant '{variant}'; valid: {', '.join(VARIANTS)} (optionally '/patch')")
-    spec = dict(VARIANTS[size])
-    if patch:
-        if not patch.isdigit() or int(patch) < 1:
-            raise ValueError(f"bad patch size in variant '{variant}'")
-        spec['patch'] = int(patch)
-    spec['mlp_hidden'] = int(spec['width'] * spec.pop('mlp_ratio'))
+    spec = mae.decode_variant(variant, VARIANTS)  # MAE's parser on CropMAE's table
     # MAEPretrain's own decoder fields are unused here; dec_mlp_hidden carries the cross decoder's FFN width.
     spec['dec_mlp_hidden'] = spec.pop('dec_ffn')
     return spec
