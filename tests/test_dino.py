@@ -104,6 +104,20 @@ def test_head_prototypes_are_unit_vectors_and_logits_cosines():
     np.testing.assert_array_equal(learned['last_layer']['g'], np.ones(11))
 
 
+def test_collapse_monitors_tell_the_two_collapses_from_a_healthy_teacher():
+    batch, k = 8, 32
+    one_hot = lambda idx: jax.nn.one_hot(jnp.asarray(idx), k)[None]  # (1, B, K): one global crop
+    cases = {
+        'uniform': (jnp.full((2, batch, k), 1.0 / k), math.log(k), math.log(k)),
+        'one prototype': (one_hot([3] * batch), 0.0, 0.0),
+        'healthy': (one_hot(np.arange(batch)), 0.0, math.log(batch)),  # sharp, and a prototype per image
+    }
+    for name, (targets, target_entropy, batch_entropy) in cases.items():
+        got = dino.collapse_monitors(targets)
+        np.testing.assert_allclose(got['teacher_entropy'], target_entropy, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got['teacher_batch_entropy'], batch_entropy, atol=1e-5, err_msg=name)
+
+
 def test_multi_crop_views_groups_sizes_and_per_view_probabilities():
     image = (np.random.default_rng(0).uniform(size=(28, 28, 3)) * 255).astype(np.uint8)
     groups = (
@@ -184,6 +198,8 @@ def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path, one_device)
     np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in want_rows], rtol=1e-5)
     for part in ('params', 'extra'):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state[part], want_state[part])
+    # The mean target's entropy is at least a target's mean entropy (concavity): the monitors see the global batch.
+    assert all(r['teacher_batch_entropy'] >= r['teacher_entropy'] - 1e-5 for r in rows)
     # The centre moved off zero and the teacher off the student's initial copy (EMA steps happened).
     assert np.abs(state['extra']['center']).max() > 0
     for key in ('label/cls/knn', 'label/mean_pool/knn'):

@@ -226,12 +226,8 @@ class Method(_image.ImageMethod):
         )
         loss = dino_loss(student, teacher, extra['center'], c.student_temp, temp)
         center = center_update(extra['center'], teacher, c.center_momentum)
-        metrics = {
-            'loss': loss,
-            'teacher_temp': temp,
-            # Collapse monitors: the entropy of the teacher's mean target (low: one prototype wins) and of a target.
-            'teacher_entropy': _mean_entropy(jax.nn.softmax((teacher - extra['center']) / temp, axis=-1)),
-        }
+        targets = jax.nn.softmax((teacher - extra['center']) / temp, axis=-1)
+        metrics = {'loss': loss, 'teacher_temp': temp, **collapse_monitors(targets)}
         return loss, (metrics, dict(extra, center=center))
 
     def update_extra(self, params: Any, extra: Any, step: jax.Array) -> Any:
@@ -254,5 +250,15 @@ class Method(_image.ImageMethod):
         )
 
 
-def _mean_entropy(probs: jax.Array) -> jax.Array:
-    return -jnp.mean(jnp.sum(probs * jnp.log(probs + 1e-12), axis=-1))
+def collapse_monitors(targets: jax.Array) -> dict[str, jax.Array]:
+    """The teacher's targets (..., K) (probabilities; rows over the batch and crops) -> 'teacher_entropy', the mean
+    entropy of one target, and 'teacher_batch_entropy', the entropy of the mean target (DINO section 5.3's
+    monitors). Uniform collapse: both at log K. One-prototype collapse: both near 0. Their difference (>= 0) is the
+    information the targets carry about the image: a run that learns has a target entropy well below the batch
+    entropy. Means over the sharded global batch (under jit the reductions are global)."""
+    probs = targets.reshape(-1, targets.shape[-1])
+    mean = jnp.mean(probs, axis=0)
+    return {
+        'teacher_entropy': -jnp.mean(jnp.sum(probs * jnp.log(probs + 1e-12), axis=-1)),
+        'teacher_batch_entropy': -jnp.sum(mean * jnp.log(mean + 1e-12)),
+    }

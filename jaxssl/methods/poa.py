@@ -124,6 +124,7 @@ class Method(uni.Method):
             'elastic_width': width.astype(jnp.float32),
             'elastic_depth': jnp.sum(blocks).astype(jnp.float32),
             'teacher_temp': temp,
+            **dino.collapse_monitors(cls_targets),
         }
         return loss, (metrics, extra)
 

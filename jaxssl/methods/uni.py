@@ -211,4 +211,5 @@ class Method(dino.Method):
         c = self.config.loss
         loss = terms['dino_loss'] + c.koleo_weight * terms['koleo_loss'] + c.ibot_weight * terms['ibot_loss']
         metrics = dict(terms, loss=loss, teacher_temp=temp, masked_fraction=jnp.mean(masks.astype(jnp.float32)))
+        metrics.update(dino.collapse_monitors(cls_targets))
         return loss, (metrics, extra)
