@@ -61,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.tfds_label_key = 'label'
     c.input.cache_dir = '~/.cache/jaxssl'
     c.input.moving_digits_size = 'small'  # 'tiny' (48 clips, tests) or 'small' (3,000 clips)
+    # Motion directions (empty: all 8, time-reversible clips on which no head beats the order prior's accuracy);
+    # e.g. (0, 1, 7), rightwards only, gives the clips an arrow of time (docs/methods.md, TOV-VICReg).
+    c.input.moving_digits_directions = ()
     # The triplet (jaxssl.data.frame_triplets): o_t and its neighbours frame_offset frames away, clamped.
     c.input.frame_offset = 3  # the reference's, = its 3-frame stack: neighbouring observations do not overlap
     # The reference's 84 px with patch 8 makes a 10x10 grid (its strided conv drops the last 4 pixels); 80 px gives

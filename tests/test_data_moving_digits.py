@@ -149,3 +149,25 @@ def test_variant_has_its_own_folder_and_bad_values_fail_with_the_key(tmp_path):
         config.input[key] = value
         with pytest.raises(ConfigError, match=f'input.{key}'):
             data.check_input_config(config)
+
+
+def test_direction_subset_draws_only_those_directions_into_its_own_folder(tmp_path):
+    from jaxssl import data
+    from jaxssl.config import ConfigError, load_config
+
+    assert moving_digits.dataset_dir('/c', 'tiny', directions=(0, 1, 7)).endswith('moving_digits/tiny-v1-dir017')
+    # All 8 directions (in any order) are the default set, in the default folder.
+    root = moving_digits.ensure(str(tmp_path), 'tiny', directions=(7, 1, 0))
+    assert root.endswith('tiny-v1-dir017')
+    assert moving_digits.ensure(str(tmp_path), 'tiny', directions=tuple(range(8))).endswith('tiny-v1')
+    metadata = moving_digits.load_metadata(root)
+    clips = [clip for split in metadata['splits'].values() for clip in split]
+    assert {clip['direction'] for clip in clips} == {0, 1, 7} and metadata['direction_set'] == [0, 1, 7]
+    source = moving_digits.MovingDigitsSource(str(tmp_path), 'tiny', 'train', directions=(0, 1, 7))
+    assert {record['direction'] for record in source._records} <= {0, 1, 7}
+    for bad in ((0, 8), (1, 1), (True,)):
+        config = load_config('configs/videomae_v2.py:runlocal', [f'input.cache_dir={tmp_path}'])
+        with config.unlocked():
+            config.input.moving_digits_directions = bad
+        with pytest.raises(ConfigError, match=r'input\.moving_digits_directions'):
+            data.check_input_config(config)

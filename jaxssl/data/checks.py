@@ -77,4 +77,14 @@ def check_clip_source_config(config: ml_collections.ConfigDict) -> None:
             value = c.get(key, low if key.endswith('blur') else 1.0)
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
                 raise ConfigError(f"bad value {value!r} for 'input.{key}': must be a number in [{low}, {high}]")
+        directions = c.get('moving_digits_directions', ())
+        if (
+            not isinstance(directions, tuple | list)
+            or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < 8 for k in directions)
+            or len(set(directions)) != len(directions)
+        ):
+            raise ConfigError(
+                f"bad value {directions!r} for 'input.moving_digits_directions': distinct direction indices in 0..7 "
+                '(empty: all 8)'
+            )
         check_choice(config, 'input.split', ('train', 'val'))

@@ -13,8 +13,11 @@ digit (bilinear, 28 -> round(28 * scale) px) so its strokes span more of a patch
 of that sigma (px), so a hidden patch's pixels vary smoothly and can be guessed from its neighbours (the thin
 default strokes cannot: docs/methods.md, VideoMAE V2). A digit too large to travel its whole path inside the
 canvas moves along a path centred on the canvas and may leave it partly.
+`input.moving_digits_directions` (a subset of 0-7; empty: all 8) draws the motion from those directions only. The
+default set is time-reversible (a clip played backwards is another clip of the set); a subset without opposite
+pairs, e.g. (0, 1, 7) (rightwards), gives the clips an arrow of time, which temporal-order objectives need.
 
-On disk, under <cache_dir>/moving_digits/<size>-v<VERSION>[-x<scale>][-blur<sigma>]/: train/NNNNN.mp4,
+On disk, under <cache_dir>/moving_digits/<size>-v<VERSION>[-x<scale>][-blur<sigma>][-dir<k...>]/: train/NNNNN.mp4,
 val/NNNNN.mp4, train.csv and val.csv in the reference list format ('train/00000.mp4 0 -1 <label>'), and
 metadata.json (every label and trajectory).
 Generation is deterministic for a seed and atomic: it writes a temporary sibling folder and renames it, so an
@@ -88,10 +91,16 @@ def _start_range(v: float, sprite: int = DIGIT) -> tuple[float, float]:
 
 
 def sample_clip_spec(
-    rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray, sprite: int = DIGIT
+    rng: np.random.Generator,
+    pool: np.ndarray,
+    labels: np.ndarray,
+    sprite: int = DIGIT,
+    directions: tuple[int, ...] = (),
 ) -> dict[str, Any]:
-    """Draws one clip's digits, motion and start positions (top-left corners of `sprite`-pixel digit images)."""
-    direction, speed = int(rng.integers(8)), int(rng.integers(2))
+    """Draws one clip's digits, motion and start positions (top-left corners of `sprite`-pixel digit images); the
+    direction from `directions` (empty: all 8, drawn as the default set always was, so its clips do not change)."""
+    direction = int(directions[rng.integers(len(directions))]) if directions else int(rng.integers(8))
+    speed = int(rng.integers(2))
     vx, vy = velocity(direction, speed)
     count = int(rng.integers(1, 3))
     digits = [int(i) for i in rng.choice(pool, size=count, replace=False)]
@@ -156,11 +165,13 @@ def generate(
     show_progress: bool | None = None,
     scale: float = 1.0,
     blur: float = 0.0,
+    directions: tuple[int, ...] = (),
 ) -> None:
-    """Writes the dataset into the (new or empty) folder `root`. Deterministic in (size, seed, scale, blur)."""
+    """Writes the dataset into the (new or empty) folder `root`. Deterministic in (size, seed, scale, blur,
+    directions)."""
     if size not in SIZES:
         raise ValueError(f"unknown moving_digits size '{size}'; valid: {', '.join(SIZES)}")
-    check_variant(scale, blur)
+    check_variant(scale, blur, directions)
     images, labels = load_mnist_digits()
     images = sprite_images(images, scale, blur)
     pools = _split_digits(labels)
@@ -179,6 +190,7 @@ def generate(
         'speed_names': list(SPEED_NAMES),
         'digit_scale': scale,
         'digit_blur': blur,
+        'direction_set': list(directions or range(8)),
         'splits': {},
     }
     done, started = 0, time.monotonic()
@@ -187,7 +199,8 @@ def generate(
         clips, lines = [], []
         for i in range(count):
             # One generator per clip, keyed by (seed, split, index): any clip can be regenerated alone.
-            spec = sample_clip_spec(np.random.default_rng([seed, split_id, i]), pools[split], labels, images.shape[1])
+            rng = np.random.default_rng([seed, split_id, i])
+            spec = sample_clip_spec(rng, pools[split], labels, images.shape[1], directions)
             path = f'{split}/{i:05d}.mp4'
             write_mp4(os.path.join(root, path), render_clip(spec, images), fps=FPS)
             clips.append({'path': path, **spec})
@@ -203,22 +216,36 @@ def generate(
         json.dump(metadata, f)
 
 
-def check_variant(scale: float, blur: float) -> None:
+def check_variant(scale: float, blur: float, directions: tuple[int, ...] = ()) -> None:
     if not 0.5 <= scale <= 4.0:
         raise ValueError(f'moving_digits scale must be in [0.5, 4], got {scale}')
     if not 0.0 <= blur <= 8.0:
         raise ValueError(f'moving_digits blur must be in [0, 8] px, got {blur}')
+    if not all(isinstance(k, int) and 0 <= k < 8 for k in directions) or len(set(directions)) != len(directions):
+        raise ValueError(f'moving_digits directions must be distinct integers in 0..7, got {directions}')
 
 
-def dataset_dir(cache_dir: str, size: str, scale: float = 1.0, blur: float = 0.0) -> str:
-    """<cache_dir>/moving_digits/<size>-v<VERSION>, plus -x<scale> / -blur<sigma> for a variant."""
+def dataset_dir(
+    cache_dir: str, size: str, scale: float = 1.0, blur: float = 0.0, directions: tuple[int, ...] = ()
+) -> str:
+    """<cache_dir>/moving_digits/<size>-v<VERSION>, plus -x<scale> / -blur<sigma> / -dir<k...> for a variant."""
     name = f'{size}-v{VERSION}' + (f'-x{scale:g}' if scale != 1.0 else '') + (f'-blur{blur:g}' if blur else '')
+    if directions and sorted(directions) != list(range(8)):
+        name += '-dir' + ''.join(str(k) for k in sorted(directions))
     return os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), 'moving_digits', name)
 
 
-def ensure(cache_dir: str = '', size: str = 'tiny', seed: int = 0, scale: float = 1.0, blur: float = 0.0) -> str:
+def ensure(
+    cache_dir: str = '',
+    size: str = 'tiny',
+    seed: int = 0,
+    scale: float = 1.0,
+    blur: float = 0.0,
+    directions: tuple[int, ...] = (),
+) -> str:
     """Returns the dataset folder, generating it first if it is not there (atomically: temp folder + rename)."""
-    root = dataset_dir(cache_dir, size, scale, blur)
+    directions = tuple(sorted(directions)) if directions and sorted(directions) != list(range(8)) else ()
+    root = dataset_dir(cache_dir, size, scale, blur, directions)
     if os.path.isfile(os.path.join(root, 'metadata.json')):
         return root
     parent = os.path.dirname(root)
@@ -226,7 +253,7 @@ def ensure(cache_dir: str = '', size: str = 'tiny', seed: int = 0, scale: float 
     tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(root)}.tmp-', dir=parent)
     try:
         log.warning('moving_digits: generating the %s set into %s', size, root)
-        generate(tmp, size, seed, scale=scale, blur=blur)
+        generate(tmp, size, seed, scale=scale, blur=blur, directions=directions)
         try:
             os.rename(tmp, root)
         except OSError:
@@ -247,9 +274,15 @@ class MovingDigitsSource(ListSource):
     """One split of moving_digits (generated on first use), with labels 'label', 'direction' and 'speed'."""
 
     def __init__(
-        self, cache_dir: str = '', size: str = 'tiny', split: str = 'train', scale: float = 1.0, blur: float = 0.0
+        self,
+        cache_dir: str = '',
+        size: str = 'tiny',
+        split: str = 'train',
+        scale: float = 1.0,
+        blur: float = 0.0,
+        directions: tuple[int, ...] = (),
     ):
-        self.root = ensure(cache_dir, size, scale=scale, blur=blur)
+        self.root = ensure(cache_dir, size, scale=scale, blur=blur, directions=directions)
         if split not in SIZES[size]:
             raise ValueError(f"moving_digits has no split '{split}'; valid: {', '.join(SIZES[size])}")
         super().__init__(os.path.join(self.root, f'{split}.csv'), self.root)

@@ -212,5 +212,8 @@ def make_source(config: ml_collections.ConfigDict, split: str | None = None) -> 
 
         # The variant keys are optional: configs without them get the default digits.
         scale, blur = c.get('moving_digits_scale', 1.0), c.get('moving_digits_blur', 0.0)
-        return moving_digits.MovingDigitsSource(c.cache_dir, c.moving_digits_size, split, scale=scale, blur=blur)
+        directions = tuple(c.get('moving_digits_directions', ()))
+        return moving_digits.MovingDigitsSource(
+            c.cache_dir, c.moving_digits_size, split, scale=scale, blur=blur, directions=directions
+        )
     raise ValueError(f"unknown input.dataset '{c.dataset}'")
