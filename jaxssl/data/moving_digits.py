@@ -225,13 +225,18 @@ def check_variant(scale: float, blur: float, directions: tuple[int, ...] = ()) -
         raise ValueError(f'moving_digits directions must be distinct integers in 0..7, got {directions}')
 
 
+def canonical_directions(directions: tuple[int, ...]) -> tuple[int, ...]:
+    """The sorted subset; () for the default set (all 8, in any order), so equal sets share one folder."""
+    return () if sorted(directions) == list(range(8)) else tuple(sorted(directions))
+
+
 def dataset_dir(
     cache_dir: str, size: str, scale: float = 1.0, blur: float = 0.0, directions: tuple[int, ...] = ()
 ) -> str:
     """<cache_dir>/moving_digits/<size>-v<VERSION>, plus -x<scale> / -blur<sigma> / -dir<k...> for a variant."""
     name = f'{size}-v{VERSION}' + (f'-x{scale:g}' if scale != 1.0 else '') + (f'-blur{blur:g}' if blur else '')
-    if directions and sorted(directions) != list(range(8)):
-        name += '-dir' + ''.join(str(k) for k in sorted(directions))
+    directions = canonical_directions(directions)
+    name += '-dir' + ''.join(map(str, directions)) if directions else ''
     return os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), 'moving_digits', name)
 
 
@@ -244,7 +249,7 @@ def ensure(
     directions: tuple[int, ...] = (),
 ) -> str:
     """Returns the dataset folder, generating it first if it is not there (atomically: temp folder + rename)."""
-    directions = tuple(sorted(directions)) if directions and sorted(directions) != list(range(8)) else ()
+    directions = canonical_directions(directions)
     root = dataset_dir(cache_dir, size, scale, blur, directions)
     if os.path.isfile(os.path.join(root, 'metadata.json')):
         return root

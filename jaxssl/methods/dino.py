@@ -255,7 +255,8 @@ def collapse_monitors(targets: jax.Array) -> dict[str, jax.Array]:
     entropy of one target, and 'teacher_batch_entropy', the entropy of the mean target (DINO section 5.3's
     monitors). Uniform collapse: both at log K. One-prototype collapse: both near 0. Their difference (>= 0) is the
     information the targets carry about the image: a run that learns has a target entropy well below the batch
-    entropy. Means over the sharded global batch (under jit the reductions are global)."""
+    entropy. Means over the sharded global batch (under jit the reductions are global). Sinkhorn-Knopp targets (UNI,
+    POA) have a uniform batch mean by construction, so there only the target entropy is informative."""
     probs = targets.reshape(-1, targets.shape[-1])
     mean = jnp.mean(probs, axis=0)
     return {
