@@ -49,9 +49,9 @@ if [ "$plan" = profile ]; then
   exit 0
 fi
 
-# 1. ViT-B V2 with the defaults against the levers of the 2nd H200 call: the per-leaf norms it replaced, and
-#    the scanned parameter layout with the loop unrolled (few large leaves for the optimiser).
-part gpu_levers --variants B --levers --child-timeout 150 --lever-names norms=per_leaf,scan_layers=unrolled
+# 1. ViT-B V2 with the defaults (the unrolled scan since the 3rd session) against the levers its profile pointed
+#    to: q, k, v as three matmuls (no strided copies / concatenations around cuDNN attention) and the tanh GELU.
+part gpu_levers --variants B --levers --child-timeout 150 --lever-names qkv=split,gelu=tanh
 # 2. The apples-to-apples goal: jaxssl v1 mode against PyTorch (compiled, SDPA, bf16 autocast).
 part gpu_B_torch --variants B --modes v1 --torch --torch-compile --no-matmul --child-timeout 200
 # 3. ViT-L V2, profiled.

@@ -55,6 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat = recipe['remat']
     c.model.attention_impl = ''  # '': cuDNN flash attention on GPUs in bf16, XLA's elsewhere; or 'xla' / 'cudnn'
     c.model.patch_embed_impl = 'matmul'  # tubelet embedding as reshape + matmul, or 'conv' (same parameters)
+    # Throughput levers, not yet measured on a GPU (docs/performance.md): q, k, v as three matmuls (same parameters
+    # and numbers), and the tanh GELU (not the reference's erf form).
+    c.model.split_qkv = False
+    c.model.approximate_gelu = False
 
     c.masking = ml_collections.ConfigDict()
     c.masking.encoder_ratio = 0.9  # tube masking

@@ -133,6 +133,32 @@ def test_scan_and_remat_match_unrolled(tiny_stack):
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), round_trip, params))
 
 
+def test_split_qkv_has_the_fused_parameters_and_numbers(tiny_stack):
+    module, params, x = tiny_stack
+    split = dataclasses.replace(module, split_qkv=True)
+    # The same parameter tree and init (checkpoints and recipes carry over), the same outputs and gradients.
+    split_params = split.init(jax.random.key(0), x)['params']
+    jax.tree.map(np.testing.assert_array_equal, split_params, params)
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.ones_like(p), params)  # non-zero q / v biases
+    np.testing.assert_allclose(split.apply({'params': params}, x)[0], module.apply({'params': params}, x)[0], atol=1e-5)
+    probe = jnp.asarray(np.random.default_rng(1).normal(size=x.shape), jnp.float32)  # (a normed output's sum of
+    grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply({'params': p}, x)[0] * probe))(params)  # squares is flat)
+    # Float32 sums in another order: ~2e-5 on gradients of order 1.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5), grad(split), grad(module))
+
+
+def test_approximate_gelu_is_the_tanh_form_and_close_to_exact():
+    x = jnp.linspace(-3, 3, 8).reshape(1, 1, 8)
+    exact, tanh = vit.Mlp(8), vit.Mlp(8, approximate_gelu=True)
+    params = exact.init(jax.random.key(0), x)['params']
+    h = x @ params['fc1']['kernel'] + params['fc1']['bias']
+    want = jax.nn.gelu(h, approximate=True) @ params['fc2']['kernel'] + params['fc2']['bias']
+    got = tanh.apply({'params': params}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    difference = np.abs(got - exact.apply({'params': params}, x)).max()
+    assert 0 < difference < 1e-2
+
+
 @pytest.mark.parametrize('unroll', [0, 2])
 def test_unrolled_scan_matches_unrolled_layers_and_keeps_the_stacked_layout(tiny_stack, unroll):
     module, params, x = tiny_stack

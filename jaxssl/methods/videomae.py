@@ -84,6 +84,8 @@ def make_model(config: ml_collections.ConfigDict) -> videomae_model.VideoMAEPret
         dtype=DTYPES[m.dtype],
         attention_impl=m.attention_impl or None,
         patch_embed_impl=m.patch_embed_impl,
+        split_qkv=m.get('split_qkv', False),
+        approximate_gelu=m.get('approximate_gelu', False),
     )
 
 

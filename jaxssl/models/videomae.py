@@ -85,6 +85,8 @@ class VideoMAEPretrain(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     patch_embed_impl: str = 'matmul'
+    split_qkv: bool = False  # throughput levers (vit.Attention, vit.Mlp)
+    approximate_gelu: bool = False
 
     def setup(self):
         common = dict(
@@ -96,6 +98,8 @@ class VideoMAEPretrain(nn.Module):
             remat=self.remat,
             dtype=self.dtype,
             attention_impl=self.attention_impl,
+            split_qkv=self.split_qkv,
+            approximate_gelu=self.approximate_gelu,
         )
         self.patch_embed = vit.PatchEmbed(
             self.width, (self.tubelet, self.patch, self.patch), dtype=self.dtype, impl=self.patch_embed_impl

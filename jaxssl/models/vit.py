@@ -197,8 +197,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | 
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
+class FusedKernel(nn.Module):
+    """The (in, features) kernel nn.Dense(features, use_bias=False) would create under this module's name: the same
+    parameter path and init, for code that multiplies by slices of it."""
+
+    features: int
+    kernel_init: Callable = dense_init
+
+    @nn.compact
+    def __call__(self, in_features: int) -> jax.Array:
+        return self.param('kernel', self.kernel_init, (in_features, self.features), jnp.float32)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, q and v biases, no k bias.
+
+    `split_qkv` computes q, k and v as three matmuls with slices of the one (D, 3D) kernel (same parameters, same
+    numbers), so none of them is a strided slice of a (B, N, 3D) product that must be copied out for the attention
+    kernel (and concatenated back in the backward pass): a throughput lever (docs/performance.md).
 
     `num_context` > 0 restricts the keys and values to the first `num_context` tokens while every token still queries
     (MP3's masked context: the other tokens read the context but are never read).
@@ -213,19 +229,29 @@ class Attention(nn.Module):
     attention_impl: str | None = None  # see dot_product_attention
     num_context: int = 0
     rope_base: float = 100.0  # CroCo v2's RoPE100; used only with positions
+    split_qkv: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         batch, tokens, _ = x.shape
         if self.width % self.heads:
             raise ValueError(f'width {self.width} is not divisible by heads {self.heads}')
-        qkv = nn.Dense(3 * self.width, use_bias=False, dtype=self.dtype, kernel_init=dense_init, name='qkv')(x)
-        if self.qkv_bias:
-            q_bias = self.param('q_bias', nn.initializers.zeros, (self.width,))
-            v_bias = self.param('v_bias', nn.initializers.zeros, (self.width,))
-            bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
-            qkv = qkv + bias.astype(qkv.dtype)
-        q, k, v = (t[:, :, 0] for t in jnp.split(qkv.reshape(batch, tokens, 3, self.heads, -1), 3, axis=2))
+        if self.split_qkv:
+            kernel = FusedKernel(3 * self.width, name='qkv')(x.shape[-1])
+            x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+            q, k, v = (x @ kernel[:, i * self.width : (i + 1) * self.width] for i in range(3))
+            if self.qkv_bias:
+                q = q + self.param('q_bias', nn.initializers.zeros, (self.width,)).astype(q.dtype)
+                v = v + self.param('v_bias', nn.initializers.zeros, (self.width,)).astype(v.dtype)
+            q, k, v = (t.reshape(batch, tokens, self.heads, -1) for t in (q, k, v))
+        else:
+            qkv = nn.Dense(3 * self.width, use_bias=False, dtype=self.dtype, kernel_init=dense_init, name='qkv')(x)
+            if self.qkv_bias:
+                q_bias = self.param('q_bias', nn.initializers.zeros, (self.width,))
+                v_bias = self.param('v_bias', nn.initializers.zeros, (self.width,))
+                bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+                qkv = qkv + bias.astype(qkv.dtype)
+            q, k, v = (t[:, :, 0] for t in jnp.split(qkv.reshape(batch, tokens, 3, self.heads, -1), 3, axis=2))
         if positions is not None:
             q, k = rope_2d(q, positions, self.rope_base), rope_2d(k, positions, self.rope_base)
         if self.num_context:
@@ -236,16 +262,18 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact (erf) GELU -> fc2."""
+    """fc1 -> exact (erf) GELU -> fc2. `approximate_gelu` uses the tanh form instead (a throughput lever: cuBLAS can
+    apply it in the matmul's epilogue; it differs from the erf form by < 1e-3 and from the reference's numbers)."""
 
     hidden: int
     dtype: Dtype = jnp.float32
+    approximate_gelu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)
-        x = nn.gelu(x, approximate=False)
+        x = nn.gelu(x, approximate=self.approximate_gelu)
         return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name='fc2')(x)
 
 
@@ -274,6 +302,8 @@ class Block(nn.Module):
     attention_impl: str | None = None
     num_context: int = 0  # > 0: keys / values from the first num_context tokens only (see Attention)
     rope_base: float = 100.0
+    split_qkv: bool = False  # throughput levers, see Attention and Mlp
+    approximate_gelu: bool = False
 
     @nn.compact
     def __call__(
@@ -300,11 +330,12 @@ class Block(nn.Module):
             self.attention_impl,
             num_context=self.num_context,
             rope_base=self.rope_base,
+            split_qkv=self.split_qkv,
             name='attn',
         )
         y = attention(norm('norm1')(x), positions)
         x = x + residual(y, 'gamma_1')
-        y = Mlp(self.mlp_hidden, self.dtype, name='mlp')(norm('norm2')(x))
+        y = Mlp(self.mlp_hidden, self.dtype, self.approximate_gelu, name='mlp')(norm('norm2')(x))
         x = x + residual(y, 'gamma_2')
         return x, None
 
@@ -336,6 +367,8 @@ class Transformer(nn.Module):
     attention_impl: str | None = None
     num_context: int = 0  # > 0: every block's keys / values are the first num_context tokens (see Attention)
     rope_base: float = 100.0
+    split_qkv: bool = False  # throughput levers, see Attention and Mlp
+    approximate_gelu: bool = False
 
     @nn.compact
     def __call__(
@@ -355,6 +388,8 @@ class Transformer(nn.Module):
             attention_impl=self.attention_impl,
             num_context=self.num_context,
             rope_base=self.rope_base,
+            split_qkv=self.split_qkv,
+            approximate_gelu=self.approximate_gelu,
         )
         rates = np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
         block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
