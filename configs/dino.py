@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.head_bottleneck = 64 if arg.runlocal else 256
     c.model.head_out = 1024 if arg.runlocal else 65536  # prototypes (the head's out_dim)
     c.model.norm_last_layer = True  # the code default (README: True for ViT-B, False for ViT-S)
+    c.model.head_use_bn = False  # --use_bn_in_head: BatchNorm after the head's hidden Linears (default off)
     c.model.teacher_momentum = 0.996  # cosine to 1 over the run
     c.model.layer_norm_eps = 1e-6
     c.model.drop_path_rate = 0.1  # the student's; the teacher runs without

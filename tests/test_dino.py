@@ -104,6 +104,24 @@ def test_head_prototypes_are_unit_vectors_and_logits_cosines():
     np.testing.assert_array_equal(learned['last_layer']['g'], np.ones(11))
 
 
+def test_head_batchnorm_normalises_each_hidden_layer_with_the_batch_statistics():
+    head = dino_model.DINOHead(out_dim=7, hidden_dim=8, bottleneck_dim=5, layers=2, use_bn=True)
+    h = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    params = head.init(jax.random.key(1), h)['params']
+    params = jax.tree.map(lambda p: p + 0.3 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) / p.size, params)
+    got, _ = head.apply({'params': params}, h, mutable=['batch_stats'])
+    p = jax.device_get(params)
+    x = h @ p['dense_0']['kernel'] + p['dense_0']['bias']
+    x = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * p['bn_0']['scale'] + p['bn_0']['bias']  # torch BatchNorm1d
+    x = np.asarray(jax.nn.gelu(x, approximate=False)) @ p['dense_1']['kernel'] + p['dense_1']['bias']
+    x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    want = x @ (p['last_layer']['v'] / np.linalg.norm(p['last_layer']['v'], axis=0, keepdims=True))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # Off by default (the reference's --use_bn_in_head default): no BatchNorm parameters.
+    plain = dino_model.DINOHead(7, 8, 5, 2).init(jax.random.key(1), h)['params']
+    assert not any(name.startswith('bn_') for name in plain)
+
+
 def test_collapse_monitors_tell_the_two_collapses_from_a_healthy_teacher():
     batch, k = 8, 32
     one_hot = lambda idx: jax.nn.one_hot(jnp.asarray(idx), k)[None]  # (1, B, K): one global crop

@@ -78,6 +78,7 @@ def make_model(config: ml_collections.ConfigDict) -> dino_model.DINOModel:
         head_layers=m.head_layers,
         head_bottleneck=m.head_bottleneck,
         norm_last_layer=m.norm_last_layer,
+        head_use_bn=m.get('head_use_bn', False),
         layer_norm_eps=m.layer_norm_eps,
         drop_path_rate=m.drop_path_rate,
         scan_layers=m.scan_layers,
@@ -213,11 +214,9 @@ class Method(_image.ImageMethod):
         groups = self._groups(batch)
         batch_size, num_global = batch[GLOBAL].shape[:2]
         # The teacher sees the global crops only, without drop path; no gradient flows into it.
-        teacher, _ = self.model.apply({'params': extra['teacher']}, groups[:1], False)
+        teacher = self.logits(extra['teacher'], groups[:1], False)
         teacher = jax.lax.stop_gradient(teacher).reshape(num_global, batch_size, -1)
-        student, _ = self.model.apply(
-            {'params': params}, groups, True, rngs={'drop_path': base.stream(rng, 'drop_path')}
-        )
+        student = self.logits(params, groups, True, rngs={'drop_path': base.stream(rng, 'drop_path')})
         student = student.reshape(-1, batch_size, student.shape[-1])
         c = self.config.loss
         _, steps_per_epoch = self.run_length
@@ -229,6 +228,12 @@ class Method(_image.ImageMethod):
         targets = jax.nn.softmax((teacher - extra['center']) / temp, axis=-1)
         metrics = {'loss': loss, 'teacher_temp': temp, **collapse_monitors(targets)}
         return loss, (metrics, dict(extra, center=center))
+
+    def logits(self, params: Any, groups: list[jax.Array], train: bool, rngs: dict | None = None) -> jax.Array:
+        """The model's head logits. A head BatchNorm (model.head_use_bn) normalises with the batch's statistics, so
+        its running averages are dropped."""
+        (logits, _), _ = self.model.apply({'params': params}, groups, train, rngs=rngs, mutable=['batch_stats'])
+        return logits
 
     def update_extra(self, params: Any, extra: Any, step: jax.Array) -> Any:
         total_steps, _ = self.run_length

@@ -5,6 +5,9 @@ simclr_vicreg_dino_poa_uni.md): an MLP d -> hidden -> hidden -> bottleneck with 
 kernels ~ truncated normal, std 0.02, zero biases), the output L2-normalised, then a weight-normalised linear layer
 bottleneck -> out_dim without bias, w = g v / ||v|| per output unit. With `norm_last_layer` the gain g is fixed
 at 1 (the reference freezes weight_g), so the prototypes are unit vectors; otherwise g is trained (init 1).
+`use_bn` (the reference's --use_bn_in_head, off by default) puts a BatchNorm after each hidden Linear, before the
+GELU. It normalises with the statistics of the batch it sees, as the reference's teacher and student (both in
+train mode, SyncBatchNorm): under jit with a sharded batch that is the global batch, and nothing is kept.
 
 Images of any size whose side the patch divides go through the same backbone: positions are the fixed 2-D sin-cos
 table of the image's own token grid (jaxssl.models.mae.sincos_2d_table), so DINO's 96-px local crops need no
@@ -49,6 +52,7 @@ class DINOHead(nn.Module):
     bottleneck_dim: int = 256
     layers: int = 3
     norm_last_layer: bool = True
+    use_bn: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
@@ -58,7 +62,10 @@ class DINOHead(nn.Module):
             features, kernel_init=nn.initializers.truncated_normal(0.02), name=name
         )  # fmt: skip
         for i in range(self.layers - 1):
-            x = nn.gelu(dense(self.hidden_dim, f'dense_{i}')(x), approximate=False)  # torch nn.GELU: exact
+            x = dense(self.hidden_dim, f'dense_{i}')(x)
+            if self.use_bn:  # torch BatchNorm1d: eps 1e-5, batch statistics (use_running_average=False)
+                x = nn.BatchNorm(use_running_average=False, epsilon=1e-5, name=f'bn_{i}')(x)
+            x = nn.gelu(x, approximate=False)  # torch nn.GELU: exact
         x = dense(self.bottleneck_dim, f'dense_{self.layers - 1}')(x)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
         return WeightNormDense(self.out_dim, learn_gain=not self.norm_last_layer, name='last_layer')(x)
@@ -70,9 +77,17 @@ class DINOModel(simclr_model.SimCLRModel):
 
     head_bottleneck: int = 256
     norm_last_layer: bool = True
+    head_use_bn: bool = False
 
     def make_head(self) -> nn.Module:
-        return DINOHead(self.head_out, self.head_hidden, self.head_bottleneck, self.head_layers, self.norm_last_layer)
+        return DINOHead(
+            self.head_out,
+            self.head_hidden,
+            self.head_bottleneck,
+            self.head_layers,
+            self.norm_last_layer,
+            self.head_use_bn,
+        )
 
     def __call__(self, groups: Sequence[jax.Array], train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         # One backbone pass per resolution, then the head once on all cls tokens (as the reference's MultiCropWrapper).
