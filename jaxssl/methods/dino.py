@@ -136,7 +136,12 @@ def dino_loss(
     """DINOLoss: student logits (V, B, K) of all crops, globals first; teacher logits (G, B, K) of the global crops.
     `pair_cross_entropy` against the centred, sharpened targets softmax((t_g - c) / teacher_temp)."""
     chex.assert_rank(teacher, 3)
-    return pair_cross_entropy(student, jax.nn.softmax((teacher - center) / teacher_temp, axis=-1), student_temp)
+    return pair_cross_entropy(student, centred_targets(teacher, center, teacher_temp), student_temp)
+
+
+def centred_targets(teacher: jax.Array, center: jax.Array, teacher_temp: jax.Array) -> jax.Array:
+    """The teacher's targets: softmax((t - c) / teacher_temp) over the prototypes."""
+    return jax.nn.softmax((teacher - center) / teacher_temp, axis=-1)
 
 
 def teacher_temperature(epoch: jax.Array, start: float, end: float, warmup_epochs: int) -> jax.Array:
@@ -223,9 +228,9 @@ class Method(_image.ImageMethod):
         temp = teacher_temperature(
             step // steps_per_epoch, c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs
         )
-        loss = dino_loss(student, teacher, extra['center'], c.student_temp, temp)
+        targets = centred_targets(teacher, extra['center'], temp)
+        loss = pair_cross_entropy(student, targets, c.student_temp)  # dino_loss, the targets kept for the monitors
         center = center_update(extra['center'], teacher, c.center_momentum)
-        targets = jax.nn.softmax((teacher - extra['center']) / temp, axis=-1)
         metrics = {'loss': loss, 'teacher_temp': temp, **collapse_monitors(targets)}
         return loss, (metrics, dict(extra, center=center))
 
