@@ -1,15 +1,19 @@
 """DINO pretraining (Caron et al., ICCV 2021): student and EMA teacher, multi-crop, centring and sharpening, AdamW.
 
 Arguments (comma separated after the file name):
-  variant=B        ViT encoder size: micro, tiny, S-like sizes from jaxssl.models.mae's table (B, L, H; '/patch')
+  variant=B        ViT encoder size: micro, tiny, S-like sizes from jaxssl.models.mae's table (B, L, H; '/patch'),
+                   or resnet18 / resnet34 / resnet50 / resnet101 with the README's ResNet-50 recipe (SGD lr 0.03, ...)
   epochs=100       100 (the ablations), 300 or 800 (the headline runs); 10 of them warm up
-  runlocal         tiny shapes on the built-in MNIST digits, for a CPU
+  runlocal         tiny shapes on the built-in MNIST digits, for a CPU (a ResNet variant: width 16, CIFAR stem)
 Examples:
   --config=configs/dino.py:variant=B --config.input.data_root=/data/imagenet   (<root>/train/<class>/<image>)
   --config=configs/dino.py:runlocal
+  --config=configs/dino.py:runlocal,variant=resnet18
 Reference recipe: facebookresearch/dino (main_dino.py, vision_transformer.py, utils.py; the paper's ViT-B/16 run:
 batch 1024, 2 x 224 global + 10 x 96 local crops in the paper / 8 in the code default, teacher temperature 0.04 -> 0.07
-over 30 epochs), shared/reference/methods/simclr_vicreg_dino_poa_uni.md. Differences: docs/methods.md.
+over 30 epochs; ResNet-50: the README's command, SGD lr 0.03, weight decay 1e-4, crops (0.14, 1) / (0.05, 0.14), the
+code's teacher temperature 0.04, batch 8 x 64), shared/reference/methods/simclr_vicreg_dino_poa_uni.md.
+Differences: docs/methods.md.
 """
 
 import ml_collections
@@ -17,6 +21,7 @@ import ml_collections
 from jaxssl.config import add_trainer_defaults, parse_arg
 from jaxssl.data.images import add_image_input_config
 from jaxssl.evaluate.frozen import add_probe_config
+from jaxssl.models.resnet import is_resnet
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,7 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.variant = 'micro/4' if arg.runlocal else arg.variant
+    resnet = is_resnet(arg.variant)
+    c.model.variant = 'micro/4' if arg.runlocal and not resnet else arg.variant
+    c.model.resnet_width = 16 if arg.runlocal else 64  # ResNets only: the first stage's channels (torchvision: 64)
+    c.model.resnet_small_stem = arg.runlocal  # ResNets only: the CIFAR stem (3x3 stride 1, no max pool)
     c.model.head_layers = 3
     c.model.head_hidden = 256 if arg.runlocal else 2048
     c.model.head_bottleneck = 64 if arg.runlocal else 256
@@ -65,7 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.global_batch = 64 if arg.runlocal else 1024
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = 'adamw'
+    c.optim.name = 'adamw'  # or 'sgd' (the ResNet recipe)
+    c.optim.momentum = 0.9  # sgd's
     c.optim.base_lr = 5e-4  # lr = base_lr * global_batch / 256
     c.optim.min_lr = 1e-6  # scaled by global_batch / 256 here (the reference's 1e-6 is absolute)
     c.optim.warmup_epochs = 10
@@ -83,6 +92,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.no_decay = ()  # 1-D parameters (biases, norms) get no decay, as the reference's param groups
     c.optim.lr_rules = ()
 
+    if resnet:
+        # The README's ResNet-50 command (main_dino.py's defaults otherwise: the teacher temperature 0.04 throughout).
+        c.optim.name = 'sgd'
+        c.optim.base_lr = 0.03
+        c.optim.weight_decay = c.optim.weight_decay_end = 1e-4
+        c.input.global_crop_scale = (0.14, 1.0)
+        c.input.local_crop_scale = (0.05, 0.14)
+        c.loss.teacher_temp = 0.04
+        c.loss.warmup_teacher_temp_epochs = 0
+        c.input.global_batch = 64 if arg.runlocal else 512  # 8 GPUs x 64
+
     add_trainer_defaults(c, runlocal=arg.runlocal)
     # Frozen-feature probes (linear, kNN) of the teacher backbone's cls token and mean patch token on the eval split.
     add_probe_config(c, label_keys=('label',), runlocal=arg.runlocal)
@@ -90,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # A CPU-minute budget: 60 steps of 64 digits (2 x 32 px + 4 x 16 px crops each); an epoch is 62 steps. The
         # reference's lr, momentum and freezing (run b in docs/methods.md); warmup and the temperature ramp shortened.
         c.optim.warmup_steps = 30
-        c.loss.warmup_teacher_temp_epochs = 1
+        c.loss.warmup_teacher_temp_epochs = 0 if resnet else 1
         c.train.steps = 60
         c.eval.at_end = True
         c.train.log_every = 10

@@ -27,7 +27,7 @@ import optax
 from jaxssl import rules as rules_lib
 from jaxssl.config import ConfigError
 
-OPTIMIZERS = ('adamw', 'lars')
+OPTIMIZERS = ('adamw', 'lars', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'infinite')
 COOLDOWNS = ('cosine', 'linear', 'inv_sqrt')  # the infinite schedule's cooldown shapes (the reference's options)
 # Schedule keys every config gets (add_schedule_defaults) so any of them can be selected on the command line; the
@@ -310,6 +310,7 @@ def make_optimizer(
     optim.trust_coefficient * ||w|| / ||g + wd * w||, then -lr(step), then heavy-ball momentum optim.momentum on the
     lr-scaled update (the reference's v = m v + lr * update). Parameters the decay mask leaves out (1-D: biases,
     norms; `optim.no_decay` rules) get neither decay nor the trust ratio, as the reference's exclusions.
+    'sgd' (torch.optim.SGD with momentum, DINO's ResNet recipe): b = m b + (g + wd * w), w -= lr(step) b.
     """
     o = config.optim
     no_decay = [(pattern, True) for pattern in o.no_decay]
@@ -331,6 +332,12 @@ def make_optimizer(
             return [
                 optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
                 optax.add_decayed_weights(wd, mask=mask),
+                optax.scale_by_learning_rate(lr),
+            ]
+        if name == 'sgd':  # the lr scales the momentum buffer, as torch's (LARS's momentum trails the lr)
+            return [
+                optax.add_decayed_weights(wd, mask=mask),
+                optax.trace(decay=o.momentum, nesterov=False),
                 optax.scale_by_learning_rate(lr),
             ]
         return [

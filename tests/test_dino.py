@@ -21,6 +21,7 @@ from jaxssl.methods import dino
 from jaxssl.models import dino as dino_model
 
 CONFIG = 'configs/dino.py:runlocal'
+RESNET = 'configs/dino.py:runlocal,variant=resnet18'
 
 
 def numpy_dino_loss(student, teacher, center, student_temp, teacher_temp, same_view_pairs=False):
@@ -183,6 +184,7 @@ def test_pipeline_batches_hold_global_and_local_crops():
         ('input.local_crop_scale=(0.5,0.2)', "'input.local_crop_scale'"),
         ('model.head_bottleneck=0', "'model.head_bottleneck'"),
         ('model.variant=XL', "'model.variant'"),
+        ('optim.name=lars', "'optim.name'"),
     ],
 )
 def test_config_errors_name_the_key(override, key):
@@ -190,12 +192,30 @@ def test_config_errors_name_the_key(override, key):
         load_config(CONFIG, [override])
 
 
+def test_resnet_recipe_is_the_readme_command_and_checks_its_keys():
+    config = load_config('configs/dino.py:variant=resnet50', [])
+    o, c = config.optim, config.input
+    assert (o.name, o.base_lr, o.momentum, o.weight_decay, o.weight_decay_end, o.clip_grad) == (
+        'sgd', 0.03, 0.9, 1e-4, 1e-4, 3.0
+    )  # fmt: skip
+    assert (tuple(c.global_crop_scale), tuple(c.local_crop_scale)) == ((0.14, 1.0), (0.05, 0.14))
+    assert (config.loss.teacher_temp, config.loss.warmup_teacher_temp_epochs, c.global_batch) == (0.04, 0, 512)
+    assert c.local_crops_number == 8
+    model = dino.make_model(config)
+    assert isinstance(model, dino_model.DINOResNetModel) and model.head_out == 65536
+    assert model.backbone.bottleneck and model.backbone.width == 64 and not model.backbone.small_stem
+    small = dino.make_model(load_config(RESNET, []))
+    assert small.backbone.width == 16 and small.backbone.small_stem
+    with pytest.raises(ConfigError, match=re.escape("'model.resnet_width'")):
+        load_config(RESNET, ['model.resnet_width=0'])
+
+
 SMALL_EVAL = ['eval.max_train_clips=64', 'eval.max_test_clips=32', 'eval.batch_size=16', "eval.probes=('knn',)"]
 
 
-def run(workdir, *overrides):
+def run(workdir, *overrides, config=CONFIG):
     config = load_config(
-        CONFIG, ['train.steps=2', 'train.log_every=1', 'train.tensorboard=false', 'input.global_batch=16', *overrides]
+        config, ['train.steps=2', 'train.log_every=1', 'train.tensorboard=false', 'input.global_batch=16', *overrides]
     )
     summary, state = train.train(config, str(workdir))
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -222,3 +242,21 @@ def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path, one_device)
     assert np.abs(state['extra']['center']).max() > 0
     for key in ('label/cls/knn', 'label/mean_pool/knn'):
         assert 0.0 <= summary[f'final_eval/{key}'] <= 1.0
+
+
+def test_resnet_runs_sharded_like_one_device_with_its_batchnorm_state(tmp_path):
+    """A ResNet-18 DINO (width 16, CIFAR stem): the BatchNorm statistics are the global batch's on any mesh, the
+    student's and the teacher's running averages are kept apart, and the probes read the teacher's pooled features."""
+    _, want_state, want_rows = run(tmp_path / 'one', 'mesh.data=1', 'eval.at_end=false', config=RESNET)
+    summary, state, rows = run(
+        tmp_path / 'sharded', 'mesh.data=2', 'mesh.fsdp=4', 'sharding.min_size=0', *SMALL_EVAL, config=RESNET
+    )
+    assert summary['final_step'] == 2 and summary['nonfinite_steps'] == 0
+    np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in want_rows], rtol=1e-5)
+    for part in ('params', 'extra'):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), state[part], want_state[part])
+    student, teacher = state['extra']['batch_stats']['backbone'], state['extra']['teacher_batch_stats']['backbone']
+    assert np.abs(teacher['bn1']['mean']).max() > 0  # the teacher's forward passes update its own averages
+    # The student also saw the local crops, so its averages moved on from the teacher's.
+    assert not np.allclose(student['bn1']['mean'], teacher['bn1']['mean'])
+    assert 0.0 <= summary['final_eval/label/pool/knn'] <= 1.0

@@ -139,11 +139,12 @@ def test_unknown_optimizer_name_is_refused():
         optim.make_optimizer(config_for(name='sgdd'), {'w': jnp.ones((2, 2))}, lambda step: 0.1)
 
 
-def test_dino_recipe_matches_torch():
-    """DINO's optimiser (main_dino.py): AdamW whose weight decay follows a cosine, each gradient tensor clipped to
-    norm 0.5 on its own (utils.clip_gradients), and a 'last' layer whose grad is None for the first 2 steps
-    (freeze_last_layer: no step, no decay, no moments). lr(step) grows, so a group that starts late must see the
-    global step's lr."""
+@pytest.mark.parametrize('name', ['adamw', 'sgd'])
+def test_dino_recipe_matches_torch(name):
+    """DINO's optimiser (main_dino.py): AdamW (ViTs) or SGD with momentum 0.9 (the ResNet recipe) whose weight
+    decay follows a cosine, each gradient tensor clipped to norm 0.5 on its own (utils.clip_gradients), and a
+    'last' layer whose grad is None for the first 2 steps (freeze_last_layer: no step, no decay, no moments).
+    lr(step) grows, so a group that starts late must see the global step's lr."""
     rng = np.random.default_rng(1)
     init = {'w': rng.normal(size=(4, 3)), 'b': rng.normal(size=3), 'last': rng.normal(size=(3, 5))}
     init = {k: v.astype(np.float32) for k, v in init.items()}
@@ -151,7 +152,7 @@ def test_dino_recipe_matches_torch():
     grads = [{k: (3 * rng.normal(size=v.shape)).astype(np.float32) for k, v in init.items()} for _ in range(steps)]
     lr = lambda step: 0.01 * (step + 1)
     config = config_for(clip_grad=0.5, clip_mode='per_tensor', weight_decay=0.04, weight_decay_end=0.4, no_decay=(),
-                        freeze_epochs=(('last', 1),))  # fmt: skip
+                        freeze_epochs=(('last', 1),), name=name, momentum=0.9)  # fmt: skip
     params = jax.tree.map(jnp.asarray, init)
     tx = optim.make_optimizer(config, params, lr, total_steps=steps, steps_per_epoch=freeze)
     state = tx.init(params)
@@ -161,11 +162,11 @@ def test_dino_recipe_matches_torch():
 
     decay = reference_cosine_scheduler(0.04, 0.4, epochs=1, niter_per_ep=steps, warmup_epochs=0)
     tensors = {k: torch.tensor(v, requires_grad=True) for k, v in init.items()}
-    opt = torch.optim.AdamW(
-        [{'params': [tensors['w'], tensors['last']]}, {'params': [tensors['b']], 'weight_decay': 0.0}],
-        betas=(0.9, 0.95),
-        eps=1e-8,
-    )
+    groups = [{'params': [tensors['w'], tensors['last']]}, {'params': [tensors['b']], 'weight_decay': 0.0}]
+    if name == 'adamw':
+        opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    else:
+        opt = torch.optim.SGD(groups, lr=0, momentum=0.9)
     for step, g in enumerate(grads):
         opt.param_groups[0]['weight_decay'] = decay[step]
         for group in opt.param_groups:

@@ -122,6 +122,7 @@ def test_mask_token_replaces_masked_patches_only():
         ('loss.sinkhorn_iterations=0', "'loss.sinkhorn_iterations'"),
         ('model.ibot_out=0', "'model.ibot_out'"),
         ('loss.student_temp=0.0', "'loss.student_temp'"),
+        ('model.variant=resnet50', "'model.variant'"),  # iBOT masks patch tokens
     ],
 )
 def test_config_errors_name_the_key(override, key):

@@ -24,13 +24,14 @@ import ml_collections
 import numpy as np
 
 from jaxssl import optim
-from jaxssl.config import ConfigError, check_range
+from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.data import images as image_data
 from jaxssl.data import views
 from jaxssl.methods import _image, base
 from jaxssl.methods.videomae import DTYPES
 from jaxssl.models import dino as dino_model
 from jaxssl.models import mae as mae_model
+from jaxssl.models import resnet
 
 GLOBAL, LOCAL = 'global_crops', 'local_crops'
 # The parameters DINO's freeze_last_layer holds fixed during the first epoch(s) (optim.freeze_epochs).
@@ -39,7 +40,14 @@ LAST_LAYER = 'head/last_layer/.*'
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model, crops or loss cannot use (data paths: at run start)."""
-    _image.check_vit_config(config, ('input.image_size', 'input.local_crop_size'))
+    check_choice(config, 'optim.name', ('adamw', 'sgd'))
+    if resnet.is_resnet(config.model.variant):
+        check_choice(config, 'model.dtype', DTYPES)
+        width = config.model.get('resnet_width', 64)
+        if not isinstance(width, int) or width < 1:
+            raise ConfigError(f"bad value {width!r} for 'model.resnet_width': must be an integer >= 1")
+    else:
+        _image.check_vit_config(config, ('input.image_size', 'input.local_crop_size'))
     for key in ('model.head_hidden', 'model.head_out', 'model.head_bottleneck', 'model.head_layers'):
         group, name = key.split('.')
         if not isinstance(config[group][name], int) or config[group][name] < 1:
@@ -69,10 +77,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"bad value {config.loss.warmup_teacher_temp_epochs} for 'loss.warmup_teacher_temp_epochs'")
 
 
-def make_model(config: ml_collections.ConfigDict) -> dino_model.DINOModel:
+def make_model(config: ml_collections.ConfigDict) -> dino_model.DINOModel | dino_model.DINOResNetModel:
     m = config.model
     return dino_model.make_model(
         m.variant,
+        resnet_width=m.get('resnet_width', 64),
+        resnet_small_stem=m.get('resnet_small_stem', False),
         head_hidden=m.head_hidden,
         head_out=m.head_out,
         head_layers=m.head_layers,
@@ -176,6 +186,13 @@ class Method(_image.ImageMethod):
         super().__init__(config)
         self.model = make_model(config)
 
+    @property
+    def resnet(self) -> bool:
+        """A ResNet backbone. Its BatchNorm running averages live in extra: 'batch_stats' (the student's) and
+        'teacher_batch_stats' (the teacher's own, from its forward passes: the EMA covers parameters only, as the
+        reference's, whose teacher runs in train mode)."""
+        return isinstance(self.model, dino_model.DINOResNetModel)
+
     @functools.cached_property
     def run_length(self) -> tuple[int, int]:
         """(total steps, steps per epoch): the momentum and teacher-temperature schedules are indexed by them."""
@@ -209,19 +226,27 @@ class Method(_image.ImageMethod):
         return [views_major(batch[name]) for name in (GLOBAL, LOCAL) if name in batch]
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-        params = self.model.init(rng, self._groups(batch))['params']
+        variables = self.model.init(rng, self._groups(batch))
+        params = variables['params']
         # The teacher starts as a copy of the student (the reference loads the student's state dict).
         center = jnp.zeros((1, self.config.model.head_out), jnp.float32)
-        return params, {'teacher': params, 'center': center}
+        extra = {'teacher': params, 'center': center}
+        if self.resnet:
+            extra.update(batch_stats=variables['batch_stats'], teacher_batch_stats=variables['batch_stats'])
+        return params, extra
 
     def loss(self, params, extra, batch, rng, step):
         chex.assert_rank(batch[GLOBAL], 5)
         groups = self._groups(batch)
         batch_size, num_global = batch[GLOBAL].shape[:2]
-        # The teacher sees the global crops only, without drop path; no gradient flows into it.
-        teacher = self.logits(extra['teacher'], groups[:1], False)
+        # The teacher sees the global crops only, without drop path (a ViT's), with batch statistics (a ResNet's:
+        # the reference's teacher is in train mode); no gradient flows into it.
+        teacher, teacher_stats = self.logits(
+            extra['teacher'], extra.get('teacher_batch_stats'), groups[:1], train=self.resnet
+        )
         teacher = jax.lax.stop_gradient(teacher).reshape(num_global, batch_size, -1)
-        student = self.logits(params, groups, True, rngs={'drop_path': base.stream(rng, 'drop_path')})
+        rngs = {'drop_path': base.stream(rng, 'drop_path')}
+        student, student_stats = self.logits(params, extra.get('batch_stats'), groups, True, rngs)
         student = student.reshape(-1, batch_size, student.shape[-1])
         c = self.config.loss
         _, steps_per_epoch = self.run_length
@@ -232,13 +257,19 @@ class Method(_image.ImageMethod):
         loss = pair_cross_entropy(student, targets, c.student_temp)  # dino_loss, the targets kept for the monitors
         center = center_update(extra['center'], teacher, c.center_momentum)
         metrics = {'loss': loss, 'teacher_temp': temp, **collapse_monitors(targets)}
-        return loss, (metrics, dict(extra, center=center))
+        extra = dict(extra, center=center)
+        if self.resnet:
+            extra.update(batch_stats=jax.lax.stop_gradient(student_stats), teacher_batch_stats=teacher_stats)
+        return loss, (metrics, extra)
 
-    def logits(self, params: Any, groups: list[jax.Array], train: bool, rngs: dict | None = None) -> jax.Array:
-        """The model's head logits. A head BatchNorm (model.head_use_bn) normalises with the batch's statistics, so
-        its running averages are dropped."""
-        (logits, _), _ = self.model.apply({'params': params}, groups, train, rngs=rngs, mutable=['batch_stats'])
-        return logits
+    def logits(
+        self, params: Any, stats: Any, groups: list[jax.Array], train: bool, rngs: dict | None = None
+    ) -> tuple[jax.Array, Any]:
+        """The model's head logits and the updated BatchNorm running averages (None without a ResNet: a head
+        BatchNorm (model.head_use_bn) normalises with the batch's statistics, so its running averages are dropped)."""
+        variables = {'params': params} if stats is None else {'params': params, 'batch_stats': stats}
+        (logits, _), updated = self.model.apply(variables, groups, train, rngs=rngs, mutable=['batch_stats'])
+        return logits, None if stats is None else updated['batch_stats']
 
     def update_extra(self, params: Any, extra: Any, step: jax.Array) -> Any:
         total_steps, _ = self.run_length
@@ -248,13 +279,18 @@ class Method(_image.ImageMethod):
 
     def represent(self, params, extra, batch):
         """The teacher's backbone on the whole image (the reference evaluates the teacher): the cls token and the
-        mean of the patch tokens."""
+        mean of the patch tokens; a ResNet's pooled features (with the teacher's running averages)."""
+        if self.resnet:
+            variables = {'params': extra['teacher'], 'batch_stats': extra['teacher_batch_stats']}
+            return {'pool': self.model.apply(variables, batch['image'], method=self.model.encode)}
         encoded, _ = self.model.apply({'params': extra['teacher']}, batch['image'], method=self.model.encode)
         encoded = encoded.astype(jnp.float32)
         return {'cls': encoded[:, 0], 'mean_pool': encoded[:, 1:].mean(axis=1)}
 
-    def tokens_per_example(self) -> int:
-        """Backbone tokens of all crops of one image."""
+    def tokens_per_example(self) -> int | None:
+        """Backbone tokens of all crops of one image (None for a ResNet)."""
+        if self.resnet:
+            return None
         return sum(
             g.count * int(np.prod(mae_model.token_grid(g.size, self.model.patch))) for g in crop_groups(self.config)
         )

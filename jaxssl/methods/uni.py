@@ -32,6 +32,7 @@ from jaxssl.losses import dinov2
 from jaxssl.methods import base, dino
 from jaxssl.methods.videomae import DTYPES
 from jaxssl.models import mae as mae_model
+from jaxssl.models import resnet
 from jaxssl.models import uni as uni_model
 
 GLOBAL, LOCAL, MASKS = dino.GLOBAL, dino.LOCAL, 'masks'
@@ -40,6 +41,8 @@ CENTERINGS = ('centering', 'sinkhorn_knopp')
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """DINO's checks plus iBOT's masking, KoLeo and the centring choice."""
+    if resnet.is_resnet(config.model.variant):
+        raise ConfigError(f"bad value '{config.model.variant}' for 'model.variant': iBOT masks patch tokens, so a ViT")
     dino.check_config(config)
     check_choice(config, 'loss.centering', CENTERINGS)
     check_range(config, 'loss.mask_probability', 0.0, 1.000001)

@@ -9,7 +9,10 @@ at 1 (the reference freezes weight_g), so the prototypes are unit vectors; other
 GELU. It normalises with the statistics of the batch it sees, as the reference's teacher and student (both in
 train mode, SyncBatchNorm): under jit with a sharded batch that is the global batch, and nothing is kept.
 
-Images of any size whose side the patch divides go through the same backbone: positions are the fixed 2-D sin-cos
+`make_model` also builds a ResNet-backed DINO (the reference's `--arch resnet50`, jaxssl.models.resnet): the
+pooled features take the cls token's place, and the backbone's BatchNorm keeps running averages.
+
+Images of any size whose side the patch divides go through the same ViT backbone: positions are the fixed 2-D sin-cos
 table of the image's own token grid (jaxssl.models.mae.sincos_2d_table), so DINO's 96-px local crops need no
 interpolated position embedding (the reference interpolates its learned table; see docs/methods.md).
 """
@@ -25,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxssl.models import mae as mae_model
+from jaxssl.models import resnet
 from jaxssl.models import simclr as simclr_model
 
 
@@ -97,8 +101,53 @@ class DINOModel(simclr_model.SimCLRModel):
         return logits, {'cls': h}
 
 
-def make_model(variant: str, **overrides: Any) -> DINOModel:
-    """A DINOModel with the encoder of a named ViT size ('micro', 'tiny', 'B', ...; '/patch' optional)."""
+class DINOResNetModel(nn.Module):
+    """DINO with a ResNet backbone (the reference's `--arch resnet50`): as DINOModel, the pooled features in place
+    of the cls token. The backbone's BatchNorm keeps running averages in the 'batch_stats' collection."""
+
+    backbone: resnet.ResNet
+    head_hidden: int = 2048
+    head_out: int = 65536
+    head_layers: int = 3
+    head_bottleneck: int = 256
+    norm_last_layer: bool = True
+    head_use_bn: bool = False
+
+    def setup(self):
+        self.head = DINOHead(
+            self.head_out,
+            self.head_hidden,
+            self.head_bottleneck,
+            self.head_layers,
+            self.norm_last_layer,
+            self.head_use_bn,
+        )
+
+    def encode(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Pooled backbone features (B, feature_dim) float32."""
+        return self.backbone(images, train)
+
+    def __call__(self, groups: Sequence[jax.Array], train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        # One backbone pass per resolution, so each group's BatchNorm statistics are its own (the reference's
+        # MultiCropWrapper), then the head once on all features.
+        h = jnp.concatenate([self.encode(images, train) for images in groups], axis=0)
+        logits = self.head(h)
+        chex.assert_shape(logits, (sum(g.shape[0] for g in groups), self.head_out))
+        return logits, {'cls': h}
+
+
+def make_model(
+    variant: str, resnet_width: int = 64, resnet_small_stem: bool = False, **overrides: Any
+) -> DINOModel | DINOResNetModel:
+    """A DINOModel with the encoder of a named ViT size ('micro', 'tiny', 'B', ...; '/patch' optional), or a
+    DINOResNetModel for a ResNet name ('resnet18', 'resnet50', ...; base width and CIFAR stem as given). ViT-only
+    overrides (drop path, layer norm, scan, remat, attention) are ignored for a ResNet."""
+    if resnet.is_resnet(variant):
+        head = ('head_hidden', 'head_out', 'head_layers', 'head_bottleneck', 'norm_last_layer', 'head_use_bn')
+        backbone = resnet.make_resnet(
+            variant, resnet_width, resnet_small_stem, dtype=overrides.get('dtype', jnp.float32)
+        )
+        return DINOResNetModel(backbone, **{k: v for k, v in overrides.items() if k in head})
     spec = mae_model.decode_variant(variant)
     fields = {k: spec[k] for k in ('width', 'depth', 'heads', 'mlp_hidden', 'patch')}
     return DINOModel(**fields, **overrides)
