@@ -18,10 +18,9 @@ Differences: docs/methods.md.
 
 import ml_collections
 
-from jaxssl.config import add_trainer_defaults, parse_arg
+from jaxssl.config import add_backbone_config, add_trainer_defaults, parse_arg
 from jaxssl.data.images import add_image_input_config
 from jaxssl.evaluate.frozen import add_probe_config
-from jaxssl.models.resnet import is_resnet
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,10 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    resnet = is_resnet(arg.variant)
-    c.model.variant = 'micro/4' if arg.runlocal and not resnet else arg.variant
-    c.model.resnet_width = 16 if arg.runlocal else 64  # ResNets only: the first stage's channels (torchvision: 64)
-    c.model.resnet_small_stem = arg.runlocal  # ResNets only: the CIFAR stem (3x3 stride 1, no max pool)
+    resnet = add_backbone_config(c, arg.variant, arg.runlocal)
     c.model.head_layers = 3
     c.model.head_hidden = 256 if arg.runlocal else 2048
     c.model.head_bottleneck = 64 if arg.runlocal else 256

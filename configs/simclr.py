@@ -1,7 +1,8 @@
 """SimCLR pretraining (Chen et al., ICML 2020): two views, projection head, NT-Xent over the global batch, LARS.
 
 Arguments (comma separated after the file name):
-  variant=B        ViT encoder size: micro, tiny, S-like sizes from jaxssl.models.mae's table (B, L, H; '/patch')
+  variant=B        ViT encoder size: micro, tiny, S-like sizes from jaxssl.models.mae's table (B, L, H; '/patch'),
+                   or the paper's ResNet: resnet50 (also resnet18 / resnet34 / resnet101)
   epochs=100       100 (the paper's ablations) or 1000 (its headline); 10 of them warm up
   runlocal         tiny shapes on the built-in MNIST digits, for a CPU
 Examples:
@@ -13,7 +14,7 @@ The reference backbone is a ResNet-50; this config uses the shared ViT (docs/met
 
 import ml_collections
 
-from jaxssl.config import add_trainer_defaults, parse_arg
+from jaxssl.config import add_backbone_config, add_trainer_defaults, parse_arg
 from jaxssl.data.images import add_image_input_config
 from jaxssl.evaluate.frozen import add_probe_config
 
@@ -26,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.variant = 'micro/4' if arg.runlocal else arg.variant
+    add_backbone_config(c, arg.variant, arg.runlocal)  # a ViT, or a ResNet (the paper's backbone)
     c.model.head_layers = 2  # the paper's (v1) head; SimCLR v2 uses 3
     c.model.head_hidden = 128 if arg.runlocal else 2048
     c.model.head_out = 64 if arg.runlocal else 128

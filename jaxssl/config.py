@@ -174,6 +174,19 @@ def check_range(config: ml_collections.ConfigDict, key: str, low: float, high: f
         raise ConfigError(f"bad value {value} for '{key}': must be in [{low}, {high})")
 
 
+def add_backbone_config(config: ml_collections.ConfigDict, variant: str, runlocal: bool) -> bool:
+    """config.model's backbone keys for the image methods that take a ViT or a ResNet: `variant` (a ViT size, or
+    'micro/4' under runlocal; a ResNet name kept as given) and the ResNet keys (width 16 and the CIFAR stem under
+    runlocal). Returns whether `variant` is a ResNet, so a config can switch to the ResNet recipe."""
+    from jaxssl.models.resnet import is_resnet  # models import flax: only the configs that need it pay for it
+
+    resnet = is_resnet(variant)
+    config.model.variant = 'micro/4' if runlocal and not resnet else variant
+    config.model.resnet_width = 16 if runlocal else 64  # ResNets only: the first stage's channels (torchvision: 64)
+    config.model.resnet_small_stem = runlocal  # ResNets only: the CIFAR stem (3x3 stride 1, no max pool)
+    return resnet
+
+
 def add_trainer_defaults(config: ml_collections.ConfigDict, runlocal: bool = False) -> ml_collections.ConfigDict:
     """Adds the sections every method's config shares: train loop, checkpoints, mesh, sharding, debug hooks."""
     c = config

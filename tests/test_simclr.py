@@ -97,8 +97,8 @@ def test_batch_that_cannot_split_over_devices_names_the_key(tmp_path):
 SMALL_EVAL = ['eval.max_train_clips=64', 'eval.max_test_clips=32', 'eval.batch_size=16', "eval.probes=('knn',)"]
 
 
-def run(workdir, *overrides):
-    config = load_config(CONFIG, ['train.steps=2', 'train.log_every=1', 'train.tensorboard=false', *overrides])
+def run(workdir, *overrides, config=CONFIG):
+    config = load_config(config, ['train.steps=2', 'train.log_every=1', 'train.tensorboard=false', *overrides])
     summary, state = train.train(config, str(workdir))
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         rows = [row for row in map(json.loads, f) if 'loss' in row]
@@ -122,3 +122,21 @@ def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path, one_device)
     )
     for key in ('label/cls/knn', 'label/mean_pool/knn'):
         assert 0.0 <= summary[f'final_eval/{key}'] <= 1.0
+
+
+def test_resnet_backbone_sharded_matches_one_device(tmp_path):
+    """The paper's backbone family (runlocal: a ResNet-18 of width 16 with the CIFAR stem): global-batch BatchNorm
+    and NT-Xent give the same losses, parameters and running averages on one device and sharded; the probes read
+    the pooled features with the running averages."""
+    config = 'configs/simclr.py:runlocal,variant=resnet18'
+    small = ['input.global_batch=16']
+    _, want_state, want_rows = run(tmp_path / 'one', 'mesh.data=1', 'eval.at_end=false', *small, config=config)
+    summary, state, rows = run(
+        tmp_path / 'sharded', 'mesh.data=2', 'mesh.fsdp=4', 'sharding.min_size=0', *small, *SMALL_EVAL, config=config
+    )
+    assert summary['nonfinite_steps'] == 0
+    np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in want_rows], rtol=1e-5)
+    for part in ('params', 'extra'):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), state[part], want_state[part])
+    assert np.abs(state['extra']['batch_stats']['backbone']['bn1']['mean']).max() > 0
+    assert 0.0 <= summary['final_eval/label/pool/knn'] <= 1.0

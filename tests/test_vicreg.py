@@ -13,6 +13,7 @@ import pytest
 
 from jaxssl import optim, train
 from jaxssl.config import ConfigError, load_config
+from jaxssl.methods import vicreg
 from jaxssl.models import vicreg as vicreg_model
 
 CONFIG = 'configs/vicreg.py:runlocal'
@@ -84,8 +85,8 @@ def test_batch_that_cannot_split_over_devices_names_the_key(tmp_path):
 SMALL_EVAL = ['eval.max_train_clips=64', 'eval.max_test_clips=32', 'eval.batch_size=16', "eval.probes=('knn',)"]
 
 
-def run(workdir, *overrides):
-    config = load_config(CONFIG, ['train.steps=2', 'train.log_every=1', 'train.tensorboard=false', *overrides])
+def run(workdir, *overrides, config=CONFIG):
+    config = load_config(config, ['train.steps=2', 'train.log_every=1', 'train.tensorboard=false', *overrides])
     summary, state = train.train(config, str(workdir))
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         rows = [row for row in map(json.loads, f) if 'loss' in row]
@@ -108,3 +109,17 @@ def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path):
     )
     for key in ('cls/knn', 'mean_pool/knn'):
         assert 0.0 <= summary[f'final_eval/label/{key}'] <= 1.0
+
+
+def test_resnet_backbone_with_the_expander_trains_and_probes(tmp_path):
+    """facebookresearch/vicreg's backbone: torchvision's ResNet with zero_init_residual, the expander on its pooled
+    features; its running averages are state and the probes read them."""
+    config = 'configs/vicreg.py:runlocal,variant=resnet18'
+    model = vicreg.make_model(load_config(config))
+    params = model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))['params']
+    assert params['head']['dense_0']['kernel'].shape == (128, 256)  # 8 x width 16 pooled features -> the expander
+    assert np.all(params['backbone']['layer1_0']['bn2']['scale'] == 0)  # each block starts as the identity
+    summary, state, rows = run(tmp_path / 'run', 'input.global_batch=16', *SMALL_EVAL, config=config)
+    assert summary['nonfinite_steps'] == 0 and all(np.isfinite(r['loss']) for r in rows)
+    assert np.abs(state['extra']['batch_stats']['backbone']['bn1']['mean']).max() > 0
+    assert 0.0 <= summary['final_eval/label/pool/knn'] <= 1.0

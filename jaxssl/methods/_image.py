@@ -40,6 +40,14 @@ def check_vit_config(
     return spec
 
 
+def check_resnet_config(config: ml_collections.ConfigDict) -> None:
+    """The ResNet backbone's keys (`model.resnet_width`, `model.dtype`), naming the key."""
+    check_choice(config, 'model.dtype', DTYPES)
+    width = config.model.get('resnet_width', 64)
+    if not isinstance(width, int) or width < 1:
+        raise ConfigError(f"bad value {width!r} for 'model.resnet_width': must be an integer >= 1")
+
+
 class ImageMethod(base.Method):
     """base.Method for methods whose examples are images (config.input from `add_image_input_config`) and whose
     `self.model` has a `patch` size; they define dataset / init / loss / represent."""
@@ -60,6 +68,8 @@ class ImageMethod(base.Method):
         )
         return dataset
 
-    def tokens_per_example(self) -> int:
+    def tokens_per_example(self) -> int | None:
+        if not hasattr(self.model, 'patch'):  # a ResNet backbone: no tokens
+            return None
         grid = mae_model.token_grid(self.config.input.image_size, self.model.patch)
         return grid[0] * grid[1]

@@ -42,10 +42,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model, crops or loss cannot use (data paths: at run start)."""
     check_choice(config, 'optim.name', ('adamw', 'sgd'))
     if resnet.is_resnet(config.model.variant):
-        check_choice(config, 'model.dtype', DTYPES)
-        width = config.model.get('resnet_width', 64)
-        if not isinstance(width, int) or width < 1:
-            raise ConfigError(f"bad value {width!r} for 'model.resnet_width': must be an integer >= 1")
+        _image.check_resnet_config(config)
     else:
         _image.check_vit_config(config, ('input.image_size', 'input.local_crop_size'))
     for key in ('model.head_hidden', 'model.head_out', 'model.head_bottleneck', 'model.head_layers'):

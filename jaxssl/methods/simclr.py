@@ -28,6 +28,7 @@ from jaxssl.data import views
 from jaxssl.losses import contrastive
 from jaxssl.methods import _image, base
 from jaxssl.methods.videomae import DTYPES, transformer_flops
+from jaxssl.models import resnet
 from jaxssl.models import simclr as simclr_model
 from jaxssl.optim import OPTIMIZERS
 
@@ -42,7 +43,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def check_two_view_config(config: ml_collections.ConfigDict, method_name: str, num_sample: int = 2) -> None:
     """The model, two-view and optimiser keys shared by the methods built on this one (VICReg): `method_name` says whose
     message it is; `num_sample` is the input.num_sample it needs (TOV-VICReg makes its views per frame triplet: 1)."""
-    _image.check_vit_config(config)
+    if resnet.is_resnet(config.model.variant):
+        _image.check_resnet_config(config)
+    else:
+        _image.check_vit_config(config)
     for key in ('model.head_hidden', 'model.head_out', 'model.head_layers'):
         group, name = key.split('.')
         if not isinstance(config[group][name], int) or config[group][name] < 1:
@@ -62,8 +66,20 @@ def check_two_view_config(config: ml_collections.ConfigDict, method_name: str, n
         )
 
 
-def make_model(config: ml_collections.ConfigDict) -> simclr_model.SimCLRModel:
+def make_resnet_backbone(config: ml_collections.ConfigDict, zero_init_residual: bool) -> resnet.ResNet:
+    """The ResNet `config.model` names (variant, resnet_width, resnet_small_stem, dtype)."""
     m = config.model
+    return resnet.make_resnet(
+        m.variant, m.get('resnet_width', 64), m.get('resnet_small_stem', False), zero_init_residual, DTYPES[m.dtype]
+    )
+
+
+def make_model(config: ml_collections.ConfigDict) -> simclr_model.SimCLRModel | simclr_model.ResNetWithHead:
+    m = config.model
+    if resnet.is_resnet(m.variant):
+        # SimCLR's TF ResNet starts each block's last BatchNorm scale at 0 (init_zero).
+        head = simclr_model.ProjectionHead(m.head_hidden, m.head_out, m.head_layers)
+        return simclr_model.ResNetWithHead(make_resnet_backbone(config, zero_init_residual=True), head)
     return simclr_model.make_model(
         m.variant,
         head_hidden=m.head_hidden,
@@ -127,21 +143,31 @@ class Method(_image.ImageMethod):
         rng = np.random.default_rng(0)
         return {'image': rng.normal(size=(2 * batch_size, size, size, 3)).astype(np.float32)}
 
-    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-        # The head's BatchNorm statistics are not state (see jaxssl.models.simclr): only params are kept.
-        variables = self.model.init(rng, batch['image'])
-        return variables['params'], {}
+    @property
+    def resnet(self) -> bool:
+        """A ResNet backbone, whose BatchNorm running averages are extra['batch_stats']."""
+        return isinstance(self.model, simclr_model.ResNetWithHead)
 
-    def project(self, params: Any, images: jax.Array, rng: jax.Array | None) -> jax.Array:
-        """Projections z (2B, head_out) of the views, in training mode (batch-statistics BN, drop path)."""
+    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+        # The head's BatchNorm statistics are not state (see jaxssl.models.simclr); a ResNet's are.
+        variables = self.model.init(rng, batch['image'])
+        return variables['params'], ({'batch_stats': variables['batch_stats']} if self.resnet else {})
+
+    def project(self, params: Any, extra: Any, images: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, Any]:
+        """Projections z (2B, head_out) of the views, in training mode (batch-statistics BN, drop path), and the
+        extra state with a ResNet's running averages updated."""
         rngs = {'drop_path': rng} if rng is not None else {}
-        (z, _), _ = self.model.apply({'params': params}, images, True, rngs=rngs, mutable=['batch_stats'])
-        return z
+        variables = {'params': params, **({'batch_stats': extra['batch_stats']} if self.resnet else {})}
+        (z, _), updated = self.model.apply(variables, images, True, rngs=rngs, mutable=['batch_stats'])
+        if self.resnet:
+            extra = dict(extra, batch_stats=jax.lax.stop_gradient(updated['batch_stats']))
+        return z, extra
 
     def loss(self, params, extra, batch, rng, step):
         images = batch['image']
         chex.assert_rank(images, 4)
-        z1, z2 = split_views(self.project(params, images, base.stream(rng, 'drop_path')))
+        z, extra = self.project(params, extra, images, base.stream(rng, 'drop_path'))
+        z1, z2 = split_views(z)
         devices = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)
         if z1.shape[0] % devices:
             raise ConfigError(
@@ -153,13 +179,18 @@ class Method(_image.ImageMethod):
 
     def represent(self, params, extra, batch):
         """The backbone on the whole image: the cls token h (the representation SimCLR evaluates, before the
-        projection head) and the mean of the patch tokens."""
+        projection head) and the mean of the patch tokens; a ResNet's pooled features (running averages)."""
+        if self.resnet:
+            variables = {'params': params, 'batch_stats': extra['batch_stats']}
+            return {'pool': self.model.apply(variables, batch['image'], method=self.model.encode)}
         encoded, _ = self.model.apply({'params': params}, batch['image'], method=self.model.encode)
         encoded = encoded.astype(jnp.float32)
         return {'cls': encoded[:, 0], 'mean_pool': encoded[:, 1:].mean(axis=1)}
 
-    def flops_per_example(self) -> float:
-        """Per view (the trainer counts views as examples)."""
+    def flops_per_example(self) -> float | None:
+        """Per view (the trainer counts views as examples); None for a ResNet."""
+        if self.resnet:
+            return None
         m, tokens = self.model, self.tokens_per_example()
         head = [m.width] + [m.head_hidden] * (m.head_layers - 1) + [m.head_out]
         forward = (

@@ -31,12 +31,15 @@ from jaxssl.losses import temporal_order
 from jaxssl.losses import vicreg as vicreg_loss
 from jaxssl.methods import base, simclr, vicreg
 from jaxssl.models import tov_vicreg as tov_model
+from jaxssl.models.resnet import is_resnet
 
 DATASETS = ('list', 'folder', 'tfds', 'moving_digits')
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """VICReg's checks with one triplet sample per video, plus the frame offset and the TOV weight."""
+    if is_resnet(config.model.variant):
+        raise ConfigError(f"bad value '{config.model.variant}' for 'model.variant': TOV-VICReg pretrains a ViT")
     vicreg.check_config(config, 'TOV-VICReg', num_sample=1)
     check_choice(config, 'input.dataset', DATASETS)
     offset = config.input.frame_offset

@@ -21,6 +21,8 @@ from jaxssl.config import ConfigError
 from jaxssl.losses import vicreg as vicreg_loss
 from jaxssl.methods import base, simclr
 from jaxssl.methods.videomae import DTYPES
+from jaxssl.models import resnet
+from jaxssl.models import simclr as simclr_model
 from jaxssl.models import vicreg as vicreg_model
 
 
@@ -37,9 +39,15 @@ def check_config(config: ml_collections.ConfigDict, method_name: str = 'VICReg',
         raise ConfigError(f"bad value {config.loss.std_eps} for 'loss.std_eps': must be > 0")
 
 
-def make_model(config: ml_collections.ConfigDict, build=vicreg_model.make_model) -> vicreg_model.VICRegModel:
-    """The model `config.model` describes, made by `build(variant, **fields)` (a subclass's builder: TOV-VICReg)."""
+def make_model(
+    config: ml_collections.ConfigDict, build=vicreg_model.make_model
+) -> vicreg_model.VICRegModel | simclr_model.ResNetWithHead:
+    """The model `config.model` describes, made by `build(variant, **fields)` (a subclass's builder: TOV-VICReg),
+    or a ResNet with the expander (facebookresearch/vicreg's resnet50 is torchvision's, zero_init_residual on)."""
     m = config.model
+    if resnet.is_resnet(m.variant):
+        head = vicreg_model.Expander(m.head_hidden, m.head_out, m.head_layers)
+        return simclr_model.ResNetWithHead(simclr.make_resnet_backbone(config, zero_init_residual=True), head)
     return build(
         m.variant,
         head_hidden=m.head_hidden,
@@ -64,7 +72,8 @@ class Method(simclr.Method):
     def loss(self, params, extra, batch, rng, step):
         images = batch['image']
         chex.assert_rank(images, 4)
-        z1, z2 = simclr.split_views(self.project(params, images, base.stream(rng, 'drop_path')))
+        z, extra = self.project(params, extra, images, base.stream(rng, 'drop_path'))
+        z1, z2 = simclr.split_views(z)
         devices = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)
         if z1.shape[0] % devices:
             raise ConfigError(

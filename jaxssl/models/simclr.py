@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxssl.models import mae as mae_model
-from jaxssl.models import vit
+from jaxssl.models import resnet, vit
 
 
 class ProjectionHead(nn.Module):
@@ -117,6 +117,25 @@ class SimCLRModel(nn.Module):
         z = self.head(h)
         chex.assert_shape(z, (images.shape[0], self.head_out))
         return z, dict(intermediates, cls=h)
+
+
+class ResNetWithHead(nn.Module):
+    """Images (B, S, S, C) -> (z (B, out) float32, {'cls': h (B, features)}): a ResNet (jaxssl.models.resnet, the
+    papers' backbone), whose pooled features h stand in for the ViT's cls token, and a head on them (SimCLR's
+    projection head, VICReg's expander). The backbone's BatchNorm keeps running averages ('batch_stats')."""
+
+    backbone: resnet.ResNet
+    head: nn.Module
+
+    def encode(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Pooled backbone features (B, features) float32."""
+        return self.backbone(images, train)
+
+    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        h = self.encode(images, train)
+        z = self.head(h)
+        chex.assert_rank(z, 2)
+        return z, {'cls': h}
 
 
 def make_model(variant: str, **overrides: Any) -> SimCLRModel:
