@@ -202,7 +202,7 @@ def test_resnet_recipe_is_the_readme_command_and_checks_its_keys():
     assert (config.loss.teacher_temp, config.loss.warmup_teacher_temp_epochs, c.global_batch) == (0.04, 0, 512)
     assert c.local_crops_number == 8
     model = dino.make_model(config)
-    assert isinstance(model, dino_model.DINOResNetModel) and model.head_out == 65536
+    assert isinstance(model, dino_model.DINOResNetModel) and model.head.out_dim == 65536
     assert model.backbone.bottleneck and model.backbone.width == 64 and not model.backbone.small_stem
     small = dino.make_model(load_config(RESNET, []))
     assert small.backbone.width == 16 and small.backbone.small_stem

@@ -106,22 +106,7 @@ class DINOResNetModel(nn.Module):
     of the cls token. The backbone's BatchNorm keeps running averages in the 'batch_stats' collection."""
 
     backbone: resnet.ResNet
-    head_hidden: int = 2048
-    head_out: int = 65536
-    head_layers: int = 3
-    head_bottleneck: int = 256
-    norm_last_layer: bool = True
-    head_use_bn: bool = False
-
-    def setup(self):
-        self.head = DINOHead(
-            self.head_out,
-            self.head_hidden,
-            self.head_bottleneck,
-            self.head_layers,
-            self.norm_last_layer,
-            self.head_use_bn,
-        )
+    head: DINOHead
 
     def encode(self, images: jax.Array, train: bool = False) -> jax.Array:
         """Pooled backbone features (B, feature_dim) float32."""
@@ -132,7 +117,7 @@ class DINOResNetModel(nn.Module):
         # MultiCropWrapper), then the head once on all features.
         h = jnp.concatenate([self.encode(images, train) for images in groups], axis=0)
         logits = self.head(h)
-        chex.assert_shape(logits, (sum(g.shape[0] for g in groups), self.head_out))
+        chex.assert_shape(logits, (sum(g.shape[0] for g in groups), self.head.out_dim))
         return logits, {'cls': h}
 
 
@@ -143,11 +128,14 @@ def make_model(
     DINOResNetModel for a ResNet name ('resnet18', 'resnet50', ...; base width and CIFAR stem as given). ViT-only
     overrides (drop path, layer norm, scan, remat, attention) are ignored for a ResNet."""
     if resnet.is_resnet(variant):
-        head = ('head_hidden', 'head_out', 'head_layers', 'head_bottleneck', 'norm_last_layer', 'head_use_bn')
         backbone = resnet.make_resnet(
             variant, resnet_width, resnet_small_stem, dtype=overrides.get('dtype', jnp.float32)
         )
-        return DINOResNetModel(backbone, **{k: v for k, v in overrides.items() if k in head})
+        head = DINOHead(
+            *(overrides[k] for k in ('head_out', 'head_hidden', 'head_bottleneck', 'head_layers', 'norm_last_layer')),
+            overrides.get('head_use_bn', False),
+        )
+        return DINOResNetModel(backbone, head)
     spec = mae_model.decode_variant(variant)
     fields = {k: spec[k] for k in ('width', 'depth', 'heads', 'mlp_hidden', 'patch')}
     return DINOModel(**fields, **overrides)
