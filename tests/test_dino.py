@@ -206,6 +206,16 @@ def test_resnet_recipe_is_the_readme_command_and_checks_its_keys():
     assert model.backbone.bottleneck and model.backbone.width == 64 and not model.backbone.small_stem
     small = dino.make_model(load_config(RESNET, []))
     assert small.backbone.width == 16 and small.backbone.small_stem
+    # The small-data preset (lightly's CIFAR-10 settings) sets what the docs' runs t and y used.
+    preset = load_config(RESNET + ',small_data', [])
+    assert (preset.input.local_crops_number, preset.model.head_use_bn, preset.model.head_out) == (0, True, 2048)
+    assert (preset.model.teacher_momentum, preset.loss.teacher_temp, preset.loss.warmup_teacher_temp_epochs) == (
+        0.99, 0.04, 0
+    )  # fmt: skip
+    assert (preset.optim.name, preset.optim.base_lr, preset.optim.weight_decay, preset.optim.clip_grad) == (
+        'sgd', 0.12, 5e-4, 0.0
+    )  # fmt: skip
+    assert tuple(preset.input.global_crop_scale) == (0.4, 1.0) and tuple(preset.optim.freeze_epochs) == ()
     with pytest.raises(ConfigError, match=re.escape("'model.resnet_width'")):
         load_config(RESNET, ['model.resnet_width=0'])
 
