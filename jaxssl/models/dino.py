@@ -101,16 +101,9 @@ class DINOModel(simclr_model.SimCLRModel):
         return logits, {'cls': h}
 
 
-class DINOResNetModel(nn.Module):
+class DINOResNetModel(simclr_model.ResNetWithHead):
     """DINO with a ResNet backbone (the reference's `--arch resnet50`): as DINOModel, the pooled features in place
-    of the cls token. The backbone's BatchNorm keeps running averages in the 'batch_stats' collection."""
-
-    backbone: resnet.ResNet
-    head: DINOHead
-
-    def encode(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """Pooled backbone features (B, feature_dim) float32."""
-        return self.backbone(images, train)
+    of the cls token; `head` is a DINOHead. The backbone's BatchNorm keeps running averages ('batch_stats')."""
 
     def __call__(self, groups: Sequence[jax.Array], train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         # One backbone pass per resolution, so each group's BatchNorm statistics are its own (the reference's

@@ -20,7 +20,6 @@ torch's averages the unbiased one, a factor n / (n - 1) with n the values per ch
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +48,23 @@ def feature_dim(variant: str, width: int = 64) -> int:
     return width * 8 * (4 if bottleneck else 1)
 
 
+def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str) -> nn.Conv:
+    """A kernel x kernel convolution without bias, torch's symmetric padding (kernel - 1) / 2, kaiming-normal init."""
+    pad = (kernel - 1) // 2
+    return nn.Conv(
+        features, (kernel, kernel), strides, padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
+        kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'), name=name,
+    )  # fmt: skip
+
+
+def _norm(train: bool, name: str, zero_scale: bool = False) -> nn.BatchNorm:
+    """torch's BatchNorm2d (momentum 0.1, eps 1e-5) with a two-pass variance; scale 0 with `zero_scale`."""
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
+        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones, name=name,
+    )  # fmt: skip
+
+
 class _Block(nn.Module):
     """A basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 x 4) residual block, projection shortcut when the shape
     changes."""
@@ -61,29 +77,17 @@ class _Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(
-            nn.Conv,
-            use_bias=False,
-            dtype=self.dtype,
-            kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-        )
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False
-        )
-        out_channels = self.channels * (4 if self.bottleneck else 1)
-        last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        c, s, dt, zero = self.channels, self.strides, self.dtype, self.zero_init_residual
+        out_channels = c * (4 if self.bottleneck else 1)
         if self.bottleneck:
-            y = nn.relu(norm(name='bn1')(conv(self.channels, (1, 1), name='conv1')(x)))
-            y = conv(self.channels, (3, 3), self.strides, padding=((1, 1), (1, 1)), name='conv2')(y)
-            y = nn.relu(norm(name='bn2')(y))
-            y = norm(scale_init=last_scale, name='bn3')(conv(out_channels, (1, 1), name='conv3')(y))
+            y = nn.relu(_norm(train, 'bn1')(_conv(c, 1, 1, dt, 'conv1')(x)))
+            y = nn.relu(_norm(train, 'bn2')(_conv(c, 3, s, dt, 'conv2')(y)))
+            y = _norm(train, 'bn3', zero)(_conv(out_channels, 1, 1, dt, 'conv3')(y))
         else:
-            y = conv(self.channels, (3, 3), self.strides, padding=((1, 1), (1, 1)), name='conv1')(x)
-            y = nn.relu(norm(name='bn1')(y))
-            y = conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
-            y = norm(scale_init=last_scale, name='bn2')(y)
-        if self.strides != 1 or x.shape[-1] != out_channels:
-            x = norm(name='downsample_bn')(conv(out_channels, (1, 1), self.strides, name='downsample_conv')(x))
+            y = nn.relu(_norm(train, 'bn1')(_conv(c, 3, s, dt, 'conv1')(x)))
+            y = _norm(train, 'bn2', zero)(_conv(c, 3, 1, dt, 'conv2')(y))
+        if s != 1 or x.shape[-1] != out_channels:
+            x = _norm(train, 'downsample_bn')(_conv(out_channels, 1, s, dt, 'downsample_conv')(x))
         return nn.relu(x + y)
 
 
@@ -100,29 +104,15 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         chex.assert_rank(images, 4)
-        kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-        if self.small_stem:
-            x = nn.Conv(
-                self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                kernel_init=kernel_init, name='conv1',
-            )(images)  # fmt: skip
-        else:
-            x = nn.Conv(
-                self.width, (7, 7), 2, padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype,
-                kernel_init=kernel_init, name='conv1',
-            )(images)  # fmt: skip
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False, name='bn1'
-        )(x)
-        x = nn.relu(x)
+        kernel, strides = (3, 1) if self.small_stem else (7, 2)
+        x = nn.relu(_norm(train, 'bn1')(_conv(self.width, kernel, strides, self.dtype, 'conv1')(images)))
         if not self.small_stem:
             x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for stage, blocks in enumerate(self.stage_sizes):
             for block in range(blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                channels = self.width * 2**stage
                 x = _Block(
-                    channels, strides, self.bottleneck, self.zero_init_residual, self.dtype,
+                    self.width * 2**stage, strides, self.bottleneck, self.zero_init_residual, self.dtype,
                     name=f'layer{stage + 1}_{block}',
                 )(x, train)  # fmt: skip
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
