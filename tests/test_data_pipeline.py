@@ -147,7 +147,12 @@ def broken_list(tiny_root, tmp_path_factory):
     return str(path)
 
 
-def test_broken_files_are_skipped_replaced_and_counted(tiny_root, broken_list, caplog):
+def test_broken_files_are_skipped_replaced_and_counted(tiny_root, broken_list, caplog, monkeypatch):
+    from jaxssl.data import pipeline
+
+    # The log is rate-limited per process (first 20 failures, then every 100th); earlier tests in the session may
+    # have used up the first 20, so start this test's process count from zero.
+    monkeypatch.setattr(pipeline, '_failures_logged', 0)
     config = make_config(tiny_root, dataset='list', list_file=broken_list, data_root='')
     before = skipped_files()
     with caplog.at_level(logging.WARNING, logger='jaxssl.data.pipeline'):
