@@ -1,5 +1,6 @@
 """Token masks as numpy functions run per sample in the input pipeline: VideoMAE V2's dual masking, MAE's
-per-sample random shuffle, BEiT / CAE's block-wise masking, and GMML's pixel-rectangle group corruption.
+per-sample random shuffle, BEiT / CAE's block-wise masking, GMML's pixel-rectangle group corruption, and SSAST's
+cluster and frame masks.
 
 VideoMAE V2 (OpenGVLab/VideoMAEv2 dataset/masking_generator.py): a mask is a flat bool array over the token grid
 (T', H', W') in (t, h, w) order, and True means "dropped": hidden from the encoder (encoder mask) or not
@@ -9,6 +10,7 @@ tokens of the shuffle are kept, in shuffle order. See `shuffle_masking`.
 BEiT block-wise (microsoft/unilm beit/masking_generator.py, reused by Atten4Vis/CAE furnace/masking_generator.py):
 rectangles of at least `min_block` cells and random aspect ratio are added until exactly `num_masked` cells are
 covered. See `block_masking`.
+SSAST (YuanGongND/ssast src/models/ast_models.py gen_maskid_patch / gen_maskid_frame): see `ssast_cluster_mask`.
 Randomness comes from the `np.random.Generator` the pipeline hands each sample, so masks are deterministic and
 checkpointable.
 """
@@ -268,3 +270,32 @@ def gmml_corruption(
     paste = rng.random() < replace_prob
     ratio = replace_ratio if paste else noise_ratio
     return {'mask': group_block_mask(size, size, ratio, rng, align, max_block), 'paste': np.asarray(paste)}
+
+
+def ssast_cluster_mask(
+    num_patches: int, time_patches: int, num_masked: int, rng: np.random.Generator, cluster: int = 3
+) -> np.ndarray:
+    """SSAST's patch masking, (num_masked,) int32 token indices, ascending.
+
+    One cluster size C in {3, ..., cluster + 2} per clip; C x C blocks at uniform anchors (index a + i * time_patches
+    + j, so a block that runs off a row wraps into the next, and cells outside (0, num_patches) are dropped: token 0
+    is never masked) are added until more than `num_masked` distinct tokens are covered; the reference then keeps
+    `list(set(ids))[:num_masked]`, which for these small ints is the `num_masked` lowest (CPython iterates such a
+    set in ascending order), so the same is kept here.
+    """
+    if not 0 < num_masked < num_patches - 1:
+        raise ValueError(f'SSAST masks 1 to {num_patches - 2} of {num_patches} patches, not {num_masked}')
+    size = int(rng.integers(cluster)) + 3
+    block = (np.arange(size)[:, None] * time_patches + np.arange(size)[None, :]).ravel()
+    covered = np.zeros(num_patches, bool)
+    while covered.sum() <= num_masked:
+        cells = int(rng.integers(num_patches)) + block
+        covered[cells[(cells > 0) & (cells < num_patches)]] = True
+    return np.flatnonzero(covered)[:num_masked].astype(np.int32)
+
+
+def ssast_frame_mask(num_patches: int, num_masked: int, rng: np.random.Generator) -> np.ndarray:
+    """SSAST's frame masking (for 128 x 2 frame patches): `num_masked` distinct tokens drawn uniformly, ascending."""
+    if not 0 < num_masked < num_patches:
+        raise ValueError(f'SSAST masks 1 to {num_patches - 1} of {num_patches} frames, not {num_masked}')
+    return np.sort(rng.choice(num_patches, num_masked, replace=False)).astype(np.int32)

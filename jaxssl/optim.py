@@ -1,6 +1,7 @@
-"""Optimiser and schedule: AdamW (default) or LARS (`optim.name`), with rule-based weight-decay masks and lr
-multipliers, global-norm or per-tensor clipping, an optional cosine weight-decay schedule (`optim.weight_decay_end`),
-parameters frozen for the first epochs (`optim.freeze_epochs`), and a per-step lr schedule (`optim.schedule`):
+"""Optimiser and schedule: AdamW (default), Adam with L2, LARS or SGD (`optim.name`), with rule-based weight-decay
+masks and lr multipliers, global-norm or per-tensor clipping, an optional cosine weight-decay schedule
+(`optim.weight_decay_end`), parameters frozen for the first epochs (`optim.freeze_epochs`), and a per-step lr schedule
+(`optim.schedule`):
 
 - 'cosine' (default): the reference's warmup + cosine decay to `optim.min_lr`;
 - 'linear': warmup + linear decay to `optim.min_lr` (the HF Trainer default, e.g. self-distillation's recipe);
@@ -27,7 +28,7 @@ import optax
 from jaxssl import rules as rules_lib
 from jaxssl.config import ConfigError
 
-OPTIMIZERS = ('adamw', 'lars', 'sgd')
+OPTIMIZERS = ('adamw', 'adam', 'lars', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'infinite')
 COOLDOWNS = ('cosine', 'linear', 'inv_sqrt')  # the infinite schedule's cooldown shapes (the reference's options)
 # Schedule keys every config gets (add_schedule_defaults) so any of them can be selected on the command line; the
@@ -311,6 +312,7 @@ def make_optimizer(
     lr-scaled update (the reference's v = m v + lr * update). Parameters the decay mask leaves out (1-D: biases,
     norms; `optim.no_decay` rules) get neither decay nor the trust ratio, as the reference's exclusions.
     'sgd' (torch.optim.SGD with momentum, DINO's ResNet recipe): b = m b + (g + wd * w), w -= lr(step) b.
+    'adam' (torch.optim.Adam's coupled L2, SSAST's): Adam moments of g + wd * w (masked), then -lr(step).
     """
     o = config.optim
     no_decay = [(pattern, True) for pattern in o.no_decay]
@@ -332,6 +334,12 @@ def make_optimizer(
             return [
                 optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
                 optax.add_decayed_weights(wd, mask=mask),
+                optax.scale_by_learning_rate(lr),
+            ]
+        if name == 'adam':
+            return [
+                optax.add_decayed_weights(wd, mask=mask),
+                optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
                 optax.scale_by_learning_rate(lr),
             ]
         if name == 'sgd':  # the lr scales the momentum buffer, as torch's (LARS's momentum trails the lr)

@@ -88,6 +88,27 @@ def test_adamw_matches_torch():
     np.testing.assert_allclose(params['dense']['bias'], tb.detach().numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_adam_with_l2_matches_torch():
+    """`optim.name='adam'` equals torch.optim.Adam(weight_decay=...): the decay enters the moments (coupled L2)."""
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(4, 3)).astype(np.float32)
+    grads = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(3)]
+    config = config_for(clip_grad=0.0, weight_decay=0.3)
+    config.optim.name = 'adam'
+    params = {'dense': {'kernel': jnp.asarray(weight)}}
+    tx = optim.make_optimizer(config, params, lambda step: 1e-2)
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update({'dense': {'kernel': jnp.asarray(g)}}, state, params)
+        params = optax.apply_updates(params, updates)
+    tw = torch.tensor(weight, requires_grad=True)
+    opt = torch.optim.Adam([tw], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.3)
+    for g in grads:
+        tw.grad = torch.tensor(g)
+        opt.step()
+    np.testing.assert_allclose(params['dense']['kernel'], tw.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_lr_rules_scale_and_freeze():
     config = config_for(lr_rules=(('frozen/.*', 0.0), ('half/.*', 0.5)), weight_decay=0.0)
     params = {'frozen': {'w': jnp.ones((2, 2))}, 'half': {'w': jnp.ones((2, 2))}, 'full': {'w': jnp.ones((2, 2))}}

@@ -303,7 +303,8 @@ class ImageLoader:
     """Grain random_map function: shard position -> `num_sample` views of one image, stacked on axis 0.
 
     An unreadable image is replaced by another image of the same shard drawn from the element's generator (so
-    deterministically) and counted; after pipeline.MAX_CONSECUTIVE_FAILURES in a row it raises.
+    deterministically) and counted; after pipeline.MAX_CONSECUTIVE_FAILURES in a row it raises. `decode` turns a
+    record into what `view` takes (other modalities pass their own, e.g. jaxssl.data.audio's waveforms).
     """
 
     def __init__(
@@ -313,12 +314,13 @@ class ImageLoader:
         view: View,
         num_sample: int = 1,
         sample_transform: SampleTransform | None = None,
+        decode: Callable[[dict[str, Any]], Any] = decode_image,
     ):
-        self.source, self.shard, self.view = source, shard, view
+        self.source, self.shard, self.view, self.decode = source, shard, view, decode
         self.num_sample, self.sample_transform = num_sample, sample_transform
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        record, image, failures = pipeline.load_with_replacement(self.source, self.shard, index, rng, decode_image)
+        record, image, failures = pipeline.load_with_replacement(self.source, self.shard, index, rng, self.decode)
         labels = {k: np.int32(record[k]) for k in self.source.label_keys}
         views = []
         for _ in range(self.num_sample):
@@ -343,6 +345,7 @@ def make_image_pretrain_dataset(
     num_epochs: int | None = None,
     source: Any = None,
     order: grain.MapDataset | None = None,
+    decode: Callable[[dict[str, Any]], Any] = decode_image,
 ) -> grain.IterDataset:
     """Host-local pretraining batches for JAX process `process_index` of `process_count`.
 
@@ -353,7 +356,7 @@ def make_image_pretrain_dataset(
     of the source, shuffled per epoch; `num_epochs=None` repeats forever. `source` overrides the one `config.input`
     describes (tests, custom data). `order` replaces the reading order (this process's shard, shuffled per epoch,
     repeated): a MapDataset of source indices, read in batches of consecutive elements (e.g. jaxssl.data.
-    distinct_batches's batches of distinct pseudo labels).
+    distinct_batches's batches of distinct pseudo labels). `decode` replaces the image decoder (see ImageLoader).
     """
     images_per_host, _ = pipeline.host_batch_sizes(config, process_count)
     if not 0 <= process_index < process_count:
@@ -366,7 +369,7 @@ def make_image_pretrain_dataset(
     # Independent seeds for the shuffle and the per-image generators, different on every process.
     shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence([seed, process_index]).generate_state(2))
     loader = ImageLoader(
-        source, shard, view or make_pretrain_view(config), config.input.num_sample, sample_transform=sample_transform
+        source, shard, view or make_pretrain_view(config), config.input.num_sample, sample_transform, decode
     )
     if order is None:
         order = grain.MapDataset.range(usable)[process_index::process_count]

@@ -1,0 +1,410 @@
+"""Audio input: the Kaldi filterbank front end, audio sources, and Grain pipelines for pretraining and evaluation.
+
+The front end is Kaldi's `compute-fbank-feats` (torchaudio.compliance.kaldi.fbank, which the SSAST and BEATs
+references call), in numpy so that it runs per example in the Grain pipeline: frames of 25 ms every 10 ms (edges
+snipped), DC offset removed, pre-emphasis 0.97, a window, a power spectrum padded to a power of two, triangular mel
+filters between 20 Hz and Nyquist on Kaldi's mel scale 1127 ln(1 + f / 700), and the log floored at float32 epsilon.
+Checked against kaldi-native-fbank (tests/test_audio.py).
+
+Sources return one record per index: 'name' (for messages), 'audio' (a path or a float waveform), 'kind' ('file' |
+'array') and one int per name in `label_keys`:
+  AudioFolderSource     <root>/<class>/<file>.wav, labels index the sorted class names;
+  SyntheticWordsSource  'synthetic_words', the built-in set, generated on the fly (see its docstring).
+Batches carry 'spectrogram' float32 (B, target_length, num_mel_bins), normalised as the SSAST reference:
+(log-mel - input.norm_mean) / (2 input.norm_std).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import struct
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from jaxssl.config import ConfigError, check_choice
+from jaxssl.data import images, pipeline
+from jaxssl.data.decode import DecodeError
+
+AUDIO_EXTENSIONS = ('.wav',)
+DATASETS = ('folder', 'synthetic_words')
+WINDOWS = ('hanning', 'povey', 'hamming', 'rectangular')
+
+
+# --- the Kaldi filterbank --------------------------------------------------------------------------------------------
+def mel_scale(freq: np.ndarray | float) -> np.ndarray:
+    """Kaldi's (HTK's) mel scale."""
+    return 1127.0 * np.log(1.0 + np.asarray(freq, np.float64) / 700.0)
+
+
+@functools.lru_cache(maxsize=16)
+def mel_filters(num_bins: int, fft_size: int, sample_rate: float, low_freq: float, high_freq: float) -> np.ndarray:
+    """(fft_size // 2 + 1, num_bins) triangular filters, equally spaced on the mel scale between low_freq and
+    high_freq (<= 0: that far below Nyquist), as Kaldi's MelBanks; the Nyquist bin gets no weight."""
+    nyquist = 0.5 * sample_rate
+    high = high_freq if high_freq > 0 else nyquist + high_freq
+    if not 0 <= low_freq < high <= nyquist:
+        raise ValueError(f'mel filters need 0 <= low_freq ({low_freq}) < high_freq ({high}) <= Nyquist ({nyquist})')
+    mel_low, mel_high = mel_scale(low_freq), mel_scale(high)
+    delta = (mel_high - mel_low) / (num_bins + 1)
+    left = mel_low + delta * np.arange(num_bins)
+    center, right = left + delta, left + 2 * delta
+    mel = mel_scale(sample_rate / fft_size * np.arange(fft_size // 2))[:, None]
+    weights = np.maximum(0.0, np.minimum((mel - left) / (center - left), (right - mel) / (right - center)))
+    return np.concatenate([weights, np.zeros((1, num_bins))]).astype(np.float32)
+
+
+def window(kind: str, size: int) -> np.ndarray:
+    """Kaldi's analysis windows (symmetric: the denominator is size - 1)."""
+    n = np.arange(size)
+    if kind == 'rectangular':
+        return np.ones(size)
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * n / (size - 1))
+    if kind == 'hanning':
+        return hann
+    if kind == 'povey':
+        return hann**0.85
+    if kind == 'hamming':
+        return 0.54 - 0.46 * np.cos(2 * np.pi * n / (size - 1))
+    raise ValueError(f"unknown window '{kind}'; valid: {', '.join(WINDOWS)}")
+
+
+def kaldi_fbank(
+    waveform: np.ndarray,
+    sample_rate: float = 16000,
+    num_mel_bins: int = 128,
+    frame_length_ms: float = 25.0,
+    frame_shift_ms: float = 10.0,
+    window_type: str = 'hanning',
+    preemphasis: float = 0.97,
+    low_freq: float = 20.0,
+    high_freq: float = 0.0,
+) -> np.ndarray:
+    """Log mel filterbank energies (frames, num_mel_bins) float32 of a 1-D waveform, as Kaldi's compute-fbank-feats
+    with dither 0, no energy, snip_edges and power-of-two FFTs (torchaudio.compliance.kaldi.fbank's defaults, with
+    SSAST's window_type='hanning'). Fewer samples than one frame give 0 frames."""
+    x = np.asarray(waveform, np.float64)
+    if x.ndim != 1:
+        raise ValueError(f'expected a 1-D waveform, got shape {x.shape}')
+    size = int(sample_rate * frame_length_ms * 0.001)
+    shift = int(sample_rate * frame_shift_ms * 0.001)
+    if len(x) < size:
+        return np.zeros((0, num_mel_bins), np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(x, size)[::shift]
+    frames = frames - frames.mean(axis=1, keepdims=True)  # remove_dc_offset
+    previous = np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)  # Kaldi repeats the first sample
+    frames = (frames - preemphasis * previous) * window(window_type, size)
+    fft_size = 1 << (size - 1).bit_length()
+    power = np.abs(np.fft.rfft(frames, n=fft_size)) ** 2
+    energies = power @ mel_filters(num_mel_bins, fft_size, float(sample_rate), float(low_freq), float(high_freq))
+    return np.log(np.maximum(energies, np.finfo(np.float32).eps)).astype(np.float32)
+
+
+def spectrogram(waveform: np.ndarray, input_config: Any) -> np.ndarray:
+    """The SSAST input (target_length, num_mel_bins) float32: the waveform's mean removed, Kaldi fbank, zero-padded
+    or cut to target_length frames, then (x - norm_mean) / (2 norm_std) (padding included, as the reference)."""
+    c = input_config
+    fbank = kaldi_fbank(
+        np.asarray(waveform, np.float64) - np.mean(waveform),
+        sample_rate=c.sample_rate,
+        num_mel_bins=c.num_mel_bins,
+        window_type=c.window,
+    )
+    out = np.zeros((c.target_length, c.num_mel_bins), np.float32)
+    frames = min(len(fbank), c.target_length)
+    out[:frames] = fbank[:frames]
+    return (out - np.float32(c.norm_mean)) / np.float32(2 * c.norm_std)
+
+
+# --- sources ---------------------------------------------------------------------------------------------------------
+class AudioFolderSource:
+    """WAV files in class sub-folders of `root` (root/<class>/<file>.wav, nested folders allowed); labels index the
+    sorted class names. Files are listed once, sorted, so the index is deterministic."""
+
+    label_keys = ('label',)
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"audio folder '{root}' does not exist (input.data_root / input.split)")
+        self.root = root
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.files: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            for folder, _, files in sorted(os.walk(os.path.join(root, name))):
+                self.files += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith('.wav')]
+        if not self.files:
+            raise FileNotFoundError(f"no .wav files in class folders under '{root}'")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.files[index]
+        return {'name': path, 'audio': path, 'kind': 'file', 'label': label}
+
+    def __repr__(self) -> str:
+        return f'AudioFolderSource({self.root!r}, {len(self)} files, {len(self.classes)} classes)'
+
+
+def _tone(f0: np.ndarray, formants: tuple[float, float], sample_rate: int) -> np.ndarray:
+    """A voiced sound: harmonics of the pitch track f0 (Hz per sample) weighted by two formant resonances."""
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    out = np.zeros_like(f0)
+    for k in range(1, int(0.45 * sample_rate / f0.max()) + 1):
+        freq = k * f0.mean()
+        gain = sum(w / (1 + ((freq - f) / 90.0) ** 2) for f, w in zip(formants, (1.0, 0.6), strict=True))
+        out += gain * np.sin(k * phase) / math.sqrt(k)
+    return out
+
+
+def _hiss(length: int, band: tuple[float, float], rng: np.random.Generator, sample_rate: int) -> np.ndarray:
+    """A fricative: white noise band-limited to `band` Hz."""
+    spectrum = np.fft.rfft(rng.normal(size=length))
+    freqs = np.fft.rfftfreq(length, 1 / sample_rate)
+    return np.fft.irfft(spectrum * ((freqs >= band[0]) & (freqs <= band[1])), n=length)
+
+
+# Vowels by their first two formants (Hz), fricatives by their noise band (Hz).
+_VOWELS = {'a': (750, 1250), 'e': (480, 1900), 'i': (300, 2300), 'o': (500, 900), 'u': (330, 750)}
+_FRICATIVES = {'s': (4000, 7500), 'sh': (2000, 4200), 'f': (900, 6000)}
+# Ten words as syllables: a vowel with a pitch contour (-1 falling, 0 flat, +1 rising) or a fricative. Pairs of
+# words differ only in their order (0 / 1, 2 / 3, 4 / 5) or their pitch contour (6 / 7), so an average over time of
+# the spectrogram cannot tell them apart; 8 and 9 have three syllables.
+SYNTHETIC_WORDS = (
+    (('a', 0), ('i', 0)),
+    (('i', 0), ('a', 0)),
+    (('o', 1), ('s', None)),
+    (('s', None), ('o', 1)),
+    (('e', -1), ('u', 0)),
+    (('u', 0), ('e', -1)),
+    (('sh', None), ('a', 1)),
+    (('sh', None), ('a', -1)),
+    (('f', None), ('o', 0), ('i', 1)),
+    (('e', 1), ('sh', None), ('u', -1)),
+)
+
+
+def synthesize_word(word: int, rng: np.random.Generator, sample_rate: int = 16000, seconds: float = 1.0) -> np.ndarray:
+    """One utterance of SYNTHETIC_WORDS[word] by a random speaker (pitch 90-240 Hz, formants x 0.88-1.15), at a
+    random speed (x 0.8-1.25), onset, loudness and background-noise level (SNR 5-25 dB): float32 in [-1, 1]."""
+    f0 = rng.uniform(90, 240)
+    tract, speed = rng.uniform(0.88, 1.15), rng.uniform(0.8, 1.25)
+    pieces = []
+    for sound, contour in SYNTHETIC_WORDS[word]:
+        vowel = sound in _VOWELS
+        length = int(sample_rate * (0.2 if vowel else 0.1) / speed * rng.uniform(0.85, 1.15))
+        if vowel:
+            track = f0 * (1 + 0.3 * contour * np.linspace(-0.5, 0.5, length))
+            piece = _tone(track, tuple(f * tract for f in _VOWELS[sound]), sample_rate)
+        else:
+            piece = 0.5 * _hiss(length, _FRICATIVES[sound], rng, sample_rate)
+        ramp = min(length // 2, int(0.015 * sample_rate))
+        envelope = np.ones(length)
+        envelope[:ramp] = envelope[-ramp:][::-1] = 0.5 - 0.5 * np.cos(np.pi * np.arange(ramp) / ramp)
+        pieces += [piece / (np.abs(piece).max() + 1e-9) * envelope, np.zeros(int(0.03 * sample_rate / speed))]
+    speech = np.concatenate(pieces)
+    total = int(sample_rate * seconds)
+    speech = speech[:total]
+    out = np.zeros(total)
+    start = int(rng.integers(0, total - len(speech) + 1))
+    out[start : start + len(speech)] = speech * rng.uniform(0.3, 0.9)
+    noise = rng.normal(size=total)
+    snr_db = rng.uniform(5, 25)
+    noise *= np.sqrt(np.mean(speech**2) / np.mean(noise**2) / 10 ** (snr_db / 10)) * rng.uniform(0.3, 0.9)
+    return np.clip(out + noise, -1, 1).astype(np.float32)
+
+
+class SyntheticWordsSource:
+    """The built-in audio set: 10 synthetic 'words' (SYNTHETIC_WORDS), 1 s at 16 kHz, `per_class` utterances each
+    (train 200, val 50), generated from (split, index) on the fly, so nothing is stored or downloaded. The label is
+    the word; the example's speaker, speed, onset and noise are drawn from its own seed."""
+
+    label_keys = ('label',)
+
+    def __init__(self, split: str, sample_rate: int = 16000):
+        if split not in ('train', 'val'):
+            raise ValueError(f"synthetic_words has splits 'train' and 'val', not '{split}'")
+        self.split, self.sample_rate = split, sample_rate
+        self.per_class = 200 if split == 'train' else 50
+        self.classes = tuple(str(i) for i in range(len(SYNTHETIC_WORDS)))
+
+    def __len__(self) -> int:
+        return self.per_class * len(SYNTHETIC_WORDS)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        word = index % len(SYNTHETIC_WORDS)
+        rng = np.random.default_rng([self.split == 'val', index])
+        audio = synthesize_word(word, rng, self.sample_rate)
+        return {'name': f'synthetic_words/{self.split}/{index}', 'audio': audio, 'kind': 'array', 'label': word}
+
+    def __repr__(self) -> str:
+        return f'SyntheticWordsSource({self.split!r}, {len(self)} utterances)'
+
+
+def make_audio_source(config: ml_collections.ConfigDict, split: str | None = None) -> Any:
+    """The source `config.input` names, for `split` (default: input.split, the training split)."""
+    c = config.input
+    split = c.split if split is None else split
+    if c.dataset == 'synthetic_words':
+        return SyntheticWordsSource(split, c.sample_rate)
+    if not c.data_root:
+        raise ConfigError("'input.data_root' is empty: set it to <root> with <root>/<split>/<class>/<file>.wav")
+    return AudioFolderSource(os.path.join(c.data_root, split))
+
+
+def decode_audio(record: dict[str, Any], sample_rate: int) -> np.ndarray:
+    """A record's waveform, float (N,), at `sample_rate`: a WAV file's first channel (torchaudio's fbank reads
+    channel 0), integer PCM scaled to [-1, 1), resampled if its rate differs. Raises DecodeError on files that
+    cannot be used."""
+    if record['kind'] == 'array':
+        return np.asarray(record['audio'], np.float32)
+    from scipy import signal
+    from scipy.io import wavfile
+
+    try:
+        rate, data = wavfile.read(record['audio'])
+    except (OSError, ValueError, EOFError, struct.error) as e:
+        raise DecodeError(f'cannot read {record["name"]}: {e}') from e
+    data = data[:, 0] if data.ndim == 2 else data
+    if data.size == 0:
+        raise DecodeError(f'{record["name"]} has no samples')
+    if data.dtype == np.uint8:
+        data = (data.astype(np.float32) - 128) / 128
+    elif np.issubdtype(data.dtype, np.integer):
+        data = data.astype(np.float32) / float(-np.iinfo(data.dtype).min)
+    data = data.astype(np.float32)
+    if rate != sample_rate:
+        g = math.gcd(rate, sample_rate)
+        data = signal.resample_poly(data, sample_rate // g, rate // g).astype(np.float32)
+    if not np.all(np.isfinite(data)):
+        raise DecodeError(f'{record["name"]} has non-finite samples')
+    return data
+
+
+# --- datasets --------------------------------------------------------------------------------------------------------
+def make_pretrain_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    sample_transform: images.SampleTransform | None = None,
+    source: Any = None,
+) -> grain.IterDataset:
+    """Host-local pretraining batches: 'spectrogram' float32 (B_local, target_length, num_mel_bins), 'label', and
+    whatever `sample_transform(sample, rng)` adds (e.g. masks). The image pipeline's sharding, shuffling, resume
+    and skip-and-count policy for unreadable files, with the audio decoder and front end in place of the image's."""
+    c = config.input
+    return images.make_image_pretrain_dataset(
+        config,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        view=lambda waveform, rng: {'spectrogram': spectrogram(waveform, c)},
+        sample_transform=sample_transform,
+        source=make_audio_source(config) if source is None else source,
+        decode=functools.partial(decode_audio, sample_rate=c.sample_rate),
+    )
+
+
+class EvalAudioLoader:
+    """Grain map function: source index -> one example's spectrogram as a 1-view stack. An unreadable file is not
+    replaced (evaluation must see every example): it yields `valid` 0 and zeros, and is counted."""
+
+    def __init__(self, source: Any, config: ml_collections.ConfigDict, num_clips: int = 1, num_crops: int = 1):
+        del num_clips, num_crops  # pipeline.make_eval_dataset's loader signature
+        self.source, self.input = source, config.input
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        record = self.source[int(index)]
+        labels = {k: np.int32(record[k]) for k in self.source.label_keys}
+        try:
+            features, valid = spectrogram(decode_audio(record, self.input.sample_rate), self.input), 1
+        except DecodeError as e:
+            pipeline._log_failure(record['name'], e)
+            pipeline._add_skipped(1)
+            features, valid = np.zeros((self.input.target_length, self.input.num_mel_bins), np.float32), 0
+        return {'spectrogram': features[None], 'index': np.int32(index), 'valid': np.int32(valid), **labels}
+
+
+def make_eval_dataset(
+    config: ml_collections.ConfigDict,
+    *,
+    split: str,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_examples: int = 0,
+) -> tuple[grain.IterDataset, int]:
+    """One deterministic pass over a split: 'spectrogram' (B, 1, target_length, num_mel_bins), 'index', 'valid' and
+    the labels; `max_examples` > 0 takes an evenly spaced subset."""
+    return pipeline.make_eval_dataset(
+        config,
+        split=split,
+        batch_size=batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        max_clips=max_examples,
+        source=make_audio_source(config, split),
+        loader_cls=EvalAudioLoader,
+    )
+
+
+# --- config ----------------------------------------------------------------------------------------------------------
+def add_audio_input_config(config: ml_collections.ConfigDict, *, runlocal: bool = False) -> None:
+    """The `input` section of an audio method's config (SSAST's front end; the built-in synthetic words with
+    `runlocal`)."""
+    c = config.input = ml_collections.ConfigDict()
+    c.dataset = 'synthetic_words' if runlocal else 'folder'  # 'folder' or 'synthetic_words'
+    c.data_root = ''  # 'folder': <data_root>/<split>/<class>/<file>.wav
+    c.split = 'train'
+    c.sample_rate = 16000
+    c.num_mel_bins = 64 if runlocal else 128
+    c.window = 'hanning'  # SSAST's; BEATs uses 'povey'
+    c.target_length = 96 if runlocal else 1024  # frames of 10 ms; shorter clips are zero-padded, longer ones cut
+    # The reference's AudioSet + LibriSpeech statistics of the log-mel values; measure your own data's with
+    # jaxssl.data.audio.fbank_stats. The built-in words' are set by `runlocal`.
+    c.norm_mean = -4.2677393
+    c.norm_std = 4.5689974
+    if runlocal:
+        c.norm_mean, c.norm_std = SYNTHETIC_WORDS_STATS
+    c.global_batch = 64 if runlocal else 24
+    c.num_sample = 1  # views per example (the image pipeline's field; SSAST uses one)
+    c.num_workers = 0 if runlocal else 8
+    c.read_threads = 2 if runlocal else 1
+
+
+# fbank_stats of the built-in words' train split at 64 mel bins (2,000 utterances).
+SYNTHETIC_WORDS_STATS = (-1.4518584, 3.3575149)
+
+
+def fbank_stats(config: ml_collections.ConfigDict, max_examples: int = 2000) -> tuple[float, float]:
+    """(mean, std) of the log-mel values of up to `max_examples` evenly spaced training examples, before padding:
+    the reference's per-dataset normalisation constants."""
+    c = config.input
+    source = make_audio_source(config)
+    picks = np.linspace(0, len(source) - 1, min(max_examples, len(source))).astype(int)
+    values = []
+    for i in picks:
+        waveform = decode_audio(source[int(i)], c.sample_rate)
+        fbank = kaldi_fbank(waveform - waveform.mean(), c.sample_rate, c.num_mel_bins, window_type=c.window)
+        values.append(fbank.ravel())
+    values = np.concatenate(values)
+    return float(values.mean()), float(values.std())
+
+
+def check_audio_input_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the key for an input section that cannot produce data (paths are checked when the
+    run starts)."""
+    c = config.input
+    check_choice(config, 'input.dataset', DATASETS)
+    check_choice(config, 'input.window', WINDOWS)
+    for key in ('sample_rate', 'num_mel_bins', 'target_length', 'global_batch', 'num_sample'):
+        if c[key] < 1:
+            raise ConfigError(f"bad value {c[key]} for 'input.{key}': must be >= 1")
+    if c.norm_std <= 0:
+        raise ConfigError(f"bad value {c.norm_std} for 'input.norm_std': must be > 0")

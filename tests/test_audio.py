@@ -1,0 +1,144 @@
+"""Audio input: the Kaldi filterbank against kaldi-native-fbank, WAV decoding, the built-in synthetic words, and the
+Grain pipelines' skip-and-count policy for unreadable files."""
+
+import ml_collections
+import numpy as np
+import pytest
+from scipy.io import wavfile
+
+from jaxssl.data import audio, skipped_files
+from jaxssl.data.decode import DecodeError
+
+
+def input_config(**fields):
+    c = ml_collections.ConfigDict()
+    audio.add_audio_input_config(c, runlocal=True)
+    c.input.update(fields)
+    return c
+
+
+def knf_fbank(waveform, num_bins, window_type):
+    import kaldi_native_fbank as knf
+
+    opts = knf.FbankOptions()
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.window_type = window_type
+    opts.mel_opts.num_bins = num_bins
+    # torchaudio's (and Kaldi's) HTK mel scale and unnormalised triangles, not kaldi-native-fbank's Slaney defaults.
+    opts.mel_opts.use_slaney_mel_scale = False
+    opts.mel_opts.norm = ''
+    fbank = knf.OnlineFbank(opts)
+    fbank.accept_waveform(16000, waveform.tolist())
+    fbank.input_finished()
+    return np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)])
+
+
+@pytest.mark.parametrize('window_type', audio.WINDOWS)
+@pytest.mark.parametrize('num_bins', [23, 64, 80])
+def test_kaldi_fbank_matches_kaldi_native_fbank(num_bins, window_type):
+    rng = np.random.default_rng(num_bins)
+    waveform = audio.synthesize_word(int(rng.integers(10)), rng)[: 16000 - int(rng.integers(300))]
+    want = knf_fbank(waveform, num_bins, window_type)
+    got = audio.kaldi_fbank(waveform, 16000, num_bins, window_type=window_type)
+    assert got.shape == want.shape == (1 + (len(waveform) - 400) // 160, num_bins)
+    # Log energies; kaldi-native-fbank runs float32 FFTs, which lose digits on the quietest bins (log ~ -15).
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=5e-4)
+
+
+def test_mel_filters_at_128_bins():
+    """128 bins at 16 kHz over a 512-point FFT (SSAST's setting): kaldi-native-fbank refuses it because one low filter
+    holds no FFT bin; torchaudio, which the reference calls, keeps that filter, whose log energy is then log(eps)."""
+    filters = audio.mel_filters(128, 512, 16000.0, 20.0, 0.0)
+    assert filters.shape == (257, 128) and not filters[-1].any()  # the Nyquist bin has no weight
+    assert np.flatnonzero(filters.sum(axis=0) == 0).tolist() == [3]
+    fbank = audio.kaldi_fbank(np.random.default_rng(0).normal(size=4000), num_mel_bins=128)
+    np.testing.assert_allclose(fbank[:, 3], np.log(np.finfo(np.float32).eps))
+    assert audio.kaldi_fbank(np.zeros(399)).shape == (0, 128)  # shorter than one frame
+
+
+def test_spectrogram_pads_cuts_and_normalises():
+    c = input_config(target_length=50, norm_mean=-2.0, norm_std=3.0).input
+    waveform = np.random.default_rng(0).normal(size=16000).astype(np.float32) + 0.3  # a DC offset
+    out = audio.spectrogram(waveform, c)
+    fbank = audio.kaldi_fbank(waveform - waveform.mean(), 16000, c.num_mel_bins)
+    np.testing.assert_allclose(out, (fbank[:50] + 2.0) / 6.0, rtol=1e-6, atol=1e-6)
+    padded = audio.spectrogram(waveform[:3000], c)  # 17 frames, then zeros, normalised like the rest
+    np.testing.assert_allclose(padded[17:], 2.0 / 6.0)
+
+
+def test_decode_wav_formats(tmp_path):
+    rng = np.random.default_rng(0)
+    signal = (0.5 * np.sin(np.linspace(0, 200, 8000))).astype(np.float32)
+    stereo = np.stack([signal, rng.uniform(-1, 1, 8000).astype(np.float32)], axis=1)
+    wavfile.write(tmp_path / 'int16.wav', 16000, (stereo * 32767).astype(np.int16))
+    wavfile.write(tmp_path / 'float.wav', 16000, signal)
+    wavfile.write(tmp_path / 'rate8k.wav', 8000, signal)
+    read = lambda name: audio.decode_audio({'name': name, 'audio': str(tmp_path / name), 'kind': 'file'}, 16000)
+    np.testing.assert_allclose(read('int16.wav'), signal, atol=1e-4)  # the first channel, scaled by 1 / 32768
+    np.testing.assert_array_equal(read('float.wav'), signal)
+    assert read('rate8k.wav').shape == (16000,)  # resampled to 16 kHz
+    (tmp_path / 'broken.wav').write_bytes(b'RIFF....WAVEfmt garbage')
+    with pytest.raises(DecodeError):
+        read('broken.wav')
+
+
+def test_synthetic_words_are_deterministic_and_balanced():
+    train, val = audio.SyntheticWordsSource('train'), audio.SyntheticWordsSource('val')
+    assert (len(train), len(val)) == (2000, 500)
+    a, b = train[13], audio.SyntheticWordsSource('train')[13]
+    np.testing.assert_array_equal(a['audio'], b['audio'])
+    assert a['label'] == 3 and a['audio'].shape == (16000,) and np.abs(a['audio']).max() <= 1
+    assert not np.array_equal(val[13]['audio'], a['audio'])  # the splits draw different utterances
+    assert np.bincount([train[i]['label'] for i in range(100)]).tolist() == [10] * 10
+    with pytest.raises(ValueError, match='splits'):
+        audio.SyntheticWordsSource('test')
+
+
+def test_built_in_statistics_are_the_measured_ones():
+    """SYNTHETIC_WORDS_STATS are fbank_stats of the train split (here over 200 of its utterances)."""
+    mean, std = audio.fbank_stats(input_config(), max_examples=200)
+    np.testing.assert_allclose((mean, std), audio.SYNTHETIC_WORDS_STATS, atol=0.1)
+
+
+@pytest.fixture()
+def wav_root(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, count in (('train', 6), ('val', 3)):
+        for label in ('no', 'yes'):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                wavfile.write(folder / f'{i}.wav', 16000, rng.uniform(-0.5, 0.5, 12000).astype(np.float32))
+    (tmp_path / 'train' / 'yes' / '2.wav').write_bytes(b'not a wav file')
+    (tmp_path / 'val' / 'no' / '1.wav').write_bytes(b'')
+    return tmp_path
+
+
+def test_folder_pipelines_skip_count_and_flag_broken_files(wav_root):
+    config = input_config(dataset='folder', data_root=str(wav_root), global_batch=4)
+    source = audio.make_audio_source(config)
+    assert len(source) == 12 and source.classes == ['no', 'yes']
+    before = skipped_files()
+    it = iter(audio.make_pretrain_dataset(config, seed=0))
+    batches = [next(it) for _ in range(6)]  # two epochs: the broken file is drawn twice
+    assert batches[0]['spectrogram'].shape == (4, 96, 64) and batches[0]['spectrogram'].dtype == np.float32
+    assert np.isfinite(np.stack([b['spectrogram'] for b in batches])).all()
+    assert skipped_files() - before == 2
+    dataset, count = audio.make_eval_dataset(config, split='val', batch_size=4)
+    rows = list(dataset)
+    valid = np.concatenate([r['valid'] for r in rows])
+    assert count == 6 and rows[0]['spectrogram'].shape == (4, 1, 96, 64)
+    assert valid.tolist() == [1, 0, 1, 1, 1, 1, 0, 0]  # val/no/1.wav is empty; then the padding
+    assert skipped_files() - before == 3
+
+
+def test_config_errors_name_the_key():
+    from jaxssl.config import ConfigError
+
+    bad = ((dict(dataset='mp3s'), 'input.dataset'), (dict(window='kaiser'), 'input.window'),
+           (dict(norm_std=0.0), 'input.norm_std'), (dict(target_length=0), 'input.target_length'))  # fmt: skip
+    for fields, key in bad:
+        with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
+            audio.check_audio_input_config(input_config(**fields))
+    with pytest.raises(ConfigError, match=r'input\.data_root'):  # checked when the data is opened
+        audio.make_audio_source(input_config(dataset='folder'))
