@@ -1,7 +1,7 @@
 """SSAST pretraining (Gong et al., AAAI 2022): joint discriminative + generative masked spectrogram patch modelling.
 
 Arguments (comma separated after the file name):
-  variant=base     model size: tiny, small, base (all 12 blocks); micro (tests, CPU)
+  variant=base     model size: tiny, small, base (all 12 blocks); micro, mini (tests, CPU)
   patch=patch      'patch': 16 x 16 patches with cluster masking (audio); 'frame': 128 x 2 frames, random (speech)
   runlocal         a micro model on the built-in synthetic words, for a CPU
 Examples:
@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 64 mel bins x 96 frames = 4 x 6 patches of 16 x 16; 18 of 24 masked (75%; the reference masks 78%).
         c.masking.num_masked = 18
         c.input.global_batch = 64
-        c.optim.base_lr = c.optim.min_lr = 1e-3
+        c.optim.base_lr = c.optim.min_lr = 4e-3  # lr 1e-3 at batch 64: 1,500 steps gain 2x what lr 2.5e-4 gains
         c.optim.warmup_steps = 30
         c.train.steps = 300
         c.eval.at_end = True

@@ -56,6 +56,50 @@ def test_mel_filters_at_128_bins():
     assert audio.kaldi_fbank(np.zeros(399)).shape == (0, 128)  # shorter than one frame
 
 
+def torchaudio_melscale_fbanks(n_freqs, f_min, f_max, n_mels, sample_rate):
+    """torchaudio.functional.melscale_fbanks(norm=None, mel_scale='htk'), transcribed in torch (torchaudio does not
+    install beside this torch)."""
+    import torch
+
+    all_freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)
+    m_min, m_max = (2595.0 * np.log10(1.0 + f / 700.0) for f in (f_min, f_max))
+    m_pts = torch.linspace(m_min, m_max, n_mels + 2, dtype=torch.float64)
+    f_pts = 700.0 * (10 ** (m_pts / 2595.0) - 1.0)
+    f_diff = f_pts[1:] - f_pts[:-1]
+    slopes = f_pts.unsqueeze(0) - all_freqs.unsqueeze(1)
+    down_slopes = (-1.0 * slopes[:, :-2]) / f_diff[:-1]
+    up_slopes = slopes[:, 2:] / f_diff[1:]
+    return torch.max(torch.zeros(1, dtype=torch.float64), torch.min(down_slopes, up_slopes))
+
+
+def s3prl_log_mel_cmvn(waveform, n_mels=80):
+    """s3prl: bucket_dataset._normalize_wav_decibel(-25), then OnlinePreprocessor (win 25 ms, hop 10 ms, n_freq 201)
+    'mel' with log=True, cmvn=True, eps 1e-10, written with torch.stft as the reference."""
+    import torch
+
+    wav = torch.tensor(waveform, dtype=torch.float64)
+    wav = wav * (10 ** (-25 / 20)) / (wav.pow(2).mean().pow(0.5) + 1e-10)
+    window = torch.hann_window(400, dtype=torch.float64)
+    complx = torch.stft(wav, n_fft=400, hop_length=160, win_length=400, window=window, center=True,
+                        pad_mode='reflect', normalized=False, onesided=True, return_complex=True)  # fmt: skip
+    linear = complx.abs().pow(2)  # (201, frames)
+    mel = torch.matmul(linear.transpose(0, 1), torchaudio_melscale_fbanks(201, 0.0, 8000.0, n_mels, 16000))
+    feat = torch.log(mel.transpose(0, 1) + 1e-10)
+    feat = (feat - feat.mean(dim=-1, keepdim=True)) / (feat.std(dim=-1, keepdim=True) + 1e-10)
+    return feat.transpose(0, 1).numpy()
+
+
+@pytest.mark.parametrize('num_bins', [40, 80])
+def test_log_mel_cmvn_matches_s3prl(num_bins):
+    rng = np.random.default_rng(num_bins)
+    waveform = audio.synthesize_word(int(rng.integers(10)), rng)[: 16000 - int(rng.integers(500))]
+    want = s3prl_log_mel_cmvn(waveform, num_bins)
+    got = audio.log_mel_cmvn(waveform, num_mel_bins=num_bins)
+    assert got.shape == want.shape == (1 + len(waveform) // 160, num_bins)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_allclose(got.mean(axis=0), 0, atol=1e-5)
+
+
 def test_spectrogram_pads_cuts_and_normalises():
     c = input_config(target_length=50, norm_mean=-2.0, norm_std=3.0).input
     waveform = np.random.default_rng(0).normal(size=16000).astype(np.float32) + 0.3  # a DC offset
@@ -64,6 +108,10 @@ def test_spectrogram_pads_cuts_and_normalises():
     np.testing.assert_allclose(out, (fbank[:50] + 2.0) / 6.0, rtol=1e-6, atol=1e-6)
     padded = audio.spectrogram(waveform[:3000], c)  # 17 frames, then zeros, normalised like the rest
     np.testing.assert_allclose(padded[17:], 2.0 / 6.0)
+    c.features, c.target_length = 'log_mel_cmvn', 120  # TERA's: 101 frames, then zero padding
+    tera = audio.spectrogram(waveform, c)
+    np.testing.assert_array_equal(tera[:101], audio.log_mel_cmvn(waveform, num_mel_bins=c.num_mel_bins))
+    assert not tera[101:].any() and audio.frame_lengths(tera) == 101
 
 
 def test_decode_wav_formats(tmp_path):

@@ -150,7 +150,7 @@ def test_runlocal_sharded_matches_one_device_and_probes(tmp_path):
         np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in want_rows], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state['params'],
                  want_state['params'])  # fmt: skip
-    for key in ('label/cls/knn', 'label/mean_pool/knn'):
+    for key in ('label/cls/knn', 'label/mean_pool/knn', 'label/raw/knn'):
         assert 0.0 <= summary[f'final_eval/{key}'] <= 1.0
 
 

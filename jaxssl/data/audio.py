@@ -1,17 +1,21 @@
-"""Audio input: the Kaldi filterbank front end, audio sources, and Grain pipelines for pretraining and evaluation.
+"""Audio input: two log-mel front ends, audio sources, and Grain pipelines for pretraining and evaluation.
 
-The front end is Kaldi's `compute-fbank-feats` (torchaudio.compliance.kaldi.fbank, which the SSAST and BEATs
-references call), in numpy so that it runs per example in the Grain pipeline: frames of 25 ms every 10 ms (edges
-snipped), DC offset removed, pre-emphasis 0.97, a window, a power spectrum padded to a power of two, triangular mel
-filters between 20 Hz and Nyquist on Kaldi's mel scale 1127 ln(1 + f / 700), and the log floored at float32 epsilon.
-Checked against kaldi-native-fbank (tests/test_audio.py).
+Front ends (`input.features`), in numpy so that they run per example in the Grain pipeline:
+  kaldi_fbank   Kaldi's `compute-fbank-feats` (torchaudio.compliance.kaldi.fbank, which SSAST and BEATs call):
+                frames of 25 ms every 10 ms (edges snipped), DC offset removed, pre-emphasis 0.97, a window, a power
+                spectrum padded to a power of two, triangular mel filters between 20 Hz and Nyquist on Kaldi's mel
+                scale 1127 ln(1 + f / 700), the log floored at float32 epsilon; then SSAST's dataset normalisation
+                (x - input.norm_mean) / (2 input.norm_std). Checked against kaldi-native-fbank.
+  log_mel_cmvn  s3prl's on-the-fly 'mel' features with log and CMVN (TERA's): the waveform scaled to -25 dB RMS,
+                torch.stft (25 ms periodic Hann window, 10 ms hop, centred with reflect padding), power, torchaudio's
+                HTK mel filters (0 Hz to Nyquist, unnormalised), log(x + 1e-10), then per-utterance mean / std
+                normalisation over time. Checked against torch.stft and a torch transcription of torchaudio's filters.
 
 Sources return one record per index: 'name' (for messages), 'audio' (a path or a float waveform), 'kind' ('file' |
 'array') and one int per name in `label_keys`:
   AudioFolderSource     <root>/<class>/<file>.wav, labels index the sorted class names;
   SyntheticWordsSource  'synthetic_words', the built-in set, generated on the fly (see its docstring).
-Batches carry 'spectrogram' float32 (B, target_length, num_mel_bins), normalised as the SSAST reference:
-(log-mel - input.norm_mean) / (2 input.norm_std).
+Batches carry 'spectrogram' float32 (B, target_length, num_mel_bins), zero-padded or cut to target_length frames.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from jaxssl.data import images, pipeline
 from jaxssl.data.decode import DecodeError
 
 AUDIO_EXTENSIONS = ('.wav',)
+FEATURES = ('kaldi_fbank', 'log_mel_cmvn')
 DATASETS = ('folder', 'synthetic_words')
 WINDOWS = ('hanning', 'povey', 'hamming', 'rectangular')
 
@@ -104,20 +109,66 @@ def kaldi_fbank(
     return np.log(np.maximum(energies, np.finfo(np.float32).eps)).astype(np.float32)
 
 
+def htk_mel_filters(num_bins: int, num_freqs: int, sample_rate: float, low_freq: float = 0.0) -> np.ndarray:
+    """(num_freqs, num_bins) triangles over linspace(0, Nyquist, num_freqs), corners equally spaced on the HTK mel
+    scale 2595 log10(1 + f / 700) from low_freq to Nyquist, unnormalised: torchaudio's melscale_fbanks(norm=None,
+    mel_scale='htk'), which s3prl's MelScale uses."""
+    freqs = np.linspace(0, sample_rate / 2, num_freqs)
+    to_mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)
+    corners = np.linspace(to_mel(low_freq), to_mel(sample_rate / 2), num_bins + 2)
+    corners = 700.0 * (10 ** (corners / 2595.0) - 1.0)
+    width = np.diff(corners)
+    slopes = corners[None, :] - freqs[:, None]
+    down, up = -slopes[:, :-2] / width[:-1], slopes[:, 2:] / width[1:]
+    return np.maximum(0.0, np.minimum(down, up))
+
+
+def log_mel_cmvn(
+    waveform: np.ndarray,
+    sample_rate: int = 16000,
+    num_mel_bins: int = 80,
+    window_ms: float = 25.0,
+    hop_ms: float = 10.0,
+    target_level_db: float = -25.0,
+    eps: float = 1e-10,
+) -> np.ndarray:
+    """TERA's input and target features (frames, num_mel_bins) float32, frames = 1 + len // hop (see the module
+    docstring): s3prl's bucket_dataset level normalisation, then OnlinePreprocessor's 'mel' with log and cmvn."""
+    x = np.asarray(waveform, np.float64)
+    x = x * 10 ** (target_level_db / 20) / (np.sqrt(np.mean(x**2)) + 1e-10)
+    size, hop = round(window_ms * sample_rate / 1000), round(hop_ms * sample_rate / 1000)
+    if len(x) <= size // 2:
+        raise DecodeError(f'{len(x)} samples are too few for a centred {size}-sample window')
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(x, size // 2, mode='reflect'), size)[::hop]
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(size) / size)  # torch.hann_window: periodic
+    power = np.abs(np.fft.rfft(frames * hann, n=size)) ** 2
+    mel = np.log(power @ htk_mel_filters(num_mel_bins, size // 2 + 1, sample_rate) + eps)
+    return ((mel - mel.mean(axis=0)) / (mel.std(axis=0, ddof=1) + eps)).astype(np.float32)
+
+
 def spectrogram(waveform: np.ndarray, input_config: Any) -> np.ndarray:
-    """The SSAST input (target_length, num_mel_bins) float32: the waveform's mean removed, Kaldi fbank, zero-padded
-    or cut to target_length frames, then (x - norm_mean) / (2 norm_std) (padding included, as the reference)."""
+    """One example's model input (target_length, num_mel_bins) float32 by `input.features`, zero-padded or cut to
+    target_length frames. kaldi_fbank (SSAST): the waveform's mean removed first, and (x - norm_mean) / (2 norm_std)
+    applied to the padded array (padding included, as the reference). log_mel_cmvn (TERA): padding frames stay zero,
+    which is how the reference tells them apart (`frame_lengths`)."""
     c = input_config
-    fbank = kaldi_fbank(
-        np.asarray(waveform, np.float64) - np.mean(waveform),
-        sample_rate=c.sample_rate,
-        num_mel_bins=c.num_mel_bins,
-        window_type=c.window,
-    )
+    if c.features == 'kaldi_fbank':
+        x = np.asarray(waveform, np.float64) - np.mean(waveform)
+        spectrum = kaldi_fbank(x, sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins, window_type=c.window)
+    else:
+        spectrum = log_mel_cmvn(waveform, sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins)
     out = np.zeros((c.target_length, c.num_mel_bins), np.float32)
-    frames = min(len(fbank), c.target_length)
-    out[:frames] = fbank[:frames]
-    return (out - np.float32(c.norm_mean)) / np.float32(2 * c.norm_std)
+    frames = min(len(spectrum), c.target_length)
+    out[:frames] = spectrum[:frames]
+    if c.features == 'kaldi_fbank':
+        out = (out - np.float32(c.norm_mean)) / np.float32(2 * c.norm_std)
+    return out
+
+
+def frame_lengths(spectrogram: Any) -> Any:
+    """Frames before the zero padding, (...,) from (..., T, F): s3prl's `(spec.sum(dim=-1) != 0).sum(dim=-1)`, for
+    numpy or jax arrays."""
+    return (spectrogram.sum(axis=-1) != 0).sum(axis=-1)
 
 
 # --- sources ---------------------------------------------------------------------------------------------------------
@@ -296,8 +347,8 @@ def make_pretrain_dataset(
     source: Any = None,
 ) -> grain.IterDataset:
     """Host-local pretraining batches: 'spectrogram' float32 (B_local, target_length, num_mel_bins), 'label', and
-    whatever `sample_transform(sample, rng)` adds (e.g. masks). The image pipeline's sharding, shuffling, resume
-    and skip-and-count policy for unreadable files, with the audio decoder and front end in place of the image's."""
+    whatever `sample_transform(sample, rng)` adds (e.g. masks). The image pipeline's sharding, shuffling, resume and
+    skip-and-count policy for unreadable files, with the audio decoder and front end in place of the image's."""
     c = config.input
     return images.make_image_pretrain_dataset(
         config,
@@ -323,12 +374,12 @@ class EvalAudioLoader:
         record = self.source[int(index)]
         labels = {k: np.int32(record[k]) for k in self.source.label_keys}
         try:
-            features, valid = spectrogram(decode_audio(record, self.input.sample_rate), self.input), 1
+            example, valid = spectrogram(decode_audio(record, self.input.sample_rate), self.input), 1
         except DecodeError as e:
             pipeline._log_failure(record['name'], e)
             pipeline._add_skipped(1)
-            features, valid = np.zeros((self.input.target_length, self.input.num_mel_bins), np.float32), 0
-        return {'spectrogram': features[None], 'index': np.int32(index), 'valid': np.int32(valid), **labels}
+            example, valid = np.zeros((self.input.target_length, self.input.num_mel_bins), np.float32), 0
+        return {'spectrogram': example[None], 'index': np.int32(index), 'valid': np.int32(valid), **labels}
 
 
 def make_eval_dataset(
@@ -355,19 +406,22 @@ def make_eval_dataset(
 
 
 # --- config ----------------------------------------------------------------------------------------------------------
-def add_audio_input_config(config: ml_collections.ConfigDict, *, runlocal: bool = False) -> None:
-    """The `input` section of an audio method's config (SSAST's front end; the built-in synthetic words with
-    `runlocal`)."""
+def add_audio_input_config(
+    config: ml_collections.ConfigDict, *, runlocal: bool = False, features: str = 'kaldi_fbank'
+) -> None:
+    """The `input` section of an audio method's config (the built-in synthetic words with `runlocal`). The defaults
+    are SSAST's; TERA's config sets its own front end and lengths."""
     c = config.input = ml_collections.ConfigDict()
     c.dataset = 'synthetic_words' if runlocal else 'folder'  # 'folder' or 'synthetic_words'
     c.data_root = ''  # 'folder': <data_root>/<split>/<class>/<file>.wav
     c.split = 'train'
     c.sample_rate = 16000
+    c.features = features  # 'kaldi_fbank' (SSAST) or 'log_mel_cmvn' (TERA); see the module docstring
     c.num_mel_bins = 64 if runlocal else 128
-    c.window = 'hanning'  # SSAST's; BEATs uses 'povey'
+    c.window = 'hanning'  # kaldi_fbank: SSAST's; BEATs uses 'povey'
     c.target_length = 96 if runlocal else 1024  # frames of 10 ms; shorter clips are zero-padded, longer ones cut
-    # The reference's AudioSet + LibriSpeech statistics of the log-mel values; measure your own data's with
-    # jaxssl.data.audio.fbank_stats. The built-in words' are set by `runlocal`.
+    # kaldi_fbank: the reference's AudioSet + LibriSpeech statistics of the log-mel values; measure your own data's
+    # with jaxssl.data.audio.fbank_stats. The built-in words' are set by `runlocal`.
     c.norm_mean = -4.2677393
     c.norm_std = 4.5689974
     if runlocal:
@@ -402,6 +456,7 @@ def check_audio_input_config(config: ml_collections.ConfigDict) -> None:
     run starts)."""
     c = config.input
     check_choice(config, 'input.dataset', DATASETS)
+    check_choice(config, 'input.features', FEATURES)
     check_choice(config, 'input.window', WINDOWS)
     for key in ('sample_rate', 'num_mel_bins', 'target_length', 'global_batch', 'num_sample'):
         if c[key] < 1:

@@ -133,11 +133,18 @@ class Method(base.Method):
 
     def represent(self, params, extra, batch):
         """The encoder on the whole spectrogram: 'mean_pool', the mean of the patch tokens (the reference's
-        fine-tuning default, ft_avgtok); 'cls', the mean of the cls and distillation tokens (ft_cls); 'tokens'."""
-        tokens, _ = self.model.apply({'params': params}, batch['spectrogram'], method=self.model.encode)
+        fine-tuning default, ft_avgtok); 'cls', the mean of the cls and distillation tokens (ft_cls); 'tokens'; and
+        'raw', the input's log-mel spectrum averaged over time, the baseline a pooled feature should beat."""
+        spectrogram = batch['spectrogram']
+        tokens, _ = self.model.apply({'params': params}, spectrogram, method=self.model.encode)
         tokens = tokens.astype(jnp.float32)
         patches = tokens[:, ssast_model.NUM_EXTRA_TOKENS :]
-        return {'cls': tokens[:, :2].mean(axis=1), 'mean_pool': patches.mean(axis=1), 'tokens': patches}
+        return {
+            'cls': tokens[:, :2].mean(axis=1),
+            'mean_pool': patches.mean(axis=1),
+            'tokens': patches,
+            'raw': spectrogram.astype(jnp.float32).mean(axis=1),
+        }
 
     def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
         dataset, _ = audio.make_eval_dataset(

@@ -23,6 +23,7 @@ from jaxssl.models import vit
 # Encoder width / depth / heads (MLP ratio 4, as DeiT). tiny / small / base are the reference's model_size values.
 _TABLE = {
     'micro': (64, 2, 4),  # tests and `runlocal` on a CPU; not a reference size
+    'mini': (128, 4, 4),  # CPU evidence runs; not a reference size
     'tiny': (192, 12, 3),
     'small': (384, 12, 6),
     'base': (768, 12, 12),
