@@ -149,13 +149,14 @@ class Method(base.Method):
 
     def represent(self, params, extra, batch):
         """The last block's hidden states averaged over the utterance's frames ('mean_pool'; s3prl's downstream tasks
-        read the frame sequence), the frames ('tokens'), and 'raw': the input frames averaged the same way."""
+        read the frame sequence) and the frames ('tokens'). No raw-input baseline: the per-utterance CMVN makes the
+        time-averaged input zero."""
         frames = batch['spectrogram']
         valid = jnp.arange(frames.shape[1])[None, :] < audio.frame_lengths(frames)[:, None]
         hidden, _ = self.model.apply({'params': params}, frames, valid, method=self.model.encode)
         weights = valid[..., None] / jnp.maximum(valid.sum(axis=1), 1)[:, None, None]
         pool = lambda x: jnp.sum(x.astype(jnp.float32) * weights, axis=1)
-        return {'mean_pool': pool(hidden), 'tokens': hidden.astype(jnp.float32), 'raw': pool(frames)}
+        return {'mean_pool': pool(hidden), 'tokens': hidden.astype(jnp.float32)}
 
     def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
         dataset, _ = audio.make_eval_dataset(
