@@ -94,7 +94,7 @@ def test_log_mel_cmvn_matches_s3prl(num_bins):
     rng = np.random.default_rng(num_bins)
     waveform = audio.synthesize_word(int(rng.integers(10)), rng)[: 16000 - int(rng.integers(500))]
     want = s3prl_log_mel_cmvn(waveform, num_bins)
-    got = audio.log_mel_cmvn(waveform, num_mel_bins=num_bins)
+    got = audio.log_mel_cmvn(audio.normalize_level(waveform), num_mel_bins=num_bins)
     assert got.shape == want.shape == (1 + len(waveform) // 160, num_bins)
     np.testing.assert_allclose(got, want, atol=2e-5)
     np.testing.assert_allclose(got.mean(axis=0), 0, atol=1e-5)
@@ -110,8 +110,28 @@ def test_spectrogram_pads_cuts_and_normalises():
     np.testing.assert_allclose(padded[17:], 2.0 / 6.0)
     c.features, c.target_length = 'log_mel_cmvn', 120  # TERA's: 101 frames, then zero padding
     tera = audio.spectrogram(waveform, c)
-    np.testing.assert_array_equal(tera[:101], audio.log_mel_cmvn(waveform, num_mel_bins=c.num_mel_bins))
+    want = audio.log_mel_cmvn(audio.normalize_level(waveform), num_mel_bins=c.num_mel_bins)
+    np.testing.assert_array_equal(tera[:101], want)
     assert not tera[101:].any() and audio.frame_lengths(tera) == 101
+
+
+def test_tera_crops_long_utterances_before_the_features():
+    """s3prl's `_sample`: level-normalise the whole waveform, crop target_length x 160 samples at a random start,
+    then compute the features (so the CMVN statistics are the crop's); evaluation takes the first crop."""
+    c = input_config(features='log_mel_cmvn', num_mel_bins=40, target_length=50).input
+    waveform = np.random.default_rng(0).normal(size=48000) * np.linspace(0.1, 1, 48000)
+    level = audio.normalize_level(waveform)
+    first = audio.spectrogram(waveform, c)
+    np.testing.assert_allclose(first, audio.log_mel_cmvn(level[:8000], num_mel_bins=40)[:50], atol=1e-6)
+    starts = set()
+    for seed in range(5):
+        crop = audio.spectrogram(waveform, c, np.random.default_rng(seed))
+        start = int(np.random.default_rng(seed).integers(0, 48000 - 8000 + 1))
+        np.testing.assert_allclose(
+            crop, audio.log_mel_cmvn(level[start : start + 8000], num_mel_bins=40)[:50], atol=1e-6
+        )
+        starts.add(start)
+    assert len(starts) == 5
 
 
 def test_decode_wav_formats(tmp_path):
@@ -126,8 +146,11 @@ def test_decode_wav_formats(tmp_path):
     np.testing.assert_array_equal(read('float.wav'), signal)
     assert read('rate8k.wav').shape == (16000,)  # resampled to 16 kHz
     (tmp_path / 'broken.wav').write_bytes(b'RIFF....WAVEfmt garbage')
-    with pytest.raises(DecodeError):
-        read('broken.wav')
+    wavfile.write(tmp_path / 'rate0.wav', 0, signal)
+    wavfile.write(tmp_path / 'short.wav', 16000, signal[:300])
+    for name in ('broken.wav', 'rate0.wav', 'short.wav'):
+        with pytest.raises(DecodeError):
+            read(name)
 
 
 def test_synthetic_words_are_deterministic_and_balanced():
@@ -158,6 +181,7 @@ def wav_root(tmp_path):
             for i in range(count):
                 wavfile.write(folder / f'{i}.wav', 16000, rng.uniform(-0.5, 0.5, 12000).astype(np.float32))
     (tmp_path / 'train' / 'yes' / '2.wav').write_bytes(b'not a wav file')
+    wavfile.write(tmp_path / 'train' / 'no' / '3.wav', 16000, np.zeros(150, np.float32))  # shorter than a window
     (tmp_path / 'val' / 'no' / '1.wav').write_bytes(b'')
     return tmp_path
 
@@ -168,16 +192,16 @@ def test_folder_pipelines_skip_count_and_flag_broken_files(wav_root):
     assert len(source) == 12 and source.classes == ['no', 'yes']
     before = skipped_files()
     it = iter(audio.make_pretrain_dataset(config, seed=0))
-    batches = [next(it) for _ in range(6)]  # two epochs: the broken file is drawn twice
+    batches = [next(it) for _ in range(6)]  # two epochs: the two broken files are drawn twice each
     assert batches[0]['spectrogram'].shape == (4, 96, 64) and batches[0]['spectrogram'].dtype == np.float32
     assert np.isfinite(np.stack([b['spectrogram'] for b in batches])).all()
-    assert skipped_files() - before == 2
+    assert skipped_files() - before == 4
     dataset, count = audio.make_eval_dataset(config, split='val', batch_size=4)
     rows = list(dataset)
     valid = np.concatenate([r['valid'] for r in rows])
     assert count == 6 and rows[0]['spectrogram'].shape == (4, 1, 96, 64)
     assert valid.tolist() == [1, 0, 1, 1, 1, 1, 0, 0]  # val/no/1.wav is empty; then the padding
-    assert skipped_files() - before == 3
+    assert skipped_files() - before == 5
 
 
 def test_config_errors_name_the_key():

@@ -123,22 +123,27 @@ def htk_mel_filters(num_bins: int, num_freqs: int, sample_rate: float, low_freq:
     return np.maximum(0.0, np.minimum(down, up))
 
 
+def normalize_level(waveform: np.ndarray, target_level_db: float = -25.0) -> np.ndarray:
+    """s3prl's bucket_dataset._normalize_wav_decibel: the waveform scaled to an RMS of target_level_db dB."""
+    x = np.asarray(waveform, np.float64)
+    return x * 10 ** (target_level_db / 20) / (np.sqrt(np.mean(x**2)) + 1e-10)
+
+
 def log_mel_cmvn(
     waveform: np.ndarray,
     sample_rate: int = 16000,
     num_mel_bins: int = 80,
     window_ms: float = 25.0,
     hop_ms: float = 10.0,
-    target_level_db: float = -25.0,
     eps: float = 1e-10,
 ) -> np.ndarray:
-    """TERA's input and target features (frames, num_mel_bins) float32, frames = 1 + len // hop (see the module
-    docstring): s3prl's bucket_dataset level normalisation, then OnlinePreprocessor's 'mel' with log and cmvn."""
+    """TERA's input and target features (frames, num_mel_bins) float32, frames = 1 + len // hop: s3prl's
+    OnlinePreprocessor 'mel' with log and cmvn (see the module docstring); the level normalisation comes first
+    (`normalize_level`, applied by `spectrogram` before its crop). Needs at least one window of samples."""
     x = np.asarray(waveform, np.float64)
-    x = x * 10 ** (target_level_db / 20) / (np.sqrt(np.mean(x**2)) + 1e-10)
     size, hop = round(window_ms * sample_rate / 1000), round(hop_ms * sample_rate / 1000)
-    if len(x) <= size // 2:
-        raise DecodeError(f'{len(x)} samples are too few for a centred {size}-sample window')
+    if len(x) < size:
+        raise ValueError(f'{len(x)} samples are fewer than one {size}-sample window')
     frames = np.lib.stride_tricks.sliding_window_view(np.pad(x, size // 2, mode='reflect'), size)[::hop]
     hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(size) / size)  # torch.hann_window: periodic
     power = np.abs(np.fft.rfft(frames * hann, n=size)) ** 2
@@ -146,17 +151,28 @@ def log_mel_cmvn(
     return ((mel - mel.mean(axis=0)) / (mel.std(axis=0, ddof=1) + eps)).astype(np.float32)
 
 
-def spectrogram(waveform: np.ndarray, input_config: Any) -> np.ndarray:
+def spectrogram(waveform: np.ndarray, input_config: Any, rng: np.random.Generator | None = None) -> np.ndarray:
     """One example's model input (target_length, num_mel_bins) float32 by `input.features`, zero-padded or cut to
-    target_length frames. kaldi_fbank (SSAST): the waveform's mean removed first, and (x - norm_mean) / (2 norm_std)
-    applied to the padded array (padding included, as the reference). log_mel_cmvn (TERA): padding frames stay zero,
-    which is how the reference tells them apart (`frame_lengths`)."""
+    target_length frames.
+
+    kaldi_fbank (SSAST): the waveform's mean removed first, the first target_length frames kept, and (x - norm_mean)
+    / (2 norm_std) applied to the padded array (padding included), as the reference's dataloader.
+    log_mel_cmvn (TERA): the level normalised over the whole waveform, then a crop of target_length x hop samples at a
+    start drawn from `rng` (the first samples without one, for evaluation) before the features, as s3prl's
+    `_sample`, so the CMVN statistics are the crop's; padding frames stay zero, which is how the reference tells them
+    apart (`frame_lengths`).
+    """
     c = input_config
     if c.features == 'kaldi_fbank':
         x = np.asarray(waveform, np.float64) - np.mean(waveform)
         spectrum = kaldi_fbank(x, sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins, window_type=c.window)
     else:
-        spectrum = log_mel_cmvn(waveform, sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins)
+        x = normalize_level(waveform)
+        crop = c.target_length * round(c.sample_rate / 100)  # 10 ms hops
+        if len(x) > crop:
+            start = int(rng.integers(0, len(x) - crop + 1)) if rng is not None else 0
+            x = x[start : start + crop]
+        spectrum = log_mel_cmvn(x, sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins)
     out = np.zeros((c.target_length, c.num_mel_bins), np.float32)
     frames = min(len(spectrum), c.target_length)
     out[:frames] = spectrum[:frames]
@@ -307,10 +323,13 @@ def make_audio_source(config: ml_collections.ConfigDict, split: str | None = Non
     return AudioFolderSource(os.path.join(c.data_root, split))
 
 
+MIN_SECONDS = 0.025  # one analysis window: shorter files give no frame (Kaldi) or no statistics (CMVN)
+
+
 def decode_audio(record: dict[str, Any], sample_rate: int) -> np.ndarray:
     """A record's waveform, float (N,), at `sample_rate`: a WAV file's first channel (torchaudio's fbank reads
     channel 0), integer PCM scaled to [-1, 1), resampled if its rate differs. Raises DecodeError on files that
-    cannot be used."""
+    cannot be used, including those shorter than MIN_SECONDS."""
     if record['kind'] == 'array':
         return np.asarray(record['audio'], np.float32)
     from scipy import signal
@@ -318,7 +337,7 @@ def decode_audio(record: dict[str, Any], sample_rate: int) -> np.ndarray:
 
     try:
         rate, data = wavfile.read(record['audio'])
-    except (OSError, ValueError, EOFError, struct.error) as e:
+    except (OSError, ValueError, EOFError, MemoryError, struct.error) as e:
         raise DecodeError(f'cannot read {record["name"]}: {e}') from e
     data = data[:, 0] if data.ndim == 2 else data
     if data.size == 0:
@@ -328,11 +347,15 @@ def decode_audio(record: dict[str, Any], sample_rate: int) -> np.ndarray:
     elif np.issubdtype(data.dtype, np.integer):
         data = data.astype(np.float32) / float(-np.iinfo(data.dtype).min)
     data = data.astype(np.float32)
+    if rate <= 0:
+        raise DecodeError(f'{record["name"]} declares a sample rate of {rate}')
     if rate != sample_rate:
         g = math.gcd(rate, sample_rate)
         data = signal.resample_poly(data, sample_rate // g, rate // g).astype(np.float32)
     if not np.all(np.isfinite(data)):
         raise DecodeError(f'{record["name"]} has non-finite samples')
+    if len(data) < MIN_SECONDS * sample_rate:
+        raise DecodeError(f'{record["name"]} is shorter than {MIN_SECONDS * 1000:g} ms ({len(data)} samples)')
     return data
 
 
@@ -355,7 +378,7 @@ def make_pretrain_dataset(
         seed=seed,
         process_index=process_index,
         process_count=process_count,
-        view=lambda waveform, rng: {'spectrogram': spectrogram(waveform, c)},
+        view=lambda waveform, rng: {'spectrogram': spectrogram(waveform, c, rng)},
         sample_transform=sample_transform,
         source=make_audio_source(config) if source is None else source,
         decode=functools.partial(decode_audio, sample_rate=c.sample_rate),
