@@ -103,6 +103,11 @@ def test_masked_patches_are_hidden_and_token_order_is_frequency_major(method):
     params, _ = method.init(jax.random.key(0), batch)
     model, spec = method.model, jnp.asarray(batch['spectrogram'])
     assert model.grid == (4, 6) and params['pos_embed'].shape == (1, 26, 64)
+    # Reference inits: timm's N(0, 0.02) on the encoder's Linear layers, torch's xavier_normal N(0, 1/D) mask embedding,
+    # torch's U(+-1/sqrt(fan_in)) heads.
+    np.testing.assert_allclose(np.std(params['encoder']['block_00']['mlp']['fc1']['kernel']), 0.02, rtol=0.1)
+    np.testing.assert_allclose(np.std(params['mask_embed']), 64**-0.5, rtol=0.3)
+    assert np.abs(params['cpred']['fc2']['kernel']).max() <= 64**-0.5
     masked = np.zeros((2, 24), bool)
     masked[:, [7, 8, 13]] = True
     encode = jax.jit(lambda s: model.apply({'params': params}, s, jnp.asarray(masked), method=model.encode)[0])

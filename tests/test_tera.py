@@ -100,6 +100,8 @@ def test_model_matches_bert_blocks_with_s3prl_input_and_head():
     frames[1, 9:] = 0  # the second utterance has 9 frames
     valid = audio.frame_lengths(frames)[:, None] > np.arange(12)
     params = tera_model.init_params(model, jax.random.key(0), jnp.asarray(frames), jnp.asarray(valid))
+    kernels = [p for path, p in jax.tree_util.tree_leaves_with_path(params) if 'kernel' in jax.tree_util.keystr(path)]
+    assert len(kernels) == 15 and all(abs(np.std(k) - 0.02) < 0.004 for k in kernels)  # s3prl: N(0, 0.02) for all
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)  # biases too
     prediction, hidden = model.apply({'params': params}, frames, valid)
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from jaxssl import masks
 from jaxssl.config import ConfigError, check_choice, check_range
-from jaxssl.data import audio, skipped_files
-from jaxssl.methods import base
+from jaxssl.data import audio
+from jaxssl.methods import _audio, base
 from jaxssl.methods.videomae import DTYPES, transformer_flops
 from jaxssl.models import ssast as ssast_model
 
@@ -62,10 +62,8 @@ def nce_loss(prediction: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.A
     return nce, accuracy
 
 
-class Method(base.Method):
+class Method(_audio.AudioMethod):
     """SSAST pretraining for the trainer."""
-
-    input_key = 'spectrogram'
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -92,18 +90,6 @@ class Method(base.Method):
     def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """The two passes' masks, drawn independently per clip in the Grain pipeline."""
         return {**sample, 'mpc_idx': self.sample_mask(rng), 'mpg_idx': self.sample_mask(rng)}
-
-    def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
-        source = audio.make_audio_source(self.config)
-        dataset = audio.make_pretrain_dataset(
-            self.config,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            sample_transform=self.sample_transform,
-            source=source,
-        )
-        return dataset, len(source)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(0)
@@ -145,20 +131,6 @@ class Method(base.Method):
             'tokens': patches,
             'raw': spectrogram.astype(jnp.float32).mean(axis=1),
         }
-
-    def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
-        dataset, _ = audio.make_eval_dataset(
-            self.config,
-            split=split,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            max_examples=max_examples,
-        )
-        return dataset
-
-    def host_metrics(self) -> dict[str, float]:
-        return {'skipped_files': float(skipped_files())}
 
     def tokens_per_example(self) -> int:
         return self.model.num_patches

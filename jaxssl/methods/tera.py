@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 
 from jaxssl.config import ConfigError, check_choice, check_range
-from jaxssl.data import audio, skipped_files
-from jaxssl.methods import base
+from jaxssl.data import audio
+from jaxssl.methods import _audio, base
 from jaxssl.methods.videomae import DTYPES
 from jaxssl.models import tera as tera_model
 
@@ -90,10 +90,8 @@ def masked_l1(prediction: jax.Array, target: jax.Array, mask: jax.Array) -> jax.
     return jnp.sum(jnp.abs(prediction - target) * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
-class Method(base.Method):
+class Method(_audio.AudioMethod):
     """TERA pretraining for the trainer."""
-
-    input_key = 'spectrogram'
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -108,18 +106,6 @@ class Method(base.Method):
 
     def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         return {**sample, **alter(sample['spectrogram'], rng, self.config.alteration)}
-
-    def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
-        source = audio.make_audio_source(self.config)
-        dataset = audio.make_pretrain_dataset(
-            self.config,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            sample_transform=self.sample_transform,
-            source=source,
-        )
-        return dataset, len(source)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(0)
@@ -157,20 +143,6 @@ class Method(base.Method):
         weights = valid[..., None] / jnp.maximum(valid.sum(axis=1), 1)[:, None, None]
         pool = lambda x: jnp.sum(x.astype(jnp.float32) * weights, axis=1)
         return {'mean_pool': pool(hidden), 'tokens': hidden.astype(jnp.float32)}
-
-    def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
-        dataset, _ = audio.make_eval_dataset(
-            self.config,
-            split=split,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            max_examples=max_examples,
-        )
-        return dataset
-
-    def host_metrics(self) -> dict[str, float]:
-        return {'skipped_files': float(skipped_files())}
 
     def tokens_per_example(self) -> int:
         return self.config.input.target_length

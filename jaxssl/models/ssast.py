@@ -155,13 +155,7 @@ def init_params(model: SSAST, rng: jax.Array, spectrogram: jax.Array, mpc_idx: j
     patch convolution and the heads keep torch's defaults, as the reference creates them after timm's init."""
     init_rng, dense_rng = jax.random.split(rng)
     params = model.init(init_rng, spectrogram, mpc_idx, mpg_idx)['params']
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params['encoder'])
-    keys = jax.random.split(dense_rng, len(leaves))
-    leaves = [
-        normal_init(key, leaf.shape) if jax.tree_util.keystr(path).endswith("['kernel']") else leaf
-        for (path, leaf), key in zip(leaves, keys, strict=True)
-    ]
-    return {**params, 'encoder': jax.tree_util.tree_unflatten(treedef, leaves)}
+    return {**params, 'encoder': vit.redraw_kernels(params['encoder'], dense_rng, normal_init)}
 
 
 def make_model(variant: str, grid: tuple[int, int], patch: tuple[int, int], **overrides: Any) -> SSAST:

@@ -79,14 +79,7 @@ def init_params(model: TERA, rng: jax.Array, frames: jax.Array, key_mask: jax.Ar
     """model.init with s3prl's init_Transformer_weights: N(0, 0.02) for every Linear kernel (the BERT blocks' too),
     zero biases, unit LayerNorms."""
     init_rng, dense_rng = jax.random.split(rng)
-    params = model.init(init_rng, frames, key_mask)['params']
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(dense_rng, len(leaves))
-    leaves = [
-        init(key, leaf.shape) if jax.tree_util.keystr(path).endswith("['kernel']") else leaf
-        for (path, leaf), key in zip(leaves, keys, strict=True)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return vit.redraw_kernels(model.init(init_rng, frames, key_mask)['params'], dense_rng, init)
 
 
 def make_model(variant: str, out_dim: int, **overrides: Any) -> TERA:

@@ -48,6 +48,18 @@ def truncated_normal_init(stddev: float) -> nn.initializers.Initializer:
     return init
 
 
+def redraw_kernels(params: Any, rng: jax.Array, init: nn.initializers.Initializer) -> Any:
+    """`params` with every leaf named 'kernel' drawn anew from `init` (e.g. timm's or BERT's N(0, 0.02) for Linear
+    layers that Flax initialises its own way); other leaves are kept."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(rng, len(leaves))
+    leaves = [
+        init(key, leaf.shape, leaf.dtype) if jax.tree_util.keystr(path).endswith("['kernel']") else leaf
+        for (path, leaf), key in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 class PositionEmbedding(nn.Module):
     """Adds a position table to (B, N, D) tokens: the fixed sinusoid ('sincos') or a learned one ('learned').
 

@@ -1,0 +1,46 @@
+"""Plumbing shared by the audio methods (SSAST, TERA): the jaxssl.data.audio pipelines and the skipped-file count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from jaxssl.data import audio, skipped_files
+from jaxssl.methods import base
+
+
+class AudioMethod(base.Method):
+    """base.Method for methods whose examples are spectrograms (config.input from `add_audio_input_config`); they
+    define `sample_transform` (the per-example masks or alterations), init / loss / represent."""
+
+    input_key = 'spectrogram'
+
+    def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return sample
+
+    def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
+        source = audio.make_audio_source(self.config)
+        dataset = audio.make_pretrain_dataset(
+            self.config,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            sample_transform=self.sample_transform,
+            source=source,
+        )
+        return dataset, len(source)
+
+    def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
+        dataset, _ = audio.make_eval_dataset(
+            self.config,
+            split=split,
+            batch_size=batch_size,
+            process_index=process_index,
+            process_count=process_count,
+            max_examples=max_examples,
+        )
+        return dataset
+
+    def host_metrics(self) -> dict[str, float]:
+        return {'skipped_files': float(skipped_files())}
