@@ -109,14 +109,15 @@ def kaldi_fbank(
     return np.log(np.maximum(energies, np.finfo(np.float32).eps)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=16)
 def htk_mel_filters(num_bins: int, num_freqs: int, sample_rate: float, low_freq: float = 0.0) -> np.ndarray:
     """(num_freqs, num_bins) triangles over linspace(0, Nyquist, num_freqs), corners equally spaced on the HTK mel
-    scale 2595 log10(1 + f / 700) from low_freq to Nyquist, unnormalised: torchaudio's melscale_fbanks(norm=None,
-    mel_scale='htk'), which s3prl's MelScale uses."""
+    scale (`mel_scale`; torchaudio writes it 2595 log10(1 + f / 700)) from low_freq to Nyquist, unnormalised:
+    torchaudio's melscale_fbanks(norm=None, mel_scale='htk'), which s3prl's MelScale uses. Unlike Kaldi's filters,
+    the triangles are in Hz between corners placed in mel."""
     freqs = np.linspace(0, sample_rate / 2, num_freqs)
-    to_mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)
-    corners = np.linspace(to_mel(low_freq), to_mel(sample_rate / 2), num_bins + 2)
-    corners = 700.0 * (10 ** (corners / 2595.0) - 1.0)
+    corners = np.linspace(mel_scale(low_freq), mel_scale(sample_rate / 2), num_bins + 2)
+    corners = 700.0 * (np.exp(corners / 1127.0) - 1.0)
     width = np.diff(corners)
     slopes = corners[None, :] - freqs[:, None]
     down, up = -slopes[:, :-2] / width[:-1], slopes[:, 2:] / width[1:]
@@ -151,12 +152,19 @@ def log_mel_cmvn(
     return ((mel - mel.mean(axis=0)) / (mel.std(axis=0, ddof=1) + eps)).astype(np.float32)
 
 
+def ssast_fbank(waveform: np.ndarray, input_config: Any) -> np.ndarray:
+    """The reference dataloader's `_wav2fbank`: the waveform's mean removed, then Kaldi fbank (frames, bins)."""
+    c = input_config
+    x = np.asarray(waveform, np.float64) - np.mean(waveform)
+    return kaldi_fbank(x, sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins, window_type=c.window)
+
+
 def spectrogram(waveform: np.ndarray, input_config: Any, rng: np.random.Generator | None = None) -> np.ndarray:
     """One example's model input (target_length, num_mel_bins) float32 by `input.features`, zero-padded or cut to
     target_length frames.
 
-    kaldi_fbank (SSAST): the waveform's mean removed first, the first target_length frames kept, and (x - norm_mean)
-    / (2 norm_std) applied to the padded array (padding included), as the reference's dataloader.
+    kaldi_fbank (SSAST): `ssast_fbank`, the first target_length frames kept, and (x - norm_mean) / (2 norm_std)
+    applied to the padded array (padding included), as the reference's dataloader.
     log_mel_cmvn (TERA): the level normalised over the whole waveform, then a crop of target_length x hop samples at a
     start drawn from `rng` (the first samples without one, for evaluation) before the features, as s3prl's
     `_sample`, so the CMVN statistics are the crop's; padding frames stay zero, which is how the reference tells them
@@ -164,8 +172,7 @@ def spectrogram(waveform: np.ndarray, input_config: Any, rng: np.random.Generato
     """
     c = input_config
     if c.features == 'kaldi_fbank':
-        x = np.asarray(waveform, np.float64) - np.mean(waveform)
-        spectrum = kaldi_fbank(x, sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins, window_type=c.window)
+        spectrum = ssast_fbank(waveform, c)
     else:
         x = normalize_level(waveform)
         crop = c.target_length * round(c.sample_rate / 100)  # 10 ms hops
@@ -202,7 +209,8 @@ class AudioFolderSource:
         self.files: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
             for folder, _, files in sorted(os.walk(os.path.join(root, name))):
-                self.files += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith('.wav')]
+                wavs = [f for f in sorted(files) if f.lower().endswith(AUDIO_EXTENSIONS)]
+                self.files += [(os.path.join(folder, f), label) for f in wavs]
         if not self.files:
             raise FileNotFoundError(f"no .wav files in class folders under '{root}'")
 
@@ -465,12 +473,7 @@ def fbank_stats(config: ml_collections.ConfigDict, max_examples: int = 2000) -> 
     c = config.input
     source = make_audio_source(config)
     picks = np.linspace(0, len(source) - 1, min(max_examples, len(source))).astype(int)
-    values = []
-    for i in picks:
-        waveform = decode_audio(source[int(i)], c.sample_rate)
-        fbank = kaldi_fbank(waveform - waveform.mean(), c.sample_rate, c.num_mel_bins, window_type=c.window)
-        values.append(fbank.ravel())
-    values = np.concatenate(values)
+    values = np.concatenate([ssast_fbank(decode_audio(source[int(i)], c.sample_rate), c).ravel() for i in picks])
     return float(values.mean()), float(values.std())
 
 

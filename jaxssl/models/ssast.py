@@ -36,8 +36,6 @@ NUM_EXTRA_TOKENS = 2  # cls + distillation token (DeiT's distilled variants, whi
 
 # timm 0.4.5's trunc_normal_(std=.02) cuts at +-2 absolute, so it is N(0, 0.02) in practice.
 normal_init = nn.initializers.normal(0.02)
-# torch.nn.Linear's default (the reference builds its heads and patch conv after timm's init): U(+-1/sqrt(fan_in)).
-torch_kernel_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
 
 def token_grid(num_mel_bins: int, frames: int, patch: tuple[int, int]) -> tuple[int, int]:
@@ -48,10 +46,11 @@ def token_grid(num_mel_bins: int, frames: int, patch: tuple[int, int]) -> tuple[
 
 
 def torch_dense(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
-    """A Dense with torch.nn.Linear's default init (kernel and bias uniform in +-1/sqrt(fan_in))."""
+    """A Dense with torch.nn.Linear's default init (kernel and bias uniform in +-1/sqrt(fan_in); the reference builds
+    its heads after timm's init, so they keep it): vit.conv_init is that kernel init."""
     bound = 1 / np.sqrt(fan_in)
     bias_init = lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound)
-    return nn.Dense(features, dtype=dtype, kernel_init=torch_kernel_init, bias_init=bias_init, name=name)
+    return nn.Dense(features, dtype=dtype, kernel_init=vit.conv_init, bias_init=bias_init, name=name)
 
 
 class PredictionHead(nn.Module):
