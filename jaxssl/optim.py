@@ -201,12 +201,14 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, 
     return lambda step: per_task(jnp.asarray(step) + offset)
 
 
-def decay_mask(params: Any, no_decay_rules: rules_lib.Rules) -> Any:
-    """True where weight decay applies: not for 1-D parameters (per layer, for scanned stacks) nor rule matches."""
+def decay_mask(params: Any, no_decay_rules: rules_lib.Rules, decay_vectors: bool = False) -> Any:
+    """True where weight decay applies: not for rule matches, nor for 1-D parameters (per layer, for scanned stacks)
+    unless `decay_vectors` (fairseq's Adam decays every parameter, biases and norms included)."""
 
     def decays(name: str, leaf: Any) -> bool:
         per_layer_ndim = leaf.ndim - (1 if rules_lib.is_scanned(name) else 0)
-        return per_layer_ndim > 1 and rules_lib.first_match(no_decay_rules, name, default=None) is None
+        shaped = per_layer_ndim > 1 or decay_vectors
+        return shaped and rules_lib.first_match(no_decay_rules, name, default=None) is None
 
     return rules_lib.map_with_names(decays, params)
 
@@ -323,7 +325,8 @@ def make_optimizer(
     if o.clip_grad > 0:
         per_tensor = o.get('clip_mode', 'global') == 'per_tensor'
         parts.append(clip_per_tensor(o.clip_grad) if per_tensor else optax.clip_by_global_norm(o.clip_grad))
-    mask = lambda p: decay_mask(p, no_decay)  # a function: multi_transform hands each group a partial tree
+    # A function: multi_transform hands each group a partial tree. decay_vectors: absent from most configs.
+    mask = lambda p: decay_mask(p, no_decay, o.get('decay_vectors', False))
     decay = weight_decay_schedule(config, total_steps)
 
     def core(shift: int) -> list[optax.GradientTransformation]:

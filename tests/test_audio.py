@@ -204,6 +204,17 @@ def test_folder_pipelines_skip_count_and_flag_broken_files(wav_root):
     assert skipped_files() - before == 5
 
 
+def test_waveform_pipelines_carry_lengths_and_flag_broken_files(wav_root):
+    config = input_config(dataset='folder', data_root=str(wav_root), global_batch=4, features='waveform')
+    batch = next(iter(audio.make_pretrain_dataset(config, seed=0)))
+    assert batch['waveform'].shape == (4, 16000) and batch['num_samples'].tolist() == [12000] * 4
+    assert not batch['waveform'][:, 12000:].any()
+    rows = list(audio.make_eval_dataset(config, split='val', batch_size=4)[0])
+    assert rows[0]['waveform'].shape == (4, 1, 16000)
+    lengths = np.concatenate([r['num_samples'][:, 0] for r in rows])[:6]
+    assert lengths.tolist() == [12000, 0, 12000, 12000, 12000, 12000]  # val/no/1.wav is empty
+
+
 def test_config_errors_name_the_key():
     from jaxssl.config import ConfigError
 

@@ -59,6 +59,9 @@ def test_decay_mask_by_names_and_rank():
     assert mask['encoder']['blocks']['norm1']['scale'] is False  # 1-D per layer in a scanned stack
     assert mask['encoder']['blocks']['mlp']['fc1']['kernel'] is True
     assert mask['encoder']['norm']['scale'] is False and mask['mask_token'] is False
+    everything = optim.decay_mask(params, [('.*mask_token', True)], decay_vectors=True)  # fairseq's adam
+    assert everything['patch_embed']['proj']['bias'] is True and everything['encoder']['norm']['scale'] is True
+    assert everything['mask_token'] is False  # rules still exclude
 
 
 def test_adamw_matches_torch():

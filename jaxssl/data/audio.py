@@ -1,4 +1,5 @@
-"""Audio input: two log-mel front ends, audio sources, and Grain pipelines for pretraining and evaluation.
+"""Audio input: two log-mel front ends and the raw waveform, audio sources, and Grain pipelines for pretraining and
+evaluation.
 
 Front ends (`input.features`), in numpy so that they run per example in the Grain pipeline:
   kaldi_fbank   Kaldi's `compute-fbank-feats` (torchaudio.compliance.kaldi.fbank, which SSAST and BEATs call):
@@ -10,12 +11,16 @@ Front ends (`input.features`), in numpy so that they run per example in the Grai
                 torch.stft (25 ms periodic Hann window, 10 ms hop, centred with reflect padding), power, torchaudio's
                 HTK mel filters (0 Hz to Nyquist, unnormalised), log(x + 1e-10), then per-utterance mean / std
                 normalisation over time. Checked against torch.stft and a torch transcription of torchaudio's filters.
+  waveform      the samples themselves (wav2vec 2.0's input), optionally standardised over the whole file
+                (fairseq's `normalize`, for the large / XLSR models), then a random crop of input.max_samples
+                (fairseq's crop_to_max_size; the first samples in evaluation) or zero padding up to it.
 
 Sources return one record per index: 'name' (for messages), 'audio' (a path or a float waveform), 'kind' ('file' |
 'array') and one int per name in `label_keys`:
   AudioFolderSource     <root>/<class>/<file>.wav, labels index the sorted class names;
   SyntheticWordsSource  'synthetic_words', the built-in set, generated on the fly (see its docstring).
-Batches carry 'spectrogram' float32 (B, target_length, num_mel_bins), zero-padded or cut to target_length frames.
+Batches carry 'spectrogram' float32 (B, target_length, num_mel_bins), zero-padded or cut to target_length frames,
+or for the waveform 'waveform' float32 (B, max_samples) and 'num_samples' int32 (B,), the samples before the padding.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from jaxssl.data import images, pipeline
 from jaxssl.data.decode import DecodeError
 
 AUDIO_EXTENSIONS = ('.wav',)
-FEATURES = ('kaldi_fbank', 'log_mel_cmvn')
+FEATURES = ('kaldi_fbank', 'log_mel_cmvn', 'waveform')
 DATASETS = ('folder', 'synthetic_words')
 WINDOWS = ('hanning', 'povey', 'hamming', 'rectangular')
 
@@ -186,6 +191,35 @@ def spectrogram(waveform: np.ndarray, input_config: Any, rng: np.random.Generato
     if c.features == 'kaldi_fbank':
         out = (out - np.float32(c.norm_mean)) / np.float32(2 * c.norm_std)
     return out
+
+
+def waveform_example(waveform: np.ndarray, input_config: Any, rng: np.random.Generator | None = None) -> dict:
+    """One example of the raw samples: 'waveform' (max_samples,) float32 and 'num_samples' int32 (the samples before
+    the zero padding). With `normalize_waveform` the whole file is standardised first (fairseq's
+    F.layer_norm(wav, wav.shape), eps 1e-5); longer files are cut at a start drawn from `rng` (the first samples
+    without one, for evaluation)."""
+    c = input_config
+    x = np.asarray(waveform, np.float32)
+    if c.normalize_waveform:
+        x = ((x - x.mean()) / np.sqrt(x.var() + 1e-5)).astype(np.float32)
+    if len(x) > c.max_samples:
+        start = int(rng.integers(0, len(x) - c.max_samples + 1)) if rng is not None else 0
+        x = x[start : start + c.max_samples]
+    out = np.zeros(c.max_samples, np.float32)
+    out[: len(x)] = x
+    return {'waveform': out, 'num_samples': np.int32(len(x))}
+
+
+def input_name(input_config: Any) -> str:
+    """The batch key of the model input: 'waveform' or 'spectrogram'."""
+    return 'waveform' if input_config.features == 'waveform' else 'spectrogram'
+
+
+def example(waveform: np.ndarray, input_config: Any, rng: np.random.Generator | None = None) -> dict:
+    """One example's model input under `input_name` (and 'num_samples' for the waveform) by `input.features`."""
+    if input_config.features == 'waveform':
+        return waveform_example(waveform, input_config, rng)
+    return {'spectrogram': spectrogram(waveform, input_config, rng)}
 
 
 def frame_lengths(spectrogram: Any) -> Any:
@@ -377,16 +411,17 @@ def make_pretrain_dataset(
     sample_transform: images.SampleTransform | None = None,
     source: Any = None,
 ) -> grain.IterDataset:
-    """Host-local pretraining batches: 'spectrogram' float32 (B_local, target_length, num_mel_bins), 'label', and
-    whatever `sample_transform(sample, rng)` adds (e.g. masks). The image pipeline's sharding, shuffling, resume and
-    skip-and-count policy for unreadable files, with the audio decoder and front end in place of the image's."""
+    """Host-local pretraining batches: 'spectrogram' float32 (B_local, target_length, num_mel_bins) (or 'waveform'
+    and 'num_samples', see `example`), 'label', and whatever `sample_transform(sample, rng)` adds (e.g. masks). The
+    image pipeline's sharding, shuffling, resume and skip-and-count policy for unreadable files, with the audio
+    decoder and front end in place of the image's."""
     c = config.input
     return images.make_image_pretrain_dataset(
         config,
         seed=seed,
         process_index=process_index,
         process_count=process_count,
-        view=lambda waveform, rng: {'spectrogram': spectrogram(waveform, c, rng)},
+        view=lambda waveform, rng: example(waveform, c, rng),
         sample_transform=sample_transform,
         source=make_audio_source(config) if source is None else source,
         decode=functools.partial(decode_audio, sample_rate=c.sample_rate),
@@ -394,8 +429,9 @@ def make_pretrain_dataset(
 
 
 class EvalAudioLoader:
-    """Grain map function: source index -> one example's spectrogram as a 1-view stack. An unreadable file is not
-    replaced (evaluation must see every example): it yields `valid` 0 and zeros, and is counted."""
+    """Grain map function: source index -> one example's model input (`example`, no random crop) as a 1-view stack.
+    An unreadable file is not replaced (evaluation must see every example): it yields `valid` 0 and zeros, and is
+    counted."""
 
     def __init__(self, source: Any, config: ml_collections.ConfigDict, num_clips: int = 1, num_crops: int = 1):
         del num_clips, num_crops  # pipeline.make_eval_dataset's loader signature
@@ -405,12 +441,21 @@ class EvalAudioLoader:
         record = self.source[int(index)]
         labels = {k: np.int32(record[k]) for k in self.source.label_keys}
         try:
-            example, valid = spectrogram(decode_audio(record, self.input.sample_rate), self.input), 1
+            inputs, valid = example(decode_audio(record, self.input.sample_rate), self.input), 1
         except DecodeError as e:
             pipeline._log_failure(record['name'], e)
             pipeline._add_skipped(1)
-            example, valid = np.zeros((self.input.target_length, self.input.num_mel_bins), np.float32), 0
-        return {'spectrogram': example[None], 'index': np.int32(index), 'valid': np.int32(valid), **labels}
+            inputs, valid = zero_example(self.input), 0
+        views = {k: np.asarray(v)[None] for k, v in inputs.items()}
+        return {**views, 'index': np.int32(index), 'valid': np.int32(valid), **labels}
+
+
+def zero_example(input_config: Any) -> dict[str, np.ndarray]:
+    """The all-zero example that stands in for an unreadable evaluation file."""
+    c = input_config
+    if c.features == 'waveform':
+        return {'waveform': np.zeros(c.max_samples, np.float32), 'num_samples': np.int32(0)}
+    return {'spectrogram': np.zeros((c.target_length, c.num_mel_bins), np.float32)}
 
 
 def make_eval_dataset(
@@ -422,8 +467,9 @@ def make_eval_dataset(
     process_count: int = 1,
     max_examples: int = 0,
 ) -> tuple[grain.IterDataset, int]:
-    """One deterministic pass over a split: 'spectrogram' (B, 1, target_length, num_mel_bins), 'index', 'valid' and
-    the labels; `max_examples` > 0 takes an evenly spaced subset."""
+    """One deterministic pass over a split: 'spectrogram' (B, 1, target_length, num_mel_bins) (or 'waveform' (B, 1,
+    max_samples) and 'num_samples' (B, 1)), 'index', 'valid' and the labels; `max_examples` > 0 takes an evenly
+    spaced subset."""
     return pipeline.make_eval_dataset(
         config,
         split=split,
@@ -447,7 +493,7 @@ def add_audio_input_config(
     c.data_root = ''  # 'folder': <data_root>/<split>/<class>/<file>.wav
     c.split = 'train'
     c.sample_rate = 16000
-    c.features = features  # 'kaldi_fbank' (SSAST) or 'log_mel_cmvn' (TERA); see the module docstring
+    c.features = features  # 'kaldi_fbank' (SSAST), 'log_mel_cmvn' (TERA) or 'waveform' (wav2vec 2.0); module docs
     c.num_mel_bins = 64 if runlocal else 128
     c.window = 'hanning'  # kaldi_fbank: SSAST's; BEATs uses 'povey'
     c.target_length = 96 if runlocal else 1024  # frames of 10 ms; shorter clips are zero-padded, longer ones cut
@@ -459,6 +505,10 @@ def add_audio_input_config(
         c.norm_mean, c.norm_std = SYNTHETIC_WORDS_STATS
     c.global_batch = 64 if runlocal else 24
     c.num_sample = 1  # views per example (the image pipeline's field; SSAST uses one)
+    # 'waveform' only: samples per example (fairseq's max_sample_size: longer files are randomly cropped, shorter
+    # ones zero-padded and their padding masked) and the per-file standardisation of the large / XLSR models.
+    c.max_samples = 16000 if runlocal else 250000
+    c.normalize_waveform = False
     c.num_workers = 0 if runlocal else 8
     c.read_threads = 2 if runlocal else 1
 
@@ -484,8 +534,8 @@ def check_audio_input_config(config: ml_collections.ConfigDict) -> None:
     check_choice(config, 'input.dataset', DATASETS)
     check_choice(config, 'input.features', FEATURES)
     check_choice(config, 'input.window', WINDOWS)
-    for key in ('sample_rate', 'num_mel_bins', 'target_length', 'global_batch', 'num_sample'):
-        if c[key] < 1:
+    for key in ('sample_rate', 'num_mel_bins', 'target_length', 'global_batch', 'num_sample', 'max_samples'):
+        if c.get(key, 1) < 1:  # max_samples: absent from configs saved before the waveform input
             raise ConfigError(f"bad value {c[key]} for 'input.{key}': must be >= 1")
     if c.norm_std <= 0:
         raise ConfigError(f"bad value {c.norm_std} for 'input.norm_std': must be > 0")

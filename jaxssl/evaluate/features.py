@@ -29,14 +29,15 @@ def extract(
     """
     represent = jax.jit(method.represent)
     name = method.input_key
+    inputs = (name, *method.represent_keys)
     chunks: dict[str, list[np.ndarray]] = {}
     for batch in dataset:
         clips, views = batch[name].shape[:2]
         # Labels travel as global arrays beside the views, so rows line up however the batch is laid out on devices.
-        rows = {name: batch[name].reshape(clips * views, *batch[name].shape[2:])}
-        rows.update({k: np.repeat(np.asarray(v), views, axis=0) for k, v in batch.items() if k != name})
+        rows = {k: batch[k].reshape(clips * views, *batch[k].shape[2:]) for k in inputs}
+        rows.update({k: np.repeat(np.asarray(v), views, axis=0) for k, v in batch.items() if k not in inputs})
         rows = sharding.global_batch(rows, mesh)
-        outputs = {k: v for k, v in represent(params, extra, {name: rows.pop(name)}).items()}
+        outputs = dict(represent(params, extra, {k: rows.pop(k) for k in inputs}))
         if not keep_tokens:
             outputs.pop('tokens', None)
         fetched = _fetch({**outputs, **rows})

@@ -24,6 +24,8 @@ class Method:
     # The batch key of the model input that `represent` reads and `eval_dataset` batches carry with a views axis
     # (video clips, tabular rows, audio frames, ...); the frozen-feature evaluators read the input under it.
     input_key: str = 'video'
+    # Further per-view batch keys `represent` reads beside the input (e.g. a waveform's 'num_samples').
+    represent_keys: tuple[str, ...] = ()
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

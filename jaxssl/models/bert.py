@@ -59,7 +59,8 @@ class SelfAttention(nn.Module):
 
 
 class Layer(nn.Module):
-    """One post-norm BERT block."""
+    """One post-norm BERT block; with `norm_first` the pre-norm variant (each LayerNorm moved in front of its branch,
+    as wav2vec 2.0 large's `layer_norm_first`)."""
 
     width: int
     heads: int
@@ -68,15 +69,22 @@ class Layer(nn.Module):
     attention_dropout: float
     eps: float
     dtype: Any = jnp.float32
+    norm_first: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
         drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=deterministic)
         attn = SelfAttention(self.width, self.heads, self.attention_dropout, self.dtype, name='attention')
-        x = nn.LayerNorm(self.eps, dtype=self.dtype, name='attention_norm')(x + drop(attn(x, key_mask, deterministic)))
-        h = nn.Dense(self.mlp, dtype=self.dtype, name='intermediate')(x)
-        h = nn.Dense(self.width, dtype=self.dtype, name='output')(nn.gelu(h, approximate=False))
-        return nn.LayerNorm(self.eps, dtype=self.dtype, name='output_norm')(x + drop(h))
+        attention_norm = nn.LayerNorm(self.eps, dtype=self.dtype, name='attention_norm')
+        output_norm = nn.LayerNorm(self.eps, dtype=self.dtype, name='output_norm')
+        mlp = lambda t: nn.Dense(self.width, dtype=self.dtype, name='output')(
+            nn.gelu(nn.Dense(self.mlp, dtype=self.dtype, name='intermediate')(t), approximate=False)
+        )
+        if self.norm_first:
+            x = x + drop(attn(attention_norm(x), key_mask, deterministic))
+            return x + drop(mlp(output_norm(x)))
+        x = attention_norm(x + drop(attn(x, key_mask, deterministic)))
+        return output_norm(x + drop(mlp(x)))
 
 
 class BertEncoder(nn.Module):

@@ -1,0 +1,290 @@
+"""wav2vec 2.0 (Baevski et al., NeurIPS 2020) pretraining, from scratch or continued from released weights (XLSR-53
+adapted to a new language, as the Ainu wav2vec 2.0 of the seed papers).
+
+The objective is fairseq's `Wav2Vec2Model.forward` + `criterions/wav2vec_criterion.py` (infonce):
+- spans of `mask.length` latent frames start at int(mask.prob * T / length + U[0, 1)) (at least `mask.min_spans`)
+  distinct frames of each utterance (`span_mask`, drawn per example in the Grain pipeline); then, as fairseq's
+  require_same_masks, every utterance of a reference GPU batch keeps a random subset of its masked frames of the
+  batch's smallest count (`same_mask_counts`, on the device);
+- at each masked frame t, InfoNCE over the cosine similarities / `loss.logit_temp` between final_proj(c_t) and the
+  quantized target q_t against `loss.num_negatives` distractors q_j drawn uniformly from the other masked frames of
+  the same utterance (`sample_negatives`); a distractor with the target's codes is excluded (fairseq's neg_is_pos);
+- + `loss.diversity_weight` x (G V - perplexity) / (G V), the perplexity of the noise-free code distribution averaged
+  over the masked frames, summed over the G codebooks;
+- + `loss.feature_penalty_weight` x mean(feature encoder output ^ 2);
+- all per masked frame. fairseq computes the diversity and feature penalty per GPU and weights each GPU's by its
+  masked frames; `loss.reference_batches` splits the global batch into that many equal groups for both, and for the
+  mask-count trimming (0: one group per device of the mesh).
+- the Gumbel temperature decays per update: max(t0 * decay ^ (step + start_step), t_min) (`quantizer.temperature`);
+  continuing a released model starts at its end of training (start_step -1: the floor), not re-heated to t0.
+
+Batch layout: 'waveform' (B, N) float32 and 'num_samples' (B,) int32 (jaxssl.data.audio's waveform input),
+'time_mask' (B, T) bool (T = frame_counts(N)), 'label' (unused here).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxssl.config import ConfigError, check_choice, check_range
+from jaxssl.data import audio
+from jaxssl.methods import _audio, base
+from jaxssl.methods.videomae import DTYPES
+from jaxssl.models import wav2vec2 as w2v
+from jaxssl.models import wav2vec2_weights
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the key, on values the model, masks, loss or input cannot use."""
+    m = config.model
+    if not m.pretrained:
+        check_choice(config, 'model.variant', w2v.VARIANTS)
+    check_choice(config, 'model.dtype', DTYPES)
+    for key in ('dropout', 'attention_dropout', 'dropout_input', 'dropout_features', 'layerdrop'):
+        check_range(config, f'model.{key}', 0.0, 1.0)
+    if m.feature_grad_mult < 0:
+        raise ConfigError(f"bad value {m.feature_grad_mult} for 'model.feature_grad_mult': must be >= 0")
+    audio.check_audio_input_config(config)
+    if config.input.features != 'waveform':
+        raise ConfigError("'input.features' must be 'waveform' for wav2vec 2.0 (its encoder reads the samples)")
+    frames = int(w2v.frame_counts(config.input.max_samples))
+    check_range(config, 'mask.prob', 0.0, 1.0)
+    if config.mask.length < 1 or config.mask.min_spans < 0:
+        raise ConfigError("'mask.length' must be >= 1 and 'mask.min_spans' >= 0")
+    if frames < config.mask.length + 2:
+        raise ConfigError(
+            f"'input.max_samples' ({config.input.max_samples}) gives {frames} latent frames: too few for spans of "
+            f"'mask.length' {config.mask.length}"
+        )
+    if config.loss.num_negatives < 1:
+        raise ConfigError(f"bad value {config.loss.num_negatives} for 'loss.num_negatives': must be >= 1")
+    if not config.loss.logit_temp > 0:
+        raise ConfigError(f"bad value {config.loss.logit_temp} for 'loss.logit_temp': must be > 0")
+    t0, t_min, decay = config.quantizer.temperature
+    if not 0 < t_min <= t0 or not 0 < decay <= 1:
+        raise ConfigError(f"bad 'quantizer.temperature' {tuple(config.quantizer.temperature)}: need 0 < min <= start")
+    groups = config.loss.reference_batches
+    if groups < 0 or (groups and config.input.global_batch % groups):
+        raise ConfigError(
+            f"'loss.reference_batches' ({groups}) must be >= 0 and divide 'input.global_batch' "
+            f'({config.input.global_batch})'
+        )
+
+
+def span_mask(
+    frames: int, valid: int, rng: np.random.Generator, prob: float, length: int, min_spans: int
+) -> np.ndarray:
+    """One utterance's masked latent frames (frames,) bool, fairseq's compute_mask_indices row ('static' spans,
+    overlaps allowed, num_mask_ver 2): n = max(min_spans, int(prob * valid / length + U)) distinct starts drawn
+    from [0, valid - length) (from [0, n + 1) when that is too short), spans of `length` clipped to the `valid`
+    frames before the padding."""
+    mask = np.zeros(frames, bool)
+    if valid <= 1:
+        return mask
+    count = max(min_spans, int(prob * valid / float(length) + rng.random()))
+    span = length
+    if valid - span <= count:
+        span = valid - count - 1
+    starts = rng.choice(valid - span, count, replace=False)
+    chosen = (starts[:, None] + np.arange(length)).ravel()
+    mask[chosen[chosen < valid]] = True
+    return mask
+
+
+def same_mask_counts(mask: jax.Array, groups: int, rng: jax.Array) -> jax.Array:
+    """fairseq's require_same_masks within each of `groups` equal row groups: every row keeps a uniformly random
+    subset of its masked frames of the group's smallest count."""
+    b = mask.shape[0]
+    counts = mask.sum(axis=1)
+    target = jnp.repeat(counts.reshape(groups, -1).min(axis=1), b // groups)
+    scores = jnp.where(mask, jax.random.uniform(rng, mask.shape), jnp.inf)
+    rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)  # 0 for the lowest score
+    return mask & (rank < target[:, None])
+
+
+def sample_negatives(mask: jax.Array, num: int, rng: jax.Array) -> jax.Array:
+    """(B, T, num) frame indices of distractors: for each masked frame, uniform draws from the other masked frames of
+    its row, fairseq's sample_negatives on the masked frames (randint over n - 1, shifted past the target's own
+    rank). Rows with fewer than 2 masked frames, and unmasked frames, get arbitrary (masked-out) indices."""
+    b, t = mask.shape
+    counts = mask.sum(axis=1)
+    masked_first = jnp.argsort(~mask, axis=1, stable=True)  # the masked frames in order, then the others
+    rank = jnp.cumsum(mask, axis=1) - 1  # a masked frame's position among its row's masked frames
+    high = jnp.maximum(counts - 1, 1)[:, None, None]
+    draws = jnp.floor(jax.random.uniform(rng, (b, t, num)) * high).astype(jnp.int32)
+    draws = draws + (draws >= rank[..., None])
+    draws = jnp.minimum(draws, jnp.maximum(counts - 1, 0)[:, None, None])
+    return jnp.take_along_axis(masked_first[:, None, :], draws.reshape(b, 1, t * num), axis=2).reshape(b, t, num)
+
+
+def contrastive_logits(
+    predictions: jax.Array, targets: jax.Array, codes: jax.Array, negatives: jax.Array, temperature: float
+) -> jax.Array:
+    """(B, T, 1 + K) logits: the cosine similarity of each frame's prediction with its target (column 0) and with the
+    targets at `negatives` (B, T, K), over `temperature`; a distractor whose codes equal the target's is -inf."""
+    normalize = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
+    p, q = normalize(predictions), normalize(targets)
+    positive = jnp.sum(p * q, axis=-1, keepdims=True)
+    similarity = jnp.einsum('btd,bsd->bts', p, q)  # every frame against every target of its utterance
+    distractors = jnp.take_along_axis(similarity, negatives, axis=2)
+    b = jnp.arange(codes.shape[0])[:, None, None]
+    same_codes = jnp.all(codes[b, negatives] == codes[:, :, None, :], axis=-1)
+    distractors = jnp.where(same_codes, -jnp.inf, distractors / temperature)
+    return jnp.concatenate([positive / temperature, distractors], axis=-1)
+
+
+def perplexity(probs: jax.Array, weights: jax.Array) -> jax.Array:
+    """exp of the entropy of the `weights`-averaged code distribution, summed over codebooks: probs (N, G, V),
+    weights (N,). fairseq's prob_perplexity (its log(p + 1e-7))."""
+    mean = jnp.sum(probs * weights[:, None, None], axis=0) / jnp.maximum(jnp.sum(weights), 1)
+    return jnp.sum(jnp.exp(-jnp.sum(mean * jnp.log(mean + 1e-7), axis=-1)))
+
+
+def gumbel_temperature(quantizer: ml_collections.ConfigDict, step: jax.Array, start_step: int) -> jax.Array:
+    """fairseq's set_num_updates: max(t0 * decay ^ updates, t_min)."""
+    t0, t_min, decay = quantizer.temperature
+    updates = jnp.asarray(step, jnp.float32) + start_step
+    return jnp.maximum(t0 * jnp.exp(updates * math.log(decay)), t_min)  # 0.999995 is not exact in float32
+
+
+def wav2vec2_loss(
+    outputs: dict[str, jax.Array], mask: jax.Array, negatives: jax.Array, groups: int, loss_config: Any
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The criterion per masked frame, and metrics (fairseq's accuracy counts a frame whose logits are all equal as
+    wrong)."""
+    c = loss_config
+    b, t = mask.shape
+    logits = contrastive_logits(outputs['predictions'], outputs['targets'], outputs['codes'], negatives, c.logit_temp)
+    nce = jax.nn.logsumexp(logits, axis=-1) - logits[..., 0]
+    weights = mask.astype(jnp.float32)
+    masked = jnp.maximum(weights.sum(), 1)
+    contrastive = jnp.sum(nce * weights) / masked
+    # Per reference batch, weighted by its masked frames (fairseq adds coef x term x sample_size per GPU).
+    group_weights = weights.reshape(groups, -1).sum(axis=1) / masked
+    probs = outputs['probs'].reshape(groups, -1, *outputs['probs'].shape[2:])
+    entries = probs.shape[-2] * probs.shape[-1]
+    ppl = jax.vmap(perplexity)(probs, weights.reshape(groups, -1))
+    diversity = jnp.sum(group_weights * (entries - ppl) / entries)
+    penalty = jnp.sum(group_weights * outputs['features_pen'].reshape(groups, -1).mean(axis=1))
+    loss = contrastive + c.diversity_weight * diversity + c.feature_penalty_weight * penalty
+    top, bottom = jnp.argmax(logits, axis=-1) == 0, jnp.argmin(logits, axis=-1) == 0
+    codes = jax.nn.one_hot(outputs['codes'], probs.shape[-1]).reshape(b * t, *probs.shape[-2:])
+    metrics = {
+        'loss': loss,
+        'contrastive': contrastive,
+        'diversity': diversity,
+        'features_pen': penalty,
+        'accuracy': jnp.sum((top & ~bottom) * weights) / masked,
+        'prob_perplexity': jnp.mean(ppl),
+        'code_perplexity': perplexity(codes, weights.reshape(-1)),
+        'masked_fraction': weights.sum() / b / t,
+    }
+    return loss, metrics
+
+
+class Method(_audio.AudioMethod):
+    """wav2vec 2.0 pretraining for the trainer."""
+
+    input_key = 'waveform'
+    represent_keys = ('num_samples',)
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        m = config.model
+        overrides = dict(
+            dropout=m.dropout,
+            attention_dropout=m.attention_dropout,
+            dropout_input=m.dropout_input,
+            dropout_features=m.dropout_features,
+            layerdrop=m.layerdrop,
+            feature_grad_mult=m.feature_grad_mult,
+            dtype=DTYPES[m.dtype],
+        )
+        self._pretrained = None
+        if m.pretrained:
+            try:
+                fields, self._pretrained = wav2vec2_weights.load(m.pretrained)
+            except (OSError, ValueError, KeyError) as e:
+                raise ConfigError(f"'model.pretrained' {m.pretrained}: {e}") from None
+            self.model = w2v.Wav2Vec2(**{**fields, **overrides})
+        else:
+            self.model = w2v.make_model(m.variant, **overrides)
+        self.frames = int(w2v.frame_counts(config.input.max_samples))
+        start = config.quantizer.start_step
+        self.start_step = start if start >= 0 else (1_000_000_000 if m.pretrained else 0)
+
+    def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        c = self.config.mask
+        valid = int(w2v.frame_counts(int(sample['num_samples'])))
+        return {**sample, 'time_mask': span_mask(self.frames, valid, rng, c.prob, c.length, c.min_spans)}
+
+    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(0)
+        n = self.config.input.max_samples
+        samples = [
+            self.sample_transform({'waveform': rng.normal(size=n).astype(np.float32), 'num_samples': np.int32(n)}, rng)
+            for _ in range(batch_size)
+        ]
+        return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+    def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
+        if self._pretrained is not None:
+            return jax.tree.map(jnp.asarray, self._pretrained), {}
+        return w2v.init_params(self.model, rng, batch['waveform']), {}
+
+    def _groups(self, batch_size: int) -> int:
+        groups = self.config.loss.reference_batches or self.mesh.devices.size
+        return groups if batch_size % groups == 0 else 1
+
+    def loss(self, params, extra, batch, rng, step):
+        waveform = batch['waveform']
+        b = waveform.shape[0]
+        groups = self._groups(b)
+        frame_valid = jnp.arange(self.frames)[None, :] < w2v.frame_counts(batch['num_samples'])[:, None]
+        mask = same_mask_counts(batch['time_mask'], groups, base.stream(rng, 'same_masks'))
+        outputs = self.model.apply(
+            {'params': params},
+            waveform,
+            frame_valid,
+            mask,
+            temperature=gumbel_temperature(self.config.quantizer, step, self.start_step),
+            deterministic=False,
+            rngs={k: base.stream(rng, k) for k in ('dropout', 'gumbel', 'layerdrop')},
+        )
+        negatives = sample_negatives(mask, self.config.loss.num_negatives, base.stream(rng, 'negatives'))
+        loss, metrics = wav2vec2_loss(outputs, mask, negatives, groups, self.config.loss)
+        metrics['temperature'] = gumbel_temperature(self.config.quantizer, step, self.start_step)
+        return loss, (metrics, extra)
+
+    def represent(self, params, extra, batch):
+        """The context vectors averaged over the utterance's frames, of the last block ('mean_pool') and of the
+        middle one ('mid_pool'; wav2vec 2.0's middle layers hold the most phonetic information), and the last
+        block's frames ('tokens')."""
+        frame_valid = jnp.arange(self.frames)[None, :] < w2v.frame_counts(batch['num_samples'])[:, None]
+        hidden, layers = self.model.apply({'params': params}, batch['waveform'], frame_valid, method=self.model.encode)
+        weights = frame_valid[..., None] / jnp.maximum(frame_valid.sum(axis=1), 1)[:, None, None]
+        pool = lambda x: jnp.sum(x.astype(jnp.float32) * weights, axis=1)
+        middle = layers[f'layer_{(self.model.depth - 1) // 2}']
+        return {'mean_pool': pool(hidden), 'mid_pool': pool(middle), 'tokens': hidden.astype(jnp.float32)}
+
+    def tokens_per_example(self) -> int:
+        return self.frames
+
+    def flops_per_example(self) -> float:
+        m, t = self.model, self.frames
+        n, c = self.config.input.max_samples, m.conv_channels
+        conv, length, channels = 0.0, n, 1
+        for kernel, stride in w2v.KERNELS_STRIDES:
+            length = (length - kernel) // stride + 1
+            conv += 2 * length * kernel * channels * c
+            channels = c
+        blocks = m.depth * (2 * t * (4 * m.width * m.width + 2 * m.width * m.mlp) + 4 * t * t * m.width)
+        pos = 2 * t * m.pos_conv_kernel * m.width * m.width / m.pos_conv_groups
+        heads = 2 * t * (c * m.width + m.width * m.final_dim + m.codevector_dim * m.final_dim + c * 2 * 320)
+        return 3.0 * (conv + blocks + pos + heads + 2 * t * t * m.final_dim)

@@ -1,0 +1,292 @@
+"""wav2vec 2.0 (Baevski et al., "wav2vec 2.0: A Framework for Self-Supervised Learning of Speech Representations",
+NeurIPS 2020): a convolutional waveform encoder, a Transformer context network over masked latent frames, and a
+Gumbel-softmax product quantizer of the unmasked latents for the targets.
+
+Laid out as fairseq's `Wav2Vec2Model` (and transformers' `Wav2Vec2ForPreTraining`, whose weights
+`jaxssl.models.wav2vec2_weights` converts):
+- feature encoder: 1-D convolutions (channels, kernel, stride), no padding, GELU after each; 'group' mode (base)
+  has no conv bias and a per-channel GroupNorm after the first convolution only, 'layer' mode (large / XLSR) a conv
+  bias and a LayerNorm over channels after every convolution. Kaiming-normal kernels (fan in).
+- LayerNorm over the latent channels -> the quantizer's input (after `dropout_features`), and a Linear to the
+  Transformer width (after `dropout_input`); masked frames are replaced by the learned `mask_emb` (U(0, 1)).
+- context network: padded frames zeroed, plus a weight-normalised grouped convolution (kernel 128, 16 groups, the
+  norm over each kernel position, the last output of the even kernel dropped) with GELU; then a LayerNorm and
+  dropout and post-norm blocks (base), or pre-norm blocks and a final LayerNorm (large, `norm_first`). Blocks are
+  jaxssl.models.bert's Layer (GELU MLP; attention, output and MLP dropout); every Linear in them N(0, 0.02), zero bias
+  (fairseq's init_bert_params). LayerDrop skips a whole block with probability `layerdrop` per batch.
+- quantizer: Linear(latent channels -> G * V) with N(0, 1) weights and zero bias; a hard Gumbel-softmax with
+  straight-through gradients in training (temperature from the caller), the argmax in evaluation; G codebooks of V
+  entries of codevector_dim / G (U(0, 1)), concatenated; then `project_q` to final_dim.
+- `final_proj`: the context vectors to final_dim for the contrastive comparison.
+`feature_grad_mult` scales the feature encoder's gradient (0.1 for base) and leaves its output unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxssl.models import bert, vit
+
+# fairseq's conv_feature_layers: [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2, a 400-sample receptive
+# field and a 320-sample (20 ms) stride.
+KERNELS_STRIDES = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
+
+# Named sizes: the reference's base (wav2vec2_base_librispeech.yaml) and large (wav2vec2_large_librivox.yaml, the
+# architecture of XLSR-53), and a CPU-sized 'micro' for tests and `runlocal` (not a reference size).
+VARIANTS: dict[str, dict[str, Any]] = {
+    'micro': dict(
+        conv_channels=128, extractor_mode='group', conv_bias=False, width=64, depth=2, heads=4, mlp=256,
+        norm_first=False, final_dim=32, codevector_dim=32,
+    ),
+    'base': dict(
+        conv_channels=512, extractor_mode='group', conv_bias=False, width=768, depth=12, heads=12, mlp=3072,
+        norm_first=False, final_dim=256, codevector_dim=256,
+    ),
+    'large': dict(
+        conv_channels=512, extractor_mode='layer', conv_bias=True, width=1024, depth=24, heads=16, mlp=4096,
+        norm_first=True, final_dim=768, codevector_dim=768,
+    ),
+}  # fmt: skip
+EXTRACTOR_MODES = ('group', 'layer')
+bert_init = nn.initializers.normal(0.02)
+kaiming_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')  # torch's kaiming_normal_, gain sqrt(2)
+
+
+def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
+    """x unchanged, its gradient times `scale` (fairseq's GradMultiply); 0 stops it."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return jax.lax.stop_gradient(x)
+    return scale * x + (1.0 - scale) * jax.lax.stop_gradient(x)
+
+
+def frame_counts(num_samples: Any, kernels_strides: tuple[tuple[int, int], ...] = KERNELS_STRIDES) -> Any:
+    """Latent frames from waveform samples: floor((n - kernel) / stride + 1) through each convolution (numpy ints,
+    python ints or jax arrays; counts below the receptive field give 0)."""
+    n = num_samples
+    for kernel, stride in kernels_strides:
+        n = (n - kernel) // stride + 1
+    return n * (n > 0)
+
+
+class FeatureEncoder(nn.Module):
+    """Waveform (B, N) -> latent frames (B, T, channels) float32."""
+
+    channels: int
+    mode: str = 'group'
+    conv_bias: bool = False
+    kernels_strides: tuple[tuple[int, int], ...] = KERNELS_STRIDES
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, waveform: jax.Array) -> jax.Array:
+        x = waveform[..., None].astype(self.dtype)
+        for i, (kernel, stride) in enumerate(self.kernels_strides):
+            x = nn.Conv(
+                self.channels, (kernel,), (stride,), padding='VALID', use_bias=self.conv_bias,
+                kernel_init=kaiming_normal, dtype=self.dtype, name=f'conv_{i}',
+            )(x)  # fmt: skip
+            if self.mode == 'layer':
+                x = nn.LayerNorm(1e-5, dtype=jnp.float32, name=f'norm_{i}')(x)
+            elif i == 0:  # GroupNorm with one channel per group: each channel normalised over time
+                x = nn.GroupNorm(self.channels, epsilon=1e-5, dtype=jnp.float32, name='norm_0')(x)
+            x = nn.gelu(x, approximate=False)
+        return x.astype(jnp.float32)
+
+
+class PositionalConv(nn.Module):
+    """fairseq's conv_pos: a grouped Conv1d (kernel k, padding k // 2) under weight norm over dim 2 (one gain per
+    kernel position), the extra last output of an even kernel dropped, GELU. Init: N(0, sqrt(4 / (k D))) directions
+    with gains equal to their norms (so the initial weight is the direction), zero bias."""
+
+    width: int
+    kernel: int = 128
+    groups: int = 16
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        std = (4.0 / (self.kernel * self.width)) ** 0.5
+        shape = (self.kernel, self.width // self.groups, self.width)
+        direction = self.param('weight_v', nn.initializers.normal(std), shape)
+        gain = self.param('weight_g', lambda _, v: jnp.sqrt(jnp.sum(v**2, axis=(1, 2))), direction)
+        bias = self.param('bias', nn.initializers.zeros, (self.width,))
+        weight = gain[:, None, None] * direction / jnp.sqrt(jnp.sum(direction**2, axis=(1, 2), keepdims=True))
+        pad = self.kernel // 2
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), weight.astype(self.dtype), (1,), [(pad, pad)],
+            dimension_numbers=('NWC', 'WIO', 'NWC'), feature_group_count=self.groups,
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+        if self.kernel % 2 == 0:
+            y = y[:, :-1]
+        return nn.gelu(y + bias, approximate=False)
+
+
+class Wav2Vec2(nn.Module):
+    """Waveforms -> context vectors, quantized targets and the quantizer's statistics (see `__call__`)."""
+
+    conv_channels: int
+    extractor_mode: str
+    conv_bias: bool
+    width: int
+    depth: int
+    heads: int
+    mlp: int
+    norm_first: bool
+    final_dim: int
+    codevector_dim: int
+    codebooks: int = 2  # G
+    codebook_entries: int = 320  # V
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    dropout_input: float = 0.0
+    dropout_features: float = 0.0
+    layerdrop: float = 0.0
+    feature_grad_mult: float = 1.0
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.feature_extractor = FeatureEncoder(
+            self.conv_channels, self.extractor_mode, self.conv_bias, dtype=self.dtype
+        )
+        self.feature_norm = nn.LayerNorm(self.eps)
+        self.post_extract_proj = nn.Dense(self.width, dtype=self.dtype, kernel_init=vit.conv_init)
+        self.mask_emb = self.param('mask_emb', nn.initializers.uniform(1.0), (self.width,))
+        self.input_dropout = nn.Dropout(self.dropout_input)
+        self.features_dropout = nn.Dropout(self.dropout_features)
+        self.context_dropout = nn.Dropout(self.dropout)
+        self.pos_conv = PositionalConv(self.width, self.pos_conv_kernel, self.pos_conv_groups, self.dtype)
+        self.encoder_norm = nn.LayerNorm(self.eps, dtype=self.dtype)
+        self.layers = [
+            bert.Layer(
+                self.width, self.heads, self.mlp, self.dropout, self.attention_dropout, self.eps, self.dtype,
+                self.norm_first, name=f'layers_{i}',
+            )
+            for i in range(self.depth)
+        ]  # fmt: skip
+        entries = self.codebooks * self.codebook_entries
+        self.weight_proj = nn.Dense(entries, kernel_init=nn.initializers.normal(1.0), name='quantizer_weight_proj')
+        self.codevectors = self.param(
+            'quantizer_codevectors', nn.initializers.uniform(1.0), (entries, self.codevector_dim // self.codebooks)
+        )
+        self.project_q = nn.Dense(self.final_dim, dtype=self.dtype, kernel_init=vit.conv_init)
+        self.final_proj = nn.Dense(self.final_dim, dtype=self.dtype, kernel_init=vit.conv_init)
+
+    def latents(self, waveform: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the feature encoder's output (B, T, C) before the LayerNorm, its LayerNorm)."""
+        raw = scale_gradient(self.feature_extractor(waveform), self.feature_grad_mult)
+        return raw, self.feature_norm(raw)
+
+    def context(
+        self, x: jax.Array, frame_valid: jax.Array, deterministic: bool
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The context network on projected (and masked) frames (B, T, width): last hidden states and each block's
+        under 'layer_i'."""
+        x = jnp.where(frame_valid[..., None], x, 0.0)
+        x = x + self.pos_conv(x).astype(x.dtype)
+        if not self.norm_first:
+            x = self.encoder_norm(x)
+        x = self.context_dropout(x, deterministic=deterministic)
+        intermediates = {}
+        for i, layer in enumerate(self.layers):
+            y = layer(x, frame_valid, deterministic)
+            if not deterministic and self.layerdrop > 0:  # one die per block and batch, as fairseq's np.random
+                keep = jax.random.uniform(self.make_rng('layerdrop')) > self.layerdrop
+                y = jnp.where(keep, y, x)
+            x = intermediates[f'layer_{i}'] = y
+        if self.norm_first:
+            x = self.encoder_norm(x)
+        return x, intermediates
+
+    def quantize(
+        self, latents: jax.Array, temperature: jax.Array | None, deterministic: bool
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """LayerNormed latents (B, T, C) -> (codevectors (B, T, codevector_dim), codes (B, T, G) int32, the softmax
+        probabilities without noise (B, T, G, V) float32 for the perplexities). Gumbel noise when not
+        `deterministic`."""
+        b, t, _ = latents.shape
+        logits = self.weight_proj(latents.astype(jnp.float32)).reshape(b, t, self.codebooks, self.codebook_entries)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if deterministic:
+            codes = jnp.argmax(logits, axis=-1)
+            weights = jax.nn.one_hot(codes, self.codebook_entries, dtype=jnp.float32)
+        else:
+            gumbel = jax.random.gumbel(self.make_rng('gumbel'), logits.shape)
+            soft = jax.nn.softmax((logits + gumbel) / temperature, axis=-1)
+            codes = jnp.argmax(soft, axis=-1)
+            hard = jax.nn.one_hot(codes, self.codebook_entries, dtype=jnp.float32)
+            weights = hard - jax.lax.stop_gradient(soft) + soft  # straight-through
+        table = self.codevectors.reshape(self.codebooks, self.codebook_entries, -1)
+        vectors = jnp.einsum('btgv,gvd->btgd', weights, table).reshape(b, t, -1)
+        return vectors, codes.astype(jnp.int32), probs
+
+    def __call__(
+        self,
+        waveform: jax.Array,
+        frame_valid: jax.Array,
+        time_mask: jax.Array,
+        *,
+        temperature: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> dict[str, jax.Array]:
+        """Pretraining forward pass. waveform (B, N), frame_valid and time_mask (B, T) bool (T = frame_counts(N)).
+
+        Returns 'predictions' final_proj(context) and 'targets' project_q(codevectors), (B, T, final_dim) float32;
+        'codes' (B, T, G); 'probs' (B, T, G, V); 'features_pen' (B,) the mean squared feature-encoder output per
+        example (fairseq's features_pen is its batch mean)."""
+        chex.assert_rank([waveform, frame_valid, time_mask], 2)
+        chex.assert_equal_shape([frame_valid, time_mask])
+        raw, latents = self.latents(waveform)
+        chex.assert_shape(latents, (waveform.shape[0], frame_valid.shape[1], self.conv_channels))
+        features_pen = jnp.mean(jnp.square(raw), axis=(1, 2))
+        x = self.input_dropout(self.post_extract_proj(latents), deterministic=deterministic)
+        x = jnp.where(time_mask[..., None], self.mask_emb.astype(x.dtype), x)
+        hidden, _ = self.context(x, frame_valid, deterministic)
+        vectors, codes, probs = self.quantize(
+            self.features_dropout(latents, deterministic=deterministic), temperature, deterministic
+        )
+        return {
+            'predictions': self.final_proj(hidden).astype(jnp.float32),
+            'targets': self.project_q(vectors).astype(jnp.float32),
+            'codes': codes,
+            'probs': probs,
+            'features_pen': features_pen,
+        }
+
+    def encode(self, waveform: jax.Array, frame_valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Unmasked, deterministic context vectors (B, T, width) and each block's; the representation."""
+        _, latents = self.latents(waveform)
+        return self.context(self.post_extract_proj(latents), frame_valid, deterministic=True)
+
+
+def init_params(model: Wav2Vec2, rng: jax.Array, waveform: jax.Array) -> Any:
+    """model.init, then fairseq's init_bert_params on the Transformer blocks: N(0, 0.02) Linear kernels (biases are
+    zero already)."""
+    init_rng, bert_rng = jax.random.split(rng)
+    frames = int(frame_counts(waveform.shape[1]))
+    valid = jnp.ones((waveform.shape[0], frames), bool)
+    params = dict(model.init(init_rng, waveform, valid, valid, method=model.__call__)['params'])
+    for i, key in enumerate(jax.random.split(bert_rng, model.depth)):
+        params[f'layers_{i}'] = vit.redraw_kernels(params[f'layers_{i}'], key, bert_init)
+    return params
+
+
+def make_model(variant: str, **overrides: Any) -> Wav2Vec2:
+    """A wav2vec 2.0 of a named size (micro, base, large) with field overrides (dropouts, dtype, ...)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant '{variant}'; valid: {', '.join(VARIANTS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Wav2Vec2)}
+    if unknown:
+        raise TypeError(f'unknown Wav2Vec2 fields: {sorted(unknown)}')
+    return Wav2Vec2(**{**VARIANTS[variant], **overrides})

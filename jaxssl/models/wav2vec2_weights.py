@@ -1,0 +1,121 @@
+"""Released wav2vec 2.0 weights -> jaxssl.models.wav2vec2 params, offline.
+
+Reads a transformers `Wav2Vec2ForPreTraining` folder (config.json and model.safetensors or pytorch_model.bin, as
+`save_pretrained` writes them and the hub's facebook/wav2vec2-base, wav2vec2-large-xlsr-53, wav2vec2-xls-r-300m
+hold them). A fairseq checkpoint converts to that layout with transformers' own script
+(convert_wav2vec2_original_pytorch_checkpoint_to_pytorch.py). Fine-tuned CTC checkpoints (Wav2Vec2ForCTC) lack the
+quantizer and are refused: continued pretraining needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from jaxssl.convert import io
+from jaxssl.models import wav2vec2 as w2v
+
+WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+
+
+def read_config(directory: str) -> dict[str, Any]:
+    """The Wav2Vec2 fields of a transformers config.json; ValueError for architectures jaxssl does not build."""
+    with open(os.path.join(directory, 'config.json')) as f:
+        c = json.load(f)
+    kernels_strides = tuple(zip(c['conv_kernel'], c['conv_stride'], strict=True))
+    if kernels_strides != w2v.KERNELS_STRIDES or len(set(c['conv_dim'])) != 1:
+        raise ValueError(f'{directory}: only the reference feature encoder (7 equal-width convolutions) is supported')
+    for key in ('hidden_act', 'feat_extract_activation'):
+        if c.get(key, 'gelu') != 'gelu':
+            raise ValueError(f"{directory}: {key} '{c[key]}' is not supported (gelu only)")
+    if c.get('feat_extract_norm', 'group') not in w2v.EXTRACTOR_MODES:
+        raise ValueError(f"{directory}: feat_extract_norm '{c['feat_extract_norm']}' is not supported")
+    return dict(
+        conv_channels=c['conv_dim'][0],
+        extractor_mode=c.get('feat_extract_norm', 'group'),
+        conv_bias=c.get('conv_bias', False),
+        width=c['hidden_size'],
+        depth=c['num_hidden_layers'],
+        heads=c['num_attention_heads'],
+        mlp=c['intermediate_size'],
+        norm_first=c.get('do_stable_layer_norm', False),
+        final_dim=c['proj_codevector_dim'],
+        codevector_dim=c['codevector_dim'],
+        codebooks=c['num_codevector_groups'],
+        codebook_entries=c['num_codevectors_per_group'],
+        pos_conv_kernel=c['num_conv_pos_embeddings'],
+        pos_conv_groups=c['num_conv_pos_embedding_groups'],
+        eps=c.get('layer_norm_eps', 1e-5),
+    )
+
+
+def _dense(w: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    return {'kernel': w[f'{name}.weight'].T, 'bias': w[f'{name}.bias']}  # torch (out, in) -> Flax (in, out)
+
+
+def _norm(w: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    return {'scale': w[f'{name}.weight'], 'bias': w[f'{name}.bias']}
+
+
+def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """A Wav2Vec2ForPreTraining state dict -> Wav2Vec2 params (numpy); KeyError names a missing tensor."""
+    w = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+    if 'quantizer.codevectors' not in w:
+        raise KeyError('quantizer.codevectors: not a Wav2Vec2ForPreTraining checkpoint (no quantizer to continue)')
+    m = 'wav2vec2.'
+    extractor: dict[str, Any] = {}
+    for i in range(len(w2v.KERNELS_STRIDES)):
+        p = f'{m}feature_extractor.conv_layers.{i}'
+        conv = {'kernel': w[f'{p}.conv.weight'].transpose(2, 1, 0)}  # (out, in, k) -> (k, in, out)
+        if fields['conv_bias']:
+            conv['bias'] = w[f'{p}.conv.bias']
+        extractor[f'conv_{i}'] = conv
+        if fields['extractor_mode'] == 'layer' or i == 0:
+            extractor[f'norm_{i}'] = _norm(w, f'{p}.layer_norm')
+    # Weight norm: transformers < 4.40 / torch < 2.1 save weight_g / weight_v, later ones a parametrization.
+    pos = f'{m}encoder.pos_conv_embed.conv'
+    g = w.get(f'{pos}.weight_g', w.get(f'{pos}.parametrizations.weight.original0'))
+    v = w.get(f'{pos}.weight_v', w.get(f'{pos}.parametrizations.weight.original1'))
+    if g is None or v is None:
+        raise KeyError(f'{pos}.weight_g / weight_v (or its parametrizations.weight.original0 / 1)')
+    params: dict[str, Any] = {
+        'feature_extractor': extractor,
+        'feature_norm': _norm(w, f'{m}feature_projection.layer_norm'),
+        'post_extract_proj': _dense(w, f'{m}feature_projection.projection'),
+        'mask_emb': w[f'{m}masked_spec_embed'],
+        'pos_conv': {'weight_v': v.transpose(2, 1, 0), 'weight_g': g.reshape(-1), 'bias': w[f'{pos}.bias']},
+        'encoder_norm': _norm(w, f'{m}encoder.layer_norm'),
+        'quantizer_weight_proj': _dense(w, 'quantizer.weight_proj'),
+        'quantizer_codevectors': w['quantizer.codevectors'][0],
+        'project_q': _dense(w, 'project_q'),
+        'final_proj': _dense(w, 'project_hid'),
+    }
+    for i in range(fields['depth']):
+        p = f'{m}encoder.layers.{i}'
+        params[f'layers_{i}'] = {
+            'attention': {
+                'query': _dense(w, f'{p}.attention.q_proj'),
+                'key': _dense(w, f'{p}.attention.k_proj'),
+                'value': _dense(w, f'{p}.attention.v_proj'),
+                'output': _dense(w, f'{p}.attention.out_proj'),
+            },
+            'attention_norm': _norm(w, f'{p}.layer_norm'),
+            'intermediate': _dense(w, f'{p}.feed_forward.intermediate_dense'),
+            'output': _dense(w, f'{p}.feed_forward.output_dense'),
+            'output_norm': _norm(w, f'{p}.final_layer_norm'),
+        }
+    return params
+
+
+def load(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Wav2Vec2 fields, params as numpy) of a transformers Wav2Vec2ForPreTraining folder."""
+    if not os.path.isfile(os.path.join(directory, 'config.json')):
+        raise FileNotFoundError(f'{directory}: no config.json (a transformers Wav2Vec2ForPreTraining folder)')
+    files = [os.path.join(directory, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(directory, f))]
+    if not files:
+        raise FileNotFoundError(f'{directory}: none of {", ".join(WEIGHT_FILES)}')
+    fields = read_config(directory)
+    return fields, torch_to_flax(io.read_state_dict(files[0]), fields)
