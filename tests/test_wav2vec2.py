@@ -298,3 +298,19 @@ def test_perplexity_known_answers():
     two_codes = jax.nn.one_hot(jnp.asarray([[0, 0], [1, 1], [2, 2]]), 4)
     weights = jnp.asarray([1.0, 1.0, 0.0])  # the unmasked third frame does not count
     assert float(wav2vec2.perplexity(two_codes, weights)) == pytest.approx(4.0, rel=1e-5)
+
+
+def test_continued_pretraining_starts_from_the_released_weights(tmp_path):
+    from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+
+    torch.manual_seed(0)
+    Wav2Vec2ForPreTraining(Wav2Vec2Config(**TINY, **LAYOUTS['large'])).save_pretrained(str(tmp_path))
+    config = load_config('configs/wav2vec2.py:runlocal,continue', [f'model.pretrained={tmp_path}'])
+    method = wav2vec2.Method(config)
+    assert method.model.width == TINY['hidden_size'] and method.model.norm_first  # sizes from config.json
+    batch = method.example_batch(2)
+    params, _ = method.init(jax.random.key(0), batch)
+    _, released = wav2vec2_weights.load(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, params, released)
+    loss, (metrics, _) = method.loss(params, {}, batch, jax.random.key(1), jnp.asarray(0))
+    assert np.isfinite(float(loss)) and float(metrics['temperature']) == pytest.approx(config.quantizer.temperature[1])

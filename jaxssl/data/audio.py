@@ -210,13 +210,8 @@ def waveform_example(waveform: np.ndarray, input_config: Any, rng: np.random.Gen
     return {'waveform': out, 'num_samples': np.int32(len(x))}
 
 
-def input_name(input_config: Any) -> str:
-    """The batch key of the model input: 'waveform' or 'spectrogram'."""
-    return 'waveform' if input_config.features == 'waveform' else 'spectrogram'
-
-
 def example(waveform: np.ndarray, input_config: Any, rng: np.random.Generator | None = None) -> dict:
-    """One example's model input under `input_name` (and 'num_samples' for the waveform) by `input.features`."""
+    """One example's model input by `input.features`: 'spectrogram', or 'waveform' and 'num_samples'."""
     if input_config.features == 'waveform':
         return waveform_example(waveform, input_config, rng)
     return {'spectrogram': spectrogram(waveform, input_config, rng)}

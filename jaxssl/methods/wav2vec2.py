@@ -286,5 +286,6 @@ class Method(_audio.AudioMethod):
             channels = c
         blocks = m.depth * (2 * t * (4 * m.width * m.width + 2 * m.width * m.mlp) + 4 * t * t * m.width)
         pos = 2 * t * m.pos_conv_kernel * m.width * m.width / m.pos_conv_groups
-        heads = 2 * t * (c * m.width + m.width * m.final_dim + m.codevector_dim * m.final_dim + c * 2 * 320)
+        entries = m.codebooks * m.codebook_entries
+        heads = 2 * t * (c * m.width + m.width * m.final_dim + m.codevector_dim * m.final_dim + c * entries)
         return 3.0 * (conv + blocks + pos + heads + 2 * t * t * m.final_dim)
