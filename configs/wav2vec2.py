@@ -21,6 +21,10 @@ from jaxssl.config import add_trainer_defaults, parse_arg
 from jaxssl.data.audio import add_audio_input_config
 from jaxssl.evaluate.frozen import add_probe_config
 
+# Crops of max_sample_size per update in the reference: 1.4M samples x 64 GPUs / 250k (base), 1.2M x 128 / 320k
+# (large). An upper bound on utterances: batches cut to their shortest hold more, shorter ones.
+REFERENCE_BATCH = {'base': 358, 'large': 480}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = parse_arg(arg, variant='base', runlocal=False, **{'continue': False})
@@ -61,14 +65,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     add_audio_input_config(c, runlocal=arg.runlocal, features='waveform')
     c.input.max_samples = 16000 if arg.runlocal else (320_000 if large else 250_000)  # max_sample_size
     c.input.normalize_waveform = large  # the large / XLSR models standardise each file
-    # The reference batches by 1.4M (base) / 1.2M (large) samples per GPU on 64 / 128 GPUs (about 90 / 75 s of
-    # audio each); 64 crops of 15.6 s make 1,000 s, a 6-10x smaller batch: raise it to match on a pod.
+    c.input.min_samples = 0 if arg.runlocal else 32_000  # min_sample_size: shorter files are skipped (2 s)
+    # The reference batches by 1.4M (base) / 1.2M (large) samples per GPU on 64 / 128 GPUs, REFERENCE_BATCH crops
+    # of the longest length; the default is smaller, and the lr follows the batch linearly (below).
     c.input.global_batch = 16 if arg.runlocal else 64
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = 'adamw'  # fairseq's adam: decoupled weight decay on every parameter
     c.optim.schedule = 'linear'  # polynomial_decay (power 1): linear warmup, then linear decay to 0
-    c.optim.base_lr = (0.005 if large else 5e-4) * 256 / c.input.global_batch  # lr = base_lr * global_batch / 256
+    # lr = base_lr * global_batch / 256: the yaml's lr at the reference batch (5e-4 base, 0.005 large).
+    c.optim.base_lr = (0.005 if large else 5e-4) * 256 / REFERENCE_BATCH['large' if large else 'base']
     c.optim.min_lr = 0.0
     c.optim.warmup_steps = 32_000
     c.optim.warmup_epochs = 0
@@ -87,13 +93,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if proceed:
         # Continued pretraining (the Ainu wav2vec 2.0: 100k steps on 234 h from XLSR-53, per its model card). Its
         # learning rate is not published; 5e-5 with 10k warmup steps is a conservative choice, not the authors'.
-        c.optim.base_lr = 5e-5 * 256 / c.input.global_batch
+        c.optim.base_lr = 5e-5 * 256 / REFERENCE_BATCH['large' if large else 'base']
         c.optim.warmup_steps = 10_000
         c.train.steps = 100_000
     add_probe_config(c, label_keys=('label',), runlocal=arg.runlocal)
     c.eval.probes = ('linear', 'knn')
     if arg.runlocal:
-        c.optim.base_lr = 5e-4 * 256 / c.input.global_batch
+        # 4x the base lr: the contrastive loss sits at its chance value log(101) for the first hundreds of steps
+        # (as the reference's early updates); 2e-3 leaves that plateau after about 300 steps, 5e-4 after about 450.
+        c.optim.base_lr = 2e-3 * 256 / c.input.global_batch
         c.optim.warmup_steps = 30
         c.quantizer.temperature = (2.0, 0.5, 0.999)  # the reference's decay, 1000x faster for a few hundred steps
         c.train.steps = 300

@@ -213,6 +213,10 @@ def test_waveform_pipelines_carry_lengths_and_flag_broken_files(wav_root):
     assert rows[0]['waveform'].shape == (4, 1, 16000)
     lengths = np.concatenate([r['num_samples'][:, 0] for r in rows])[:6]
     assert lengths.tolist() == [12000, 0, 12000, 12000, 12000, 12000]  # val/no/1.wav is empty
+    record = audio.make_audio_source(config)[0]
+    assert len(audio.decode_audio(record, 16000, min_samples=12000)) == 12000
+    with pytest.raises(DecodeError, match=r'input\.min_samples'):  # fairseq's min_sample_size
+        audio.decode_audio(record, 16000, min_samples=12001)
 
 
 def test_config_errors_name_the_key():

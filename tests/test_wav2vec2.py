@@ -34,7 +34,7 @@ def reference_row(sz, rng, mask_prob=0.65, mask_length=10, min_masks=2):
     return np.unique(mask_idc[mask_idc < sz])
 
 
-@pytest.mark.parametrize('valid', [49, 30, 13, 780])
+@pytest.mark.parametrize('valid', [49, 30, 13, 12, 11, 780])  # 11, 12: fewer frames than spans need
 def test_span_mask_equals_fairseq_rows(valid):
     for seed in range(20):
         got = wav2vec2.span_mask(800, valid, np.random.default_rng(seed), 0.65, 10, 2)
@@ -50,13 +50,43 @@ def test_span_mask_covers_about_half_of_long_utterances():
     assert 0.46 < fraction < 0.52  # the fact sheet's ~49% after overlaps
 
 
-def test_same_mask_counts_keeps_a_subset_of_the_group_minimum():
-    rng = np.random.default_rng(0)
-    mask = np.stack([wav2vec2.span_mask(49, 49, rng, 0.65, 10, 2) for _ in range(8)])
-    trimmed = np.asarray(wav2vec2.same_mask_counts(jnp.asarray(mask), 2, jax.random.key(0)))
-    assert not (trimmed & ~mask).any()
-    for group in (slice(0, 4), slice(4, 8)):
-        assert set(trimmed[group].sum(axis=1)) == {mask[group].sum(axis=1).min()}
+def reference_batch(waveform, lengths, rng, mask_prob=0.65, mask_length=10, min_masks=2):
+    """fairseq's RawAudioDataset.collater (pad=False: every source cut at a random start to the shortest) and then
+    compute_mask_indices over the batch with require_same_masks, the draws taken from `rng` in the same order."""
+    size = min(lengths)
+    sources = []
+    for source, length in zip(waveform, lengths, strict=True):
+        start = int(rng.integers(0, length - size + 1))
+        sources.append(source[start : start + size])
+    sz = int(w2v.frame_counts(size))
+    mask_idcs = [reference_row(sz, rng, mask_prob, mask_length, min_masks) for _ in lengths]
+    target_len = min(len(m) for m in mask_idcs)
+    mask = np.zeros((len(lengths), int(w2v.frame_counts(waveform.shape[1]))), bool)
+    for i, mask_idc in enumerate(mask_idcs):
+        if len(mask_idc) > target_len:
+            mask_idc = rng.choice(mask_idc, target_len, replace=False)
+        mask[i, mask_idc] = True
+    return np.stack(sources), mask
+
+
+def test_crop_and_mask_equals_fairseq_collater_and_masks():
+    config = load_config('configs/wav2vec2.py:runlocal').mask
+    data = np.random.default_rng(0)
+    for seed in range(10):
+        lengths = data.integers(4000, 16001, size=8).astype(np.int32)
+        waveform = data.normal(size=(8, 16000)).astype(np.float32) * (np.arange(16000) < lengths[:, None])
+        batch = {'waveform': waveform, 'num_samples': lengths, 'label': np.arange(8)}
+        got = wav2vec2.crop_and_mask(batch, np.random.default_rng(seed), groups=2, mask=config)
+        want_rng = np.random.default_rng(seed)
+        for rows in (slice(0, 4), slice(4, 8)):
+            sources, mask = reference_batch(waveform[rows], lengths[rows], want_rng)
+            size = sources.shape[1]
+            np.testing.assert_array_equal(got['num_samples'][rows], size)
+            np.testing.assert_array_equal(got['waveform'][rows, :size], sources)
+            assert not got['waveform'][rows, size:].any()
+            np.testing.assert_array_equal(got['time_mask'][rows], mask)
+            assert len(set(got['time_mask'][rows].sum(axis=1))) == 1  # require_same_masks
+        np.testing.assert_array_equal(got['label'], np.arange(8))
 
 
 def test_negatives_are_other_masked_frames_of_the_same_utterance():
@@ -113,27 +143,33 @@ def converted(request, tmp_path_factory):
 
 def test_converted_weights_fill_the_model(converted):
     _, model, params = converted
-    waveform = jnp.zeros((1, 3200))
-    valid = jnp.ones((1, int(w2v.frame_counts(3200))), bool)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), waveform, valid, valid)['params'])
+    waveform, mask = jnp.zeros((1, 3200)), jnp.zeros((1, int(w2v.frame_counts(3200))), bool)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), waveform, jnp.asarray([3200]), mask)['params'])
     assert jax.tree.structure(shapes) == jax.tree.structure(params)
     jax.tree.map(lambda s, p: np.testing.assert_equal(s.shape, p.shape), shapes, params)
 
 
 def test_context_vectors_match_transformers_with_padding(converted):
+    """A batch with a zero-padded utterance: each utterance's context vectors equal transformers' on that utterance
+    alone. (transformers' group-norm encoder takes its statistics over the padding too, so a padded row is compared
+    with the cut utterance, the reference's pretraining input; with the layer-norm encoder its padded batch agrees as
+    well.)"""
     reference, model, params = converted
     samples, lengths = 4000, np.array([4000, 2600])
     waveform = np.random.default_rng(0).normal(size=(2, samples)).astype(np.float32)
     waveform[1, lengths[1] :] = 0
     attention = (np.arange(samples)[None] < lengths[:, None]).astype(np.int64)
     with torch.no_grad():
-        want = reference.wav2vec2(torch.from_numpy(waveform), attention_mask=torch.from_numpy(attention))
-    frames = np.asarray(w2v.frame_counts(lengths))
-    valid = np.arange(want.last_hidden_state.shape[1])[None] < frames[:, None]
-    hidden, _ = model.apply({'params': params}, jnp.asarray(waveform), jnp.asarray(valid), method=model.encode)
-    got, want = np.asarray(hidden), want.last_hidden_state.numpy()
-    np.testing.assert_allclose(got[0], want[0], atol=2e-4, rtol=2e-4)
-    np.testing.assert_allclose(got[1, : frames[1]], want[1, : frames[1]], atol=2e-4, rtol=2e-4)
+        padded = reference.wav2vec2(torch.from_numpy(waveform), attention_mask=torch.from_numpy(attention))
+        cut = reference.wav2vec2(torch.from_numpy(waveform[1:, : lengths[1]]))
+    frames = int(w2v.frame_counts(lengths[1]))
+    hidden, _ = model.apply({'params': params}, jnp.asarray(waveform), jnp.asarray(lengths), method=model.encode)
+    got = np.asarray(hidden)
+    np.testing.assert_allclose(got[0], padded.last_hidden_state[0].numpy(), atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(got[1, :frames], cut.last_hidden_state[0].numpy(), atol=2e-4, rtol=2e-4)
+    if model.extractor_mode == 'layer':
+        want = padded.last_hidden_state[1, :frames].numpy()
+        np.testing.assert_allclose(got[1, :frames], want, atol=2e-4, rtol=2e-4)
 
 
 def test_pretraining_outputs_and_loss_match_transformers(converted):
@@ -151,8 +187,8 @@ def test_pretraining_outputs_and_loss_match_transformers(converted):
             mask_time_indices=torch.from_numpy(mask),
             sampled_negative_indices=torch.from_numpy(flat),
         )
-    valid = jnp.ones((batch, frames), bool)
-    out = model.apply({'params': params}, jnp.asarray(waveform), valid, jnp.asarray(mask))
+    lengths = jnp.full((batch,), samples)
+    out = model.apply({'params': params}, jnp.asarray(waveform), lengths, jnp.asarray(mask))
     np.testing.assert_allclose(out['predictions'], want.projected_states.numpy(), atol=2e-4, rtol=2e-4)
     np.testing.assert_allclose(out['targets'], want.projected_quantized_states.numpy(), atol=2e-4, rtol=2e-4)
     config = load_config('configs/wav2vec2.py:runlocal').loss
@@ -180,7 +216,7 @@ def test_training_quantizer_is_straight_through_gumbel():
     waveform = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3200)), jnp.float32)
     frames = int(w2v.frame_counts(3200))
     params = w2v.init_params(model, jax.random.key(0), waveform)
-    _, latents = model.apply({'params': params}, waveform, method=model.latents)
+    _, latents = model.apply({'params': params}, waveform, jnp.asarray([3200, 3200]), method=model.latents)
 
     def quantize(p):
         return model.apply(
@@ -202,13 +238,13 @@ def test_training_quantizer_is_straight_through_gumbel():
 def test_feature_grad_mult_scales_only_the_feature_encoder_gradient():
     waveform = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3200)), jnp.float32)
     frames = int(w2v.frame_counts(3200))
-    valid = jnp.ones((2, frames), bool)
+    lengths = jnp.asarray([3200, 3200])
     mask = jnp.asarray(np.random.default_rng(1).random((2, frames)) < 0.5)
     params = w2v.init_params(tiny_model(), jax.random.key(0), waveform)
 
     def grads(mult):
         model = tiny_model(feature_grad_mult=mult)
-        loss = lambda p: jnp.sum(model.apply({'params': p}, waveform, valid, mask)['predictions'] ** 2)
+        loss = lambda p: jnp.sum(model.apply({'params': p}, waveform, lengths, mask)['predictions'] ** 2)
         return jax.grad(loss)(params)
 
     full, scaled = grads(1.0), grads(0.1)
@@ -236,21 +272,30 @@ def test_waveform_example_crops_pads_and_normalises():
     np.testing.assert_allclose(normalised, torch_layer_norm, atol=1e-5)
 
 
-def test_padding_samples_do_not_change_the_utterance():
-    """With the layer-norm feature encoder (large / XLSR) the frames of a padded utterance are those of the cut one,
-    whatever the padding holds. The GroupNorm of the base encoder takes its statistics over the padded waveform too,
-    as fairseq's and transformers'."""
-    model = tiny_model(extractor_mode='layer', conv_bias=True, norm_first=True)
+@pytest.mark.parametrize('mode', ['group', 'layer'])
+def test_padding_samples_do_not_change_the_utterance(mode):
+    """A zero-padded utterance's frames and feature penalty equal the cut utterance's, whatever the padding holds:
+    the GroupNorm of the base encoder takes its statistics over the valid samples."""
+    model = tiny_model(extractor_mode=mode, conv_bias=mode == 'layer', norm_first=mode == 'layer')
     x = np.random.default_rng(0).normal(size=(1, 6400)).astype(np.float32)
     params = w2v.init_params(model, jax.random.key(0), jnp.asarray(x))
-    frames, all_frames = int(w2v.frame_counts(4000)), int(w2v.frame_counts(6400))
-    valid = jnp.asarray(np.arange(all_frames)[None] < frames)
-    encode = lambda w, v: np.asarray(model.apply({'params': params}, jnp.asarray(w), v, method=model.encode)[0])
+    frames = int(w2v.frame_counts(4000))
+
+    def run(waveform, length):
+        mask = np.zeros((1, int(w2v.frame_counts(waveform.shape[1]))), bool)
+        mask[0, 3:7] = True
+        out = model.apply({'params': params}, jnp.asarray(waveform), jnp.asarray([length]), jnp.asarray(mask))
+        hidden, _ = model.apply({'params': params}, jnp.asarray(waveform), jnp.asarray([length]), method=model.encode)
+        return np.asarray(hidden)[:, :frames], np.asarray(out['predictions'])[:, :frames], float(out['features_pen'][0])
+
     zeros, fives = x.copy(), x.copy()
     zeros[:, 4000:], fives[:, 4000:] = 0.0, 5.0
-    cut = encode(x[:, :4000], jnp.ones((1, frames), bool))
-    np.testing.assert_allclose(encode(zeros, valid)[:, :frames], cut, atol=1e-5)
-    np.testing.assert_allclose(encode(fives, valid)[:, :frames], cut, atol=1e-5)
+    cut = run(x[:, :4000], 4000)
+    for waveform in (zeros, fives):
+        for got, want in zip(run(waveform, 4000), cut, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(AssertionError):  # the length matters: the padding read as signal changes the frames
+        np.testing.assert_allclose(run(fives, 6400)[0], cut[0], atol=1e-3)
 
 
 def test_config_errors_name_the_key():
@@ -305,7 +350,10 @@ def test_continued_pretraining_starts_from_the_released_weights(tmp_path):
 
     torch.manual_seed(0)
     Wav2Vec2ForPreTraining(Wav2Vec2Config(**TINY, **LAYOUTS['large'])).save_pretrained(str(tmp_path))
-    config = load_config('configs/wav2vec2.py:runlocal,continue', [f'model.pretrained={tmp_path}'])
+    with pytest.raises(ConfigError, match=r'input\.normalize_waveform'):  # XLSR-style models read standardised audio
+        wav2vec2.Method(load_config('configs/wav2vec2.py:runlocal,continue', [f'model.pretrained={tmp_path}']))
+    overrides = [f'model.pretrained={tmp_path}', 'input.normalize_waveform=true']
+    config = load_config('configs/wav2vec2.py:runlocal,continue', overrides)
     method = wav2vec2.Method(config)
     assert method.model.width == TINY['hidden_size'] and method.model.norm_first  # sizes from config.json
     batch = method.example_batch(2)

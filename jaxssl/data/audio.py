@@ -363,10 +363,10 @@ def make_audio_source(config: ml_collections.ConfigDict, split: str | None = Non
 MIN_SECONDS = 0.025  # one analysis window: shorter files give no frame (Kaldi) or no statistics (CMVN)
 
 
-def decode_audio(record: dict[str, Any], sample_rate: int) -> np.ndarray:
+def decode_audio(record: dict[str, Any], sample_rate: int, min_samples: int = 0) -> np.ndarray:
     """A record's waveform, float (N,), at `sample_rate`: a WAV file's first channel (torchaudio's fbank reads
     channel 0), integer PCM scaled to [-1, 1), resampled if its rate differs. Raises DecodeError on files that
-    cannot be used, including those shorter than MIN_SECONDS."""
+    cannot be used, including those shorter than MIN_SECONDS or `min_samples`."""
     if record['kind'] == 'array':
         return np.asarray(record['audio'], np.float32)
     from scipy import signal
@@ -393,6 +393,8 @@ def decode_audio(record: dict[str, Any], sample_rate: int) -> np.ndarray:
         raise DecodeError(f'{record["name"]} has non-finite samples')
     if len(data) < MIN_SECONDS * sample_rate:
         raise DecodeError(f'{record["name"]} is shorter than {MIN_SECONDS * 1000:g} ms ({len(data)} samples)')
+    if len(data) < min_samples:
+        raise DecodeError(f'{record["name"]} has {len(data)} samples, fewer than input.min_samples ({min_samples})')
     return data
 
 
@@ -405,11 +407,13 @@ def make_pretrain_dataset(
     process_count: int = 1,
     sample_transform: images.SampleTransform | None = None,
     source: Any = None,
+    batch_transform: pipeline.BatchTransform | None = None,
 ) -> grain.IterDataset:
     """Host-local pretraining batches: 'spectrogram' float32 (B_local, target_length, num_mel_bins) (or 'waveform'
-    and 'num_samples', see `example`), 'label', and whatever `sample_transform(sample, rng)` adds (e.g. masks). The
-    image pipeline's sharding, shuffling, resume and skip-and-count policy for unreadable files, with the audio
-    decoder and front end in place of the image's."""
+    and 'num_samples', see `example`), 'label', and whatever `sample_transform(sample, rng)` (e.g. masks) and
+    `batch_transform(batch, rng)` add. The image pipeline's sharding, shuffling, resume and skip-and-count policy for
+    unreadable files (and files shorter than `input.min_samples`), with the audio decoder and front end in place of
+    the image's."""
     c = config.input
     return images.make_image_pretrain_dataset(
         config,
@@ -419,7 +423,8 @@ def make_pretrain_dataset(
         view=lambda waveform, rng: example(waveform, c, rng),
         sample_transform=sample_transform,
         source=make_audio_source(config) if source is None else source,
-        decode=functools.partial(decode_audio, sample_rate=c.sample_rate),
+        decode=functools.partial(decode_audio, sample_rate=c.sample_rate, min_samples=c.get('min_samples', 0)),
+        batch_transform=batch_transform,
     )
 
 
@@ -504,6 +509,7 @@ def add_audio_input_config(
     # ones zero-padded and their padding masked) and the per-file standardisation of the large / XLSR models.
     c.max_samples = 16000 if runlocal else 250000
     c.normalize_waveform = False
+    c.min_samples = 0  # pretraining skips (and counts) shorter files: fairseq's min_sample_size
     c.num_workers = 0 if runlocal else 8
     c.read_threads = 2 if runlocal else 1
 
@@ -532,5 +538,7 @@ def check_audio_input_config(config: ml_collections.ConfigDict) -> None:
     for key in ('sample_rate', 'num_mel_bins', 'target_length', 'global_batch', 'num_sample', 'max_samples'):
         if c.get(key, 1) < 1:  # max_samples: absent from configs saved before the waveform input
             raise ConfigError(f"bad value {c[key]} for 'input.{key}': must be >= 1")
+    if c.get('min_samples', 0) < 0:
+        raise ConfigError(f"bad value {c.min_samples} for 'input.min_samples': must be >= 0")
     if c.norm_std <= 0:
         raise ConfigError(f"bad value {c.norm_std} for 'input.norm_std': must be > 0")

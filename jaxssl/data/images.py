@@ -346,6 +346,7 @@ def make_image_pretrain_dataset(
     source: Any = None,
     order: grain.MapDataset | None = None,
     decode: Callable[[dict[str, Any]], Any] = decode_image,
+    batch_transform: pipeline.BatchTransform | None = None,
 ) -> grain.IterDataset:
     """Host-local pretraining batches for JAX process `process_index` of `process_count`.
 
@@ -356,7 +357,8 @@ def make_image_pretrain_dataset(
     of the source, shuffled per epoch; `num_epochs=None` repeats forever. `source` overrides the one `config.input`
     describes (tests, custom data). `order` replaces the reading order (this process's shard, shuffled per epoch,
     repeated): a MapDataset of source indices, read in batches of consecutive elements (e.g. jaxssl.data.
-    distinct_batches's batches of distinct pseudo labels). `decode` replaces the image decoder (see ImageLoader).
+    distinct_batches's batches of distinct pseudo labels). `decode` replaces the image decoder (see ImageLoader);
+    `batch_transform(batch, rng)` works on each whole host batch (see pipeline.batch_clips).
     """
     images_per_host, _ = pipeline.host_batch_sizes(config, process_count)
     if not 0 <= process_index < process_count:
@@ -367,7 +369,9 @@ def make_image_pretrain_dataset(
     if len(shard) == 0:
         raise ValueError(f'{source!r} has fewer images than the {process_count} processes reading it')
     # Independent seeds for the shuffle and the per-image generators, different on every process.
-    shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence([seed, process_index]).generate_state(2))
+    shuffle_seed, map_seed, batch_seed = (
+        int(s) for s in np.random.SeedSequence([seed, process_index]).generate_state(3)
+    )
     loader = ImageLoader(
         source, shard, view or make_pretrain_view(config), config.input.num_sample, sample_transform, decode
     )
@@ -377,7 +381,7 @@ def make_image_pretrain_dataset(
     ds = order.random_map(loader, seed=map_seed)
     # Batching before to_iter_dataset fixes each batch's images by its index alone: the stream does not depend on
     # num_workers or read_threads.
-    return pipeline.batch_clips(ds, images_per_host, config.input)
+    return pipeline.batch_clips(ds, images_per_host, config.input, batch_transform, batch_seed)
 
 
 class EvalImageLoader:

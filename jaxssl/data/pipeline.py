@@ -342,11 +342,24 @@ def load_with_replacement(
             index = shard[int(rng.integers(len(shard)))]
 
 
-def batch_clips(ds: grain.MapDataset, clips_per_host: int, input_config: Any) -> grain.IterDataset:
+BatchTransform = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
+
+
+def batch_clips(
+    ds: grain.MapDataset,
+    clips_per_host: int,
+    input_config: Any,
+    batch_transform: BatchTransform | None = None,
+    seed: int = 0,
+) -> grain.IterDataset:
     """make_pretrain_dataset's tail for a MapDataset of per-clip dicts (views stacked on axis 0, SKIPPED_KEY set):
-    batches of whole clips with their views merged, `read_threads` threads, `num_workers` processes, skipped files
-    counted as batches leave the iterator."""
+    batches of whole clips with their views merged, then `batch_transform(batch, rng)` if given (work that needs
+    the whole host batch, e.g. wav2vec 2.0's crop to the shortest utterance; its generator is fixed by the batch
+    index and `seed`), `read_threads` threads, `num_workers` processes, skipped files counted as batches leave the
+    iterator."""
     ds = ds.batch(clips_per_host, drop_remainder=True).map(_merge_views)
+    if batch_transform is not None:
+        ds = ds.random_map(batch_transform, seed=seed)
     threads = input_config.read_threads
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, threads)))
     if input_config.num_workers > 0:

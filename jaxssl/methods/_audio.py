@@ -19,6 +19,11 @@ class AudioMethod(base.Method):
     def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         return sample
 
+    def batch_transform(self) -> Any:
+        """A picklable fn(host batch, rng) -> batch for work on whole batches (None: none), built in the main
+        process so that Grain workers need no JAX."""
+        return None
+
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
         source = audio.make_audio_source(self.config)
         dataset = audio.make_pretrain_dataset(
@@ -28,6 +33,7 @@ class AudioMethod(base.Method):
             process_count=process_count,
             sample_transform=self.sample_transform,
             source=source,
+            batch_transform=self.batch_transform(),
         )
         return dataset, len(source)
 

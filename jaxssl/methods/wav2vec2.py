@@ -2,10 +2,11 @@
 adapted to a new language, as the Ainu wav2vec 2.0 of the seed papers).
 
 The objective is fairseq's `Wav2Vec2Model.forward` + `criterions/wav2vec_criterion.py` (infonce):
-- spans of `mask.length` latent frames start at int(mask.prob * T / length + U[0, 1)) (at least `mask.min_spans`)
-  distinct frames of each utterance (`span_mask`, drawn per example in the Grain pipeline); then, as fairseq's
-  require_same_masks, every utterance of a reference GPU batch keeps a random subset of its masked frames of the
-  batch's smallest count (`same_mask_counts`, on the device);
+- per reference GPU batch, in the Grain pipeline (`crop_and_mask`, on each host batch): every utterance is cut at a
+  random start to the batch's shortest (fairseq's collater without padding); spans of `mask.length` latent frames
+  start at max(mask.min_spans, int(mask.prob * T / length + U[0, 1))) distinct frames of each utterance
+  (`span_mask`); then each keeps a random subset of its masked frames of the batch's smallest count
+  (require_same_masks);
 - at each masked frame t, InfoNCE over the cosine similarities / `loss.logit_temp` between final_proj(c_t) and the
   quantized target q_t against `loss.num_negatives` distractors q_j drawn uniformly from the other masked frames of
   the same utterance (`sample_negatives`); a distractor with the target's codes is excluded (fairseq's neg_is_pos);
@@ -14,16 +15,17 @@ The objective is fairseq's `Wav2Vec2Model.forward` + `criterions/wav2vec_criteri
 - + `loss.feature_penalty_weight` x mean(feature encoder output ^ 2);
 - all per masked frame. fairseq computes the diversity and feature penalty per GPU and weights each GPU's by its
   masked frames; `loss.reference_batches` splits the global batch into that many equal groups for both, and for the
-  mask-count trimming (0: one group per device of the mesh).
+  crop and the mask-count trimming (0: one group per device of the mesh).
 - the Gumbel temperature decays per update: max(t0 * decay ^ (step + start_step), t_min) (`quantizer.temperature`);
   continuing a released model starts at its end of training (start_step -1: the floor), not re-heated to t0.
 
-Batch layout: 'waveform' (B, N) float32 and 'num_samples' (B,) int32 (jaxssl.data.audio's waveform input),
-'time_mask' (B, T) bool (T = frame_counts(N)), 'label' (unused here).
+Batch layout: 'waveform' (B, N) float32 and 'num_samples' (B,) int32 (jaxssl.data.audio's waveform input, equal
+within a reference batch after the crop), 'time_mask' (B, T) bool (T = frame_counts(N)), 'label' (unused here).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -97,15 +99,29 @@ def span_mask(
     return mask
 
 
-def same_mask_counts(mask: jax.Array, groups: int, rng: jax.Array) -> jax.Array:
-    """fairseq's require_same_masks within each of `groups` equal row groups: every row keeps a uniformly random
-    subset of its masked frames of the group's smallest count."""
-    b = mask.shape[0]
-    counts = mask.sum(axis=1)
-    target = jnp.repeat(counts.reshape(groups, -1).min(axis=1), b // groups)
-    scores = jnp.where(mask, jax.random.uniform(rng, mask.shape), jnp.inf)
-    rank = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)  # 0 for the lowest score
-    return mask & (rank < target[:, None])
+def crop_and_mask(
+    batch: dict[str, np.ndarray], rng: np.random.Generator, *, groups: int, mask: Any
+) -> dict[str, np.ndarray]:
+    """One host batch of `groups` reference batches (consecutive rows) -> the batch cut and masked as fairseq's
+    collater (pad=False: each utterance cut at a start drawn uniformly to the group's shortest) and
+    compute_mask_indices (`span_mask` per row over the common length, then require_same_masks: rows with more masked
+    frames keep a uniform random subset of the group's smallest count). Adds 'time_mask' (B, T)."""
+    waveform, lengths = batch['waveform'].copy(), batch['num_samples'].copy()
+    frames = int(w2v.frame_counts(waveform.shape[1]))
+    time_mask = np.zeros((len(waveform), frames), bool)
+    for rows in np.split(np.arange(len(waveform)), groups):
+        size = int(lengths[rows].min())
+        for i in rows:
+            start = int(rng.integers(0, lengths[i] - size + 1))
+            waveform[i, :size] = waveform[i, start : start + size]
+            waveform[i, size:] = 0
+        lengths[rows] = size
+        valid = int(w2v.frame_counts(size))
+        chosen = [np.flatnonzero(span_mask(frames, valid, rng, mask.prob, mask.length, mask.min_spans)) for _ in rows]
+        target = min(len(c) for c in chosen)
+        for i, c in zip(rows, chosen, strict=True):
+            time_mask[i, rng.choice(c, target, replace=False) if len(c) > target else c] = True
+    return {**batch, 'waveform': waveform, 'num_samples': lengths, 'time_mask': time_mask}
 
 
 def sample_negatives(mask: jax.Array, num: int, rng: jax.Array) -> jax.Array:
@@ -174,7 +190,8 @@ def wav2vec2_loss(
     penalty = jnp.sum(group_weights * outputs['features_pen'].reshape(groups, -1).mean(axis=1))
     loss = contrastive + c.diversity_weight * diversity + c.feature_penalty_weight * penalty
     top, bottom = jnp.argmax(logits, axis=-1) == 0, jnp.argmin(logits, axis=-1) == 0
-    codes = jax.nn.one_hot(outputs['codes'], probs.shape[-1]).reshape(b * t, *probs.shape[-2:])
+    # fairseq's code_perplexity: of the noise-free argmax codes.
+    codes = jax.nn.one_hot(jnp.argmax(outputs['probs'], -1), probs.shape[-1]).reshape(b * t, *probs.shape[-2:])
     metrics = {
         'loss': loss,
         'contrastive': contrastive,
@@ -213,61 +230,68 @@ class Method(_audio.AudioMethod):
             except (OSError, ValueError, KeyError) as e:
                 raise ConfigError(f"'model.pretrained' {m.pretrained}: {e}") from None
             self.model = w2v.Wav2Vec2(**{**fields, **overrides})
+            normalized = wav2vec2_weights.read_normalize(m.pretrained, fields)
+            if normalized != config.input.normalize_waveform:
+                raise ConfigError(
+                    f"'input.normalize_waveform' is {config.input.normalize_waveform} but {m.pretrained} was trained "
+                    f'on {"standardised" if normalized else "raw"} waveforms (large / XLSR models are standardised: '
+                    'configs/wav2vec2.py:variant=large,continue)'
+                )
         else:
             self.model = w2v.make_model(m.variant, **overrides)
         self.frames = int(w2v.frame_counts(config.input.max_samples))
         start = config.quantizer.start_step
         self.start_step = start if start >= 0 else (1_000_000_000 if m.pretrained else 0)
 
-    def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        c = self.config.mask
-        valid = int(w2v.frame_counts(int(sample['num_samples'])))
-        return {**sample, 'time_mask': span_mask(self.frames, valid, rng, c.prob, c.length, c.min_spans)}
+    def groups(self) -> int:
+        """Reference GPU batches in the global batch: `loss.reference_batches`, or one per device."""
+        return self.config.loss.reference_batches or self.mesh.devices.size
+
+    def batch_transform(self) -> Any:
+        groups, processes = self.groups(), jax.process_count()
+        if groups % processes:
+            raise ConfigError(f'{groups} reference batches cannot be split over {processes} processes')
+        return functools.partial(crop_and_mask, groups=groups // processes, mask=self.config.mask)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(0)
         n = self.config.input.max_samples
-        samples = [
-            self.sample_transform({'waveform': rng.normal(size=n).astype(np.float32), 'num_samples': np.int32(n)}, rng)
-            for _ in range(batch_size)
-        ]
-        return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+        batch = {
+            'waveform': rng.normal(size=(batch_size, n)).astype(np.float32),
+            'num_samples': np.full(batch_size, n, np.int32),
+        }
+        return crop_and_mask(batch, rng, groups=1, mask=self.config.mask)
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         if self._pretrained is not None:
             return jax.tree.map(jnp.asarray, self._pretrained), {}
         return w2v.init_params(self.model, rng, batch['waveform']), {}
 
-    def _groups(self, batch_size: int) -> int:
-        groups = self.config.loss.reference_batches or self.mesh.devices.size
-        return groups if batch_size % groups == 0 else 1
-
     def loss(self, params, extra, batch, rng, step):
-        waveform = batch['waveform']
-        b = waveform.shape[0]
-        groups = self._groups(b)
-        frame_valid = jnp.arange(self.frames)[None, :] < w2v.frame_counts(batch['num_samples'])[:, None]
-        mask = same_mask_counts(batch['time_mask'], groups, base.stream(rng, 'same_masks'))
+        mask = batch['time_mask']
+        groups = self.groups() if mask.shape[0] % self.groups() == 0 else 1  # 1: a batch smaller than the mesh
+        temperature = gumbel_temperature(self.config.quantizer, step, self.start_step)
         outputs = self.model.apply(
             {'params': params},
-            waveform,
-            frame_valid,
+            batch['waveform'],
+            batch['num_samples'],
             mask,
-            temperature=gumbel_temperature(self.config.quantizer, step, self.start_step),
+            temperature=temperature,
             deterministic=False,
             rngs={k: base.stream(rng, k) for k in ('dropout', 'gumbel', 'layerdrop')},
         )
         negatives = sample_negatives(mask, self.config.loss.num_negatives, base.stream(rng, 'negatives'))
         loss, metrics = wav2vec2_loss(outputs, mask, negatives, groups, self.config.loss)
-        metrics['temperature'] = gumbel_temperature(self.config.quantizer, step, self.start_step)
-        return loss, (metrics, extra)
+        return loss, ({**metrics, 'temperature': temperature}, extra)
 
     def represent(self, params, extra, batch):
         """The context vectors averaged over the utterance's frames, of the last block ('mean_pool') and of the
         middle one ('mid_pool'; wav2vec 2.0's middle layers hold the most phonetic information), and the last
         block's frames ('tokens')."""
-        frame_valid = jnp.arange(self.frames)[None, :] < w2v.frame_counts(batch['num_samples'])[:, None]
-        hidden, layers = self.model.apply({'params': params}, batch['waveform'], frame_valid, method=self.model.encode)
+        frame_valid = w2v.valid_frames(batch['num_samples'], self.frames)
+        hidden, layers = self.model.apply(
+            {'params': params}, batch['waveform'], batch['num_samples'], method=self.model.encode
+        )
         weights = frame_valid[..., None] / jnp.maximum(frame_valid.sum(axis=1), 1)[:, None, None]
         pool = lambda x: jnp.sum(x.astype(jnp.float32) * weights, axis=1)
         middle = layers[f'layer_{(self.model.depth - 1) // 2}']

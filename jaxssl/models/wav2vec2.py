@@ -5,7 +5,8 @@ Gumbel-softmax product quantizer of the unmasked latents for the targets.
 Laid out as fairseq's `Wav2Vec2Model` (and transformers' `Wav2Vec2ForPreTraining`, whose weights
 `jaxssl.models.wav2vec2_weights` converts):
 - feature encoder: 1-D convolutions (channels, kernel, stride), no padding, GELU after each; 'group' mode (base)
-  has no conv bias and a per-channel GroupNorm after the first convolution only, 'layer' mode (large / XLSR) a conv
+  has no conv bias and a per-channel GroupNorm after the first convolution only (its statistics over the valid
+  samples of a zero-padded waveform), 'layer' mode (large / XLSR) a conv
   bias and a LayerNorm over channels after every convolution. Kaiming-normal kernels (fan in).
 - LayerNorm over the latent channels -> the quantizer's input (after `dropout_features`), and a Linear to the
   Transformer width (after `dropout_input`); masked frames are replaced by the learned `mask_emb` (U(0, 1)).
@@ -38,11 +39,13 @@ from jaxssl.models import bert, vit
 KERNELS_STRIDES = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
 
 # Named sizes: the reference's base (wav2vec2_base_librispeech.yaml) and large (wav2vec2_large_librivox.yaml, the
-# architecture of XLSR-53), and a CPU-sized 'micro' for tests and `runlocal` (not a reference size).
+# architecture of XLSR-53), and a CPU-sized 'micro' for tests and `runlocal` (not a reference size). micro's codebooks
+# have 32 entries: with 320 the built-in words' codes stay unpredictable (the contrastive loss at chance) for every
+# CPU budget tried unless the codebook collapses to a dozen codes (docs/methods.md, wav2vec 2.0 section).
 VARIANTS: dict[str, dict[str, Any]] = {
     'micro': dict(
         conv_channels=128, extractor_mode='group', conv_bias=False, width=64, depth=2, heads=4, mlp=256,
-        norm_first=False, final_dim=32, codevector_dim=32,
+        norm_first=False, final_dim=32, codevector_dim=32, codebook_entries=32,
     ),
     'base': dict(
         conv_channels=512, extractor_mode='group', conv_bias=False, width=768, depth=12, heads=12, mlp=3072,
@@ -56,6 +59,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 EXTRACTOR_MODES = ('group', 'layer')
 bert_init = nn.initializers.normal(0.02)
 kaiming_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')  # torch's kaiming_normal_, gain sqrt(2)
+
+
+def torch_bias(fan_in: int) -> nn.initializers.Initializer:
+    """torch's default Linear / Conv1d bias: U(-1 / sqrt(fan_in), 1 / sqrt(fan_in))."""
+    bound = fan_in**-0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
@@ -76,8 +85,32 @@ def frame_counts(num_samples: Any, kernels_strides: tuple[tuple[int, int], ...] 
     return n * (n > 0)
 
 
+class ChannelNorm(nn.Module):
+    """fairseq's Fp32GroupNorm(C, C): each channel normalised over time (biased variance, eps 1e-5), with a scale
+    and shift per channel; the statistics are taken over the `valid` (B, T) steps only, so zero padding does not
+    change an utterance (over every step, as the reference, when all are valid)."""
+
+    channels: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+        scale = self.param('scale', nn.initializers.ones, (self.channels,))
+        bias = self.param('bias', nn.initializers.zeros, (self.channels,))
+        x = x.astype(jnp.float32)
+        weights = valid[..., None].astype(jnp.float32)
+        count = jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+        mean = jnp.sum(x * weights, axis=1, keepdims=True) / count
+        var = jnp.sum(jnp.square(x - mean) * weights, axis=1, keepdims=True) / count
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+
+
+def valid_frames(num_samples: jax.Array, frames: int) -> jax.Array:
+    """(B, frames) bool: the latent frames that lie wholly within each waveform's valid samples."""
+    return jnp.arange(frames)[None, :] < frame_counts(num_samples)[:, None]
+
+
 class FeatureEncoder(nn.Module):
-    """Waveform (B, N) -> latent frames (B, T, channels) float32."""
+    """Waveform (B, N) and its valid samples (B,) -> latent frames (B, T, channels) float32."""
 
     channels: int
     mode: str = 'group'
@@ -86,17 +119,19 @@ class FeatureEncoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, waveform: jax.Array) -> jax.Array:
+    def __call__(self, waveform: jax.Array, num_samples: jax.Array) -> jax.Array:
         x = waveform[..., None].astype(self.dtype)
         for i, (kernel, stride) in enumerate(self.kernels_strides):
             x = nn.Conv(
                 self.channels, (kernel,), (stride,), padding='VALID', use_bias=self.conv_bias,
-                kernel_init=kaiming_normal, dtype=self.dtype, name=f'conv_{i}',
+                kernel_init=kaiming_normal, bias_init=torch_bias(x.shape[-1] * kernel), dtype=self.dtype,
+                name=f'conv_{i}',
             )(x)  # fmt: skip
             if self.mode == 'layer':
                 x = nn.LayerNorm(1e-5, dtype=jnp.float32, name=f'norm_{i}')(x)
-            elif i == 0:  # GroupNorm with one channel per group: each channel normalised over time
-                x = nn.GroupNorm(self.channels, epsilon=1e-5, dtype=jnp.float32, name='norm_0')(x)
+            elif i == 0:
+                steps = frame_counts(num_samples, self.kernels_strides[:1])
+                x = ChannelNorm(self.channels, name='norm_0')(x, jnp.arange(x.shape[1]) < steps[:, None])
             x = nn.gelu(x, approximate=False)
         return x.astype(jnp.float32)
 
@@ -161,7 +196,11 @@ class Wav2Vec2(nn.Module):
             self.conv_channels, self.extractor_mode, self.conv_bias, dtype=self.dtype
         )
         self.feature_norm = nn.LayerNorm(self.eps)
-        self.post_extract_proj = nn.Dense(self.width, dtype=self.dtype, kernel_init=vit.conv_init)
+        # torch's default Linear init for the layers outside fairseq's init_bert_params
+        linear = lambda features, fan_in: nn.Dense(
+            features, dtype=self.dtype, kernel_init=vit.conv_init, bias_init=torch_bias(fan_in)
+        )
+        self.post_extract_proj = linear(self.width, self.conv_channels)
         self.mask_emb = self.param('mask_emb', nn.initializers.uniform(1.0), (self.width,))
         self.input_dropout = nn.Dropout(self.dropout_input)
         self.features_dropout = nn.Dropout(self.dropout_features)
@@ -180,12 +219,12 @@ class Wav2Vec2(nn.Module):
         self.codevectors = self.param(
             'quantizer_codevectors', nn.initializers.uniform(1.0), (entries, self.codevector_dim // self.codebooks)
         )
-        self.project_q = nn.Dense(self.final_dim, dtype=self.dtype, kernel_init=vit.conv_init)
-        self.final_proj = nn.Dense(self.final_dim, dtype=self.dtype, kernel_init=vit.conv_init)
+        self.project_q = linear(self.final_dim, self.codevector_dim)
+        self.final_proj = linear(self.final_dim, self.width)
 
-    def latents(self, waveform: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def latents(self, waveform: jax.Array, num_samples: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(the feature encoder's output (B, T, C) before the LayerNorm, its LayerNorm)."""
-        raw = scale_gradient(self.feature_extractor(waveform), self.feature_grad_mult)
+        raw = scale_gradient(self.feature_extractor(waveform, num_samples), self.feature_grad_mult)
         return raw, self.feature_norm(raw)
 
     def context(
@@ -234,22 +273,25 @@ class Wav2Vec2(nn.Module):
     def __call__(
         self,
         waveform: jax.Array,
-        frame_valid: jax.Array,
+        num_samples: jax.Array,
         time_mask: jax.Array,
         *,
         temperature: jax.Array | None = None,
         deterministic: bool = True,
     ) -> dict[str, jax.Array]:
-        """Pretraining forward pass. waveform (B, N), frame_valid and time_mask (B, T) bool (T = frame_counts(N)).
+        """Pretraining forward pass. waveform (B, N), its valid samples (B,) (zero padding after them), time_mask
+        (B, T) bool (T = frame_counts(N)).
 
         Returns 'predictions' final_proj(context) and 'targets' project_q(codevectors), (B, T, final_dim) float32;
-        'codes' (B, T, G); 'probs' (B, T, G, V); 'features_pen' (B,) the mean squared feature-encoder output per
-        example (fairseq's features_pen is its batch mean)."""
-        chex.assert_rank([waveform, frame_valid, time_mask], 2)
-        chex.assert_equal_shape([frame_valid, time_mask])
-        raw, latents = self.latents(waveform)
-        chex.assert_shape(latents, (waveform.shape[0], frame_valid.shape[1], self.conv_channels))
-        features_pen = jnp.mean(jnp.square(raw), axis=(1, 2))
+        'codes' (B, T, G); 'probs' (B, T, G, V); 'features_pen' (B,) the mean squared feature-encoder output over
+        each example's valid frames (fairseq's features_pen is the mean over an unpadded batch)."""
+        chex.assert_rank([waveform, num_samples, time_mask], [2, 1, 2])
+        frame_valid = valid_frames(num_samples, time_mask.shape[1])
+        raw, latents = self.latents(waveform, num_samples)
+        chex.assert_shape(latents, (*time_mask.shape, self.conv_channels))
+        weights = frame_valid.astype(jnp.float32)
+        features_pen = jnp.einsum('btc,bt->b', jnp.square(raw), weights)
+        features_pen = features_pen / jnp.maximum(weights.sum(axis=1), 1.0) / self.conv_channels
         x = self.input_dropout(self.post_extract_proj(latents), deterministic=deterministic)
         x = jnp.where(time_mask[..., None], self.mask_emb.astype(x.dtype), x)
         hidden, _ = self.context(x, frame_valid, deterministic)
@@ -264,9 +306,10 @@ class Wav2Vec2(nn.Module):
             'features_pen': features_pen,
         }
 
-    def encode(self, waveform: jax.Array, frame_valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def encode(self, waveform: jax.Array, num_samples: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Unmasked, deterministic context vectors (B, T, width) and each block's; the representation."""
-        _, latents = self.latents(waveform)
+        _, latents = self.latents(waveform, num_samples)
+        frame_valid = valid_frames(num_samples, latents.shape[1])
         return self.context(self.post_extract_proj(latents), frame_valid, deterministic=True)
 
 
@@ -274,9 +317,9 @@ def init_params(model: Wav2Vec2, rng: jax.Array, waveform: jax.Array) -> Any:
     """model.init, then fairseq's init_bert_params on the Transformer blocks: N(0, 0.02) Linear kernels (biases are
     zero already)."""
     init_rng, bert_rng = jax.random.split(rng)
-    frames = int(frame_counts(waveform.shape[1]))
-    valid = jnp.ones((waveform.shape[0], frames), bool)
-    params = dict(model.init(init_rng, waveform, valid, valid, method=model.__call__)['params'])
+    b, n = waveform.shape
+    mask = jnp.zeros((b, int(frame_counts(n))), bool)
+    params = dict(model.init(init_rng, waveform, jnp.full((b,), n), mask, method=model.__call__)['params'])
     for i, key in enumerate(jax.random.split(bert_rng, model.depth)):
         params[f'layers_{i}'] = vit.redraw_kernels(params[f'layers_{i}'], key, bert_init)
     return params

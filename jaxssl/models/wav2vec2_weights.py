@@ -52,6 +52,16 @@ def read_config(directory: str) -> dict[str, Any]:
     )
 
 
+def read_normalize(directory: str, fields: dict[str, Any]) -> bool:
+    """Whether the model was trained on standardised waveforms: preprocessor_config.json's do_normalize when the
+    folder has one, otherwise what the reference recipes do (layer-norm encoders, large / XLSR, normalise)."""
+    path = os.path.join(directory, 'preprocessor_config.json')
+    if os.path.isfile(path):
+        with open(path) as f:
+            return bool(json.load(f).get('do_normalize', False))
+    return fields['extractor_mode'] == 'layer'
+
+
 def _dense(w: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
     return {'kernel': w[f'{name}.weight'].T, 'bias': w[f'{name}.bias']}  # torch (out, in) -> Flax (in, out)
 
