@@ -1,8 +1,6 @@
 """SSAST: masks against a transcription of the reference's generators, the InfoNCE / MSE objectives against its
 per-clip loops, the patch order against torch's Unfold, the model's masking, and a run on the one trainer."""
 
-import json
-import os
 import random
 
 import jax
@@ -10,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from sharded_runs import assert_sharded_matches_one_device
 
-from jaxssl import masks, train
+from jaxssl import masks
 from jaxssl.config import ConfigError, load_config
 from jaxssl.methods import ssast
 from jaxssl.models import ssast as ssast_model
@@ -133,28 +132,12 @@ def test_config_errors_name_the_key():
     assert ssast.Method(config).grid == (1, 512)
 
 
-def run(workdir, *overrides):
-    config = load_config(
-        'configs/ssast.py:runlocal', ['train.steps=2', 'train.log_every=1', 'train.tensorboard=false', *overrides]
-    )
-    summary, state = train.train(config, str(workdir))
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        rows = [row for row in map(json.loads, f) if 'loss' in row]
-    return summary, jax.device_get(state), rows
-
-
 def test_runlocal_sharded_matches_one_device_and_probes(tmp_path):
     # The InfoNCE is blind to cpred's output bias (it shifts every score of a row alike), so that bias gets a zero
     # gradient up to rounding, which Adam with eps 1e-8 would blow up into +-lr steps of arbitrary sign; a larger
     # eps keeps rounding noise out of the comparison without hiding real gradients.
-    _, want_state, want_rows = run(tmp_path / 'one', 'mesh.data=1', 'eval.at_end=false', 'optim.eps=1e-3')
-    small_eval = ['eval.max_train_clips=64', 'eval.max_test_clips=32', 'eval.batch_size=16', "eval.probes=('knn',)"]
-    summary, state, rows = run(tmp_path / 'sharded', 'mesh.data=8', 'optim.eps=1e-3', *small_eval)
-    assert jax.device_count() == 8 and summary['final_step'] == 2 and summary['nonfinite_steps'] == 0
-    for key in ('loss', 'nce', 'mse', 'nce_accuracy'):
-        np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in want_rows], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state['params'],
-                 want_state['params'])  # fmt: skip
+    keys = ('loss', 'nce', 'mse', 'nce_accuracy')
+    summary, _ = assert_sharded_matches_one_device('configs/ssast.py:runlocal', tmp_path, 'optim.eps=1e-3', keys=keys)
     for key in ('label/cls/knn', 'label/mean_pool/knn', 'label/raw/knn'):
         assert 0.0 <= summary[f'final_eval/{key}'] <= 1.0
 

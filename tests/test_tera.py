@@ -1,17 +1,14 @@
 """TERA: the alteration policy against a transcription of s3prl's task.py, the masked L1 against torch, the model
 against transformers' BERT blocks with s3prl's input layer and head, and a run on the one trainer."""
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 import torch
+from sharded_runs import assert_sharded_matches_one_device
 
-from jaxssl import train
 from jaxssl.config import ConfigError, load_config
 from jaxssl.data import audio
 from jaxssl.methods import tera
@@ -169,22 +166,6 @@ def test_config_errors_name_the_key():
     assert tera.Method(config).model.depth == 12 and config.input.target_length == 1500
 
 
-def run(workdir, *overrides):
-    config = load_config(
-        'configs/tera.py:runlocal', ['train.steps=2', 'train.log_every=1', 'train.tensorboard=false', *overrides]
-    )
-    summary, state = train.train(config, str(workdir))
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        rows = [row for row in map(json.loads, f) if 'loss' in row]
-    return summary, jax.device_get(state), rows
-
-
 def test_runlocal_sharded_matches_one_device_and_probes(tmp_path):
-    _, want_state, want_rows = run(tmp_path / 'one', 'mesh.data=1', 'eval.at_end=false')
-    small_eval = ['eval.max_train_clips=64', 'eval.max_test_clips=32', 'eval.batch_size=16', "eval.probes=('knn',)"]
-    summary, state, rows = run(tmp_path / 'sharded', 'mesh.data=8', *small_eval)
-    assert jax.device_count() == 8 and summary['final_step'] == 2 and summary['nonfinite_steps'] == 0
-    np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in want_rows], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state['params'],
-                 want_state['params'])  # fmt: skip
+    summary, _ = assert_sharded_matches_one_device('configs/tera.py:runlocal', tmp_path)
     assert 0.0 <= summary['final_eval/label/mean_pool/knn'] <= 1.0
