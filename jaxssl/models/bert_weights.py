@@ -54,13 +54,27 @@ def read_config(directory: str) -> dict[str, Any]:
     )
 
 
-def _dense(w: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
-    # torch Linear weight is (out, in); a Flax Dense kernel is (in, out).
+def dense(w: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    """A torch Linear -> Flax Dense params: the weight (out, in) transposed to a kernel (in, out)."""
     return {'kernel': w[f'{name}.weight'].T, 'bias': w[f'{name}.bias']}
 
 
-def _norm(w: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+def norm(w: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    """A torch LayerNorm -> Flax LayerNorm params."""
     return {'scale': w[f'{name}.weight'], 'bias': w[f'{name}.bias']}
+
+
+def layer(w: dict[str, np.ndarray], names: dict[str, str]) -> dict[str, Any]:
+    """jaxssl.models.bert.Layer params from the torch modules `names` gives for its parts: query, key, value,
+    attention_output, attention_norm, intermediate, output, output_norm."""
+    attention = {part: dense(w, names[part]) for part in ('query', 'key', 'value')}
+    return {
+        'attention': {**attention, 'output': dense(w, names['attention_output'])},
+        'attention_norm': norm(w, names['attention_norm']),
+        'intermediate': dense(w, names['intermediate']),
+        'output': dense(w, names['output']),
+        'output_norm': norm(w, names['output_norm']),
+    }
 
 
 def torch_to_flax(weights: dict[str, np.ndarray], depth: int) -> dict[str, Any]:
@@ -70,22 +84,20 @@ def torch_to_flax(weights: dict[str, np.ndarray], depth: int) -> dict[str, Any]:
         'word_embeddings': {'embedding': w['embeddings.word_embeddings.weight']},
         'position_embeddings': {'embedding': w['embeddings.position_embeddings.weight']},
         'token_type_embeddings': {'embedding': w['embeddings.token_type_embeddings.weight']},
-        'embeddings_norm': _norm(w, 'embeddings.LayerNorm'),
+        'embeddings_norm': norm(w, 'embeddings.LayerNorm'),
     }
     for i in range(depth):
         p = f'encoder.layer.{i}'
-        params[f'layer_{i}'] = {
-            'attention': {
-                'query': _dense(w, f'{p}.attention.self.query'),
-                'key': _dense(w, f'{p}.attention.self.key'),
-                'value': _dense(w, f'{p}.attention.self.value'),
-                'output': _dense(w, f'{p}.attention.output.dense'),
-            },
-            'attention_norm': _norm(w, f'{p}.attention.output.LayerNorm'),
-            'intermediate': _dense(w, f'{p}.intermediate.dense'),
-            'output': _dense(w, f'{p}.output.dense'),
-            'output_norm': _norm(w, f'{p}.output.LayerNorm'),
-        }
+        params[f'layer_{i}'] = layer(w, {
+            'query': f'{p}.attention.self.query',
+            'key': f'{p}.attention.self.key',
+            'value': f'{p}.attention.self.value',
+            'attention_output': f'{p}.attention.output.dense',
+            'attention_norm': f'{p}.attention.output.LayerNorm',
+            'intermediate': f'{p}.intermediate.dense',
+            'output': f'{p}.output.dense',
+            'output_norm': f'{p}.output.LayerNorm',
+        })  # fmt: skip
     return params
 
 

@@ -16,7 +16,6 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxssl.models import vit
 
@@ -45,14 +44,6 @@ def token_grid(num_mel_bins: int, frames: int, patch: tuple[int, int]) -> tuple[
     return num_mel_bins // patch[0], frames // patch[1]
 
 
-def torch_dense(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
-    """A Dense with torch.nn.Linear's default init (kernel and bias uniform in +-1/sqrt(fan_in); the reference builds
-    its heads after timm's init, so they keep it): vit.conv_init is that kernel init."""
-    bound = 1 / np.sqrt(fan_in)
-    bias_init = lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound)
-    return nn.Dense(features, dtype=dtype, kernel_init=vit.conv_init, bias_init=bias_init, name=name)
-
-
 class PredictionHead(nn.Module):
     """The reference's cpredlayer / gpredlayer: Linear(D, D) - ReLU - Linear(D, out)."""
 
@@ -62,8 +53,8 @@ class PredictionHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        x = nn.relu(torch_dense(width, width, self.dtype, 'fc1')(x))
-        return torch_dense(self.out, width, self.dtype, 'fc2')(x).astype(jnp.float32)
+        x = nn.relu(vit.torch_dense(width, width, self.dtype, 'fc1')(x))
+        return vit.torch_dense(self.out, width, self.dtype, 'fc2')(x).astype(jnp.float32)
 
 
 class SSAST(nn.Module):

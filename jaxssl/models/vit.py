@@ -25,6 +25,17 @@ dense_init = nn.initializers.xavier_uniform()
 conv_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
 
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """torch's default Linear / Conv bias: uniform in +-1/sqrt(fan_in)."""
+    bound = fan_in**-0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_dense(features: int, fan_in: int, dtype: Any = jnp.float32, name: str | None = None) -> nn.Dense:
+    """A Dense with torch.nn.Linear's default init: kernel (conv_init) and bias uniform in +-1/sqrt(fan_in)."""
+    return nn.Dense(features, dtype=dtype, kernel_init=conv_init, bias_init=torch_bias_init(fan_in), name=name)
+
+
 def sinusoid_table(num_positions: int, dim: int, base: float = 10000.0) -> np.ndarray:
     """The reference's fixed 1-D sin/cos table over the flattened token index, shape (num_positions, dim).
 

@@ -61,12 +61,6 @@ bert_init = nn.initializers.normal(0.02)
 kaiming_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')  # torch's kaiming_normal_, gain sqrt(2)
 
 
-def torch_bias(fan_in: int) -> nn.initializers.Initializer:
-    """torch's default Linear / Conv1d bias: U(-1 / sqrt(fan_in), 1 / sqrt(fan_in))."""
-    bound = fan_in**-0.5
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
     """x unchanged, its gradient times `scale` (fairseq's GradMultiply); 0 stops it."""
     if scale == 1.0:
@@ -124,7 +118,7 @@ class FeatureEncoder(nn.Module):
         for i, (kernel, stride) in enumerate(self.kernels_strides):
             x = nn.Conv(
                 self.channels, (kernel,), (stride,), padding='VALID', use_bias=self.conv_bias,
-                kernel_init=kaiming_normal, bias_init=torch_bias(x.shape[-1] * kernel), dtype=self.dtype,
+                kernel_init=kaiming_normal, bias_init=vit.torch_bias_init(x.shape[-1] * kernel), dtype=self.dtype,
                 name=f'conv_{i}',
             )(x)  # fmt: skip
             if self.mode == 'layer':
@@ -197,10 +191,7 @@ class Wav2Vec2(nn.Module):
         )
         self.feature_norm = nn.LayerNorm(self.eps)
         # torch's default Linear init for the layers outside fairseq's init_bert_params
-        linear = lambda features, fan_in: nn.Dense(
-            features, dtype=self.dtype, kernel_init=vit.conv_init, bias_init=torch_bias(fan_in)
-        )
-        self.post_extract_proj = linear(self.width, self.conv_channels)
+        self.post_extract_proj = vit.torch_dense(self.width, self.conv_channels, self.dtype)
         self.mask_emb = self.param('mask_emb', nn.initializers.uniform(1.0), (self.width,))
         self.input_dropout = nn.Dropout(self.dropout_input)
         self.features_dropout = nn.Dropout(self.dropout_features)
@@ -219,8 +210,8 @@ class Wav2Vec2(nn.Module):
         self.codevectors = self.param(
             'quantizer_codevectors', nn.initializers.uniform(1.0), (entries, self.codevector_dim // self.codebooks)
         )
-        self.project_q = linear(self.final_dim, self.codevector_dim)
-        self.final_proj = linear(self.final_dim, self.width)
+        self.project_q = vit.torch_dense(self.final_dim, self.codevector_dim, self.dtype)
+        self.final_proj = vit.torch_dense(self.final_dim, self.width, self.dtype)
 
     def latents(self, waveform: jax.Array, num_samples: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(the feature encoder's output (B, T, C) before the LayerNorm, its LayerNorm)."""

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from jaxssl.convert import io
+from jaxssl.models import bert_weights
 from jaxssl.models import wav2vec2 as w2v
+from jaxssl.models.bert_weights import dense, norm
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 
@@ -62,14 +64,6 @@ def read_normalize(directory: str, fields: dict[str, Any]) -> bool:
     return fields['extractor_mode'] == 'layer'
 
 
-def _dense(w: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
-    return {'kernel': w[f'{name}.weight'].T, 'bias': w[f'{name}.bias']}  # torch (out, in) -> Flax (in, out)
-
-
-def _norm(w: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
-    return {'scale': w[f'{name}.weight'], 'bias': w[f'{name}.bias']}
-
-
 def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     """A Wav2Vec2ForPreTraining state dict -> Wav2Vec2 params (numpy); KeyError names a missing tensor."""
     w = {k: np.asarray(v, np.float32) for k, v in weights.items()}
@@ -84,7 +78,7 @@ def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any]) -> dict[str, 
             conv['bias'] = w[f'{p}.conv.bias']
         extractor[f'conv_{i}'] = conv
         if fields['extractor_mode'] == 'layer' or i == 0:
-            extractor[f'norm_{i}'] = _norm(w, f'{p}.layer_norm')
+            extractor[f'norm_{i}'] = norm(w, f'{p}.layer_norm')
     # Weight norm: transformers < 4.40 / torch < 2.1 save weight_g / weight_v, later ones a parametrization.
     pos = f'{m}encoder.pos_conv_embed.conv'
     g = w.get(f'{pos}.weight_g', w.get(f'{pos}.parametrizations.weight.original0'))
@@ -93,30 +87,28 @@ def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any]) -> dict[str, 
         raise KeyError(f'{pos}.weight_g / weight_v (or its parametrizations.weight.original0 / 1)')
     params: dict[str, Any] = {
         'feature_extractor': extractor,
-        'feature_norm': _norm(w, f'{m}feature_projection.layer_norm'),
-        'post_extract_proj': _dense(w, f'{m}feature_projection.projection'),
+        'feature_norm': norm(w, f'{m}feature_projection.layer_norm'),
+        'post_extract_proj': dense(w, f'{m}feature_projection.projection'),
         'mask_emb': w[f'{m}masked_spec_embed'],
         'pos_conv': {'weight_v': v.transpose(2, 1, 0), 'weight_g': g.reshape(-1), 'bias': w[f'{pos}.bias']},
-        'encoder_norm': _norm(w, f'{m}encoder.layer_norm'),
-        'quantizer_weight_proj': _dense(w, 'quantizer.weight_proj'),
+        'encoder_norm': norm(w, f'{m}encoder.layer_norm'),
+        'quantizer_weight_proj': dense(w, 'quantizer.weight_proj'),
         'quantizer_codevectors': w['quantizer.codevectors'][0],
-        'project_q': _dense(w, 'project_q'),
-        'final_proj': _dense(w, 'project_hid'),
+        'project_q': dense(w, 'project_q'),
+        'final_proj': dense(w, 'project_hid'),
     }
     for i in range(fields['depth']):
         p = f'{m}encoder.layers.{i}'
-        params[f'layers_{i}'] = {
-            'attention': {
-                'query': _dense(w, f'{p}.attention.q_proj'),
-                'key': _dense(w, f'{p}.attention.k_proj'),
-                'value': _dense(w, f'{p}.attention.v_proj'),
-                'output': _dense(w, f'{p}.attention.out_proj'),
-            },
-            'attention_norm': _norm(w, f'{p}.layer_norm'),
-            'intermediate': _dense(w, f'{p}.feed_forward.intermediate_dense'),
-            'output': _dense(w, f'{p}.feed_forward.output_dense'),
-            'output_norm': _norm(w, f'{p}.final_layer_norm'),
-        }
+        params[f'layers_{i}'] = bert_weights.layer(w, {
+            'query': f'{p}.attention.q_proj',
+            'key': f'{p}.attention.k_proj',
+            'value': f'{p}.attention.v_proj',
+            'attention_output': f'{p}.attention.out_proj',
+            'attention_norm': f'{p}.layer_norm',
+            'intermediate': f'{p}.feed_forward.intermediate_dense',
+            'output': f'{p}.feed_forward.output_dense',
+            'output_norm': f'{p}.final_layer_norm',
+        })  # fmt: skip
     return params
 
 
