@@ -66,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.max_samples = 16000 if arg.runlocal else (320_000 if large else 250_000)  # max_sample_size
     c.input.normalize_waveform = large  # the large / XLSR models standardise each file
     c.input.min_samples = 0 if arg.runlocal else 32_000  # min_sample_size: shorter files are skipped (2 s)
+    c.input.bucket_by_length = not arg.runlocal  # each device's rows of similar length, as fairseq's sorted batches
     # The reference batches by 1.4M (base) / 1.2M (large) samples per GPU on 64 / 128 GPUs, REFERENCE_BATCH crops
     # of the longest length; the default is smaller, and the lr follows the batch linearly (below).
     c.input.global_batch = 16 if arg.runlocal else 64

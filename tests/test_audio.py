@@ -1,6 +1,8 @@
 """Audio input: the Kaldi filterbank against kaldi-native-fbank, WAV decoding, the built-in synthetic words, and the
 Grain pipelines' skip-and-count policy for unreadable files."""
 
+import itertools
+
 import ml_collections
 import numpy as np
 import pytest
@@ -229,3 +231,36 @@ def test_config_errors_name_the_key():
             audio.check_audio_input_config(input_config(**fields))
     with pytest.raises(ConfigError, match=r'input\.data_root'):  # checked when the data is opened
         audio.make_audio_source(input_config(dataset='folder'))
+
+
+def test_folder_lengths_come_from_the_headers(wav_root):
+    source = audio.make_audio_source(input_config(dataset='folder', data_root=str(wav_root)))
+    lengths = source.lengths(16000)
+    names = [path.split('train/')[1] for path, _ in source.files]
+    want = {'no/3.wav': 150, 'yes/2.wav': 0}  # a 150-sample file; a broken one
+    assert lengths.tolist() == [want.get(n, 12000) for n in names]
+    assert source.lengths(8000)[0] == 6000  # at another rate, as the decoder resamples
+
+
+def test_length_buckets_hold_consecutive_lengths():
+    lengths = np.random.default_rng(0).integers(100, 10000, size=103)
+    buckets = audio.length_buckets(lengths, 8, np.random.default_rng(1))
+    assert buckets.shape == (12, 8) and len(np.unique(buckets)) == 96
+    ranges = sorted((lengths[b].min(), lengths[b].max()) for b in buckets)
+    assert all(high <= next_low for (_, high), (next_low, _) in itertools.pairwise(ranges))
+    again = audio.length_buckets(lengths, 8, np.random.default_rng(2))
+    assert not np.array_equal(buckets, again)  # a new order every epoch
+
+
+def test_length_bucket_order_gives_each_process_its_slice_of_whole_buckets():
+    lengths = np.random.default_rng(0).integers(100, 10000, size=64)
+    reads = [
+        np.asarray(list(audio.length_bucket_order(lengths, 16, 4, seed=3, process_index=p, process_count=2)[:40]))
+        for p in range(2)
+    ]
+    for p, read in enumerate(reads):
+        batches = read.reshape(5, 8)  # 8 rows per host per global batch; 4 global batches per epoch
+        epoch = audio.LengthBucketOrder(lengths, 16, 4, 3, p, 2).epoch(0)
+        np.testing.assert_array_equal(batches[:4], epoch[:, p * 8 : (p + 1) * 8])
+    first_epoch = np.concatenate([r[:32] for r in reads])
+    assert len(np.unique(first_epoch)) == 64  # every file once per epoch

@@ -344,3 +344,24 @@ def test_continued_pretraining_starts_from_the_released_weights(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, released)
     loss, (metrics, _) = method.loss(params, {}, batch, jax.random.key(1), jnp.asarray(0))
     assert np.isfinite(float(loss)) and float(metrics['temperature']) == pytest.approx(config.quantizer.temperature[1])
+
+
+def test_length_buckets_keep_each_reference_batch_similar(tmp_path):
+    from scipy.io import wavfile
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2000, 16000, size=32)
+    for i, n in enumerate(lengths):
+        (tmp_path / 'train' / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        wavfile.write(tmp_path / 'train' / str(i % 2) / f'{i}.wav', 16000, rng.uniform(-0.5, 0.5, n).astype(np.float32))
+    overrides = [
+        'input.dataset=folder', f'input.data_root={tmp_path}', 'input.bucket_by_length=true', 'input.global_batch=16',
+        'loss.reference_batches=4',
+    ]  # fmt: skip
+    method = wav2vec2.Method(load_config('configs/wav2vec2.py:runlocal', overrides))
+    dataset, _ = method.dataset(seed=0, process_index=0, process_count=1)
+    batch = next(iter(dataset))
+    kept = batch['num_samples'].reshape(4, 4)
+    assert (kept == kept[:, :1]).all()  # each reference batch cut to its shortest
+    # Sorted buckets: the four shortest files form one reference batch, so little is cut from any.
+    assert set(kept[:, 0]) <= set(np.sort(lengths)[::4])

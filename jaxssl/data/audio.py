@@ -253,6 +253,20 @@ class AudioFolderSource:
     def __repr__(self) -> str:
         return f'AudioFolderSource({self.root!r}, {len(self)} files, {len(self.classes)} classes)'
 
+    def lengths(self, sample_rate: int) -> np.ndarray:
+        """Each file's length in samples at `sample_rate`, from its WAV header (the samples are mapped, not read);
+        0 for a file that cannot be opened (it is skipped when read)."""
+        from scipy.io import wavfile
+
+        out = np.zeros(len(self.files), np.int64)
+        for i, (path, _) in enumerate(self.files):
+            try:
+                rate, data = wavfile.read(path, mmap=True)
+                out[i] = len(data) * sample_rate // rate if rate > 0 else 0
+            except (OSError, ValueError, EOFError, struct.error):
+                pass
+        return out
+
 
 def _tone(f0: np.ndarray, formants: tuple[float, float], sample_rate: int) -> np.ndarray:
     """A voiced sound: harmonics of the pitch track f0 (Hz per sample) weighted by two formant resonances."""
@@ -348,6 +362,10 @@ class SyntheticWordsSource:
     def __repr__(self) -> str:
         return f'SyntheticWordsSource({self.split!r}, {len(self)} utterances)'
 
+    def lengths(self, sample_rate: int) -> np.ndarray:
+        """Every utterance is 1 s."""
+        return np.full(len(self), sample_rate, np.int64)
+
 
 def make_audio_source(config: ml_collections.ConfigDict, split: str | None = None) -> Any:
     """The source `config.input` names, for `split` (default: input.split, the training split)."""
@@ -398,6 +416,60 @@ def decode_audio(record: dict[str, Any], sample_rate: int, min_samples: int = 0)
     return data
 
 
+# --- reading order ---------------------------------------------------------------------------------------------------
+def length_buckets(lengths: np.ndarray, bucket_size: int, rng: np.random.Generator) -> np.ndarray:
+    """(num_buckets, bucket_size) indices: fairseq's ordered_indices for a batch sampler (a random permutation
+    sorted by length, ties in random order) cut into buckets of consecutive lengths, the buckets shuffled; the
+    remainder is left out."""
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(lengths[order], kind='stable')]
+    buckets = order[: len(order) - len(order) % bucket_size].reshape(-1, bucket_size)
+    return buckets[rng.permutation(len(buckets))]
+
+
+class LengthBucketOrder:
+    """Grain map function: position in this process's stream -> source index, epoch after epoch. A global batch is
+    `global_batch / bucket_size` consecutive buckets of `length_buckets(lengths, bucket_size, rng(seed, epoch))`
+    (so each device's rows, a contiguous slice, hold utterances of similar length); process p reads its slice."""
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        global_batch: int,
+        bucket_size: int,
+        seed: int,
+        process_index: int,
+        process_count: int,
+    ):
+        self.lengths, self.global_batch, self.bucket_size, self.seed = lengths, global_batch, bucket_size, seed
+        self.per_host = global_batch // process_count
+        self.offset = process_index * self.per_host
+        self.batches_per_epoch = len(lengths) // global_batch
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (a worker reads one epoch at a time; the cache dies with the object)
+    def epoch(self, epoch: int) -> np.ndarray:
+        buckets = length_buckets(self.lengths, self.bucket_size, np.random.default_rng([self.seed, epoch]))
+        return buckets.reshape(-1)[: self.batches_per_epoch * self.global_batch].reshape(-1, self.global_batch)
+
+    def __call__(self, position: int) -> int:
+        batch, element = divmod(int(position), self.per_host)
+        epoch, batch = divmod(batch, self.batches_per_epoch)
+        return int(self.epoch(epoch)[batch, self.offset + element])
+
+
+def length_bucket_order(
+    lengths: np.ndarray, global_batch: int, bucket_size: int, *, seed: int, process_index: int, process_count: int
+) -> grain.MapDataset:
+    """A MapDataset of source indices in reading order for this process (forever): see LengthBucketOrder."""
+    if global_batch % process_count or global_batch % bucket_size or len(lengths) < global_batch:
+        raise ValueError(
+            f'{len(lengths)} files, global batch {global_batch}, buckets of {bucket_size} and {process_count} '
+            'processes do not make whole batches'
+        )
+    order = LengthBucketOrder(lengths, global_batch, bucket_size, seed, process_index, process_count)
+    return grain.MapDataset.range(2**62).map(order)  # 2**62: "forever", as repeat(None)
+
+
 # --- datasets --------------------------------------------------------------------------------------------------------
 def make_pretrain_dataset(
     config: ml_collections.ConfigDict,
@@ -408,12 +480,13 @@ def make_pretrain_dataset(
     sample_transform: images.SampleTransform | None = None,
     source: Any = None,
     batch_transform: pipeline.BatchTransform | None = None,
+    order: grain.MapDataset | None = None,
 ) -> grain.IterDataset:
     """Host-local pretraining batches: 'spectrogram' float32 (B_local, target_length, num_mel_bins) (or 'waveform'
     and 'num_samples', see `example`), 'label', and whatever `sample_transform(sample, rng)` (e.g. masks) and
-    `batch_transform(batch, rng)` add. The image pipeline's sharding, shuffling, resume and skip-and-count policy for
-    unreadable files (and files shorter than `input.min_samples`), with the audio decoder and front end in place of
-    the image's."""
+    `batch_transform(batch, rng)` add. The image pipeline's sharding, shuffling (or `order`, e.g.
+    `length_bucket_order`), resume and skip-and-count policy for unreadable files (and files shorter than
+    `input.min_samples`), with the audio decoder and front end in place of the image's."""
     c = config.input
     return images.make_image_pretrain_dataset(
         config,
@@ -425,6 +498,7 @@ def make_pretrain_dataset(
         source=make_audio_source(config) if source is None else source,
         decode=functools.partial(decode_audio, sample_rate=c.sample_rate, min_samples=c.get('min_samples', 0)),
         batch_transform=batch_transform,
+        order=order,
     )
 
 

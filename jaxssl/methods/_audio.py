@@ -19,6 +19,10 @@ class AudioMethod(base.Method):
     def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         return sample
 
+    def reading_order(self, source: Any, seed: int, process_index: int, process_count: int) -> Any:
+        """A Grain MapDataset of source indices to read in place of the shuffled shard (None: the shuffle)."""
+        return None
+
     def batch_transform(self) -> Any:
         """A picklable fn(host batch, rng) -> batch for work on whole batches (None: none), built in the main
         process so that Grain workers need no JAX."""
@@ -34,6 +38,7 @@ class AudioMethod(base.Method):
             sample_transform=self.sample_transform,
             source=source,
             batch_transform=self.batch_transform(),
+            order=self.reading_order(source, seed, process_index, process_count),
         )
         return dataset, len(source)
 

@@ -247,6 +247,18 @@ class Method(_audio.AudioMethod):
         """Reference GPU batches in the global batch: `loss.reference_batches`, or one per device."""
         return self.config.loss.reference_batches or self.mesh.devices.size
 
+    def reading_order(self, source: Any, seed: int, process_index: int, process_count: int) -> Any:
+        """With `input.bucket_by_length`, fairseq's length-sorted batches: each reference batch (one device's rows)
+        is a bucket of utterances of similar length (up to max_samples), so the crop to the shortest loses little."""
+        c = self.config.input
+        if not c.bucket_by_length:
+            return None
+        lengths = np.minimum(source.lengths(c.sample_rate), c.max_samples)
+        bucket = c.global_batch // self.groups()
+        return audio.length_bucket_order(
+            lengths, c.global_batch, bucket, seed=seed, process_index=process_index, process_count=process_count
+        )
+
     def batch_transform(self) -> Any:
         groups, processes = self.groups(), jax.process_count()
         if groups % processes:
