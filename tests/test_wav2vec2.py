@@ -365,3 +365,32 @@ def test_length_buckets_keep_each_reference_batch_similar(tmp_path):
     assert (kept == kept[:, :1]).all()  # each reference batch cut to its shortest
     # Sorted buckets: the four shortest files form one reference batch, so little is cut from any.
     assert set(kept[:, 0]) <= set(np.sort(lengths)[::4])
+
+
+def test_per_gpu_terms_are_weighted_by_masked_frames():
+    """fairseq adds coef x term x sample_size on each GPU and divides the summed gradients by the total sample size:
+    with two reference batches, each one's diversity and feature penalty count by its share of masked frames."""
+    rng = np.random.default_rng(0)
+    b, t, g, v = 4, 6, 2, 3
+    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(b, t, g, v)), jnp.float32) * 3, -1)
+    outputs = {
+        'predictions': jnp.asarray(rng.normal(size=(b, t, 5)), jnp.float32),
+        'targets': jnp.asarray(rng.normal(size=(b, t, 5)), jnp.float32),
+        'codes': jnp.asarray(rng.integers(0, v, size=(b, t, g)), jnp.int32),
+        'probs': probs,
+        'features_pen': jnp.asarray([1.0, 2.0, 3.0, 4.0]),
+    }
+    mask = np.zeros((b, t), bool)
+    mask[:2, :1] = True  # 2 masked frames in the first reference batch
+    mask[2:, :3] = True  # 6 in the second
+    negatives = wav2vec2.sample_negatives(jnp.asarray(mask), 2, jax.random.key(0))
+    config = load_config('configs/wav2vec2.py').loss
+    _, metrics = wav2vec2.wav2vec2_loss(outputs, jnp.asarray(mask), negatives, 2, config)
+
+    def diversity(rows):
+        mean = np.asarray(probs)[rows][mask[rows]].mean(axis=0)  # (G, V) over the group's masked frames
+        return (g * v - np.exp(-(mean * np.log(mean + 1e-7)).sum(-1)).sum()) / (g * v)
+
+    want = 2 / 8 * diversity(slice(0, 2)) + 6 / 8 * diversity(slice(2, 4))
+    np.testing.assert_allclose(float(metrics['diversity']), want, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics['features_pen']), 2 / 8 * 1.5 + 6 / 8 * 3.5, rtol=1e-6)
