@@ -100,8 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     add_probe_config(c, label_keys=('label',), runlocal=arg.runlocal)
     c.eval.probes = ('linear', 'knn')
     if arg.runlocal:
-        # 4x the base lr: the contrastive loss sits at its chance value log(101) for the first hundreds of steps
-        # (as the reference's early updates); 2e-3 leaves that plateau after about 300 steps, 5e-4 after about 450.
+        # 4x the base lr: the contrastive loss sits at its chance value log(101) for the first steps (as the
+        # reference's early updates); 2e-3 leaves that plateau after 100-300 steps, 5e-4 after about 450.
         c.optim.base_lr = 2e-3 * 256 / c.input.global_batch
         c.optim.warmup_steps = 30
         c.quantizer.temperature = (2.0, 0.5, 0.999)  # the reference's decay, 1000x faster for a few hundred steps
