@@ -2,6 +2,7 @@
 Grain pipelines' skip-and-count policy for unreadable files."""
 
 import itertools
+import struct
 
 import ml_collections
 import numpy as np
@@ -242,6 +243,19 @@ def test_folder_lengths_come_from_the_headers(wav_root):
     assert source.lengths(8000)[0] == 6000  # at another rate, as the decoder resamples
 
 
+def test_folder_lengths_of_24_bit_files(tmp_path):
+    """scipy cannot memory-map 24-bit PCM: such files are read for their length, not taken as empty."""
+    (tmp_path / 'a').mkdir()
+    samples = 5000
+    fmt = struct.pack('<HHIIHH', 1, 1, 16000, 16000 * 3, 3, 24)
+    data = np.random.default_rng(0).integers(0, 256, samples * 3, dtype=np.uint8).tobytes()
+    chunks = b'fmt ' + struct.pack('<I', len(fmt)) + fmt + b'data' + struct.pack('<I', len(data)) + data
+    (tmp_path / 'a' / 'x.wav').write_bytes(b'RIFF' + struct.pack('<I', 4 + len(chunks)) + b'WAVE' + chunks)
+    source = audio.AudioFolderSource(str(tmp_path))
+    assert source.lengths(16000).tolist() == [samples]
+    assert len(audio.decode_audio(source[0], 16000)) == samples
+
+
 def test_length_buckets_hold_consecutive_lengths():
     lengths = np.random.default_rng(0).integers(100, 10000, size=103)
     buckets = audio.length_buckets(lengths, 8, np.random.default_rng(1))
@@ -250,17 +264,31 @@ def test_length_buckets_hold_consecutive_lengths():
     assert all(high <= next_low for (_, high), (next_low, _) in itertools.pairwise(ranges))
     again = audio.length_buckets(lengths, 8, np.random.default_rng(2))
     assert not np.array_equal(buckets, again)  # a new order every epoch
+    seen = np.concatenate([audio.length_buckets(lengths, 8, np.random.default_rng(e)).ravel() for e in range(30)])
+    assert len(np.unique(seen)) == 103  # the 7 left out differ between epochs: the longest are read too
 
 
 def test_length_bucket_order_gives_each_process_its_slice_of_whole_buckets():
     lengths = np.random.default_rng(0).integers(100, 10000, size=64)
-    reads = [
-        np.asarray(list(audio.length_bucket_order(lengths, 16, 4, seed=3, process_index=p, process_count=2)[:40]))
+    orders = [
+        audio.length_bucket_order(lengths, 16, 4, min_length=0, seed=3, process_index=p, process_count=2)
         for p in range(2)
     ]
+    assert orders[0][1] == 64  # examples per epoch
+    reads = [np.asarray(list(order[:40])) for order, _ in orders]
     for p, read in enumerate(reads):
         batches = read.reshape(5, 8)  # 8 rows per host per global batch; 4 global batches per epoch
         epoch = audio.LengthBucketOrder(lengths, 16, 4, 3, p, 2).epoch(0)
         np.testing.assert_array_equal(batches[:4], epoch[:, p * 8 : (p + 1) * 8])
     first_epoch = np.concatenate([r[:32] for r in reads])
     assert len(np.unique(first_epoch)) == 64  # every file once per epoch
+
+
+def test_length_bucket_order_leaves_out_files_too_short_to_use():
+    lengths = np.arange(1, 41) * 1000
+    lengths[[3, 17]] = 0  # unreadable
+    order, examples = audio.length_bucket_order(
+        lengths, 8, 4, min_length=10_000, seed=0, process_index=0, process_count=1
+    )
+    read = np.asarray(list(order[:examples]))
+    assert examples == 24 and (lengths[read] >= 10_000).all() and len(np.unique(read)) == 24  # 29 usable, 3 batches

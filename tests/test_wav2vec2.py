@@ -302,6 +302,10 @@ def test_config_errors_name_the_key():
         load_config('configs/wav2vec2.py:runlocal', ['input.max_samples=1000'])
     with pytest.raises(ConfigError, match=r'loss\.reference_batches'):
         load_config('configs/wav2vec2.py:runlocal', ['loss.reference_batches=3'])
+    with pytest.raises(ConfigError, match=r'loss\.reference_batches'):  # must divide each micro-batch
+        load_config('configs/wav2vec2.py:runlocal', ['loss.reference_batches=8', 'train.grad_accum=4'])
+    with pytest.raises(ConfigError, match=r'input\.min_samples'):  # a folder needs the reference's floor or so
+        load_config('configs/wav2vec2.py:runlocal', ['input.dataset=folder', 'input.min_samples=1000'])
     with pytest.raises(ConfigError, match=r'model\.pretrained'):
         wav2vec2.Method(load_config('configs/wav2vec2.py:runlocal', ['model.pretrained=/no/such/folder']))
     large = load_config('configs/wav2vec2.py:variant=large')
@@ -350,13 +354,13 @@ def test_length_buckets_keep_each_reference_batch_similar(tmp_path):
     from scipy.io import wavfile
 
     rng = np.random.default_rng(0)
-    lengths = rng.integers(2000, 16000, size=32)
+    lengths = rng.integers(4000, 16000, size=32)
     for i, n in enumerate(lengths):
         (tmp_path / 'train' / str(i % 2)).mkdir(parents=True, exist_ok=True)
         wavfile.write(tmp_path / 'train' / str(i % 2) / f'{i}.wav', 16000, rng.uniform(-0.5, 0.5, n).astype(np.float32))
     overrides = [
         'input.dataset=folder', f'input.data_root={tmp_path}', 'input.bucket_by_length=true', 'input.global_batch=16',
-        'loss.reference_batches=4',
+        'loss.reference_batches=4', 'input.min_samples=4000',
     ]  # fmt: skip
     method = wav2vec2.Method(load_config('configs/wav2vec2.py:runlocal', overrides))
     dataset, _ = method.dataset(seed=0, process_index=0, process_count=1)

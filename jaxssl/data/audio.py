@@ -254,17 +254,22 @@ class AudioFolderSource:
         return f'AudioFolderSource({self.root!r}, {len(self)} files, {len(self.classes)} classes)'
 
     def lengths(self, sample_rate: int) -> np.ndarray:
-        """Each file's length in samples at `sample_rate`, from its WAV header (the samples are mapped, not read);
-        0 for a file that cannot be opened (it is skipped when read)."""
+        """Each file's length in samples at `sample_rate` (rounded up, as the resampler's output): from its WAV
+        header with the samples mapped, not read (24-bit files, which scipy cannot map, are read); 0 for a file that
+        cannot be opened (it is skipped when read)."""
         from scipy.io import wavfile
 
         out = np.zeros(len(self.files), np.int64)
         for i, (path, _) in enumerate(self.files):
-            try:
-                rate, data = wavfile.read(path, mmap=True)
-                out[i] = len(data) * sample_rate // rate if rate > 0 else 0
-            except (OSError, ValueError, EOFError, struct.error):
-                pass
+            for mmap in (True, False):
+                try:
+                    rate, data = wavfile.read(path, mmap=mmap)
+                    out[i] = -(-len(data) * sample_rate // rate) if rate > 0 else 0
+                    break
+                except ValueError:  # 'mmap=True not compatible with 3-byte container size': read it
+                    continue
+                except (OSError, EOFError, MemoryError, struct.error):
+                    break
         return out
 
 
@@ -419,11 +424,11 @@ def decode_audio(record: dict[str, Any], sample_rate: int, min_samples: int = 0)
 # --- reading order ---------------------------------------------------------------------------------------------------
 def length_buckets(lengths: np.ndarray, bucket_size: int, rng: np.random.Generator) -> np.ndarray:
     """(num_buckets, bucket_size) indices: fairseq's ordered_indices for a batch sampler (a random permutation
-    sorted by length, ties in random order) cut into buckets of consecutive lengths, the buckets shuffled; the
-    remainder is left out."""
-    order = rng.permutation(len(lengths))
+    sorted by length, ties in random order) cut into buckets of consecutive lengths, the buckets shuffled. The
+    len % bucket_size left out are drawn at random each epoch (not always the longest)."""
+    order = rng.permutation(len(lengths))[: len(lengths) - len(lengths) % bucket_size]
     order = order[np.argsort(lengths[order], kind='stable')]
-    buckets = order[: len(order) - len(order) % bucket_size].reshape(-1, bucket_size)
+    buckets = order.reshape(-1, bucket_size)
     return buckets[rng.permutation(len(buckets))]
 
 
@@ -458,16 +463,27 @@ class LengthBucketOrder:
 
 
 def length_bucket_order(
-    lengths: np.ndarray, global_batch: int, bucket_size: int, *, seed: int, process_index: int, process_count: int
-) -> grain.MapDataset:
-    """A MapDataset of source indices in reading order for this process (forever): see LengthBucketOrder."""
-    if global_batch % process_count or global_batch % bucket_size or len(lengths) < global_batch:
+    lengths: np.ndarray,
+    global_batch: int,
+    bucket_size: int,
+    *,
+    min_length: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+) -> tuple[grain.MapDataset, int]:
+    """(a MapDataset of source indices in reading order for this process (forever), examples per epoch over all
+    processes): LengthBucketOrder over the files of at least `min_length` samples only (shorter ones, and unreadable
+    ones with length 0, would be replaced at random when read and break their bucket)."""
+    usable = np.flatnonzero(lengths >= max(min_length, 1))
+    if global_batch % process_count or global_batch % bucket_size or len(usable) < global_batch:
         raise ValueError(
-            f'{len(lengths)} files, global batch {global_batch}, buckets of {bucket_size} and {process_count} '
-            'processes do not make whole batches'
+            f'{len(usable)} usable files (of {len(lengths)}), global batch {global_batch}, buckets of {bucket_size} '
+            f'and {process_count} processes do not make a whole batch'
         )
-    order = LengthBucketOrder(lengths, global_batch, bucket_size, seed, process_index, process_count)
-    return grain.MapDataset.range(2**62).map(order)  # 2**62: "forever", as repeat(None)
+    order = LengthBucketOrder(lengths[usable], global_batch, bucket_size, seed, process_index, process_count)
+    examples = order.batches_per_epoch * global_batch
+    return grain.MapDataset.range(2**62).map(order).map(lambda i: int(usable[i])), examples
 
 
 # --- datasets --------------------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ class AudioMethod(base.Method):
         return sample
 
     def reading_order(self, source: Any, seed: int, process_index: int, process_count: int) -> Any:
-        """A Grain MapDataset of source indices to read in place of the shuffled shard (None: the shuffle)."""
+        """(a Grain MapDataset of source indices to read in place of the shuffled shard, examples per epoch), or
+        None for the shuffle."""
         return None
 
     def batch_transform(self) -> Any:
@@ -30,6 +31,7 @@ class AudioMethod(base.Method):
 
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
         source = audio.make_audio_source(self.config)
+        order = self.reading_order(source, seed, process_index, process_count)
         dataset = audio.make_pretrain_dataset(
             self.config,
             seed=seed,
@@ -38,9 +40,9 @@ class AudioMethod(base.Method):
             sample_transform=self.sample_transform,
             source=source,
             batch_transform=self.batch_transform(),
-            order=self.reading_order(source, seed, process_index, process_count),
+            order=None if order is None else order[0],
         )
-        return dataset, len(source)
+        return dataset, len(source) if order is None else order[1]
 
     def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
         dataset, _ = audio.make_eval_dataset(

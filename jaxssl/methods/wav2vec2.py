@@ -71,11 +71,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     t0, t_min, decay = config.quantizer.temperature
     if not 0 < t_min <= t0 or not 0 < decay <= 1:
         raise ConfigError(f"bad 'quantizer.temperature' {tuple(config.quantizer.temperature)}: need 0 < min <= start")
-    groups = config.loss.reference_batches
-    if groups < 0 or (groups and config.input.global_batch % groups):
+    groups, micro_batch = config.loss.reference_batches, config.input.global_batch // config.train.grad_accum
+    if groups < 0 or (groups and micro_batch % groups):
         raise ConfigError(
-            f"'loss.reference_batches' ({groups}) must be >= 0 and divide 'input.global_batch' "
-            f'({config.input.global_batch})'
+            f"'loss.reference_batches' ({groups}) must be >= 0 and divide the micro-batch 'input.global_batch' / "
+            f"'train.grad_accum' ({micro_batch})"
+        )
+    if config.input.dataset == 'folder' and w2v.frame_counts(config.input.min_samples) < config.mask.length + 2:
+        raise ConfigError(
+            f"'input.min_samples' ({config.input.min_samples}) lets through files too short to mask spans of "
+            f"'mask.length' {config.mask.length} frames (320 samples each); the reference's is 32000"
         )
 
 
@@ -230,12 +235,13 @@ class Method(_audio.AudioMethod):
             except (OSError, ValueError, KeyError) as e:
                 raise ConfigError(f"'model.pretrained' {m.pretrained}: {e}") from None
             self.model = w2v.Wav2Vec2(**{**fields, **overrides})
-            normalized = wav2vec2_weights.read_normalize(m.pretrained, fields)
+            normalized = fields['extractor_mode'] == 'layer'  # fairseq's recipes: layer norm <=> normalize=True
             if normalized != config.input.normalize_waveform:
                 raise ConfigError(
-                    f"'input.normalize_waveform' is {config.input.normalize_waveform} but {m.pretrained} was trained "
-                    f'on {"standardised" if normalized else "raw"} waveforms (large / XLSR models are standardised: '
-                    'configs/wav2vec2.py:variant=large,continue)'
+                    f"'input.normalize_waveform' is {config.input.normalize_waveform} but {m.pretrained} has a "
+                    f'{fields["extractor_mode"]}-norm feature encoder, which the reference recipes train on '
+                    f'{"standardised" if normalized else "raw"} waveforms (large / XLSR: configs/wav2vec2.py:'
+                    'variant=large,continue; base: variant=base,continue)'
                 )
         else:
             self.model = w2v.make_model(m.variant, **overrides)
@@ -254,10 +260,14 @@ class Method(_audio.AudioMethod):
         if not c.bucket_by_length:
             return None
         lengths = np.minimum(source.lengths(c.sample_rate), c.max_samples)
-        bucket = c.global_batch // self.groups()
-        return audio.length_bucket_order(
-            lengths, c.global_batch, bucket, seed=seed, process_index=process_index, process_count=process_count
-        )
+        try:
+            return audio.length_bucket_order(
+                lengths, c.global_batch, c.global_batch // self.groups(),
+                min_length=max(c.min_samples, math.ceil(audio.MIN_SECONDS * c.sample_rate)),
+                seed=seed, process_index=process_index, process_count=process_count,
+            )  # fmt: skip
+        except ValueError as e:
+            raise ConfigError(f"'input.bucket_by_length': {e}") from None
 
     def batch_transform(self) -> Any:
         groups, processes = self.groups(), jax.process_count()

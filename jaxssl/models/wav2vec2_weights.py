@@ -54,16 +54,6 @@ def read_config(directory: str) -> dict[str, Any]:
     )
 
 
-def read_normalize(directory: str, fields: dict[str, Any]) -> bool:
-    """Whether the model was trained on standardised waveforms: preprocessor_config.json's do_normalize when the
-    folder has one, otherwise what the reference recipes do (layer-norm encoders, large / XLSR, normalise)."""
-    path = os.path.join(directory, 'preprocessor_config.json')
-    if os.path.isfile(path):
-        with open(path) as f:
-            return bool(json.load(f).get('do_normalize', False))
-    return fields['extractor_mode'] == 'layer'
-
-
 def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     """A Wav2Vec2ForPreTraining state dict -> Wav2Vec2 params (numpy); KeyError names a missing tensor."""
     w = {k: np.asarray(v, np.float32) for k, v in weights.items()}
