@@ -260,6 +260,10 @@ class Method(_audio.AudioMethod):
         if not c.bucket_by_length:
             return None
         lengths = np.minimum(source.lengths(c.sample_rate), c.max_samples)
+        if process_count > 1:  # one reading of the headers for all: a failed read on one host must not split orders
+            from jax.experimental import multihost_utils
+
+            lengths = np.asarray(multihost_utils.broadcast_one_to_all(lengths))
         try:
             return audio.length_bucket_order(
                 lengths, c.global_batch, c.global_batch // self.groups(),
