@@ -432,7 +432,7 @@ def length_buckets(lengths: np.ndarray, bucket_size: int, rng: np.random.Generat
     return buckets[rng.permutation(len(buckets))]
 
 
-class LengthBucketOrder:
+class LengthBucketOrder(pipeline.EpochBatchOrder):
     """Grain map function: position in this process's stream -> source index, epoch after epoch. A global batch is
     `global_batch / bucket_size` consecutive buckets of `length_buckets(lengths, bucket_size, rng(seed, epoch))`
     (so each device's rows, a contiguous slice, hold utterances of similar length); process p reads its slice."""
@@ -446,20 +446,12 @@ class LengthBucketOrder:
         process_index: int,
         process_count: int,
     ):
-        self.lengths, self.global_batch, self.bucket_size, self.seed = lengths, global_batch, bucket_size, seed
-        self.per_host = global_batch // process_count
-        self.offset = process_index * self.per_host
-        self.batches_per_epoch = len(lengths) // global_batch
+        self.lengths, self.bucket_size, self.seed = lengths, bucket_size, seed
+        super().__init__(global_batch, len(lengths) // global_batch, process_index, process_count)
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 (a worker reads one epoch at a time; the cache dies with the object)
-    def epoch(self, epoch: int) -> np.ndarray:
+    def batches(self, epoch: int) -> np.ndarray:
         buckets = length_buckets(self.lengths, self.bucket_size, np.random.default_rng([self.seed, epoch]))
         return buckets.reshape(-1)[: self.batches_per_epoch * self.global_batch].reshape(-1, self.global_batch)
-
-    def __call__(self, position: int) -> int:
-        batch, element = divmod(int(position), self.per_host)
-        epoch, batch = divmod(batch, self.batches_per_epoch)
-        return int(self.epoch(epoch)[batch, self.offset + element])
 
 
 def length_bucket_order(

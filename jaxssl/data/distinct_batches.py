@@ -20,10 +20,10 @@ holds distinct pseudo labels whatever the process count.
 
 from __future__ import annotations
 
-import functools
-
 import grain
 import numpy as np
+
+from jaxssl.data import pipeline
 
 
 def distinct_label_batches(labels: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -58,29 +58,16 @@ def num_batches(labels: np.ndarray, batch_size: int) -> int:
     return len(distinct_label_batches(labels, batch_size, np.random.default_rng(0)))
 
 
-class DistinctLabelOrder:
-    """Grain map function: position in this process's stream -> source index, epoch after epoch.
-
-    Position i is element i % per_host of host batch i // per_host; host batch b of epoch e is process
-    `process_index`'s slice of global batch b of `distinct_label_batches(labels, global_batch, rng(seed, e))`.
-    """
+class DistinctLabelOrder(pipeline.EpochBatchOrder):
+    """Grain map function: position in this process's stream -> source index, epoch after epoch. Global batch b of
+    epoch e is batch b of `distinct_label_batches(labels, global_batch, rng(seed, e))`."""
 
     def __init__(self, labels: np.ndarray, global_batch: int, seed: int, process_index: int, process_count: int):
-        self.labels = np.asarray(labels)
-        self.global_batch, self.seed = global_batch, seed
-        self.per_host = global_batch // process_count
-        self.offset = process_index * self.per_host
-        self.batches_per_epoch = num_batches(self.labels, global_batch)
+        self.labels, self.seed = np.asarray(labels), seed
+        super().__init__(global_batch, num_batches(self.labels, global_batch), process_index, process_count)
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 (a worker reads one epoch at a time; the cache dies with the object)
-    def epoch(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        return distinct_label_batches(self.labels, self.global_batch, rng)
-
-    def __call__(self, position: int) -> int:
-        batch, element = divmod(int(position), self.per_host)
-        epoch, batch = divmod(batch, self.batches_per_epoch)
-        return int(self.epoch(epoch)[batch, self.offset + element])
+    def batches(self, epoch: int) -> np.ndarray:
+        return distinct_label_batches(self.labels, self.global_batch, np.random.default_rng([self.seed, epoch]))
 
 
 def distinct_label_order(

@@ -12,6 +12,7 @@ worker processes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -340,6 +341,30 @@ def load_with_replacement(
                     'check input.data_root / input.list_file'
                 ) from e
             index = shard[int(rng.integers(len(shard)))]
+
+
+class EpochBatchOrder:
+    """Grain map function: position in this process's stream -> source index, epoch after epoch, for orders made of
+    whole global batches. Subclasses give `batches(epoch)`: (batches_per_epoch, global_batch) source indices, a pure
+    function of the epoch (so resuming at a position reads the same examples). Position i is element i % per_host of
+    host batch i // per_host; process p reads its slice [p per_host, (p + 1) per_host) of each global batch."""
+
+    def __init__(self, global_batch: int, batches_per_epoch: int, process_index: int, process_count: int):
+        self.global_batch, self.batches_per_epoch = global_batch, batches_per_epoch
+        self.per_host = global_batch // process_count
+        self.offset = process_index * self.per_host
+
+    def batches(self, epoch: int) -> np.ndarray:
+        raise NotImplementedError
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (a worker reads one epoch at a time; the cache dies with the object)
+    def epoch(self, epoch: int) -> np.ndarray:
+        return self.batches(epoch)
+
+    def __call__(self, position: int) -> int:
+        batch, element = divmod(int(position), self.per_host)
+        epoch, batch = divmod(batch, self.batches_per_epoch)
+        return int(self.epoch(epoch)[batch, self.offset + element])
 
 
 BatchTransform = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
