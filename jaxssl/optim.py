@@ -17,6 +17,7 @@ previous task's workdir continues the schedule where the earlier tasks left it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -288,6 +289,23 @@ def frozen_for(inner: optax.GradientTransformation, steps: int) -> optax.Gradien
     return optax.GradientTransformation(init, update)
 
 
+def clamp_params(rules: Sequence[tuple[str, float, float]]) -> optax.GradientTransformation:
+    """Keeps the parameters a rule names inside [low, high] after each update: the update becomes
+    clip(p + u, low, high) - p. This is open_clip's in-place `logit_scale.clamp_(0, ln 100)` after the optimiser step,
+    which leaves the gradient alone (clipping inside the loss instead would zero the gradient at the bound and could
+    hold the parameter there). rules: (name pattern, low, high), first match wins."""
+    rules = [(pattern, (float(low), float(high))) for pattern, low, high in rules]
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError('clamp_params needs the params')
+        bounds = rules_lib.map_with_names(lambda name, _: rules_lib.first_match(rules, name), params)
+        clamp = lambda u, p, b: u if b is None else jnp.clip(p + u, *b) - p
+        return jax.tree.map(clamp, updates, params, bounds, is_leaf=lambda x: x is None), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def weight_decay_schedule(config: ml_collections.ConfigDict, total_steps: int) -> float | optax.Schedule:
     """optim.weight_decay, or (with optim.weight_decay_end >= 0) DINO's cosine from weight_decay to weight_decay_end
     over the run, one value per step, no warmup."""
@@ -315,6 +333,8 @@ def make_optimizer(
     norms; `optim.no_decay` rules) get neither decay nor the trust ratio, as the reference's exclusions.
     'sgd' (torch.optim.SGD with momentum, DINO's ResNet recipe): b = m b + (g + wd * w), w -= lr(step) b.
     'adam' (torch.optim.Adam's coupled L2, SSAST's): Adam moments of g + wd * w (masked), then -lr(step).
+    `optim.clamp` rules (name pattern, low, high) keep those parameters inside bounds after the update (CLIP's logit
+    scale, see clamp_params).
     """
     o = config.optim
     no_decay = [(pattern, True) for pattern in o.no_decay]
@@ -378,6 +398,9 @@ def make_optimizer(
             lambda _: optax.EmptyState(),
             lambda updates, state, _=None: (jax.tree.map(lambda u, m: u * m, updates, multipliers), state),
         ))  # fmt: skip
+    clamp = [tuple(rule) for rule in o.get('clamp', ())]
+    if clamp:
+        parts.append(clamp_params(clamp))
     return optax.chain(*parts)
 
 

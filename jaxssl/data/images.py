@@ -463,11 +463,12 @@ def add_image_input_config(config: ml_collections.ConfigDict, *, runlocal: bool 
     c.read_threads = 2 if runlocal else 1  # batches assembled concurrently per process
 
 
-def check_image_input_config(config: ml_collections.ConfigDict) -> None:
+def check_image_input_config(config: ml_collections.ConfigDict, datasets: tuple[str, ...] = DATASETS) -> None:
     """Raises ConfigError (one line, naming the key) for an image input section that cannot produce data. Checks
-    value ranges, the dataset's required keys, and that the folders it names exist; opens no image."""
+    value ranges, the dataset's required keys, and that the folders it names exist; opens no image. A method with
+    sources of its own passes its `datasets` and checks their keys itself."""
     c = config.input
-    check_choice(config, 'input.dataset', DATASETS)
+    check_choice(config, 'input.dataset', datasets)
     check_choice(config, 'input.interpolation', INTERPOLATIONS)
     for key, minimum in (('image_size', 1), ('num_sample', 1), ('global_batch', 1), ('num_workers', 0),
                          ('read_threads', 0)):  # fmt: skip

@@ -57,12 +57,21 @@ def evaluate(
 ) -> dict[str, float]:
     """Probes `method.represent` with `method.eval_dataset` splits as `eval_config` says (see add_probe_config)."""
     e = eval_config
+    splits = extract_splits(method, params, extra, mesh, e)
+    return run_probes(splits['train'], splits['test'], e.label_keys, e.probes, e.knn_k, e.shots, seed=0)
+
+
+def extract_splits(
+    method: Any, params: Any, extra: Any, mesh: jax.sharding.Mesh, eval_config: ml_collections.ConfigDict
+) -> dict[str, dict[str, np.ndarray]]:
+    """{'train': features, 'test': features} (jaxssl.evaluate.features.extract) of the splits `eval_config` names."""
+    e = eval_config
     keep_tokens = 'attentive' in e.probes
     splits = {}
     for name, split, max_clips in (('train', e.train_split, e.max_train_clips), ('test', e.split, e.max_test_clips)):
         dataset = method.eval_dataset(split, e.batch_size, max_clips, jax.process_index(), jax.process_count())
         splits[name] = features.extract(method, params, extra, dataset, mesh, keep_tokens)
-    return run_probes(splits['train'], splits['test'], e.label_keys, e.probes, e.knn_k, e.shots, seed=0)
+    return splits
 
 
 def add_probe_config(config: ml_collections.ConfigDict, label_keys: Sequence[str], runlocal: bool = False) -> None:

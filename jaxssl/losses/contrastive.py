@@ -1,5 +1,5 @@
-"""Contrastive losses: NT-Xent (SimCLR's normalised temperature-scaled cross entropy), on one device and over the
-global batch of a device mesh.
+"""Contrastive losses: NT-Xent (SimCLR's normalised temperature-scaled cross entropy), MoCo-style InfoNCE and CLIP's
+symmetric image-text InfoNCE, each on one device and over the global batch of a device mesh.
 
 NT-Xent (Chen et al. 2020, eq. 1; google-research/simclr tf2/objective.py): N images give 2N views z. Each view is
 an anchor whose positive is the other view of its image and whose 2N - 2 negatives are every other view of the
@@ -159,3 +159,59 @@ def global_info_nce(
     spec = PartitionSpec(axes)
     loss, accuracy = jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=(PartitionSpec(),) * 2)(q, k)
     return loss, {'contrastive_acc': accuracy}
+
+
+def clip_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CLIP's symmetric InfoNCE on one device (openai/CLIP's pseudocode, open_clip's ClipLoss): image i's positive is
+    text i among all N texts, text i's is image i among all N images, logits exp(logit_scale) x cosine; the mean of
+    the two directions' cross entropies. image, text (N, D), normalised here. Metrics: both directions' top-1."""
+    chex.assert_rank([image, text], 2)
+    chex.assert_equal_shape([image, text])
+    q_image, q_text = l2_normalize(image.astype(jnp.float32)), l2_normalize(text.astype(jnp.float32))
+    temperature = 1.0 / jnp.exp(logit_scale.astype(jnp.float32))
+    image_losses, image_hits = _query_key_losses(q_image, q_text, 0, temperature)
+    text_losses, text_hits = _query_key_losses(q_text, q_image, 0, temperature)
+    loss = (jnp.mean(image_losses) + jnp.mean(text_losses)) / 2
+    return loss, {
+        'image_to_text_acc': jnp.mean(image_hits.astype(jnp.float32)),
+        'text_to_image_acc': jnp.mean(text_hits.astype(jnp.float32)),
+    }
+
+
+def global_clip_loss(
+    image: jax.Array,
+    text: jax.Array,
+    logit_scale: jax.Array,
+    mesh: Mesh | None,
+    axes: Sequence[str] = ('data', 'fsdp'),
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`clip_loss` over the global batch of `mesh` (image, text sharded over `axes` on their leading axis): each
+    device all-gathers both sides' unit embeddings (differentiably: open_clip's local_loss + gather_with_grad, which
+    equals the loss on the whole batch) and scores its own rows against all N columns."""
+    chex.assert_rank([image, text], 2)
+    chex.assert_equal_shape([image, text])
+    axes = tuple(axes)
+    devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in axes)
+    if devices == 1:
+        return clip_loss(image, text, logit_scale)
+    if image.shape[0] % devices:
+        raise ValueError(f'{image.shape[0]} pairs do not split evenly over {devices} devices on mesh axes {axes}')
+    big_n = image.shape[0]
+
+    def per_device(image_local: jax.Array, text_local: jax.Array, scale: jax.Array) -> tuple[jax.Array, ...]:
+        q_image, q_text = l2_normalize(image_local.astype(jnp.float32)), l2_normalize(text_local.astype(jnp.float32))
+        k_image = jax.lax.all_gather(q_image, axes, tiled=True)
+        k_text = jax.lax.all_gather(q_text, axes, tiled=True)
+        offset = jax.lax.axis_index(axes) * q_image.shape[0]
+        temperature = 1.0 / jnp.exp(scale.astype(jnp.float32))
+        image_losses, image_hits = _query_key_losses(q_image, k_text, offset, temperature)
+        text_losses, text_hits = _query_key_losses(q_text, k_image, offset, temperature)
+        total = jax.lax.psum(jnp.sum(image_losses) + jnp.sum(text_losses), axes)
+        hits = [jax.lax.psum(jnp.sum(h.astype(jnp.float32)), axes) for h in (image_hits, text_hits)]
+        return total / (2 * big_n), hits[0] / big_n, hits[1] / big_n
+
+    spec = PartitionSpec(axes)
+    loss, image_acc, text_acc = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=(PartitionSpec(),) * 3
+    )(image, text, logit_scale)
+    return loss, {'image_to_text_acc': image_acc, 'text_to_image_acc': text_acc}

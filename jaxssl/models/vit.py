@@ -203,8 +203,10 @@ def rope_2d(x: jax.Array, positions: jax.Array, base: float = 100.0) -> jax.Arra
     return out.astype(x.dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None = None) -> jax.Array:
-    """Softmax attention over (B, N, heads, head_dim) inputs.
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None = None, is_causal: bool = False
+) -> jax.Array:
+    """Softmax attention over (B, N, heads, head_dim) inputs; `is_causal` lets token i attend to tokens <= i only.
 
     `impl` None (or '' / 'auto') picks cuDNN's fused flash attention on a GPU for bf16 / fp16 inputs it supports
     and XLA's otherwise: jax's own default (None) runs the unfused XLA attention even on GPUs. 'xla' and
@@ -213,11 +215,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str | 
     if impl in (None, '', 'auto'):
         if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
             try:
-                return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+                return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation='cudnn')
             except (ValueError, NotImplementedError, RuntimeError):
                 pass  # a shape or dtype cuDNN does not take: XLA's attention below
         impl = 'xla'
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=impl)
 
 
 class FusedKernel(nn.Module):
