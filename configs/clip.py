@@ -65,7 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-6
     c.optim.weight_decay = 0.2
     c.optim.clip_grad = 0.0
-    c.optim.no_decay = ()  # 1-D parameters (gains, biases, class token) and the logit scale are never decayed
+    # open_clip decays neither 1-D parameters (gains, biases, the class token, the logit scale: never decayed here)
+    # nor the position tables (the models' no_weight_decay sets); its token embedding is decayed.
+    c.optim.no_decay = ('.*position_embedding',)
     c.optim.lr_rules = ()
     # open_clip clamps the logit scale to [0, ln 100] after every step (the paper's "clipped at 100").
     c.optim.clamp = (('logit_scale', 0.0, 4.605170185988092),)
@@ -75,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.data_root = ''  # labelled class folders <data_root>/<split>/<class>/<image> for probes and zero-shot
     c.eval.train_split = 'train'
     c.eval.split = 'val'
+    c.eval.class_names = ()  # zero-shot class names in label order; (): the digits' words or the folder names
     c.eval.zero_shot_templates = (
         ('a photo of the number {}.', 'a handwritten {}.')
         if arg.runlocal

@@ -3,6 +3,7 @@ symmetric loss against numpy and sharded against one device, the logit-scale cla
 the built-in captions and the CSV source's skip-and-count policy, zero-shot classification, config errors naming
 the key, and a 2-step runlocal run on one and on 8 devices."""
 
+import itertools
 import os
 
 import jax
@@ -29,18 +30,21 @@ VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_at
               patch_size=8)  # fmt: skip
 
 
-@pytest.fixture(scope='module', params=['quick_gelu', 'gelu'])
+@pytest.fixture(scope='module', params=[('quick_gelu', EOT), ('gelu', 2)])
 def saved(request, tmp_path_factory):
-    """A random transformers CLIPModel saved with save_pretrained: (folder, torch model)."""
+    """A random transformers CLIPModel saved with save_pretrained: (folder, torch model). eos_token_id 2 is the legacy
+    value of the hub's OpenAI configs, for which transformers pools at the largest token id (the end of text)."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
-    act = request.param
+    act, eos = request.param
     config = CLIPConfig(
-        text_config={**TEXT, 'hidden_act': act}, vision_config={**VISION, 'hidden_act': act}, projection_dim=32
+        text_config={**TEXT, 'hidden_act': act, 'eos_token_id': eos},
+        vision_config={**VISION, 'hidden_act': act},
+        projection_dim=32,
     )
     model = CLIPModel(config).eval()
-    directory = str(tmp_path_factory.mktemp(act))
+    directory = str(tmp_path_factory.mktemp(f'{act}_{eos}'))
     model.save_pretrained(directory)
     return directory, model
 
@@ -48,7 +52,7 @@ def saved(request, tmp_path_factory):
 def test_embeddings_and_logits_match_transformers(saved):
     directory, reference = saved
     fields, params = clip_weights.load(directory)
-    assert fields.pop('image_size') == 32
+    assert fields.pop('image_size') == 32 and fields['eot_id'] == EOT
     model = clip.CLIP(**fields)
     rng = np.random.default_rng(0)
     images = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)
@@ -113,7 +117,7 @@ def test_loss_known_answer_and_accuracies():
 
 
 def test_global_loss_and_gradients_equal_one_device():
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(8, 1), sharding.BATCH_AXES)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), sharding.BATCH_AXES)  # both batch axes
     rng = np.random.default_rng(1)
     image, text = jnp.asarray(rng.normal(size=(16, 8))), jnp.asarray(rng.normal(size=(16, 8)))
     scale = jnp.asarray(2.0)
@@ -166,6 +170,64 @@ def test_tokens_as_open_clip_start_end_truncation_padding(tmp_path):
         from tokenizers import Tokenizer, models
 
         captions.CaptionTokenizer(Tokenizer(models.WordLevel({'a': 0, '<unk>': 1}, unk_token='<unk>')))
+
+
+def byte_symbols() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte -> printable character table: printable Latin-1 bytes stand for themselves, the
+    others for characters from 256 up, in byte order."""
+    printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+
+
+def open_clip_ids(text, vocab, merges, context_length):
+    """open_clip's SimpleTokenizer + tokenize(), transcribed from its algorithm: whitespace collapsed and lower case,
+    its regex pieces, bytes as characters, the last with '</w>', lowest-ranked adjacent pair merged until none is left;
+    start, ids, end, truncated with end last, zero padded."""
+    import regex
+
+    symbols, ranks = byte_symbols(), {pair: i for i, pair in enumerate(merges)}
+    pattern = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    ids = []
+    for piece in regex.findall(pattern, ' '.join(text.split()).lower(), regex.IGNORECASE):
+        chars = [symbols[b] for b in piece.encode('utf-8')]
+        word = [*chars[:-1], chars[-1] + '</w>']
+        while len(word) > 1:
+            pair = min(itertools.pairwise(word), key=lambda p: ranks.get(p, len(ranks)))
+            if pair not in ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        ids += [vocab[w] for w in word]
+    row = [*[vocab[captions.START], *ids][: context_length - 1], vocab[captions.END]]
+    return row + [0] * (context_length - len(row))
+
+
+def test_clip_bpe_tokenizer_json_equals_open_clip(tmp_path):
+    """A CLIP BPE tokenizer.json as transformers writes it (normaliser, pre-tokeniser, '</w>' suffix, its own
+    post-processor left out) gives open_clip's ids: the production path for captions from a CSV."""
+    from transformers import CLIPTokenizer
+
+    chars = list(byte_symbols().values())
+    merges = [('t', 'h'), ('th', 'e</w>'), ('p', 'h'), ('ph', 'o'), ('t', 'o</w>'), ('pho', 'to</w>'), ('c', 'a'),
+              ('ca', 't</w>'), ("'", 's</w>'), ('i', 't</w>')]  # fmt: skip
+    vocab = [*chars, *(c + '</w>' for c in chars), *(a + b for a, b in merges), captions.START, captions.END]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(str(tmp_path))
+    tokenizer = captions.CaptionTokenizer.from_file(str(tmp_path))
+    assert (tokenizer.sot_id, tokenizer.eot_id) == (vocab[captions.START], vocab[captions.END])
+    texts = ['A photo of  the CAT!', "it's   a photo.", 'digit 42, café', 'the the the the the the the the the']
+    for length in (8, 16):
+        want = [open_clip_ids(t, vocab, merges, length) for t in texts]
+        np.testing.assert_array_equal(tokenizer(texts, length), want)
+    assert {vocab['photo</w>'], vocab['the</w>'], vocab['cat</w>']} <= set(want[0])  # the merges did happen
 
 
 def test_digit_attributes_and_captions():
@@ -243,6 +305,10 @@ def test_config_errors_name_the_key(tmp_path):
         clip_method.Method(load_config('configs/clip.py', [f'input.captions_csv={tmp_path}/x.tsv']))
     with pytest.raises(ConfigError, match=r'text\.tokenizer'):
         clip_method.Method(load_config(CONFIG, [f'text.tokenizer={tmp_path}']))
+    with pytest.raises(ConfigError, match=r'train\.grad_accum'):
+        load_config(CONFIG, ['train.grad_accum=2'])
+    with pytest.raises(ConfigError, match=r'eval\.class_names'):
+        clip_method.Method(load_config(CONFIG, ["eval.class_names=('a', 'b')"])).class_names()
     for variant in ('B/32', 'B/16', 'L/14'):
         assert load_config(f'configs/clip.py:variant={variant}').optim.clamp[0][2] == pytest.approx(np.log(100))
 

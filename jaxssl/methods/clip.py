@@ -55,6 +55,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     image_data.check_image_input_config(config, DATASETS)
     if config.input.num_sample != 1:
         raise ConfigError(f"bad value {config.input.num_sample} for 'input.num_sample': CLIP takes one view")
+    if config.train.grad_accum != 1:
+        # The trainer's accumulation scores each micro-batch against its own captions only: fewer negatives, another
+        # objective (open_clip's accum_freq caches every micro-batch's features instead). Shard the batch instead.
+        raise ConfigError(
+            f"bad value {config.train.grad_accum} for 'train.grad_accum': CLIP's negatives are the whole batch; "
+            'accumulated micro-batches would each see only their own'
+        )
     if not isinstance(config.text.context_length, int) or config.text.context_length < 3:
         raise ConfigError(f"bad value {config.text.context_length!r} for 'text.context_length': an integer >= 3")
     if not config.eval.zero_shot_templates or any('{}' not in t for t in config.eval.zero_shot_templates):
@@ -189,18 +196,32 @@ class Method(_image.ImageMethod):
         return dataset
 
     def class_names(self) -> list[str]:
-        if self.config.input.dataset == 'mnist_digits':
+        """eval.class_names, else the digits' words or the class folders' names (underscores as spaces): folders named
+        by ids (ImageNet's n01440764, ...) need eval.class_names, in the sorted folder order, for zero-shot."""
+        e = self.config.eval
+        source = None if self.config.input.dataset == 'mnist_digits' else self.eval_source(e.split)
+        if e.class_names:
+            count = 10 if source is None else len(source.class_names)
+            if len(e.class_names) != count:
+                raise ConfigError(f"'eval.class_names' has {len(e.class_names)} names for {count} classes")
+            return list(e.class_names)
+        if source is None:
             return list(captions.DIGIT_WORDS)
-        names = self.eval_source(self.config.eval.split).class_names
-        return [name.replace('_', ' ') for name in names]
+        return [name.replace('_', ' ') for name in source.class_names]
 
-    def zero_shot_classifier(self, params: Any, class_names: list[str]) -> np.ndarray:
-        """(classes, D) unit vectors: each class's prompts embedded, normalised, averaged, re-normalised."""
+    def zero_shot_classifier(self, params: Any, class_names: list[str], chunk: int = 256) -> np.ndarray:
+        """(classes, D) unit vectors: each class's prompts embedded, normalised, averaged, re-normalised. Prompts go
+        through the text tower `chunk` at a time; the embeddings come back replicated, readable on every process."""
         templates = list(self.config.eval.zero_shot_templates)
         prompts = [t.format(name) for name in class_names for t in templates]
         tokens = self.tokenizer(prompts, self.config.text.context_length)
-        encode = jax.jit(lambda p, t: self.model.apply({'params': p}, t, method=self.model.encode_text))
-        text = np.asarray(jax.device_get(encode(params, tokens)), np.float64)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        encode = jax.jit(
+            lambda p, t: self.model.apply({'params': p}, t, method=self.model.encode_text), out_shardings=replicated
+        )
+        padded = np.concatenate([tokens, np.zeros((-len(tokens) % chunk, tokens.shape[1]), np.int32)])
+        parts = [np.asarray(encode(params, padded[i : i + chunk])) for i in range(0, len(padded), chunk)]
+        text = np.concatenate(parts)[: len(prompts)].astype(np.float64)
         text /= np.linalg.norm(text, axis=1, keepdims=True)
         classes = text.reshape(len(class_names), len(templates), -1).mean(axis=1)
         return classes / np.linalg.norm(classes, axis=1, keepdims=True)

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from jaxssl.models import vit
 
-# name -> (embed_dim, image (width, depth, patch), text (width, depth, heads)); image heads = width / 64, as
-# open_clip's configs. B/32, B/16 and L/14 are the paper's ViTs; 'tiny' and 'micro' are for CPU runs at 32 px.
+# name -> (embed_dim, image (width, depth, patch), text (width, depth, heads)); image heads = width / 64 (open_clip's
+# head_width, 64 for these). B/32, B/16 and L/14 are the paper's ViTs; 'tiny' and 'micro' are for CPU runs at 32 px.
 VARIANTS: dict[str, tuple[int, tuple[int, int, int], tuple[int, int, int]]] = {
     'B/32': (512, (768, 12, 32), (512, 12, 8)),
     'B/16': (512, (768, 12, 16), (512, 12, 8)),
@@ -102,6 +102,7 @@ class ImageTower(nn.Module):
     width: int
     depth: int
     patch: int
+    heads: int = 0  # 0: width / 64
     activation: str = 'quick_gelu'
     dtype: Any = jnp.float32
     attention_impl: str | None = None
@@ -121,8 +122,9 @@ class ImageTower(nn.Module):
         positions = self.param('position_embedding', nn.initializers.normal(scale), (x.shape[1], self.width))
         x = x + positions.astype(x.dtype)
         x = nn.LayerNorm(1e-5, dtype=self.dtype, name='pre_layrnorm')(x)  # transformers' spelling
+        heads = self.heads or max(self.width // 64, 1)
         for i in range(self.depth):
-            block = Block(self.width, self.width // 64 or 1, False, self.activation, None, dtype=self.dtype,
+            block = Block(self.width, heads, False, self.activation, None, dtype=self.dtype,
                           attention_impl=self.attention_impl, name=f'layers_{i}')  # fmt: skip
             x = block(x)
         pooled = nn.LayerNorm(1e-5, dtype=self.dtype, name='post_layernorm')(x[:, 0])
@@ -181,13 +183,20 @@ class CLIP(nn.Module):
     text_depth: int
     text_heads: int
     eot_id: int
+    image_heads: int = 0  # 0: image_width / 64
     activation: str = 'quick_gelu'
     dtype: Any = jnp.float32
     attention_impl: str | None = None
 
     def setup(self):
         self.vision_model = ImageTower(
-            self.image_width, self.image_depth, self.patch, self.activation, self.dtype, self.attention_impl
+            self.image_width,
+            self.image_depth,
+            self.patch,
+            self.image_heads,
+            self.activation,
+            self.dtype,
+            self.attention_impl,
         )
         self.text_model = TextTower(
             self.vocab_size,

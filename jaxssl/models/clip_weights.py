@@ -31,15 +31,19 @@ def read_config(directory: str) -> dict[str, Any]:
     activation = t.get('hidden_act', 'quick_gelu')
     if activation not in clip.ACTIVATIONS or v.get('hidden_act', 'quick_gelu') != activation:
         raise ValueError(f"{directory}: hidden_act '{activation}' (vision '{v.get('hidden_act')}') is not supported")
-    for tower, cfg, heads in (('vision', v, v['hidden_size'] // 64 or 1), ('text', t, None)):
+    for tower, cfg in (('vision', v), ('text', t)):
         if cfg['intermediate_size'] != 4 * cfg['hidden_size']:
             raise ValueError(f'{directory}: {tower} intermediate_size must be 4 x hidden_size')
-        if heads is not None and cfg['num_attention_heads'] != heads:
-            raise ValueError(f'{directory}: vision heads must be hidden_size / 64 ({heads})')
+    # The hub's openai/clip-vit-* configs keep a legacy eos_token_id of 2, for which transformers (like openai's
+    # argmax) pools at the largest token id: CLIP's end of text, the last id of its vocabulary.
+    eot_id = t.get('eos_token_id', 2)
+    if eot_id == 2:
+        eot_id = t['vocab_size'] - 1
     return dict(
         embed_dim=c['projection_dim'],
         image_width=v['hidden_size'],
         image_depth=v['num_hidden_layers'],
+        image_heads=v['num_attention_heads'],
         patch=v['patch_size'],
         image_size=v['image_size'],
         vocab_size=t['vocab_size'],
@@ -47,7 +51,7 @@ def read_config(directory: str) -> dict[str, Any]:
         text_width=t['hidden_size'],
         text_depth=t['num_hidden_layers'],
         text_heads=t['num_attention_heads'],
-        eot_id=t.get('eos_token_id', 49407),
+        eot_id=eot_id,
         activation=activation,
     )
 
