@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import pickle
 import re
@@ -128,6 +129,24 @@ def read_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Just the weights of `read_checkpoint`."""
     return read_checkpoint(path).state_dict
+
+
+TRANSFORMERS_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+
+
+def read_transformers_folder(directory: str, model_class: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json, state dict) of a folder `save_pretrained` wrote (model.safetensors or pytorch_model.bin);
+    FileNotFoundError names what is missing, `model_class` says what kind of folder was expected."""
+    if not os.path.isfile(os.path.join(directory, 'config.json')):
+        raise FileNotFoundError(f'{directory}: no config.json (a transformers {model_class} folder)')
+    files = [
+        os.path.join(directory, f) for f in TRANSFORMERS_WEIGHT_FILES if os.path.isfile(os.path.join(directory, f))
+    ]
+    if not files:
+        raise FileNotFoundError(f'{directory}: none of {", ".join(TRANSFORMERS_WEIGHT_FILES)}')
+    with open(os.path.join(directory, 'config.json')) as f:
+        config = json.load(f)
+    return config, read_state_dict(files[0])
 
 
 def save_torch_safetensors(params: Mapping[str, Any], path: str | os.PathLike, layout: str = 'auto') -> None:

@@ -57,6 +57,10 @@ class ImageMethod(base.Method):
     def host_metrics(self) -> dict[str, float]:
         return {'skipped_files': float(data.skipped_files())}
 
+    def eval_source(self, split: str) -> Any:
+        """The labelled images of an evaluation split; None: the source `config.input` describes."""
+        return None
+
     def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
         dataset, _ = image_data.make_image_eval_dataset(
             self.config,
@@ -65,6 +69,7 @@ class ImageMethod(base.Method):
             process_index=process_index,
             process_count=process_count,
             max_examples=max_examples,
+            source=self.eval_source(split),
         )
         return dataset
 

@@ -183,18 +183,6 @@ class Method(_image.ImageMethod):
             return image_data.DigitsSource(split)
         return image_data.ImageFolderSource(os.path.join(self.config.eval.data_root, split))
 
-    def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
-        dataset, _ = image_data.make_image_eval_dataset(
-            self.config,
-            split=split,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            max_examples=max_examples,
-            source=self.eval_source(split),
-        )
-        return dataset
-
     def class_names(self) -> list[str]:
         """eval.class_names, else the digits' words or the class folders' names (underscores as spaces): folders named
         by ids (ImageNet's n01440764, ...) need eval.class_names, in the sorted folder order, for zero-shot."""

@@ -8,8 +8,6 @@ convert_clip_original_pytorch_to_hf.py. Only ViT image towers are built (not the
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import numpy as np
@@ -18,13 +16,10 @@ from jaxssl.convert import io
 from jaxssl.models import clip
 from jaxssl.models.bert_weights import dense, norm
 
-WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 
-
-def read_config(directory: str) -> dict[str, Any]:
-    """jaxssl.models.clip.CLIP fields from a transformers CLIPModel config.json; ValueError for what is not built."""
-    with open(os.path.join(directory, 'config.json')) as f:
-        c = json.load(f)
+def read_config(c: dict[str, Any], directory: str) -> dict[str, Any]:
+    """jaxssl.models.clip.CLIP fields from a transformers CLIPModel config.json `c` (of `directory`, for messages);
+    ValueError for what is not built."""
     if 'vision_config' not in c or 'text_config' not in c:
         raise ValueError(f'{directory}: not a CLIPModel config (no vision_config / text_config)')
     v, t = c['vision_config'], c['text_config']
@@ -98,10 +93,6 @@ def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any]) -> dict[str, 
 
 def load(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(CLIP fields plus 'image_size', params as numpy) of a transformers CLIPModel folder."""
-    if not os.path.isfile(os.path.join(directory, 'config.json')):
-        raise FileNotFoundError(f'{directory}: no config.json (a transformers CLIPModel folder)')
-    files = [os.path.join(directory, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(directory, f))]
-    if not files:
-        raise FileNotFoundError(f'{directory}: none of {", ".join(WEIGHT_FILES)}')
-    fields = read_config(directory)
-    return fields, torch_to_flax(io.read_state_dict(files[0]), fields)
+    config, weights = io.read_transformers_folder(directory, 'CLIPModel')
+    fields = read_config(config, directory)
+    return fields, torch_to_flax(weights, fields)

@@ -9,8 +9,6 @@ quantizer and are refused: continued pretraining needs it.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import numpy as np
@@ -20,13 +18,10 @@ from jaxssl.models import bert_weights
 from jaxssl.models import wav2vec2 as w2v
 from jaxssl.models.bert_weights import dense, norm
 
-WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 
-
-def read_config(directory: str) -> dict[str, Any]:
-    """The Wav2Vec2 fields of a transformers config.json; ValueError for architectures jaxssl does not build."""
-    with open(os.path.join(directory, 'config.json')) as f:
-        c = json.load(f)
+def read_config(c: dict[str, Any], directory: str) -> dict[str, Any]:
+    """The Wav2Vec2 fields of a transformers config.json `c` (of `directory`, for messages); ValueError for
+    architectures jaxssl does not build."""
     kernels_strides = tuple(zip(c['conv_kernel'], c['conv_stride'], strict=True))
     if kernels_strides != w2v.KERNELS_STRIDES or len(set(c['conv_dim'])) != 1:
         raise ValueError(f'{directory}: only the reference feature encoder (7 equal-width convolutions) is supported')
@@ -104,10 +99,6 @@ def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any]) -> dict[str, 
 
 def load(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(Wav2Vec2 fields, params as numpy) of a transformers Wav2Vec2ForPreTraining folder."""
-    if not os.path.isfile(os.path.join(directory, 'config.json')):
-        raise FileNotFoundError(f'{directory}: no config.json (a transformers Wav2Vec2ForPreTraining folder)')
-    files = [os.path.join(directory, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(directory, f))]
-    if not files:
-        raise FileNotFoundError(f'{directory}: none of {", ".join(WEIGHT_FILES)}')
-    fields = read_config(directory)
-    return fields, torch_to_flax(io.read_state_dict(files[0]), fields)
+    config, weights = io.read_transformers_folder(directory, 'Wav2Vec2ForPreTraining')
+    fields = read_config(config, directory)
+    return fields, torch_to_flax(weights, fields)
