@@ -1,12 +1,13 @@
 """Optimiser and schedule: AdamW (default), Adam with L2, LARS or SGD (`optim.name`), with rule-based weight-decay
 masks and lr multipliers, global-norm or per-tensor clipping, an optional cosine weight-decay schedule
-(`optim.weight_decay_end`), parameters frozen for the first epochs (`optim.freeze_epochs`), and a per-step lr schedule
-(`optim.schedule`):
+(`optim.weight_decay_end`), parameters frozen for the first epochs or steps (`optim.freeze_epochs`,
+`optim.freeze_steps`), parameters clamped into bounds (`optim.clamp`), and a per-step lr schedule (`optim.schedule`):
 
 - 'cosine' (default): the reference's warmup + cosine decay to `optim.min_lr`;
 - 'linear': warmup + linear decay to `optim.min_lr` (the HF Trainer default, e.g. self-distillation's recipe);
 - 'infinite': the infinite schedule of Ibrahim et al. 2024 / Singh et al. 2025 (`infinite_schedule`): warmup,
-  cooldown to a constant lr, constant, exponential annealing to a minimum lr.
+  cooldown to a constant lr, constant, exponential annealing to a minimum lr;
+- 'tri_stage': fairseq's wav2vec 2.0 fine-tuning schedule (`tri_stage_schedule`): warmup, hold, exponential decay.
 
 Continual pretraining over a sequence of tasks: `optim.task_steps` (> 0) makes the schedule restart every
 task_steps steps (cosine / linear: one full cycle per task, i.e. repeated cosine; infinite: tasks after the first
@@ -30,7 +31,7 @@ from jaxssl import rules as rules_lib
 from jaxssl.config import ConfigError
 
 OPTIMIZERS = ('adamw', 'adam', 'lars', 'sgd')
-SCHEDULES = ('cosine', 'linear', 'infinite')
+SCHEDULES = ('cosine', 'linear', 'infinite', 'tri_stage')
 COOLDOWNS = ('cosine', 'linear', 'inv_sqrt')  # the infinite schedule's cooldown shapes (the reference's options)
 # Schedule keys every config gets (add_schedule_defaults) so any of them can be selected on the command line; the
 # infinite schedule's values are the authors' final small-scale MAE runs (Pauljanson002/MAE-1 bin/mila/*.sh).
@@ -43,6 +44,9 @@ SCHEDULE_DEFAULTS = dict(
     constant_ratio=0.8,  # infinite: the constant phase ends (annealing starts) at constant_ratio x task steps
     constant_lr_ratio=0.75,  # infinite: the constant lr, a fraction of the peak lr
     min_lr_ratio=0.05,  # infinite: the annealing's final lr, a fraction of the peak lr
+    phase_ratio=(0.1, 0.4, 0.5),  # tri_stage: warmup, hold and decay fractions of the task's steps (fairseq's)
+    init_lr_scale=0.01,  # tri_stage: the warmup's first lr, a fraction of the peak lr
+    final_lr_scale=0.05,  # tri_stage: the lr after the exponential decay, a fraction of the peak lr
 )
 INV_SQRT_ALPHA = 10.0  # the reference's inverse-sqrt cooldown steepness
 
@@ -130,6 +134,29 @@ def infinite_schedule(
     return schedule
 
 
+def tri_stage_schedule(
+    peak: float, total_steps: int, phase_ratio: tuple[float, float, float], init_scale: float, final_scale: float
+) -> optax.Schedule:
+    """fairseq's tri_stage schedule (wav2vec 2.0 fine-tuning): linear from init_scale x peak to the peak over the
+    first phase_ratio[0] of the steps, the peak for the next phase_ratio[1], an exponential decay to final_scale x peak
+    over phase_ratio[2], then final_scale x peak. Phase lengths are int(ratio x total_steps), as fairseq's."""
+    warmup, hold, decay = (int(total_steps * r) for r in phase_ratio)
+    init, final = init_scale * peak, final_scale * peak
+    decay_factor = -math.log(final_scale) / max(decay, 1)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        warming = init + (peak - init) / max(warmup, 1) * step
+        decaying = peak * jnp.exp(-decay_factor * (step - warmup - hold))
+        return jnp.where(
+            step < warmup,
+            warming,
+            jnp.where(step < warmup + hold, peak, jnp.where(step <= warmup + hold + decay, decaying, final)),
+        )
+
+    return schedule
+
+
 def add_schedule_defaults(optim_config: ml_collections.ConfigDict) -> None:
     """Adds the schedule keys (SCHEDULE_DEFAULTS) a config's `optim` section lacks; values it sets are kept."""
     for key, value in SCHEDULE_DEFAULTS.items():
@@ -154,6 +181,13 @@ def check_schedule_config(config: ml_collections.ConfigDict) -> None:
         value = o[key]
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"bad value {value!r} for 'optim.{key}': must be an integer >= 0")
+    if o.schedule == 'tri_stage':
+        ratios = tuple(o.phase_ratio)
+        if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
+            raise ConfigError(f"bad value {ratios} for 'optim.phase_ratio': three fractions >= 0 that add up to 1")
+        if not 0 < o.init_lr_scale <= 1 or not 0 < o.final_lr_scale <= 1:
+            raise ConfigError("'optim.init_lr_scale' / 'optim.final_lr_scale' must be in (0, 1]")
+        return
     if o.schedule != 'infinite':
         return
     cool, const = o.cooldown_ratio, o.constant_ratio
@@ -192,6 +226,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, 
             peak, task_steps, warmup, cooldown_end, constant_end, o.constant_lr_ratio * peak, o.min_lr_ratio * peak,
             o.cooldown,
         )  # fmt: skip
+    elif name == 'tri_stage':
+        cycle = tri_stage_schedule(peak, task_steps, tuple(o.phase_ratio), o.init_lr_scale, o.final_lr_scale)
+        per_task = lambda step: cycle(jnp.mod(step, task_steps))
     else:
         make = warmup_cosine if name == 'cosine' else warmup_linear
         cycle = make(peak, optim_config.min_lr * scale, task_steps, warmup)
@@ -380,6 +417,7 @@ def make_optimizer(
         ]
 
     freeze = [(pattern, round(epochs * steps_per_epoch)) for pattern, epochs in o.get('freeze_epochs', ())]
+    freeze += [(pattern, int(steps)) for pattern, steps in o.get('freeze_steps', ())]
     freeze = [(pattern, steps) for pattern, steps in freeze if steps > 0]
     if freeze:
         # One optimiser per frozen group, with its own state, so its moments start when it thaws.

@@ -548,10 +548,11 @@ def make_eval_dataset(
     process_index: int = 0,
     process_count: int = 1,
     max_examples: int = 0,
+    source: Any = None,
 ) -> tuple[grain.IterDataset, int]:
     """One deterministic pass over a split: 'spectrogram' (B, 1, target_length, num_mel_bins) (or 'waveform' (B, 1,
     max_samples) and 'num_samples' (B, 1)), 'index', 'valid' and the labels; `max_examples` > 0 takes an evenly
-    spaced subset."""
+    spaced subset. `source` overrides the one `config.input` names for the split."""
     return pipeline.make_eval_dataset(
         config,
         split=split,
@@ -559,7 +560,7 @@ def make_eval_dataset(
         process_index=process_index,
         process_count=process_count,
         max_clips=max_examples,
-        source=make_audio_source(config, split),
+        source=make_audio_source(config, split) if source is None else source,
         loader_cls=EvalAudioLoader,
     )
 
@@ -610,11 +611,11 @@ def fbank_stats(config: ml_collections.ConfigDict, max_examples: int = 2000) -> 
     return float(values.mean()), float(values.std())
 
 
-def check_audio_input_config(config: ml_collections.ConfigDict) -> None:
+def check_audio_input_config(config: ml_collections.ConfigDict, datasets: tuple[str, ...] = DATASETS) -> None:
     """Raises ConfigError naming the key for an input section that cannot produce data (paths are checked when the
-    run starts)."""
+    run starts). A method with sources of its own passes its `datasets`."""
     c = config.input
-    check_choice(config, 'input.dataset', DATASETS)
+    check_choice(config, 'input.dataset', datasets)
     check_choice(config, 'input.features', FEATURES)
     check_choice(config, 'input.window', WINDOWS)
     for key in ('sample_rate', 'num_mel_bins', 'target_length', 'global_batch', 'num_sample', 'max_samples'):

@@ -70,6 +70,7 @@ class Layer(nn.Module):
     eps: float
     dtype: Any = jnp.float32
     norm_first: bool = False
+    activation_dropout: float = 0.0  # after the MLP's GELU (fairseq's activation_dropout; BERT has none)
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
@@ -77,8 +78,12 @@ class Layer(nn.Module):
         attn = SelfAttention(self.width, self.heads, self.attention_dropout, self.dtype, name='attention')
         attention_norm = nn.LayerNorm(self.eps, dtype=self.dtype, name='attention_norm')
         output_norm = nn.LayerNorm(self.eps, dtype=self.dtype, name='output_norm')
+        activation_drop = nn.Dropout(self.activation_dropout)
         mlp = lambda t: nn.Dense(self.width, dtype=self.dtype, name='output')(
-            nn.gelu(nn.Dense(self.mlp, dtype=self.dtype, name='intermediate')(t), approximate=False)
+            activation_drop(
+                nn.gelu(nn.Dense(self.mlp, dtype=self.dtype, name='intermediate')(t), approximate=False),
+                deterministic=deterministic,
+            )
         )
         if self.norm_first:
             x = x + drop(attn(attention_norm(x), key_mask, deterministic))

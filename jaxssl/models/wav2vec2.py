@@ -184,6 +184,12 @@ class Wav2Vec2(nn.Module):
     feature_grad_mult: float = 1.0
     eps: float = 1e-5
     dtype: Any = jnp.float32
+    activation_dropout: float = 0.0
+    # Fine-tuning for CTC (fairseq's Wav2VecCtc): no quantizer nor final_proj, a Linear head to `vocab_size` letters
+    # after `final_dropout`.
+    pretraining: bool = True
+    vocab_size: int = 0
+    final_dropout: float = 0.0
 
     def setup(self):
         self.feature_extractor = FeatureEncoder(
@@ -201,10 +207,16 @@ class Wav2Vec2(nn.Module):
         self.layers = [
             bert.Layer(
                 self.width, self.heads, self.mlp, self.dropout, self.attention_dropout, self.eps, self.dtype,
-                self.norm_first, name=f'layers_{i}',
+                self.norm_first, self.activation_dropout, name=f'layers_{i}',
             )
             for i in range(self.depth)
         ]  # fmt: skip
+        if self.vocab_size:
+            self.final_dropout_layer = nn.Dropout(self.final_dropout)
+            # fairseq's Linear(): xavier_uniform weight, zero bias
+            self.lm_head = nn.Dense(self.vocab_size, kernel_init=nn.initializers.xavier_uniform(), name='lm_head')
+        if not self.pretraining:
+            return
         entries = self.codebooks * self.codebook_entries
         self.weight_proj = nn.Dense(entries, kernel_init=nn.initializers.normal(1.0), name='quantizer_weight_proj')
         self.codevectors = self.param(
@@ -297,6 +309,30 @@ class Wav2Vec2(nn.Module):
             'features_pen': features_pen,
         }
 
+    def ctc_logits(
+        self,
+        waveform: jax.Array,
+        num_samples: jax.Array,
+        time_mask: jax.Array | None = None,
+        channel_mask: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Fine-tuning forward pass (fairseq's Wav2VecEncoder): letter logits (B, T, vocab_size) float32. With masks
+        (training), masked frames (B, T) become mask_emb and then masked channels (B, width) are zeroed, the order of
+        fairseq's apply_mask."""
+        if not self.vocab_size:
+            raise ValueError('ctc_logits needs a model with vocab_size > 0')
+        _, latents = self.latents(waveform, num_samples)
+        frame_valid = valid_frames(num_samples, latents.shape[1])
+        x = self.input_dropout(self.post_extract_proj(latents), deterministic=deterministic)
+        if time_mask is not None:
+            x = jnp.where(time_mask[..., None], self.mask_emb.astype(x.dtype), x)
+        if channel_mask is not None:
+            x = jnp.where(channel_mask[:, None, :], 0.0, x).astype(x.dtype)
+        hidden, _ = self.context(x, frame_valid, deterministic)
+        hidden = self.final_dropout_layer(hidden, deterministic=deterministic)
+        return self.lm_head(hidden.astype(jnp.float32))
+
     def encode(self, waveform: jax.Array, num_samples: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Unmasked, deterministic context vectors (B, T, width) and each block's; the representation."""
         _, latents = self.latents(waveform, num_samples)
@@ -309,8 +345,12 @@ def init_params(model: Wav2Vec2, rng: jax.Array, waveform: jax.Array) -> Any:
     zero already)."""
     init_rng, bert_rng = jax.random.split(rng)
     b, n = waveform.shape
-    mask = jnp.zeros((b, int(frame_counts(n))), bool)
-    params = dict(model.init(init_rng, waveform, jnp.full((b,), n), mask, method=model.__call__)['params'])
+    lengths = jnp.full((b,), n)
+    if model.pretraining:
+        mask = jnp.zeros((b, int(frame_counts(n))), bool)
+        params = dict(model.init(init_rng, waveform, lengths, mask, method=model.__call__)['params'])
+    else:
+        params = dict(model.init(init_rng, waveform, lengths, method=model.ctc_logits)['params'])
     for i, key in enumerate(jax.random.split(bert_rng, model.depth)):
         params[f'layers_{i}'] = vit.redraw_kernels(params[f'layers_{i}'], key, bert_init)
     return params

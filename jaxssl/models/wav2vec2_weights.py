@@ -4,7 +4,7 @@ Reads a transformers `Wav2Vec2ForPreTraining` folder (config.json and model.safe
 `save_pretrained` writes them and the hub's facebook/wav2vec2-base, wav2vec2-large-xlsr-53, wav2vec2-xls-r-300m
 hold them). A fairseq checkpoint converts to that layout with transformers' own script
 (convert_wav2vec2_original_pytorch_checkpoint_to_pytorch.py). Fine-tuned CTC checkpoints (Wav2Vec2ForCTC) lack the
-quantizer and are refused: continued pretraining needs it.
+quantizer: continued pretraining refuses them, CTC fine-tuning reads them (`quantizer=False`) with their letter head.
 """
 
 from __future__ import annotations
@@ -49,10 +49,12 @@ def read_config(c: dict[str, Any], directory: str) -> dict[str, Any]:
     )
 
 
-def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
-    """A Wav2Vec2ForPreTraining state dict -> Wav2Vec2 params (numpy); KeyError names a missing tensor."""
+def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any], quantizer: bool = True) -> dict[str, Any]:
+    """A Wav2Vec2ForPreTraining (or, without `quantizer`, also a Wav2Vec2ForCTC) state dict -> Wav2Vec2 params
+    (numpy): the encoder, and the quantizer and final projection when `quantizer`, the CTC head 'lm_head' when the
+    checkpoint has one. KeyError names a missing tensor."""
     w = {k: np.asarray(v, np.float32) for k, v in weights.items()}
-    if 'quantizer.codevectors' not in w:
+    if quantizer and 'quantizer.codevectors' not in w:
         raise KeyError('quantizer.codevectors: not a Wav2Vec2ForPreTraining checkpoint (no quantizer to continue)')
     m = 'wav2vec2.'
     extractor: dict[str, Any] = {}
@@ -77,11 +79,14 @@ def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any]) -> dict[str, 
         'mask_emb': w[f'{m}masked_spec_embed'],
         'pos_conv': {'weight_v': v.transpose(2, 1, 0), 'weight_g': g.reshape(-1), 'bias': w[f'{pos}.bias']},
         'encoder_norm': norm(w, f'{m}encoder.layer_norm'),
-        'quantizer_weight_proj': dense(w, 'quantizer.weight_proj'),
-        'quantizer_codevectors': w['quantizer.codevectors'][0],
-        'project_q': dense(w, 'project_q'),
-        'final_proj': dense(w, 'project_hid'),
     }
+    if quantizer:
+        params['quantizer_weight_proj'] = dense(w, 'quantizer.weight_proj')
+        params['quantizer_codevectors'] = w['quantizer.codevectors'][0]
+        params['project_q'] = dense(w, 'project_q')
+        params['final_proj'] = dense(w, 'project_hid')
+    if 'lm_head.weight' in w:
+        params['lm_head'] = dense(w, 'lm_head')
     for i in range(fields['depth']):
         p = f'{m}encoder.layers.{i}'
         params[f'layers_{i}'] = bert_weights.layer(w, {
@@ -97,8 +102,9 @@ def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any]) -> dict[str, 
     return params
 
 
-def load(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(Wav2Vec2 fields, params as numpy) of a transformers Wav2Vec2ForPreTraining folder."""
+def load(directory: str, quantizer: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Wav2Vec2 fields, params as numpy) of a transformers Wav2Vec2ForPreTraining folder (with `quantizer`), or of
+    a Wav2Vec2ForPreTraining / Wav2Vec2ForCTC folder's encoder and CTC head (without)."""
     config, weights = io.read_transformers_folder(directory, 'Wav2Vec2ForPreTraining')
     fields = read_config(config, directory)
-    return fields, torch_to_flax(weights, fields)
+    return fields, torch_to_flax(weights, fields, quantizer)
