@@ -152,6 +152,13 @@ def test_letter_head_matches_transformers_ctc(tmp_path):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
     shapes = jax.eval_shape(lambda: w2v.init_params(model, jax.random.key(0), jnp.zeros((1, 4000))))
     assert jax.tree.map(np.shape, shapes) == jax.tree.map(np.shape, params)  # no quantizer, a head
+    # As the start of a fine-tuning: the encoder as released, a new head for the built-in words' 11 letters and 4 specials.
+    with pytest.raises(ConfigError, match=r'input\.normalize_waveform'):
+        wav2vec2_ctc.Method(load_config(CONFIG, [f'model.pretrained={tmp_path}', 'input.normalize_waveform=true']))
+    method = wav2vec2_ctc.Method(load_config(CONFIG, [f'model.pretrained={tmp_path}']))
+    start, _ = method.init(jax.random.key(0), method.example_batch(2))
+    assert start['lm_head']['kernel'].shape == (TINY['hidden_size'], 15)
+    jax.tree.map(np.testing.assert_array_equal, start['layers_1'], params['layers_1'])
 
 
 def test_runlocal_sharded_matches_one_device_and_decodes(tmp_path):

@@ -151,6 +151,12 @@ class Method(_audio.AudioMethod):
                 del params['lm_head']
             self._pretrained = params
             self.model = w2v.Wav2Vec2(**{**fields, **overrides})
+            if (fields['extractor_mode'] == 'layer') != c.normalize_waveform:  # fairseq's recipes: layer <=> normalize
+                raise ConfigError(
+                    f"'input.normalize_waveform' is {c.normalize_waveform} but {m.pretrained} has a "
+                    f'{fields["extractor_mode"]}-norm feature encoder, trained on '
+                    f'{"standardised" if fields["extractor_mode"] == "layer" else "raw"} waveforms'
+                )
         else:
             self.model = w2v.make_model(m.variant, **overrides)
         self.max_target = config.loss.max_target_length
