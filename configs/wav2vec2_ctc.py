@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dropout_input = 0.0
     c.model.final_dropout = 0.0
     c.model.layerdrop = layerdrop
+    c.model.freeze_finetune_updates = frozen  # updates in which only the head is trained
 
     c.mask = ml_collections.ConfigDict()  # time masks: spans of frames replaced by the mask embedding
     c.mask.prob = 0.65
@@ -71,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.max_samples = 16000 if arg.runlocal else 560_000  # 35 s: longer utterances are left out and counted
     c.input.normalize_waveform = arg.variant == 'large' and not arg.runlocal  # as the pretrained model's input
     c.input.min_samples = 0
+    c.input.bucket_by_length = not arg.runlocal  # each device's rows of similar length, as fairseq's sorted batches
     c.input.global_batch = 32 if arg.runlocal else REFERENCE_BATCH
 
     c.optim = ml_collections.ConfigDict()
@@ -88,8 +90,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.clip_grad = 0.0
     c.optim.no_decay = ()
     c.optim.lr_rules = ()
-    # freeze_finetune_updates: everything but the head waits (no update, no Adam moments) for these steps.
-    c.optim.freeze_steps = (('(?!lm_head/).*', frozen),) if frozen else ()
 
     add_trainer_defaults(c, runlocal=arg.runlocal)
     c.init_from = ''  # a wav2vec 2.0 pretraining workdir (or params directory): every parameter but the head

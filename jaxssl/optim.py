@@ -1,7 +1,7 @@
 """Optimiser and schedule: AdamW (default), Adam with L2, LARS or SGD (`optim.name`), with rule-based weight-decay
 masks and lr multipliers, global-norm or per-tensor clipping, an optional cosine weight-decay schedule
-(`optim.weight_decay_end`), parameters frozen for the first epochs or steps (`optim.freeze_epochs`,
-`optim.freeze_steps`), parameters clamped into bounds (`optim.clamp`), and a per-step lr schedule (`optim.schedule`):
+(`optim.weight_decay_end`), parameters frozen for the first epochs (`optim.freeze_epochs`), parameters clamped into
+bounds (`optim.clamp`), and a per-step lr schedule (`optim.schedule`):
 
 - 'cosine' (default): the reference's warmup + cosine decay to `optim.min_lr`;
 - 'linear': warmup + linear decay to `optim.min_lr` (the HF Trainer default, e.g. self-distillation's recipe);
@@ -417,7 +417,6 @@ def make_optimizer(
         ]
 
     freeze = [(pattern, round(epochs * steps_per_epoch)) for pattern, epochs in o.get('freeze_epochs', ())]
-    freeze += [(pattern, int(steps)) for pattern, steps in o.get('freeze_steps', ())]
     freeze = [(pattern, steps) for pattern, steps in freeze if steps > 0]
     if freeze:
         # One optimiser per frozen group, with its own state, so its moments start when it thaws.

@@ -25,7 +25,7 @@ import numpy as np
 from jaxssl.data import audio
 
 SPECIALS = ('<s>', '<pad>', '</s>', '<unk>')
-BLANK, PAD, UNK = 0, 1, 3
+BLANK, PAD, EOS, UNK = 0, 1, 2, 3
 WORD_END = '|'
 _CONTOURS = {1: '+', -1: '-', 0: '', None: ''}
 
@@ -96,10 +96,11 @@ class ManifestSource:
             root = f.readline().strip()
             rows = [line.rstrip('\n').split('\t') for line in f if line.strip()]
         with open(ltr, encoding='utf-8') as f:
-            letters = [line.strip() for line in f if line.strip()]
+            letters = [line.strip() for line in f.read().splitlines()]  # an empty line is an empty transcript
         if len(letters) != len(rows):
             raise ValueError(f'{ltr}: {len(letters)} transcripts for the {len(rows)} utterances of {tsv}')
         self.name, self.files, self.transcripts, self.skipped = f'{manifest_dir}/{split}', [], [], 0
+        self._lengths = []
         for row, text in zip(rows, letters, strict=True):
             if len(row) != 2 or not row[1].isdigit():
                 raise ValueError(f'{tsv}: bad line {row!r}; expected path<TAB>num_samples')
@@ -108,6 +109,7 @@ class ManifestSource:
                 continue
             self.files.append(os.path.join(root, row[0]))
             self.transcripts.append(text)
+            self._lengths.append(int(row[1]))
         if not self.files:
             raise ValueError(f'{tsv}: no utterance of {min_samples} to {max_samples} samples')
         if self.skipped:
@@ -122,6 +124,11 @@ class ManifestSource:
 
     def __repr__(self) -> str:
         return f'ManifestSource({self.name!r}, {len(self)} utterances)'
+
+    def lengths(self, sample_rate: int) -> np.ndarray:
+        """The manifest's sample counts (fairseq's manifests are at the model's 16 kHz, as input.sample_rate)."""
+        del sample_rate
+        return np.asarray(self._lengths, np.int64)
 
 
 def greedy_decode(frame_ids: np.ndarray, frames: int) -> list[int]:

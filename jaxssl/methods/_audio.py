@@ -29,8 +29,12 @@ class AudioMethod(base.Method):
         process so that Grain workers need no JAX."""
         return None
 
+    def train_source(self) -> Any:
+        """The training split's source (default: the one `config.input` names)."""
+        return audio.make_audio_source(self.config)
+
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
-        source = audio.make_audio_source(self.config)
+        source = self.train_source()
         order = self.reading_order(source, seed, process_index, process_count)
         dataset = audio.make_pretrain_dataset(
             self.config,

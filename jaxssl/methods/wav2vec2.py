@@ -210,6 +210,30 @@ def wav2vec2_loss(
     return loss, metrics
 
 
+def bucketed_order(
+    config: ml_collections.ConfigDict, groups: int, source: Any, seed: int, process_index: int, process_count: int
+) -> Any:
+    """fairseq's size-sorted batches when `input.bucket_by_length` (None otherwise): `audio.length_bucket_order`
+    with one bucket per reference batch (`groups` in the global batch) of the source's lengths, capped at
+    max_samples; lengths are process 0's, so that every host reads the same order."""
+    c = config.input
+    if not c.bucket_by_length:
+        return None
+    lengths = np.minimum(source.lengths(c.sample_rate), c.max_samples)
+    if process_count > 1:  # one reading of the headers for all: a failed read on one host must not split orders
+        from jax.experimental import multihost_utils
+
+        lengths = np.asarray(multihost_utils.broadcast_one_to_all(lengths))
+    try:
+        return audio.length_bucket_order(
+            lengths, c.global_batch, c.global_batch // groups,
+            min_length=max(c.min_samples, math.ceil(audio.MIN_SECONDS * c.sample_rate)),
+            seed=seed, process_index=process_index, process_count=process_count,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(f"'input.bucket_by_length': {e}") from None
+
+
 class Method(_audio.AudioMethod):
     """wav2vec 2.0 pretraining for the trainer."""
 
@@ -256,22 +280,7 @@ class Method(_audio.AudioMethod):
     def reading_order(self, source: Any, seed: int, process_index: int, process_count: int) -> Any:
         """With `input.bucket_by_length`, fairseq's length-sorted batches: each reference batch (one device's rows)
         is a bucket of utterances of similar length (up to max_samples), so the crop to the shortest loses little."""
-        c = self.config.input
-        if not c.bucket_by_length:
-            return None
-        lengths = np.minimum(source.lengths(c.sample_rate), c.max_samples)
-        if process_count > 1:  # one reading of the headers for all: a failed read on one host must not split orders
-            from jax.experimental import multihost_utils
-
-            lengths = np.asarray(multihost_utils.broadcast_one_to_all(lengths))
-        try:
-            return audio.length_bucket_order(
-                lengths, c.global_batch, c.global_batch // self.groups(),
-                min_length=max(c.min_samples, math.ceil(audio.MIN_SECONDS * c.sample_rate)),
-                seed=seed, process_index=process_index, process_count=process_count,
-            )  # fmt: skip
-        except ValueError as e:
-            raise ConfigError(f"'input.bucket_by_length': {e}") from None
+        return bucketed_order(self.config, self.groups(), source, seed, process_index, process_count)
 
     def batch_transform(self) -> Any:
         groups, processes = self.groups(), jax.process_count()

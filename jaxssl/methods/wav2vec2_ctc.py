@@ -4,10 +4,11 @@ the CTC loss; the second step of the seed papers' Ainu model (continued pretrain
 
 As fairseq's recipe (examples/wav2vec/config/finetuning/base_{10h,100h}.yaml):
 - the feature encoder stays frozen (feature_grad_mult 0); the rest of the encoder stays frozen for the first
-  `optim.freeze_steps` updates, during which only the head trains (freeze_finetune_updates);
+  `model.freeze_finetune_updates` updates, during which only the head trains;
+- batches of similar lengths (`input.bucket_by_length`, fairseq's size-sorted batches), padded, not cropped;
 - masks while training: time spans replaced by the learned mask embedding (mask_prob 0.65, length 10), then channel
   spans zeroed (mask_channel_prob 0.5, length 64), both drawn per reference batch with require_same_masks, on each
-  utterance's own frames (the batch is padded, not cropped: a crop would cut the transcript);
+  utterance's own frames (a crop would cut the transcript);
 - CTC with the blank at fairseq's <s> (id 0), summed per utterance, averaged over utterances (sentence_avg);
   impossible alignments count zero (zero_infinity);
 - Adam (0.9, 0.98), eps 1e-8, no weight decay, the tri-stage schedule (10% warmup from 1% of the peak, 40% hold, 50%
@@ -22,6 +23,8 @@ folder (its letter head too when the alphabet has its size).
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Any
 
 import jax
@@ -35,7 +38,7 @@ from jaxssl.data import audio, transcripts
 from jaxssl.evaluate import features
 from jaxssl.methods import _audio
 from jaxssl.methods.videomae import DTYPES
-from jaxssl.methods.wav2vec2 import span_mask
+from jaxssl.methods.wav2vec2 import bucketed_order, span_mask
 from jaxssl.models import wav2vec2 as w2v
 from jaxssl.models import wav2vec2_weights
 
@@ -57,6 +60,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         check_range(config, f'{group}.prob', 0.0, 1.0)
         if config[group].length < 1:
             raise ConfigError(f"bad value {config[group].length} for '{group}.length': must be >= 1")
+    if not isinstance(m.freeze_finetune_updates, int) or m.freeze_finetune_updates < 0:
+        raise ConfigError(
+            f"bad value {m.freeze_finetune_updates!r} for 'model.freeze_finetune_updates': an integer >= 0"
+        )
     if config.loss.reference_batches < 0:
         raise ConfigError("'loss.reference_batches' must be >= 0 (0: one per device)")
 
@@ -146,9 +153,8 @@ class Method(_audio.AudioMethod):
                 fields, params = wav2vec2_weights.load(m.pretrained, quantizer=False)
             except (OSError, ValueError, KeyError) as e:
                 raise ConfigError(f"'model.pretrained' {m.pretrained}: {e}") from None
-            head = params.get('lm_head', {}).get('kernel')
-            if head is not None and head.shape[1] != len(self.dictionary):  # another alphabet: a new head
-                del params['lm_head']
+            if 'lm_head' in params and released_symbols(m.pretrained) != self.dictionary.symbols:
+                del params['lm_head']  # another alphabet, or its order unknown: a new head
             self._pretrained = params
             self.model = w2v.Wav2Vec2(**{**fields, **overrides})
             if (fields['extractor_mode'] == 'layer') != c.normalize_waveform:  # fairseq's recipes: layer <=> normalize
@@ -171,14 +177,17 @@ class Method(_audio.AudioMethod):
         except (OSError, ValueError) as e:
             raise ConfigError(f"'input.manifest_dir' / 'input.split': {e}") from None
 
-    @functools.cached_property
-    def targets(self) -> list[np.ndarray]:
-        """The training split's transcripts as letter ids, by 'transcript' index."""
-        return [self.dictionary.encode(t) for t in self._train_source.transcripts]
+    def train_source(self) -> Any:
+        return self._train_source
 
     @functools.cached_property
     def _train_source(self) -> Any:
         return self.source(self.config.input.split)
+
+    @functools.cached_property
+    def targets(self) -> list[np.ndarray]:
+        """The training split's transcripts as letter ids, by 'transcript' index."""
+        return [self.dictionary.encode(t) for t in self._train_source.transcripts]
 
     def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         ids = self.targets[int(sample['transcript'])]
@@ -188,18 +197,11 @@ class Method(_audio.AudioMethod):
         padded[: len(ids)] = ids
         return {**sample, 'targets': padded, 'target_length': np.int32(len(ids))}
 
-    def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
-        source = self._train_source
-        dataset = audio.make_pretrain_dataset(
-            self.config,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            sample_transform=self.sample_transform,
-            source=source,
-            batch_transform=self.batch_transform(),
-        )
-        return dataset, len(source)
+    def reading_order(self, source: Any, seed: int, process_index: int, process_count: int) -> Any:
+        """With `input.bucket_by_length`, fairseq's size-sorted batches: each reference batch holds utterances of
+        similar length, so require_same_masks trims little (random lengths would cut every row to the shortest's
+        mask count)."""
+        return bucketed_order(self.config, self.groups(), source, seed, process_index, process_count)
 
     def groups(self) -> int:
         return self.config.loss.reference_batches or self.mesh.devices.size
@@ -235,9 +237,15 @@ class Method(_audio.AudioMethod):
 
     def loss(self, params, extra, batch, rng, step):
         rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(('dropout', 'layerdrop'))}
+        # freeze_finetune_updates: before it, only the head gets a gradient. fairseq's recipe (fp16, one flat fp32
+        # buffer, legacy_ddp) then steps Adam with zero gradients for the encoder: moments stay 0 and the step count
+        # is shared, as here with the encoder's gradients zeroed.
+        frozen = step < self.config.model.freeze_finetune_updates
+        encoder = jax.tree.map(lambda p: jnp.where(frozen, jax.lax.stop_gradient(p), p), params)
+        head = {'lm_head': params['lm_head']}
         logits = self.model.apply(
-            {'params': params}, batch['waveform'], batch['num_samples'], batch['time_mask'], batch['channel_mask'],
-            deterministic=False, rngs=rngs, method=self.model.ctc_logits,
+            {'params': {**encoder, **head}}, batch['waveform'], batch['num_samples'], batch['time_mask'],
+            batch['channel_mask'], deterministic=False, rngs=rngs, method=self.model.ctc_logits,
         )  # fmt: skip
         frames = w2v.frame_counts(batch['num_samples'])
         per_utterance, possible = ctc_loss(logits, frames, batch['targets'], batch['target_length'])
@@ -275,6 +283,16 @@ class Method(_audio.AudioMethod):
         return int(w2v.frame_counts(self.config.input.max_samples))
 
 
+def released_symbols(directory: str) -> list[str] | None:
+    """The letters of a transformers CTC folder's head in id order (its vocab.json), or None without one."""
+    path = os.path.join(directory, 'vocab.json')
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding='utf-8') as f:
+        vocab = json.load(f)
+    return [symbol for symbol, _ in sorted(vocab.items(), key=lambda item: item[1])]
+
+
 def error_rates(
     tokens: np.ndarray,
     valid: np.ndarray,
@@ -283,16 +301,21 @@ def error_rates(
     dictionary: transcripts.LetterDictionary,
 ) -> dict[str, float]:
     """uer / wer (%) of the greedy decodings of per-frame argmax ids `tokens` (N, T) against `references[index]`
-    (fairseq letters), over the `valid` rows: errors summed over the corpus, divided by the reference's length."""
+    (fairseq letters), over the `valid` rows, as fairseq's ctc criterion: ids compared (letters outside the
+    dictionary are <unk> in the reference; <pad> and </s> dropped from the hypothesis), errors summed over the corpus
+    and divided by the reference's length."""
     letter_errors = letters = word_errors = words = 0
     for row, keep, i in zip(np.asarray(tokens).astype(np.int64), valid, index, strict=True):
         if not keep:
             continue
-        reference = references[int(i)].split()
-        hypothesis = dictionary.decode(transcripts.greedy_decode(row, len(row))).split()
+        reference = dictionary.encode(references[int(i)]).tolist()
+        hypothesis = [
+            t for t in transcripts.greedy_decode(row, len(row)) if t not in (transcripts.PAD, transcripts.EOS)
+        ]
         letter_errors += transcripts.edit_distance(hypothesis, reference)
         letters += len(reference)
-        ref_words, hyp_words = transcripts.words(reference), transcripts.words(hypothesis)
+        ref_words = transcripts.words(dictionary.decode(reference).split())
+        hyp_words = transcripts.words(dictionary.decode(hypothesis).split())
         word_errors += transcripts.edit_distance(hyp_words, ref_words)
         words += len(ref_words)
     return {'uer': 100.0 * letter_errors / max(letters, 1), 'wer': 100.0 * word_errors / max(words, 1)}
