@@ -149,6 +149,9 @@ def test_manifest_dictionary_and_spellings(tmp_path):
     method = wav2vec2_ctc.Method(config)
     lengths = method.train_source().lengths(16000)
     order, per_epoch = method.reading_order(method.train_source(), 0, 0, 1)
+    with pytest.raises(ConfigError, match=r'loss\.max_target_length'):  # before any step, not in a worker
+        wav2vec2_ctc.Method(load_config('configs/wav2vec2_ctc.py', [f'input.manifest_dir={tmp_path}',
+                                        'input.split=train', 'loss.max_target_length=4'])).train_source()  # fmt: skip
     assert per_epoch == 16
     first = [int(order[i]) for i in range(8)]
     ranks = np.argsort(np.argsort(lengths))

@@ -109,7 +109,8 @@ class Method(_image.ImageMethod):
         if self.model.vocab_size < self.tokenizer.vocab_size or self.model.eot_id != self.tokenizer.eot_id:
             raise ConfigError(
                 f"'text.tokenizer': its {self.tokenizer.vocab_size} tokens / end-of-text id {self.tokenizer.eot_id} do "
-                f'not fit the model ({self.model.vocab_size} tokens, end of text {self.model.eot_id})'
+                f'not fit the model ({self.model.vocab_size} tokens, end of text {self.model.eot_id}); a released '
+                'model needs its own tokenizer.json (text.tokenizer = its folder)'
             )
         if t.context_length > self.model.context_length:
             raise ConfigError(f"'text.context_length' exceeds the model's {self.model.context_length} positions")

@@ -178,6 +178,10 @@ class Method(_audio.AudioMethod):
             raise ConfigError(f"'input.manifest_dir' / 'input.split': {e}") from None
 
     def train_source(self) -> Any:
+        """The training split, its transcripts checked against loss.max_target_length before any step."""
+        longest = max(len(ids) for ids in self.targets)
+        if longest > self.max_target:
+            raise ConfigError(f"'loss.max_target_length' {self.max_target}: a transcript has {longest} letters")
         return self._train_source
 
     @functools.cached_property
@@ -191,8 +195,6 @@ class Method(_audio.AudioMethod):
 
     def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         ids = self.targets[int(sample['transcript'])]
-        if len(ids) > self.max_target:
-            raise ConfigError(f"'loss.max_target_length' {self.max_target}: a transcript has {len(ids)} letters")
         padded = np.full(self.max_target, transcripts.PAD, np.int32)
         padded[: len(ids)] = ids
         return {**sample, 'targets': padded, 'target_length': np.int32(len(ids))}
