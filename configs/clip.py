@@ -17,6 +17,7 @@ vision_language_clip_gopro_s3a_vltseg_gfslt_skillnet_stic.md.
 import ml_collections
 
 from jaxssl.config import add_trainer_defaults, parse_arg
+from jaxssl.data.captions import DIGIT_ZERO_SHOT_TEMPLATES, IMAGENET_TEMPLATES
 from jaxssl.data.images import add_image_input_config
 from jaxssl.evaluate.frozen import add_probe_config
 
@@ -78,12 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.train_split = 'train'
     c.eval.split = 'val'
     c.eval.class_names = ()  # zero-shot class names in label order; (): the digits' words or the folder names
-    c.eval.zero_shot_templates = (
-        ('a photo of the number {}.', 'a handwritten {}.')
-        if arg.runlocal
-        else ('itap of a {}.', 'a bad photo of the {}.', 'a origami {}.', 'a photo of the large {}.',
-              'a {} in a video game.', 'art of the {}.', 'a photo of the small {}.')
-    )  # fmt: skip
+    # Prompts per class: the built-in digits' own, or CLIP's seven-template ImageNet ensemble.
+    c.eval.zero_shot_templates = DIGIT_ZERO_SHOT_TEMPLATES if arg.runlocal else IMAGENET_TEMPLATES
     if arg.runlocal:
         # A CPU-minutes budget: 300 steps of 128 pairs.
         c.optim.base_lr = 1e-3 * 256 / c.input.global_batch
