@@ -180,6 +180,13 @@ def test_letter_head_matches_transformers_ctc(tmp_path):
         want = reference(torch.from_numpy(waveform)).logits.numpy()
     got = model.apply({'params': params}, jnp.asarray(waveform), jnp.asarray([4000, 4000]), method=model.ctc_logits)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
+    time_mask = np.zeros((2, int(w2v.frame_counts(4000))), bool)
+    time_mask[0, 2:5], time_mask[1, 7:9] = True, True  # masked frames take the mask embedding, as transformers'
+    with torch.no_grad():
+        want = reference(torch.from_numpy(waveform), mask_time_indices=torch.from_numpy(time_mask)).logits.numpy()
+    got = model.apply({'params': params}, jnp.asarray(waveform), jnp.asarray([4000, 4000]), jnp.asarray(time_mask),
+                      method=model.ctc_logits)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
     shapes = jax.eval_shape(lambda: w2v.init_params(model, jax.random.key(0), jnp.zeros((1, 4000))))
     assert jax.tree.map(np.shape, shapes) == jax.tree.map(np.shape, params)  # no quantizer, a head
     # As the start of a fine-tuning: the encoder as released, a new head for the built-in words' 11 + 4 symbols.
