@@ -355,7 +355,7 @@ class EpochBatchOrder:
         self.offset = process_index * self.per_host
 
     def batches(self, epoch: int) -> np.ndarray:
-        raise NotImplementedError
+        raise NotImplementedError(f'{type(self).__name__} must define batches(epoch)')  # the one abstract method
 
     @functools.lru_cache(maxsize=2)  # noqa: B019 (a worker reads one epoch at a time; the cache dies with the object)
     def epoch(self, epoch: int) -> np.ndarray:

@@ -68,7 +68,6 @@ class SpelledWords:
     def __init__(self, source: audio.SyntheticWordsSource):
         self.source, self.label_keys = source, ('label', 'transcript')
         self.transcripts = list(SYNTHETIC_SPELLINGS)
-        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.source)

@@ -14,6 +14,7 @@ averaged and re-normalised (openai's zero-shot classifier), and an image takes t
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -88,24 +89,19 @@ class Method(_image.ImageMethod):
                 self.tokenizer = captions.CaptionTokenizer.from_file(t.tokenizer)
             else:
                 self.tokenizer = captions.word_tokenizer(captions.digit_vocabulary())
-            self._pretrained = None
-            kwargs = dict(activation=m.activation, dtype=DTYPES[m.dtype], attention_impl=m.attention_impl or None)
-            if m.pretrained:
-                fields, self._pretrained = clip_weights.load(m.pretrained)
-                image_size = fields.pop('image_size')
-                if config.input.image_size != image_size:
-                    raise ConfigError(
-                        f"'input.image_size' {config.input.image_size}: {m.pretrained} takes {image_size}"
-                    )
-                self.model = clip_model.CLIP(**{**fields, **kwargs, 'activation': fields['activation']})
-            else:
-                self.model = clip_model.make_model(
-                    m.variant, self.tokenizer.vocab_size, t.context_length, self.tokenizer.eot_id, **kwargs
-                )
+            fields, self._pretrained = clip_weights.load(m.pretrained) if m.pretrained else (None, None)
         except (FileNotFoundError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
             raise ConfigError(f"'model.pretrained' / 'text.tokenizer': {e}") from None
+        kwargs = dict(activation=m.activation, dtype=DTYPES[m.dtype], attention_impl=m.attention_impl or None)
+        if fields is None:
+            self.model = clip_model.make_model(
+                m.variant, self.tokenizer.vocab_size, t.context_length, self.tokenizer.eot_id, **kwargs
+            )
+        else:  # sizes and activation from the checkpoint's config.json
+            image_size = fields.pop('image_size')
+            if config.input.image_size != image_size:
+                raise ConfigError(f"'input.image_size' {config.input.image_size}: {m.pretrained} takes {image_size}")
+            self.model = clip_model.CLIP(**{**kwargs, **fields})
         if self.model.vocab_size < self.tokenizer.vocab_size or self.model.eot_id != self.tokenizer.eot_id:
             raise ConfigError(
                 f"'text.tokenizer': its {self.tokenizer.vocab_size} tokens / end-of-text id {self.tokenizer.eot_id} do "
@@ -198,16 +194,20 @@ class Method(_image.ImageMethod):
             return list(captions.DIGIT_WORDS)
         return [name.replace('_', ' ') for name in source.class_names]
 
+    @functools.cached_property
+    def _encode_text(self) -> Any:
+        """The jitted text tower (compiled once for every evaluation), its output replicated on every device."""
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        encode = lambda p, t: self.model.apply({'params': p}, t, method=self.model.encode_text)
+        return jax.jit(encode, out_shardings=replicated)
+
     def zero_shot_classifier(self, params: Any, class_names: list[str], chunk: int = 256) -> np.ndarray:
         """(classes, D) unit vectors: each class's prompts embedded, normalised, averaged, re-normalised. Prompts go
         through the text tower `chunk` at a time; the embeddings come back replicated, readable on every process."""
         templates = list(self.config.eval.zero_shot_templates)
         prompts = [t.format(name) for name in class_names for t in templates]
         tokens = self.tokenizer(prompts, self.config.text.context_length)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        encode = jax.jit(
-            lambda p, t: self.model.apply({'params': p}, t, method=self.model.encode_text), out_shardings=replicated
-        )
+        encode = self._encode_text
         padded = np.concatenate([tokens, np.zeros((-len(tokens) % chunk, tokens.shape[1]), np.int32)])
         parts = [np.asarray(encode(params, padded[i : i + chunk])) for i in range(0, len(padded), chunk)]
         text = np.concatenate(parts)[: len(prompts)].astype(np.float64)

@@ -210,6 +210,20 @@ def wav2vec2_loss(
     return loss, metrics
 
 
+def reference_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+    """Reference GPU batches in the global batch (the unit of fairseq's per-batch crops and require_same_masks):
+    `loss.reference_batches`, or one per device."""
+    return config.loss.reference_batches or mesh.devices.size
+
+
+def groups_per_host(groups: int) -> int:
+    """This process's share of the reference batches; ConfigError when they do not split over the processes."""
+    processes = jax.process_count()
+    if groups % processes:
+        raise ConfigError(f'{groups} reference batches cannot be split over {processes} processes')
+    return groups // processes
+
+
 def bucketed_order(
     config: ml_collections.ConfigDict, groups: int, source: Any, seed: int, process_index: int, process_count: int
 ) -> Any:
@@ -274,8 +288,7 @@ class Method(_audio.AudioMethod):
         self.start_step = start if start >= 0 else (1_000_000_000 if m.pretrained else 0)
 
     def groups(self) -> int:
-        """Reference GPU batches in the global batch: `loss.reference_batches`, or one per device."""
-        return self.config.loss.reference_batches or self.mesh.devices.size
+        return reference_groups(self.config, self.mesh)
 
     def reading_order(self, source: Any, seed: int, process_index: int, process_count: int) -> Any:
         """With `input.bucket_by_length`, fairseq's length-sorted batches: each reference batch (one device's rows)
@@ -283,10 +296,7 @@ class Method(_audio.AudioMethod):
         return bucketed_order(self.config, self.groups(), source, seed, process_index, process_count)
 
     def batch_transform(self) -> Any:
-        groups, processes = self.groups(), jax.process_count()
-        if groups % processes:
-            raise ConfigError(f'{groups} reference batches cannot be split over {processes} processes')
-        return functools.partial(crop_and_mask, groups=groups // processes, mask=self.config.mask)
+        return functools.partial(crop_and_mask, groups=groups_per_host(self.groups()), mask=self.config.mask)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(0)

@@ -38,7 +38,7 @@ from jaxssl.data import audio, transcripts
 from jaxssl.evaluate import features
 from jaxssl.methods import _audio
 from jaxssl.methods.videomae import DTYPES
-from jaxssl.methods.wav2vec2 import bucketed_order, span_mask
+from jaxssl.methods.wav2vec2 import bucketed_order, groups_per_host, reference_groups, span_mask
 from jaxssl.models import wav2vec2 as w2v
 from jaxssl.models import wav2vec2_weights
 
@@ -166,9 +166,16 @@ class Method(_audio.AudioMethod):
         else:
             self.model = w2v.make_model(m.variant, **overrides)
         self.max_target = config.loss.max_target_length
+        self._sources: dict[str, Any] = {}
 
     # --- data -------------------------------------------------------------------------------------------------
     def source(self, split: str) -> Any:
+        """The split's transcribed utterances, built once per split."""
+        if split not in self._sources:
+            self._sources[split] = self._make_source(split)
+        return self._sources[split]
+
+    def _make_source(self, split: str) -> Any:
         c = self.config.input
         if c.dataset == 'synthetic_words':
             return transcripts.SpelledWords(audio.SyntheticWordsSource(split, c.sample_rate))
@@ -182,16 +189,12 @@ class Method(_audio.AudioMethod):
         longest = max(len(ids) for ids in self.targets)
         if longest > self.max_target:
             raise ConfigError(f"'loss.max_target_length' {self.max_target}: a transcript has {longest} letters")
-        return self._train_source
-
-    @functools.cached_property
-    def _train_source(self) -> Any:
         return self.source(self.config.input.split)
 
     @functools.cached_property
     def targets(self) -> list[np.ndarray]:
         """The training split's transcripts as letter ids, by 'transcript' index."""
-        return [self.dictionary.encode(t) for t in self._train_source.transcripts]
+        return [self.dictionary.encode(t) for t in self.source(self.config.input.split).transcripts]
 
     def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         ids = self.targets[int(sample['transcript'])]
@@ -206,16 +209,14 @@ class Method(_audio.AudioMethod):
         return bucketed_order(self.config, self.groups(), source, seed, process_index, process_count)
 
     def groups(self) -> int:
-        return self.config.loss.reference_batches or self.mesh.devices.size
+        return reference_groups(self.config, self.mesh)
 
     def batch_transform(self) -> Any:
-        groups, processes = self.groups(), jax.process_count()
-        if groups % processes:
-            raise ConfigError(f'{groups} reference batches cannot be split over {processes} processes')
         c = self.config
         return functools.partial(
-            ctc_masks, groups=groups // processes, time=c.mask, channel=c.channel_mask, width=self.model.width
-        )
+            ctc_masks, groups=groups_per_host(self.groups()), time=c.mask, channel=c.channel_mask,
+            width=self.model.width,
+        )  # fmt: skip
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         n = self.config.input.max_samples
@@ -242,12 +243,15 @@ class Method(_audio.AudioMethod):
         # freeze_finetune_updates: before it, only the head gets a gradient. fairseq's recipe (fp16, one flat fp32
         # buffer, legacy_ddp) then steps Adam with zero gradients for the encoder: moments stay 0 and the step count
         # is shared, as here with the encoder's gradients zeroed.
-        frozen = step < self.config.model.freeze_finetune_updates
-        encoder = jax.tree.map(lambda p: jnp.where(frozen, jax.lax.stop_gradient(p), p), params)
-        head = {'lm_head': params['lm_head']}
+        if self.config.model.freeze_finetune_updates > 0:
+            frozen = step < self.config.model.freeze_finetune_updates
+            params = {
+                k: v if k == 'lm_head' else jax.tree.map(lambda p: jnp.where(frozen, jax.lax.stop_gradient(p), p), v)
+                for k, v in params.items()
+            }
         logits = self.model.apply(
-            {'params': {**encoder, **head}}, batch['waveform'], batch['num_samples'], batch['time_mask'],
-            batch['channel_mask'], deterministic=False, rngs=rngs, method=self.model.ctc_logits,
+            {'params': params}, batch['waveform'], batch['num_samples'], batch['time_mask'], batch['channel_mask'],
+            deterministic=False, rngs=rngs, method=self.model.ctc_logits,
         )  # fmt: skip
         frames = w2v.frame_counts(batch['num_samples'])
         per_utterance, possible = ctc_loss(logits, frames, batch['targets'], batch['target_length'])
