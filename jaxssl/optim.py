@@ -7,7 +7,9 @@ bounds (`optim.clamp`), and a per-step lr schedule (`optim.schedule`):
 - 'linear': warmup + linear decay to `optim.min_lr` (the HF Trainer default, e.g. self-distillation's recipe);
 - 'infinite': the infinite schedule of Ibrahim et al. 2024 / Singh et al. 2025 (`infinite_schedule`): warmup,
   cooldown to a constant lr, constant, exponential annealing to a minimum lr;
-- 'tri_stage': fairseq's wav2vec 2.0 fine-tuning schedule (`tri_stage_schedule`): warmup, hold, exponential decay.
+- 'tri_stage': fairseq's wav2vec 2.0 fine-tuning schedule (`tri_stage_schedule`): warmup, hold, exponential decay;
+- 'epoch_cosine': Dassl's (CoOp, CoCoOp, MaPLe, GOPro; `epoch_cosine_schedule`): the lr changes once per epoch,
+  `optim.warmup_lr` for the warmup epochs, then torch's CosineAnnealingLR over `optim.epochs` epochs.
 
 Continual pretraining over a sequence of tasks: `optim.task_steps` (> 0) makes the schedule restart every
 task_steps steps (cosine / linear: one full cycle per task, i.e. repeated cosine; infinite: tasks after the first
@@ -31,7 +33,7 @@ from jaxssl import rules as rules_lib
 from jaxssl.config import ConfigError
 
 OPTIMIZERS = ('adamw', 'adam', 'lars', 'sgd')
-SCHEDULES = ('cosine', 'linear', 'infinite', 'tri_stage')
+SCHEDULES = ('cosine', 'linear', 'infinite', 'tri_stage', 'epoch_cosine')
 COOLDOWNS = ('cosine', 'linear', 'inv_sqrt')  # the infinite schedule's cooldown shapes (the reference's options)
 # Schedule keys every config gets (add_schedule_defaults) so any of them can be selected on the command line; the
 # infinite schedule's values are the authors' final small-scale MAE runs (Pauljanson002/MAE-1 bin/mila/*.sh).
@@ -47,6 +49,7 @@ SCHEDULE_DEFAULTS = dict(
     phase_ratio=(0.1, 0.4, 0.5),  # tri_stage: warmup, hold and decay fractions of the task's steps (fairseq's)
     init_lr_scale=0.01,  # tri_stage: the warmup's first lr, a fraction of the peak lr
     final_lr_scale=0.05,  # tri_stage: the lr after the exponential decay, a fraction of the peak lr
+    warmup_lr=1e-5,  # epoch_cosine: the constant lr of the warmup epochs (absolute, Dassl's WARMUP_CONS_LR)
 )
 INV_SQRT_ALPHA = 10.0  # the reference's inverse-sqrt cooldown steepness
 
@@ -157,6 +160,19 @@ def tri_stage_schedule(
     return schedule
 
 
+def epoch_cosine_schedule(peak: float, epochs: int, steps_per_epoch: int, warmup_epochs: int, warmup_lr: float):
+    """Dassl's ConstantWarmupScheduler around CosineAnnealingLR(T_max = epochs), stepped after every epoch: epoch
+    e < warmup_epochs runs at warmup_lr, epoch e >= warmup_epochs at peak (1 + cos(pi (e - warmup_epochs) / epochs)) / 2
+    (the cosine starts where the warmup ends and never reaches 0 within the run)."""
+
+    def schedule(step: jax.Array) -> jax.Array:
+        epoch = jnp.floor(jnp.asarray(step, jnp.float32) / steps_per_epoch)
+        cosine = 0.5 * peak * (1 + jnp.cos(jnp.pi * (epoch - warmup_epochs) / epochs))
+        return jnp.where(epoch < warmup_epochs, warmup_lr, cosine)
+
+    return schedule
+
+
 def add_schedule_defaults(optim_config: ml_collections.ConfigDict) -> None:
     """Adds the schedule keys (SCHEDULE_DEFAULTS) a config's `optim` section lacks; values it sets are kept."""
     for key, value in SCHEDULE_DEFAULTS.items():
@@ -226,6 +242,10 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, 
             peak, task_steps, warmup, cooldown_end, constant_end, o.constant_lr_ratio * peak, o.min_lr_ratio * peak,
             o.cooldown,
         )  # fmt: skip
+    elif name == 'epoch_cosine':
+        epochs = max(round(task_steps / steps_per_epoch), 1)
+        cycle = epoch_cosine_schedule(peak, epochs, steps_per_epoch, optim_config.warmup_epochs, o.warmup_lr)
+        per_task = lambda step: cycle(jnp.mod(step, task_steps))
     elif name == 'tri_stage':
         cycle = tri_stage_schedule(peak, task_steps, tuple(o.phase_ratio), o.init_lr_scale, o.final_lr_scale)
         per_task = lambda step: cycle(jnp.mod(step, task_steps))

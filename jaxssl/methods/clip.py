@@ -69,12 +69,52 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("'eval.zero_shot_templates': each prompt needs a '{}' for the class name")
 
 
+def build_clip(config: ml_collections.ConfigDict) -> tuple[clip_model.CLIP, captions.CaptionTokenizer, Any]:
+    """(model, tokenizer, released params or None) of a CLIP config: `model.pretrained` (a transformers CLIPModel
+    folder: sizes from its config.json) or `model.variant`, and `text.tokenizer` ('' : the built-in captions' words).
+    Raises ConfigError naming the key when files are missing or do not fit each other."""
+    m, t = config.model, config.text
+    try:
+        if t.tokenizer:
+            tokenizer = captions.CaptionTokenizer.from_file(t.tokenizer)
+        else:
+            tokenizer = captions.word_tokenizer(captions.digit_vocabulary())
+        fields, pretrained = clip_weights.load(m.pretrained) if m.pretrained else (None, None)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"'model.pretrained' / 'text.tokenizer': {e}") from None
+    kwargs = dict(activation=m.activation, dtype=DTYPES[m.dtype], attention_impl=m.attention_impl or None)
+    if fields is None:
+        model = clip_model.make_model(m.variant, tokenizer.vocab_size, t.context_length, tokenizer.eot_id, **kwargs)
+    else:  # sizes and activation from the checkpoint's config.json
+        image_size = fields.pop('image_size')
+        if config.input.image_size != image_size:
+            raise ConfigError(f"'input.image_size' {config.input.image_size}: {m.pretrained} takes {image_size}")
+        model = clip_model.CLIP(**{**kwargs, **fields})
+    if model.vocab_size < tokenizer.vocab_size or model.eot_id != tokenizer.eot_id:
+        raise ConfigError(
+            f"'text.tokenizer': its {tokenizer.vocab_size} tokens / end-of-text id {tokenizer.eot_id} do not fit the "
+            f'model ({model.vocab_size} tokens, end of text {model.eot_id}); a released model needs its own '
+            'tokenizer.json (text.tokenizer = its folder)'
+        )
+    if t.context_length > model.context_length:
+        raise ConfigError(f"'text.context_length' exceeds the model's {model.context_length} positions")
+    return model, tokenizer, pretrained
+
+
+def clip_renormalisation() -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) per channel with x * a + b turning ImageNet-normalised pixels into OpenAI-normalised ones (exact up to
+    rounding): the shared image pipelines normalise with ImageNet's statistics, released CLIPs expect OpenAI's."""
+    in_mean, in_std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
+    out_mean, out_std = np.asarray(CLIP_MEAN), np.asarray(CLIP_STD)
+    return (in_std / out_std).astype(np.float32), ((in_mean - out_mean) / out_std).astype(np.float32)
+
+
 class Method(_image.ImageMethod):
     """CLIP pretraining for the one trainer."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        m, t = config.model, config.text
+        t = config.text
         # Data paths are checked when a run starts, not at config load.
         if config.input.dataset == 'csv':
             if not config.input.captions_csv:
@@ -84,36 +124,8 @@ class Method(_image.ImageMethod):
                     'text.tokenizer is empty: captions from a CSV need a tokenizer.json (or a transformers CLIP '
                     'folder holding one, e.g. openai/clip-vit-base-patch32)'
                 )
-        try:
-            if t.tokenizer:
-                self.tokenizer = captions.CaptionTokenizer.from_file(t.tokenizer)
-            else:
-                self.tokenizer = captions.word_tokenizer(captions.digit_vocabulary())
-            fields, self._pretrained = clip_weights.load(m.pretrained) if m.pretrained else (None, None)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"'model.pretrained' / 'text.tokenizer': {e}") from None
-        kwargs = dict(activation=m.activation, dtype=DTYPES[m.dtype], attention_impl=m.attention_impl or None)
-        if fields is None:
-            self.model = clip_model.make_model(
-                m.variant, self.tokenizer.vocab_size, t.context_length, self.tokenizer.eot_id, **kwargs
-            )
-        else:  # sizes and activation from the checkpoint's config.json
-            image_size = fields.pop('image_size')
-            if config.input.image_size != image_size:
-                raise ConfigError(f"'input.image_size' {config.input.image_size}: {m.pretrained} takes {image_size}")
-            self.model = clip_model.CLIP(**{**kwargs, **fields})
-        if self.model.vocab_size < self.tokenizer.vocab_size or self.model.eot_id != self.tokenizer.eot_id:
-            raise ConfigError(
-                f"'text.tokenizer': its {self.tokenizer.vocab_size} tokens / end-of-text id {self.tokenizer.eot_id} do "
-                f'not fit the model ({self.model.vocab_size} tokens, end of text {self.model.eot_id}); a released '
-                'model needs its own tokenizer.json (text.tokenizer = its folder)'
-            )
-        if t.context_length > self.model.context_length:
-            raise ConfigError(f"'text.context_length' exceeds the model's {self.model.context_length} positions")
-        # ImageNet-normalised input -> OpenAI-normalised: x' = x * a + b per channel (exact up to rounding).
-        in_mean, in_std = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
-        out_mean, out_std = np.asarray(CLIP_MEAN), np.asarray(CLIP_STD)
-        self._renorm = (in_std / out_std).astype(np.float32), ((in_mean - out_mean) / out_std).astype(np.float32)
+        self.model, self.tokenizer, self._pretrained = build_clip(config)
+        self._renorm = clip_renormalisation()
 
     # --- data -------------------------------------------------------------------------------------------------
     def train_source(self) -> Any:

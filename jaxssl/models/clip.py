@@ -127,6 +127,9 @@ class ImageTower(nn.Module):
             block = Block(self.width, heads, False, self.activation, None, dtype=self.dtype,
                           attention_impl=self.attention_impl, name=f'layers_{i}')  # fmt: skip
             x = block(x)
+            # Every block's output, for methods that read the hidden states (GOPro): apply with
+            # mutable=['intermediates'] to collect them; plain calls drop them.
+            self.sow('intermediates', 'hidden_states', x)
         pooled = nn.LayerNorm(1e-5, dtype=self.dtype, name='post_layernorm')(x[:, 0])
         return pooled, x
 
@@ -134,7 +137,9 @@ class ImageTower(nn.Module):
 class TextTower(nn.Module):
     """Token ids (B, L) -> (hidden state at the first `eot_id` after ln_final (B, width), all tokens (B, L, width)).
 
-    A row without `eot_id` pools its last token (truncation always leaves an EOT, see jaxssl.data.captions)."""
+    A row without `eot_id` pools its last token (truncation always leaves an EOT, see jaxssl.data.captions).
+    `token_embeddings` (B, L, width) replaces the token-embedding lookup (learned prompts, as CoOp's text encoder);
+    `tokens` still places the end of text."""
 
     vocab_size: int
     context_length: int
@@ -147,7 +152,7 @@ class TextTower(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, token_embeddings: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         chex.assert_rank(tokens, 2)
         length = tokens.shape[1]
         if length > self.context_length:
@@ -156,7 +161,10 @@ class TextTower(nn.Module):
             self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02), name='token_embedding'
         )
         positions = self.param('position_embedding', nn.initializers.normal(0.01), (self.context_length, self.width))
-        x = (embed(tokens) + positions[:length]).astype(self.dtype)
+        if token_embeddings is None:
+            token_embeddings = embed(tokens)
+        chex.assert_shape(token_embeddings, (*tokens.shape, self.width))
+        x = (token_embeddings + positions[:length]).astype(self.dtype)
         attn_std = self.width**-0.5
         init_std = (attn_std, attn_std * (2 * self.depth) ** -0.5, (2 * self.width) ** -0.5)
         for i in range(self.depth):
@@ -220,8 +228,8 @@ class CLIP(nn.Module):
         pooled, _ = self.vision_model(images)
         return self.visual_projection(pooled.astype(jnp.float32))
 
-    def encode_text(self, tokens: jax.Array) -> jax.Array:
-        pooled, _ = self.text_model(tokens)
+    def encode_text(self, tokens: jax.Array, token_embeddings: jax.Array | None = None) -> jax.Array:
+        pooled, _ = self.text_model(tokens, token_embeddings)
         return self.text_projection(pooled.astype(jnp.float32))
 
     def image_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
