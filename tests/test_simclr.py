@@ -7,10 +7,11 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxssl import train
+from jaxssl import optim, train
 from jaxssl.config import ConfigError, load_config
 from jaxssl.data import views
 from jaxssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -80,6 +81,8 @@ def test_pipeline_gives_two_different_views_per_image_deterministically():
         ('input.jitter_prob=1.5', "'input.jitter_prob'"),
         ('model.head_layers=0', "'model.head_layers'"),
         ('model.variant=XL', "'model.variant'"),
+        ('model.head_type=linear', "'model.head_type'"),
+        ('model.head_kappa=0.0', "'model.head_kappa'"),
     ],
 )
 def test_config_errors_name_the_key(override, key):
@@ -140,3 +143,21 @@ def test_resnet_backbone_sharded_matches_one_device(tmp_path):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), state[part], want_state[part])
     assert np.abs(state['extra']['batch_stats']['backbone']['bn1']['mean']).max() > 0
     assert 0.0 <= summary['final_eval/label/pool/knn'] <= 1.0
+
+
+def test_reweighting_head_and_no_head():
+    """Xue et al.'s ReweightProjectionHead (z = h * [1 / kappa^i], a non-trainable buffer) on the cls token, and
+    'none' (z = h): neither adds parameters; the loss still reaches the backbone."""
+    images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    kappa = 1.3
+    for head_type in ('reweight', 'none'):
+        config = load_config(CONFIG, [f'model.head_type={head_type}', f'model.head_kappa={kappa}'])
+        model = simclr.make_model(config)
+        params = model.init(jax.random.key(0), images)['params']
+        assert 'head' not in params
+        z, intermediates = model.apply({'params': params}, images)
+        h = np.asarray(intermediates['cls'], np.float64)
+        weights = np.array([1 / kappa**i for i in range(h.shape[1])]) if head_type == 'reweight' else 1.0
+        np.testing.assert_allclose(np.asarray(z), h * weights, rtol=1e-5, atol=1e-7)
+    grads = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, images)[0] ** 2))(params)
+    assert float(optim.global_norm(grads)) > 0

@@ -36,6 +36,9 @@ from jaxssl.optim import OPTIMIZERS
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model, views or loss cannot use (data paths: at run start)."""
     check_two_view_config(config, 'SimCLR')
+    check_choice(config, 'model.head_type', simclr_model.HEAD_TYPES)
+    if not config.model.head_kappa > 0:
+        raise ConfigError(f"bad value {config.model.head_kappa} for 'model.head_kappa': must be > 0")
     if not config.loss.temperature > 0:
         raise ConfigError(f"bad value {config.loss.temperature} for 'loss.temperature': must be > 0")
 
@@ -78,13 +81,17 @@ def make_model(config: ml_collections.ConfigDict) -> simclr_model.SimCLRModel | 
     m = config.model
     if resnet.is_resnet(m.variant):
         # SimCLR's TF ResNet starts each block's last BatchNorm scale at 0 (init_zero).
-        head = simclr_model.ProjectionHead(m.head_hidden, m.head_out, m.head_layers)
+        head = simclr_model.make_head(
+            m.get('head_type', 'mlp'), m.head_hidden, m.head_out, m.head_layers, m.get('head_kappa', 1.0)
+        )
         return simclr_model.ResNetWithHead(make_resnet_backbone(config, zero_init_residual=True), head)
     return simclr_model.make_model(
         m.variant,
         head_hidden=m.head_hidden,
         head_out=m.head_out,
         head_layers=m.head_layers,
+        head_type=m.get('head_type', 'mlp'),  # configs of methods built on SimCLR's (G-SimCLR) may lack the keys
+        head_kappa=m.get('head_kappa', 1.0),
         layer_norm_eps=m.layer_norm_eps,
         drop_path_rate=m.drop_path_rate,
         scan_layers=m.scan_layers,
@@ -192,7 +199,7 @@ class Method(_image.ImageMethod):
         if self.resnet:
             return None
         m, tokens = self.model, self.tokens_per_example()
-        head = [m.width] + [m.head_hidden] * (m.head_layers - 1) + [m.head_out]
+        head = [m.width] + [m.head_hidden] * (m.head_layers - 1) + [m.head_out] if m.head_type == 'mlp' else []
         forward = (
             2 * tokens * m.patch * m.patch * 3 * m.width
             + transformer_flops(tokens + 1, m.width, m.depth, m.mlp_hidden)

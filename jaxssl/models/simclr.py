@@ -8,6 +8,10 @@ ReLU, then Dense (no bias) + BatchNorm without a shift; Dense kernels ~ N(0, 0.0
 layers, v2 3. BatchNorm always normalises with the statistics of the batch it sees: under jit with a batch sharded
 over devices these are global-batch statistics (the reference's global BN). Its running averages would only serve
 the head at test time, and the head is discarded after pretraining, so they are not kept.
+
+`head_type` swaps the head for the alternatives Xue et al. study ("Investigating the Benefits of Projection Head for
+Representation Learning", ICLR 2024): 'reweight', their fixed reweighting head z_i = h_i / kappa^i (no parameters),
+or 'none' (the loss on h itself).
 """
 
 from __future__ import annotations
@@ -47,6 +51,38 @@ class ProjectionHead(nn.Module):
         return x
 
 
+HEAD_TYPES = ('mlp', 'reweight', 'none')
+
+
+class ReweightHead(nn.Module):
+    """Xue et al.'s fixed reweighting head: z = h * (1, 1 / kappa, 1 / kappa^2, ...), a constant, not a parameter, so
+    the contrastive loss weighs the representation's coordinates progressively less (the implicit layer-wise
+    weighting their analysis finds a trained head to perform), while h itself is kept for downstream use."""
+
+    kappa: float
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        chex.assert_rank(h, 2)
+        weights = jnp.float32(self.kappa) ** -jnp.arange(h.shape[-1], dtype=jnp.float32)
+        return h.astype(jnp.float32) * weights
+
+
+def make_head(head_type: str, hidden_dim: int, out_dim: int, layers: int, kappa: float) -> nn.Module | None:
+    """SimCLR's projection head ('mlp'), the fixed reweighting head ('reweight') or None ('none': z = h)."""
+    if head_type == 'mlp':
+        return ProjectionHead(hidden_dim, out_dim, layers)
+    if head_type == 'reweight':
+        return ReweightHead(kappa)
+    if head_type == 'none':
+        return None
+    raise ValueError(f"unknown head type '{head_type}'; valid: {', '.join(HEAD_TYPES)}")
+
+
+def apply_head(head: nn.Module | None, h: jax.Array) -> jax.Array:
+    return h.astype(jnp.float32) if head is None else head(h)
+
+
 class SimCLRModel(nn.Module):
     """Images (B, S, S, C) -> (z (B, out_dim) float32, {'cls': h (B, width), 'encoded': (B, 1 + L, width)})."""
 
@@ -58,6 +94,8 @@ class SimCLRModel(nn.Module):
     head_hidden: int = 2048
     head_out: int = 128
     head_layers: int = 2
+    head_type: str = 'mlp'  # 'mlp' (the paper's), 'reweight' or 'none' (see the module docstring)
+    head_kappa: float = 1.0  # the reweighting head's kappa
     layer_norm_eps: float = 1e-6
     layer_scale_init: float = 0.0  # > 0: LayerScale (DINOv2's 1e-5)
     drop_path_rate: float = 0.0
@@ -87,9 +125,9 @@ class SimCLRModel(nn.Module):
         )
         self.head = self.make_head()
 
-    def make_head(self) -> nn.Module:
+    def make_head(self) -> nn.Module | None:
         """The head on the cls token; a hook so that methods sharing this backbone (VICReg's expander) swap it."""
-        return ProjectionHead(self.head_hidden, self.head_out, self.head_layers)
+        return make_head(self.head_type, self.head_hidden, self.head_out, self.head_layers, self.head_kappa)
 
     def position_table(self, image_size: int) -> jax.Array:
         """(L, width) fixed 2-D sin-cos positions of a square image's token grid (see `position_width`)."""
@@ -114,8 +152,8 @@ class SimCLRModel(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         encoded, intermediates = self.encode(images, train)
         h = encoded[:, 0]
-        z = self.head(h)
-        chex.assert_shape(z, (images.shape[0], self.head_out))
+        z = apply_head(self.head, h)
+        chex.assert_rank(z, 2)
         return z, dict(intermediates, cls=h)
 
 
@@ -125,7 +163,7 @@ class ResNetWithHead(nn.Module):
     projection head, VICReg's expander). The backbone's BatchNorm keeps running averages ('batch_stats')."""
 
     backbone: resnet.ResNet
-    head: nn.Module
+    head: nn.Module | None
 
     def encode(self, images: jax.Array, train: bool = False) -> jax.Array:
         """Pooled backbone features (B, features) float32."""
@@ -133,7 +171,7 @@ class ResNetWithHead(nn.Module):
 
     def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         h = self.encode(images, train)
-        z = self.head(h)
+        z = apply_head(self.head, h)
         chex.assert_rank(z, 2)
         return z, {'cls': h}
 
