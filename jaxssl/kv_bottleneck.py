@@ -15,8 +15,9 @@ Reference: ftraeuble/discrete_key_value_bottleneck (key_value_bottleneck/core.py
 utils.py) and the paper's CIFAR-10 configuration (shared/reference/methods/
 tools_simcore_ctreduction_ssdd_ped_dkvb_advencoder_rkhs.md section 5). The CLI reads features of a training run
 (jaxssl.evaluate.features over its evaluation splits), fits the keys on the unlabelled training features, trains the
-values task by task (classes in label order, `classes_per_task` at a time, no task labels, one head over all
-classes), and reports test accuracy over all classes after every task, beside a linear probe trained the same way.
+values task by task (`classes_per_task` classes at a time, in label order for seeds 0 and 42 and in a seeded
+random order otherwise, as the reference; no task labels, one head over all classes), and reports test accuracy over
+all classes after every task, beside the reference's linear-probe baseline trained the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import numpy as np
 import optax
 
 SPLITTERS = ('random_projection', 'chunk')
+HIGHEST = jax.lax.Precision.HIGHEST  # full float32 matmuls (TF32 could flip near-tie key choices on GPUs)
+PREDICT_ROWS = 256  # test features per call: the (C, rows, J) distance table is the memory bound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +84,14 @@ def split(z: jax.Array, projection: jax.Array, splitter: str) -> jax.Array:
     if splitter == 'chunk':
         c = projection.shape[0]
         return jnp.moveaxis(z.reshape(z.shape[0], c, -1), 1, 0)
-    return jnp.einsum('bd,cdk->cbk', z, projection)
+    return jnp.einsum('bd,cdk->cbk', z, projection, precision=HIGHEST)
 
 
 def nearest_keys(queries: jax.Array, keys: jax.Array, usable: jax.Array | None = None) -> jax.Array:
     """(C, B, d_k), (C, J, d_k) -> (C, B) index of the nearest key (squared Euclidean) among the `usable` ones."""
     dist = (
         jnp.sum(jnp.square(queries), -1)[..., None]
-        - 2 * jnp.einsum('cbk,cjk->cbj', queries, keys)
+        - 2 * jnp.einsum('cbk,cjk->cbj', queries, keys, precision=HIGHEST)
         + jnp.sum(jnp.square(keys), -1)[:, None, :]
     )
     if usable is not None:
@@ -118,12 +121,19 @@ def logits(values: jax.Array, indices: jax.Array) -> jax.Array:
     return jnp.take_along_axis(values, indices[..., None], axis=1).mean(axis=0)
 
 
-def predict(state: dict, z: jax.Array, b: Bottleneck) -> jax.Array:
-    """(B,) classes; keys never selected while training values are skipped (when any was counted)."""
+@functools.partial(jax.jit, static_argnames=('b',))
+def _predict_rows(state: dict, z: jax.Array, b: Bottleneck) -> jax.Array:
     queries = split(z, state['projection'], b.splitter)
     used = state['counts'] > 0
     usable = jnp.where(used.any(axis=1, keepdims=True), used, True)
     return jnp.argmax(logits(state['values'], nearest_keys(queries, state['keys'], usable)), axis=-1)
+
+
+def predict(state: dict, z: np.ndarray, b: Bottleneck) -> np.ndarray:
+    """(N,) classes, PREDICT_ROWS rows at a time; keys never selected while training values are skipped (when any
+    was counted)."""
+    rows = range(0, len(z), PREDICT_ROWS)
+    return np.concatenate([np.asarray(_predict_rows(state, jnp.asarray(z[i : i + PREDICT_ROWS]), b)) for i in rows])
 
 
 def make_value_step(b: Bottleneck, lr: float, clip: float, label_smoothing: float, num_classes: int):
@@ -144,14 +154,15 @@ def make_value_step(b: Bottleneck, lr: float, clip: float, label_smoothing: floa
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator):
+    """A shuffled pass in batches; the last one may be smaller (a DataLoader without drop_last)."""
     order = rng.permutation(n)
-    for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+    for i in range(0, n, batch_size):
         yield order[i : i + batch_size]
 
 
 def fit_keys(state: dict, features: np.ndarray, b: Bottleneck, epochs: int, batch_size: int, seed: int) -> dict:
     """EMA k-means over `epochs` passes of the (unlabelled) features; the keys are frozen afterwards."""
-    rng, key = np.random.default_rng(seed), jax.random.key(seed)
+    rng, key = np.random.default_rng(seed), jax.random.fold_in(jax.random.key(seed), 1)  # not init_state's key
     for _ in range(epochs):
         for rows in batches(len(features), batch_size, rng):
             key, sub = jax.random.split(key)
@@ -159,13 +170,15 @@ def fit_keys(state: dict, features: np.ndarray, b: Bottleneck, epochs: int, batc
     return state
 
 
-def make_linear_step(num_classes: int, lr: float):
-    """The linear-probe baseline: Adam on a (D, classes) layer with bias, trained the same way as the values."""
-    optimizer = optax.adam(lr)
+def make_linear_step(num_classes: int, lr: float, clip: float, label_smoothing: float):
+    """The reference's linear-probe baseline: SGD (no weight decay) on a (D, classes) layer with bias, clipped and
+    label-smoothed as the values are."""
+    optimizer = optax.chain(optax.clip_by_global_norm(clip), optax.sgd(lr))
 
     @jax.jit
     def step(params: dict, opt_state: Any, z: jax.Array, y: jax.Array):
-        loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(z @ p['w'] + p['b'], y).mean()
+        targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), label_smoothing)
+        loss_fn = lambda p: optax.softmax_cross_entropy(z @ p['w'] + p['b'], targets).mean()
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -185,7 +198,7 @@ def class_incremental(
     lr: float = 0.3,
     clip: float = 1.0,
     label_smoothing: float = 0.1,
-    probe_lr: float = 1e-3,
+    probe_lr: float = 1e-3,  # the reference's baseline lr
     seed: int = 0,
     key_features: np.ndarray | None = None,
     verbose: bool = False,
@@ -201,8 +214,14 @@ def class_incremental(
     state = init_state(jax.random.key(seed), x_train.shape[1], num_classes, b)
     state = fit_keys(state, x_train if key_features is None else key_features, b, key_epochs, batch_size, seed)
     value_opt, value_step = make_value_step(b, lr, clip, label_smoothing, num_classes)
-    probe = {'w': jnp.zeros((x_train.shape[1], num_classes)), 'b': jnp.zeros((num_classes,))}
-    probe_opt, probe_step = make_linear_step(num_classes, probe_lr)
+    # torch's nn.Linear init: U(+-1 / sqrt(fan_in)) for weights and bias.
+    bound = 1 / np.sqrt(x_train.shape[1])
+    w_rng, b_rng = jax.random.split(jax.random.fold_in(jax.random.key(seed), 2))
+    probe = {
+        'w': jax.random.uniform(w_rng, (x_train.shape[1], num_classes), minval=-bound, maxval=bound),
+        'b': jax.random.uniform(b_rng, (num_classes,), minval=-bound, maxval=bound),
+    }
+    probe_opt, probe_step = make_linear_step(num_classes, probe_lr, clip, label_smoothing)
     value_state, probe_state = value_opt.init(state['values']), probe_opt.init(probe)
     rng = np.random.default_rng(seed)
     results = {'kv_bottleneck': [], 'linear_probe': []}
@@ -214,7 +233,7 @@ def class_incremental(
                 z, t = jnp.asarray(x[batch]), jnp.asarray(y[batch])
                 state, value_state, _ = value_step(state, value_state, z, t)
                 probe, probe_state, _ = probe_step(probe, probe_state, z, t)
-        kv = np.asarray(predict(state, jnp.asarray(x_test), b))
+        kv = predict(state, x_test, b)
         linear = np.argmax(np.asarray(jnp.asarray(x_test) @ probe['w'] + probe['b']), axis=1)
         results['kv_bottleneck'].append(float(np.mean(kv == y_test)))
         results['linear_probe'].append(float(np.mean(linear == y_test)))
@@ -283,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'error: {e}', file=sys.stderr)
         return 2
     classes = sorted(set(train[1].tolist()))
+    if args.seed not in (0, 42):  # the reference keeps label order for these seeds and shuffles the classes otherwise
+        classes = [int(k) for k in np.random.default_rng(args.seed).permutation(classes)]
     tasks = [classes[i : i + args.classes_per_task] for i in range(0, len(classes), args.classes_per_task)]
     dead = args.dead_threshold if args.dead_threshold >= 0 else 0.1 * args.batch_size / args.keys
     b = Bottleneck(codebooks=args.codebooks, keys=args.keys, key_dim=args.key_dim, dead_threshold=dead)
