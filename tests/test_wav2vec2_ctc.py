@@ -238,3 +238,56 @@ def test_starts_from_a_pretraining_run_without_its_quantizer(tmp_path):
     assert os.path.isdir(tmp_path / 'finetune' / 'checkpoints')
     with pytest.raises(ConfigError, match=r'input\.manifest_dir'):
         wav2vec2_ctc.Method(load_config('configs/wav2vec2_ctc.py'))
+
+
+@pytest.mark.parametrize('layout', ['base', 'large'])
+def test_padded_batch_and_channel_masks_match_transformers_ctc(tmp_path, layout, monkeypatch):
+    """A batch with a shorter, zero-padded utterance, masked frames and zeroed channels (transformers draws channel
+    masks in training mode; its draw is replaced by ours): each utterance's logits equal transformers' on that
+    utterance alone, unpadded. For the large layout (LayerNorm per frame) that is also transformers' padded batch with
+    an attention mask; the base layout's GroupNorm takes its statistics over the utterance's own frames here, where
+    fairseq and transformers include the batch's zero padding (docs/methods.md, wav2vec 2.0 CTC section)."""
+    from test_wav2vec2 import LAYOUTS, TINY
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+    from transformers.models.wav2vec2 import modeling_wav2vec2
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(**TINY, **LAYOUTS[layout], vocab_size=9, final_dropout=0.0, mask_time_prob=0.05,
+                            mask_feature_prob=0.5, mask_feature_length=2)  # fmt: skip
+    reference = Wav2Vec2ForCTC(config)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    reference.save_pretrained(str(tmp_path))
+    fields, params = wav2vec2_weights.load(str(tmp_path), quantizer=False)
+    model = w2v.Wav2Vec2(**fields, dropout=0.0, attention_dropout=0.0, pretraining=False, vocab_size=9)
+    lengths = np.array([4000, 2900])
+    waveform = np.random.default_rng(1).normal(size=(2, 4000)).astype(np.float32)
+    waveform[1, lengths[1] :] = 0.0
+    frames = [int(w2v.frame_counts(n)) for n in lengths]
+    time_mask = np.zeros((2, frames[0]), bool)
+    time_mask[0, 1:4], time_mask[1, 5:7] = True, True
+    channel_mask = np.zeros((2, TINY['hidden_size']), bool)
+    channel_mask[0, [3, 4, 20]], channel_mask[1, [0, 1, 31]] = True, True
+    got = model.apply({'params': params}, jnp.asarray(waveform), jnp.asarray(lengths), jnp.asarray(time_mask),
+                      jnp.asarray(channel_mask), method=model.ctc_logits)  # fmt: skip
+    reference.train()  # transformers applies channel masks only in training mode; every dropout here is 0
+
+    def transformers_logits(rows, samples, attention_mask=None):
+        monkeypatch.setattr(modeling_wav2vec2, '_compute_mask_indices', lambda *args, **kwargs: channel_mask[rows])
+        with torch.no_grad():
+            out = reference(
+                torch.from_numpy(waveform[rows, :samples]),
+                attention_mask=attention_mask,
+                mask_time_indices=torch.from_numpy(time_mask[rows, : int(w2v.frame_counts(samples))]),
+            )
+        return out.logits.numpy()  # fmt: skip
+
+    for row, (n, t) in enumerate(zip(lengths, frames, strict=True)):
+        alone = transformers_logits([row], n)[0]
+        np.testing.assert_allclose(np.asarray(got)[row, :t], alone, atol=2e-4, rtol=2e-4)
+    if layout == 'large':
+        attention = torch.from_numpy(np.arange(4000)[None] < lengths[:, None]).long()
+        padded = transformers_logits([0, 1], 4000, attention)
+        for row, t in enumerate(frames):
+            np.testing.assert_allclose(np.asarray(got)[row, :t], padded[row, :t], atol=2e-4, rtol=2e-4)
