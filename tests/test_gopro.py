@@ -118,6 +118,7 @@ def test_epoch_cosine_equals_dassls_constant_warmup_cosine():
         current = cons_lr if last_epoch < warmup else successor.get_last_lr()[0]
         want += [current] * per_epoch
         if last_epoch >= warmup:
+            opt.step()  # (no gradients: nothing moves) keeps torch from warning about the call order
             successor.step()
         else:
             last_epoch += 1
