@@ -198,11 +198,10 @@ class Method(_image.ImageMethod):
         if m.ctx_init:
             ids = self.tokenizer([m.ctx_init], self.context_length)[0]
             eot = int(np.argmax(ids == self.tokenizer.eot_id))
-            self.ctx_ids, prefix = ids[1:eot], m.ctx_init  # between start and end of text
-        else:
-            self.ctx_ids, prefix = None, ' '.join(['X'] * m.n_ctx)
+            self.ctx_ids, self.prefix = ids[1:eot], m.ctx_init  # between start and end of text
+        else:  # placeholder words whose embeddings the context replaces
+            self.ctx_ids, self.prefix = None, ' '.join(['X'] * m.n_ctx)
         self.n_ctx = m.n_ctx if self.ctx_ids is None else len(self.ctx_ids)
-        self.prefix = prefix
         self.class_names = self._class_names()
         self.train_classes = subsample_classes(len(self.class_names), config.input.subsample_classes)
         self.head = gopro_model.PromptLearner(
@@ -369,10 +368,11 @@ class Method(_image.ImageMethod):
                 for i in range(0, len(embedded), chunk)
             ]
             results[f'gopro/{name}'] = float(np.mean(np.argmax(np.concatenate(scores), 1) == labels))
-            classifier = np.asarray(self._zero_shot_text(extra['clip'], tokens))
-            results[f'zero_shot/{name}'] = float(np.mean(np.argmax(embedded @ classifier.T, 1) == labels))
+            if self.ctx_ids is not None:  # placeholder words make no zero-shot prompt
+                classifier = np.asarray(self._zero_shot_text(extra['clip'], tokens))
+                results[f'zero_shot/{name}'] = float(np.mean(np.argmax(embedded @ classifier.T, 1) == labels))
         if 'new' in self.eval_sets():
-            for kind in ('gopro', 'zero_shot'):
+            for kind in ('gopro', 'zero_shot') if self.ctx_ids is not None else ('gopro',):
                 base, new = results[f'{kind}/base'], results[f'{kind}/new']
                 results[f'{kind}/hm'] = 2 * base * new / max(base + new, 1e-12)
         return results
