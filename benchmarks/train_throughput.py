@@ -643,11 +643,25 @@ def lever_specs(args: argparse.Namespace, base: dict[str, Any], platform_name: s
             levers.append((f'mesh={mesh} x{device_count}', dict(mesh=mesh, devices=device_count)))
     else:
         levers.append(('mesh=fsdp', None))
-    for flags in args.lever_xla_flags or (['--xla_gpu_enable_triton_gemm=false'] if gpu else []):
-        levers.append((f'XLA_FLAGS {flags}', dict(xla_flags=flags)))
-    if args.lever_names:  # a subset, the baseline always kept for the side-by-side ratios
-        keep = {'baseline', *args.lever_names.split(',')}
-        levers = [lever for lever in levers if lever[0] in keep]
+    flag_rows = [
+        (f'XLA_FLAGS {flags}', dict(xla_flags=flags))
+        for flags in args.lever_xla_flags or (['--xla_gpu_enable_triton_gemm=false'] if gpu else [])
+    ]
+    if args.lever_names:
+        # A subset, the baseline always kept for the side-by-side ratios; 'a+b' is one row with both changes.
+        # Flags given with --lever-xla-flags are asked for by name already, so they are kept too.
+        known = dict(levers)
+        picked = [('baseline', {})]
+        for name in args.lever_names.split(','):
+            parts = name.split('+')
+            unknown = [part for part in parts if part not in known]
+            if unknown:
+                raise SystemExit(f'--lever-names: unknown lever {unknown[0]!r}; this sweep has {sorted(known)}')
+            changes = [known[part] for part in parts]
+            picked.append((name, None if None in changes else {k: v for c in changes for k, v in c.items()}))
+        levers = picked + (flag_rows if args.lever_xla_flags else [])
+    else:
+        levers += flag_rows
     return [(name, None if change is None else dict(base, **change, label=name)) for name, change in levers]
 
 

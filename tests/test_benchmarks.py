@@ -92,3 +92,19 @@ def test_fsdp_mesh_and_lever_table(tmp_path):
     assert run['flops_per_step'] == pytest.approx(flops_per_example(0.5) * 4)
     text = script.table([run, dict(label='attention=cudnn', error='skipped: needs a GPU')])
     assert 'ERROR skipped: needs a GPU' in text and 'fsdp' not in text.splitlines()[0]
+
+
+def test_lever_selection_combines_and_rejects_names():
+    """--lever-names picks rows (baseline always first), 'a+b' merges two changes, explicit XLA flags are kept."""
+    script = load_script()
+    argv = [*TINY, '--lever-names', 'qkv=split,qkv=split+gelu=tanh', '--lever-xla-flags=--xla_foo=1']
+    args = script.parse_args(argv)
+    base = script.base_spec(args, 'micro/8')
+    rows = dict(script.lever_specs(args, base, 'gpu', 1))
+    assert list(rows) == ['baseline', 'qkv=split', 'qkv=split+gelu=tanh', 'XLA_FLAGS --xla_foo=1']
+    assert rows['baseline']['split_qkv'] is False and rows['qkv=split']['split_qkv'] is True
+    both = rows['qkv=split+gelu=tanh']
+    assert both['split_qkv'] is True and both['approximate_gelu'] is True and both['label'] == 'qkv=split+gelu=tanh'
+    assert rows['XLA_FLAGS --xla_foo=1']['xla_flags'] == '--xla_foo=1'
+    with pytest.raises(SystemExit, match="unknown lever 'gelu=fast'"):
+        script.lever_specs(script.parse_args([*TINY, '--lever-names', 'gelu=fast']), base, 'gpu', 1)
