@@ -73,8 +73,10 @@ print(' '.join(args), '|', ' '.join(flags))
 PY
 )
 read -r -a won_args <<<"${winners%%|*}"
-export XLA_FLAGS="${XLA_FLAGS:-} ${winners#*|}"
-echo "kept for the goal runs: args '${winners%%|*}', XLA_FLAGS '$XLA_FLAGS'" | tee "$out/kept.txt"
+read -r -a won_flags <<<"${XLA_FLAGS:-} ${winners#*|}"
+# XLA reads a blank XLA_FLAGS as a file name and aborts (the 2026-11-27 call lost its goal parts to that).
+if ((${#won_flags[@]})); then export XLA_FLAGS="${won_flags[*]}"; else unset XLA_FLAGS; fi
+echo "kept for the goal runs: args '${won_args[*]}', XLA_FLAGS '${XLA_FLAGS:-}'" | tee "$out/kept.txt"
 # 2. The MFU goals at larger per-device batches, with what won: ViT-B at 256 clips, ViT-L at 128.
 part gpu_B256 --variants B --modes v2 --batch 256 --no-matmul --child-timeout 120 "${won_args[@]}"
 part gpu_L128 --variants L --modes v2 --batch 128 --no-matmul --child-timeout 150 "${won_args[@]}"
