@@ -75,6 +75,7 @@ def base_spec(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         patch_embed=args.patch_embed,
         split_qkv=args.split_qkv,
         approximate_gelu=args.approximate_gelu,
+        recompute_gelu=args.recompute_gelu,
         remat=args.remat,
         scan=args.scan,
         mesh=args.mesh,
@@ -129,7 +130,7 @@ def jaxssl_config(spec: dict[str, Any], device_count: int):
         overrides['model.attention_impl'] = spec['attention']
     if spec.get('patch_embed', 'auto') != 'auto':
         overrides['model.patch_embed_impl'] = spec['patch_embed']
-    for key in ('split_qkv', 'approximate_gelu'):
+    for key in ('split_qkv', 'approximate_gelu', 'recompute_gelu'):
         overrides[f'model.{key}'] = bool(spec.get(key, False))
     text = [f'{k}={str(v).lower() if isinstance(v, bool) else v}' for k, v in overrides.items()]
     return load_config(f'{CONFIG_FILE}:variant={spec["variant"]}', text)
@@ -631,6 +632,10 @@ def lever_specs(args: argparse.Namespace, base: dict[str, Any], platform_name: s
             'gelu=' + ('erf' if base['approximate_gelu'] else 'tanh'),
             dict(approximate_gelu=not base['approximate_gelu']),
         ),
+        (
+            'gelu=' + ('stored' if base['recompute_gelu'] else 'recompute'),
+            dict(recompute_gelu=not base['recompute_gelu']),
+        ),
         (f'remat={flip(remat)}', dict(remat=flip(remat))),
         *[(f'scan_layers={other}', dict(scan=other)) for other in ('off', 'on', 'unrolled') if other != scan],
         ('donate=off', dict(donate=False)) if base['donate'] else ('donate=on', dict(donate=True)),
@@ -704,6 +709,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument('--split-qkv', action='store_true', help='q, k, v as three matmuls (model.split_qkv)')
     p.add_argument('--approximate-gelu', action='store_true', help='tanh GELU (model.approximate_gelu)')
+    p.add_argument('--recompute-gelu', action='store_true', help='GELU recomputed in backward (model.recompute_gelu)')
     p.add_argument('--remat', default='auto', choices=('auto', 'on', 'off'), help='auto: the recipe (H, g on)')
     p.add_argument(
         '--scan',

@@ -86,6 +86,7 @@ def make_model(config: ml_collections.ConfigDict) -> videomae_model.VideoMAEPret
         patch_embed_impl=m.patch_embed_impl,
         split_qkv=m.get('split_qkv', False),
         approximate_gelu=m.get('approximate_gelu', False),
+        recompute_gelu=m.get('recompute_gelu', False),
     )
 
 

@@ -87,6 +87,7 @@ class VideoMAEPretrain(nn.Module):
     patch_embed_impl: str = 'matmul'
     split_qkv: bool = False  # throughput levers (vit.Attention, vit.Mlp)
     approximate_gelu: bool = False
+    recompute_gelu: bool = False
 
     def setup(self):
         common = dict(
@@ -100,6 +101,7 @@ class VideoMAEPretrain(nn.Module):
             attention_impl=self.attention_impl,
             split_qkv=self.split_qkv,
             approximate_gelu=self.approximate_gelu,
+            recompute_gelu=self.recompute_gelu,
         )
         self.patch_embed = vit.PatchEmbed(
             self.width, (self.tubelet, self.patch, self.patch), dtype=self.dtype, impl=self.patch_embed_impl

@@ -8,6 +8,7 @@ pre-LN blocks, fused qkv projection with q and v biases but no k bias, exact GEL
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -287,18 +288,25 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact (erf) GELU -> fc2. `approximate_gelu` uses the tanh form instead (a throughput lever: cuBLAS can
-    apply it in the matmul's epilogue; it differs from the erf form by < 1e-3 and from the reference's numbers)."""
+    """fc1 -> exact (erf) GELU -> fc2. Two throughput levers:
+    - `approximate_gelu`: the tanh form (cuBLAS can apply it in the matmul's epilogue; it differs from the erf form
+      by < 1e-3 and so from the reference's numbers);
+    - `recompute_gelu`: the backward recomputes the GELU from fc1's output (which it keeps anyway) instead of
+      keeping the forward's intermediates (for the erf form, two more (tokens, hidden) arrays per layer). The
+      numbers are the same; it trades memory traffic for recomputing an elementwise function.
+    """
 
     hidden: int
     dtype: Dtype = jnp.float32
     approximate_gelu: bool = False
+    recompute_gelu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)
-        x = nn.gelu(x, approximate=self.approximate_gelu)
+        gelu = functools.partial(nn.gelu, approximate=self.approximate_gelu)
+        x = jax.checkpoint(gelu)(x) if self.recompute_gelu else gelu(x)
         return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name='fc2')(x)
 
 
@@ -329,6 +337,7 @@ class Block(nn.Module):
     rope_base: float = 100.0
     split_qkv: bool = False  # throughput levers, see Attention and Mlp
     approximate_gelu: bool = False
+    recompute_gelu: bool = False
 
     @nn.compact
     def __call__(
@@ -360,7 +369,8 @@ class Block(nn.Module):
         )
         y = attention(norm('norm1')(x), positions)
         x = x + residual(y, 'gamma_1')
-        y = Mlp(self.mlp_hidden, self.dtype, self.approximate_gelu, name='mlp')(norm('norm2')(x))
+        mlp = Mlp(self.mlp_hidden, self.dtype, self.approximate_gelu, self.recompute_gelu, name='mlp')
+        y = mlp(norm('norm2')(x))
         x = x + residual(y, 'gamma_2')
         return x, None
 
@@ -394,6 +404,7 @@ class Transformer(nn.Module):
     rope_base: float = 100.0
     split_qkv: bool = False  # throughput levers, see Attention and Mlp
     approximate_gelu: bool = False
+    recompute_gelu: bool = False
 
     @nn.compact
     def __call__(
@@ -415,6 +426,7 @@ class Transformer(nn.Module):
             rope_base=self.rope_base,
             split_qkv=self.split_qkv,
             approximate_gelu=self.approximate_gelu,
+            recompute_gelu=self.recompute_gelu,
         )
         rates = np.linspace(0.0, self.drop_path_rate, self.depth, dtype=np.float32)
         block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
