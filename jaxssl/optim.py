@@ -9,7 +9,8 @@ bounds (`optim.clamp`), and a per-step lr schedule (`optim.schedule`):
   cooldown to a constant lr, constant, exponential annealing to a minimum lr;
 - 'tri_stage': fairseq's wav2vec 2.0 fine-tuning schedule (`tri_stage_schedule`): warmup, hold, exponential decay;
 - 'epoch_cosine': Dassl's (CoOp, CoCoOp, MaPLe, GOPro; `epoch_cosine_schedule`): the lr changes once per epoch,
-  `optim.warmup_lr` for the warmup epochs, then torch's CosineAnnealingLR over `optim.epochs` epochs.
+  `optim.warmup_lr` for the warmup epochs, then torch's CosineAnnealingLR over `optim.epochs` epochs;
+- 'constant': the linear warmup, if any, then the peak lr throughout (UNFUSED's SGD without a scheduler).
 
 Continual pretraining over a sequence of tasks: `optim.task_steps` (> 0) makes the schedule restart every
 task_steps steps (cosine / linear: one full cycle per task, i.e. repeated cosine; infinite: tasks after the first
@@ -33,7 +34,7 @@ from jaxssl import rules as rules_lib
 from jaxssl.config import ConfigError
 
 OPTIMIZERS = ('adamw', 'adam', 'lars', 'sgd')
-SCHEDULES = ('cosine', 'linear', 'infinite', 'tri_stage', 'epoch_cosine')
+SCHEDULES = ('cosine', 'linear', 'infinite', 'tri_stage', 'epoch_cosine', 'constant')
 COOLDOWNS = ('cosine', 'linear', 'inv_sqrt')  # the infinite schedule's cooldown shapes (the reference's options)
 # Schedule keys every config gets (add_schedule_defaults) so any of them can be selected on the command line; the
 # infinite schedule's values are the authors' final small-scale MAE runs (Pauljanson002/MAE-1 bin/mila/*.sh).
@@ -251,7 +252,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, 
         per_task = lambda step: cycle(jnp.mod(step, task_steps))
     else:
         make = warmup_cosine if name == 'cosine' else warmup_linear
-        cycle = make(peak, optim_config.min_lr * scale, task_steps, warmup)
+        # 'constant': the linear warmup (if any) to the peak, then the peak (UNFUSED's plain SGD has no schedule).
+        final = peak if name == 'constant' else optim_config.min_lr * scale
+        cycle = make(peak, final, task_steps, warmup)
         per_task = lambda step: cycle(jnp.mod(step, task_steps))  # one full cycle per task: repeated cosine
     offset = o.schedule_offset
     if offset == 0 and name != 'infinite' and task_steps == total_steps:

@@ -6,6 +6,10 @@ an int32 .npy with one label per image of the run's training split, in source or
 configs/gsimclr.py reads it as input.pseudo_labels. Features come from the method's deterministic evaluation view of
 the training split (input.split), so they are the same on every call. Any method with `eval_dataset` and
 `represent` works, with --representation naming one of its representations.
+
+UNFUSED's clustering (Sreyan88/LAPE gen_pseudo.py / clustering.py, DeepCluster's recipe) is
+`--pca_whiten=128 --l2_normalize --iterations=20 --clusters=32`: the features are PCA-whitened to 128 dimensions
+(faiss PCAMatrix with eigen_power -0.5, fit on the same features), each row L2-normalised, then k-means.
 """
 
 from __future__ import annotations
@@ -19,6 +23,20 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def whiten(x: np.ndarray, dims: int) -> np.ndarray:
+    """(N, D) -> (N, dims): centred, projected on the covariance's top `dims` eigenvectors and each coordinate divided
+    by the square root of its eigenvalue (faiss PCAMatrix(D, dims, eigen_power=-0.5)), so the output has identity
+    covariance. Directions of (numerically) zero variance are an error rather than a division by zero."""
+    if not 1 <= dims <= min(x.shape):
+        raise ValueError(f'cannot whiten {x.shape} features to {dims} dimensions: need 1 <= dims <= min(N, D)')
+    centred = x - x.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred / len(x))
+    top = np.argsort(eigenvalues)[::-1][:dims]
+    if eigenvalues[top[-1]] <= 1e-12 * max(eigenvalues[top[0]], 1e-300):
+        raise ValueError(f'the features span fewer than {dims} directions: lower --pca_whiten')
+    return centred @ eigenvectors[:, top] / np.sqrt(eigenvalues[top])
+
+
 def pseudo_labels(
     workdir: str,
     clusters: int,
@@ -28,6 +46,9 @@ def pseudo_labels(
     seed: int = 0,
     batch_size: int = 0,
     overrides: Sequence[str] = (),
+    pca_whiten: int = 0,
+    l2_normalize: bool = False,
+    iterations: int = 300,
 ) -> np.ndarray:
     """int32 (N,) k-means labels of the run's training-split representations, indexed like its source."""
     import jax
@@ -50,7 +71,11 @@ def pseudo_labels(
     index, x = rows['index'][keep], rows[representation][keep].astype(np.float64)
     if not np.array_equal(np.sort(index), np.arange(len(index))):
         raise ValueError('the evaluation pass did not visit every training example exactly once')
-    labels, _, _ = kmeans.kmeans(x, clusters, seed=seed)
+    if pca_whiten:
+        x = whiten(x, pca_whiten)
+    if l2_normalize:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    labels, _, _ = kmeans.kmeans(x, clusters, seed=seed, max_iter=iterations)
     out = np.empty(len(index), np.int32)
     out[index] = labels
     return out
@@ -65,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
     parser.add_argument('--seed', type=int, default=0, help="k-means' seed (the reference's random_state=0)")
     parser.add_argument('--batch_size', type=int, default=0, help='feature batch (default: eval.batch_size)')
+    parser.add_argument('--pca_whiten', type=int, default=0, help='PCA-whiten to this many dimensions first (0: no)')
+    parser.add_argument('--l2_normalize', action='store_true', help='L2-normalise each (whitened) row first')
+    parser.add_argument('--iterations', type=int, default=300, help="k-means' Lloyd iterations at most (UNFUSED: 20)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     bad = [item for item in rest if not item.startswith('--config.')]
     if bad:
@@ -83,8 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             overrides=[item[len('--config.') :] for item in rest],
+            pca_whiten=args.pca_whiten,
+            l2_normalize=args.l2_normalize,
+            iterations=args.iterations,
         )
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     out = args.out or os.path.join(args.workdir, 'pseudo_labels.npy')

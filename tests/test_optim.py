@@ -45,6 +45,16 @@ def test_lr_scales_with_global_batch():
     assert float(schedule(9)) == np.float32(2e-3) and float(schedule(19)) > 2e-5
 
 
+def test_constant_schedule_warms_up_then_holds_the_peak():
+    config = config_for(schedule='constant', warmup_epochs=0, warmup_steps=4)
+    optim.add_schedule_defaults(config.optim)
+    config.optim.schedule = 'constant'
+    schedule = optim.learning_rate_schedule(config, 20, 10)
+    got = np.array([float(schedule(step)) for step in range(20)])
+    np.testing.assert_allclose(got[:5], 2e-3 * np.arange(5) / 4, rtol=1e-6)  # linear warmup to the peak at step 4
+    np.testing.assert_allclose(got[4:], 2e-3, rtol=1e-6)  # then the peak, with no decay to min_lr
+
+
 def test_decay_mask_by_names_and_rank():
     params = {
         'patch_embed': {'proj': {'kernel': jnp.zeros((2, 4, 4, 3, 8)), 'bias': jnp.zeros(8)}},

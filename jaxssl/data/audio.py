@@ -1,4 +1,4 @@
-"""Audio input: two log-mel front ends and the raw waveform, audio sources, and Grain pipelines for pretraining and
+"""Audio input: three log-mel front ends and the raw waveform, audio sources, and Grain pipelines for pretraining and
 evaluation.
 
 Front ends (`input.features`), in numpy so that they run per example in the Grain pipeline:
@@ -11,6 +11,12 @@ Front ends (`input.features`), in numpy so that they run per example in the Grai
                 torch.stft (25 ms periodic Hann window, 10 ms hop, centred with reflect padding), power, torchaudio's
                 HTK mel filters (0 Hz to Nyquist, unnormalised), log(x + 1e-10), then per-utterance mean / std
                 normalisation over time. Checked against torch.stft and a torch transcription of torchaudio's filters.
+  byola_log_mel BYOL-A's (and UNFUSED's) librosa log-mel: a crop of input.crop_seconds (random in training, the first
+                samples in evaluation; shorter clips zero-padded symmetrically first), a 1024-point STFT with a
+                periodic Hann window every 160 samples (centred, reflect padding), power, librosa's Slaney mel
+                filters (area-normalised) from input.f_min to input.f_max, log(x + float32 epsilon); then the
+                dataset normalisation (x - input.norm_mean) / input.norm_std, the converged form of the reference's
+                RunningNorm. Checked against transformers.audio_utils (librosa's algorithm).
   waveform      the samples themselves (wav2vec 2.0's input), optionally standardised over the whole file
                 (fairseq's `normalize`, for the large / XLSR models), then a random crop of input.max_samples
                 (fairseq's crop_to_max_size; the first samples in evaluation) or zero padding up to it.
@@ -40,7 +46,7 @@ from jaxssl.data import images, pipeline
 from jaxssl.data.decode import DecodeError
 
 AUDIO_EXTENSIONS = ('.wav',)
-FEATURES = ('kaldi_fbank', 'log_mel_cmvn', 'waveform')
+FEATURES = ('kaldi_fbank', 'log_mel_cmvn', 'byola_log_mel', 'waveform')
 DATASETS = ('folder', 'synthetic_words')
 WINDOWS = ('hanning', 'povey', 'hamming', 'rectangular')
 
@@ -164,6 +170,91 @@ def ssast_fbank(waveform: np.ndarray, input_config: Any) -> np.ndarray:
     return kaldi_fbank(x, sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins, window_type=c.window)
 
 
+# --- BYOL-A's librosa log-mel ----------------------------------------------------------------------------------------
+BYOLA_N_FFT = 1024  # samples: 64 ms at 16 kHz (the reference's MelSpectrogramLibrosa, fixed in samples)
+BYOLA_HOP = 160  # samples: 10 ms at 16 kHz
+
+
+def slaney_mel(freq: np.ndarray | float) -> np.ndarray:
+    """Slaney's mel scale (librosa's default, htk=False): linear below 1 kHz (3 mels per 200 Hz), logarithmic
+    above (27 mels per factor of 6.4), the two pieces meeting at 1 kHz = 15 mels."""
+    f = np.asarray(freq, np.float64)
+    linear = f * 3.0 / 200.0
+    log = 15.0 + np.log(np.maximum(f, 1000.0) / 1000.0) * 27.0 / np.log(6.4)
+    return np.where(f >= 1000.0, log, linear)
+
+
+def slaney_hz(mel: np.ndarray | float) -> np.ndarray:
+    """The inverse of `slaney_mel`."""
+    m = np.asarray(mel, np.float64)
+    linear = m * 200.0 / 3.0
+    log = 1000.0 * np.exp((np.maximum(m, 15.0) - 15.0) * np.log(6.4) / 27.0)
+    return np.where(m >= 15.0, log, linear)
+
+
+@functools.lru_cache(maxsize=16)
+def slaney_mel_filters(
+    num_bins: int, fft_size: int, sample_rate: float, low_freq: float, high_freq: float
+) -> np.ndarray:
+    """(fft_size // 2 + 1, num_bins) float32: librosa.filters.mel's defaults (htk=False, norm='slaney'), transposed
+    for `power @ filters`. Triangles in Hz over the FFT bin frequencies, corners equally spaced on `slaney_mel`
+    from low_freq to high_freq, each scaled by 2 / (its width in Hz) so that every filter has the same area (a
+    constant-energy filterbank, unlike the unnormalised HTK / Kaldi triangles). float32 as librosa 0.8.1 stores it."""
+    freqs = np.linspace(0, sample_rate / 2, fft_size // 2 + 1)
+    corners = slaney_hz(np.linspace(slaney_mel(low_freq), slaney_mel(high_freq), num_bins + 2))
+    width = np.diff(corners)
+    slopes = corners[None, :] - freqs[:, None]
+    down, up = -slopes[:, :-2] / width[:-1], slopes[:, 2:] / width[1:]
+    weights = np.maximum(0.0, np.minimum(down, up)) * (2.0 / (corners[2:] - corners[:-2]))
+    return weights.astype(np.float32)
+
+
+def byola_power_mel(
+    waveform: np.ndarray,
+    sample_rate: float = 16000,
+    num_mel_bins: int = 64,
+    f_min: float = 60.0,
+    f_max: float = 7800.0,
+) -> np.ndarray:
+    """(frames, num_mel_bins) float64 mel power, frames = 1 + len // BYOLA_HOP: the reference's
+    MelSpectrogramLibrosa (librosa.stft's defaults: periodic Hann window, centred with reflect padding of n_fft // 2;
+    then |X|^2 plus float64 epsilon, which keeps silent bins off zero, before the filters). In float64, where the
+    reference's librosa runs in float32 for a float32 waveform."""
+    x = np.asarray(waveform, np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f'expected a non-empty 1-D waveform, got shape {x.shape}')
+    padded = np.pad(x, BYOLA_N_FFT // 2, mode='reflect')
+    frames = np.lib.stride_tricks.sliding_window_view(padded, BYOLA_N_FFT)[::BYOLA_HOP]
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(BYOLA_N_FFT) / BYOLA_N_FFT)  # scipy's get_window('hann'): periodic
+    power = np.abs(np.fft.rfft(frames * hann)) ** 2 + np.finfo(np.float64).eps
+    return power @ slaney_mel_filters(num_mel_bins, BYOLA_N_FFT, float(sample_rate), float(f_min), float(f_max))
+
+
+def byola_log_mel(waveform: np.ndarray, input_config: Any) -> np.ndarray:
+    """BYOL-A's log-mel (frames, num_mel_bins) float32 of an already cropped waveform: the reference's
+    extract_log_mel_spectrogram, log(mel power + torch.finfo().eps), torch's default float32 epsilon."""
+    c = input_config
+    mel = byola_power_mel(waveform, c.sample_rate, c.num_mel_bins, c.f_min, c.f_max)
+    return np.log(mel + np.finfo(np.float32).eps).astype(np.float32)
+
+
+def crop_or_pad(waveform: np.ndarray, length: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Exactly `length` samples, as the reference's extract_window: a shorter clip zero-padded symmetrically
+    ((length - n) // 2 on the left, the rest on the right), a longer one cut at a start drawn from `rng` (the first
+    samples without one, for evaluation: the reference always crops at random)."""
+    x = np.asarray(waveform)
+    if len(x) < length:
+        left = (length - len(x)) // 2
+        return np.pad(x, (left, length - len(x) - left))
+    start = int(rng.integers(0, len(x) - length + 1)) if rng is not None else 0
+    return x[start : start + length]
+
+
+def crop_samples(input_config: Any) -> int:
+    """byola_log_mel's crop in samples: input.crop_seconds at input.sample_rate (0.95 s -> 15,200 at 16 kHz)."""
+    return round(input_config.crop_seconds * input_config.sample_rate)
+
+
 def spectrogram(waveform: np.ndarray, input_config: Any, rng: np.random.Generator | None = None) -> np.ndarray:
     """One example's model input (target_length, num_mel_bins) float32 by `input.features`, zero-padded or cut to
     target_length frames.
@@ -174,10 +265,15 @@ def spectrogram(waveform: np.ndarray, input_config: Any, rng: np.random.Generato
     start drawn from `rng` (the first samples without one, for evaluation) before the features, as s3prl's
     `_sample`, so the CMVN statistics are the crop's; padding frames stay zero, which is how the reference tells them
     apart (`frame_lengths`).
+    byola_log_mel (BYOL-A, UNFUSED): `crop_or_pad` to crop_seconds (random start from `rng`, the first samples
+    without one), `byola_log_mel`, then (x - norm_mean) / norm_std on the padded array as for kaldi_fbank (the crop
+    fills target_length frames at the defaults, so there is no padding to normalise).
     """
     c = input_config
     if c.features == 'kaldi_fbank':
         spectrum = ssast_fbank(waveform, c)
+    elif c.features == 'byola_log_mel':
+        spectrum = byola_log_mel(crop_or_pad(waveform, crop_samples(c), rng), c)
     else:
         x = normalize_level(waveform)
         crop = c.target_length * round(c.sample_rate / 100)  # 10 ms hops
@@ -190,6 +286,8 @@ def spectrogram(waveform: np.ndarray, input_config: Any, rng: np.random.Generato
     out[:frames] = spectrum[:frames]
     if c.features == 'kaldi_fbank':
         out = (out - np.float32(c.norm_mean)) / np.float32(2 * c.norm_std)
+    elif c.features == 'byola_log_mel':
+        out = (out - np.float32(c.norm_mean)) / np.float32(c.norm_std)
     return out
 
 
@@ -533,7 +631,8 @@ class EvalAudioLoader:
 
 
 def zero_example(input_config: Any) -> dict[str, np.ndarray]:
-    """The all-zero example that stands in for an unreadable evaluation file."""
+    """The all-zero example that stands in for an unreadable evaluation file: zero samples, or an all-zero
+    spectrogram for the three log-mel front ends (kaldi_fbank, log_mel_cmvn, byola_log_mel)."""
     c = input_config
     if c.features == 'waveform':
         return {'waveform': np.zeros(c.max_samples, np.float32), 'num_samples': np.int32(0)}
@@ -570,22 +669,35 @@ def add_audio_input_config(
     config: ml_collections.ConfigDict, *, runlocal: bool = False, features: str = 'kaldi_fbank'
 ) -> None:
     """The `input` section of an audio method's config (the built-in synthetic words with `runlocal`). The defaults
-    are SSAST's; TERA's config sets its own front end and lengths."""
+    are SSAST's; TERA's config sets its own front end and lengths; `features='byola_log_mel'` sets BYOL-A's 64 mel
+    bins and 96 frames (its 0.95 s crop) and the matching normalisation statistics."""
     c = config.input = ml_collections.ConfigDict()
     c.dataset = 'synthetic_words' if runlocal else 'folder'  # 'folder' or 'synthetic_words'
     c.data_root = ''  # 'folder': <data_root>/<split>/<class>/<file>.wav
     c.split = 'train'
     c.sample_rate = 16000
-    c.features = features  # 'kaldi_fbank' (SSAST), 'log_mel_cmvn' (TERA) or 'waveform' (wav2vec 2.0); module docs
-    c.num_mel_bins = 64 if runlocal else 128
+    # 'kaldi_fbank' (SSAST), 'log_mel_cmvn' (TERA), 'byola_log_mel' (BYOL-A, UNFUSED) or 'waveform' (wav2vec 2.0);
+    # see the module docstring.
+    c.features = features
+    byola = features == 'byola_log_mel'
+    c.num_mel_bins = 64 if runlocal or byola else 128
     c.window = 'hanning'  # kaldi_fbank: SSAST's; BEATs uses 'povey'
-    c.target_length = 96 if runlocal else 1024  # frames of 10 ms; shorter clips are zero-padded, longer ones cut
-    # kaldi_fbank: the reference's AudioSet + LibriSpeech statistics of the log-mel values; measure your own data's
-    # with jaxssl.data.audio.fbank_stats. The built-in words' are set by `runlocal`.
+    # frames of 10 ms; shorter clips are zero-padded, longer ones cut (byola_log_mel: 96 = its 0.95 s crop)
+    c.target_length = 96 if runlocal or byola else 1024
+    # The dataset's statistics of the log-mel values, measured with jaxssl.data.audio.fbank_stats. kaldi_fbank: the
+    # reference's AudioSet + LibriSpeech ones. byola_log_mel: the reference measures them on its training data
+    # (RunningNorm); the default is the built-in words', so measure your own. The built-in words' are set by
+    # `runlocal`.
     c.norm_mean = -4.2677393
     c.norm_std = 4.5689974
-    if runlocal:
+    if byola:
+        c.norm_mean, c.norm_std = SYNTHETIC_WORDS_BYOLA_STATS
+    elif runlocal:
         c.norm_mean, c.norm_std = SYNTHETIC_WORDS_STATS
+    # 'byola_log_mel' only: the crop (the reference's 0.95 s; shorter clips are zero-padded) and the mel filters' range.
+    c.crop_seconds = 0.95
+    c.f_min = 60.0
+    c.f_max = 7800.0
     c.global_batch = 64 if runlocal else 24
     c.num_sample = 1  # views per example (the image pipeline's field; SSAST uses one)
     # 'waveform' only: samples per example (fairseq's max_sample_size: longer files are randomly cropped, shorter
@@ -599,15 +711,28 @@ def add_audio_input_config(
 
 # fbank_stats of the built-in words' train split at 64 mel bins (2,000 utterances).
 SYNTHETIC_WORDS_STATS = (-1.4518584, 3.3575149)
+# The same for byola_log_mel: 64 mel bins, the first 0.95 s of each utterance (2,000 utterances).
+SYNTHETIC_WORDS_BYOLA_STATS = (-3.025198, 2.112462)
+
+
+def unnormalized_log_mel(waveform: np.ndarray, input_config: Any) -> np.ndarray:
+    """The log-mel frames that `spectrogram` normalises, before the padding, in evaluation (no rng): kaldi_fbank's
+    `ssast_fbank` of the whole clip, or byola_log_mel's of its first crop_seconds."""
+    c = input_config
+    if c.features == 'byola_log_mel':
+        return byola_log_mel(crop_or_pad(waveform, crop_samples(c)), c)
+    return ssast_fbank(waveform, c)
 
 
 def fbank_stats(config: ml_collections.ConfigDict, max_examples: int = 2000) -> tuple[float, float]:
-    """(mean, std) of the log-mel values of up to `max_examples` evenly spaced training examples, before padding:
-    the reference's per-dataset normalisation constants."""
+    """(mean, std) of the log-mel values (`unnormalized_log_mel`, by input.features: kaldi_fbank's, or
+    byola_log_mel's) of up to `max_examples` evenly spaced training examples, before padding: the reference's
+    per-dataset normalisation constants (for byola_log_mel, what the reference's RunningNorm converges to)."""
     c = config.input
     source = make_audio_source(config)
     picks = np.linspace(0, len(source) - 1, min(max_examples, len(source))).astype(int)
-    values = np.concatenate([ssast_fbank(decode_audio(source[int(i)], c.sample_rate), c).ravel() for i in picks])
+    waveforms = (decode_audio(source[int(i)], c.sample_rate) for i in picks)
+    values = np.concatenate([unnormalized_log_mel(x, c).ravel() for x in waveforms])
     return float(values.mean()), float(values.std())
 
 
@@ -625,3 +750,22 @@ def check_audio_input_config(config: ml_collections.ConfigDict, datasets: tuple[
         raise ConfigError(f"bad value {c.min_samples} for 'input.min_samples': must be >= 0")
     if c.norm_std <= 0:
         raise ConfigError(f"bad value {c.norm_std} for 'input.norm_std': must be > 0")
+    if c.features == 'byola_log_mel':
+        check_byola_config(c)
+
+
+def check_byola_config(c: Any) -> None:
+    """byola_log_mel's keys: a positive crop and 0 <= f_min < f_max <= Nyquist (librosa warns of empty filters
+    beyond it)."""
+    for key in ('crop_seconds', 'f_min', 'f_max'):
+        if c.get(key) is None:
+            raise ConfigError(f"'input.{key}' is missing: byola_log_mel needs it (see add_audio_input_config)")
+    if not c.crop_seconds * c.sample_rate >= 1:
+        raise ConfigError(f"bad value {c.crop_seconds} for 'input.crop_seconds': must be > 0 (at least one sample)")
+    if not c.f_min >= 0:
+        raise ConfigError(f"bad value {c.f_min} for 'input.f_min': must be >= 0")
+    if not c.f_min < c.f_max <= c.sample_rate / 2:
+        raise ConfigError(
+            f"bad value {c.f_max} for 'input.f_max': must be above input.f_min ({c.f_min}) and at most Nyquist "
+            f'(input.sample_rate / 2 = {c.sample_rate / 2:g})'
+        )
