@@ -3,7 +3,7 @@
 Arguments (comma separated after the file name):
   runlocal         a narrower student on the built-in synthetic words, for a CPU
 Steps (jaxssl/methods/unfused.py):
-  1. a teacher run, e.g.  --config=configs/ssast.py:runlocal --workdir=runs/teacher
+  1. a teacher run, e.g.  --config=configs/tera.py:runlocal --workdir=runs/teacher
   2. python -m jaxssl.pseudo_labels --workdir=runs/teacher --representation=mean_pool --pca_whiten=128 \
        --l2_normalize --iterations=20 --clusters=32 --out=runs/teacher/pseudo_labels.npy
   3. --config=configs/unfused.py:runlocal --config.input.pseudo_labels=runs/teacher/pseudo_labels.npy
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     # The reference's k-means has k = 32 while its heads have task_label = 99 outputs; the heads are sized to the
-    # clusters here (67 of the 99 outputs would never be a target).
+    # clusters here (67 of the 99 outputs would never be a target; model.classes=99 gives the reference's heads).
     c.model.classes = 32
     c.model.channels = 64
     c.model.blocks = 3

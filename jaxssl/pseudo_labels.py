@@ -72,7 +72,10 @@ def pseudo_labels(
     if not np.array_equal(np.sort(index), np.arange(len(index))):
         raise ValueError('the evaluation pass did not visit every training example exactly once')
     if pca_whiten:
-        x = whiten(x, pca_whiten)
+        try:
+            x = whiten(x, pca_whiten)
+        except ValueError as e:
+            raise ConfigError(f'--pca_whiten={pca_whiten}: {e}') from e
     if l2_normalize:
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     labels, _, _ = kmeans.kmeans(x, clusters, seed=seed, max_iter=iterations)
@@ -115,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             l2_normalize=args.l2_normalize,
             iterations=args.iterations,
         )
-    except (ConfigError, ValueError) as e:
+    except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     out = args.out or os.path.join(args.workdir, 'pseudo_labels.npy')

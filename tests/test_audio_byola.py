@@ -142,6 +142,7 @@ def test_other_front_ends_keep_their_defaults():
         ({'f_max': 9000.0}, 'input.f_max'),
         ({'f_min': 8000.0}, 'input.f_max'),
         ({'f_min': -5.0}, 'input.f_min'),
+        ({'crop_seconds': 0.5}, 'input.target_length'),  # 51 frames of audio, 45 of padding: refused
     ],
 )
 def test_config_check_names_the_key(fields, key):

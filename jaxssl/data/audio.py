@@ -769,3 +769,20 @@ def check_byola_config(c: Any) -> None:
             f"bad value {c.f_max} for 'input.f_max': must be above input.f_min ({c.f_min}) and at most Nyquist "
             f'(input.sample_rate / 2 = {c.sample_rate / 2:g})'
         )
+    frames = 1 + crop_samples(c) // BYOLA_HOP  # the reference's clip length: no padding, no cut
+    if c.target_length != frames:
+        raise ConfigError(
+            f"'input.target_length' ({c.target_length}) must be the {frames} frames that 'input.crop_seconds' "
+            f'({c.crop_seconds} s) gives'
+        )
+
+
+def check_byola_statistics(config: ml_collections.ConfigDict) -> None:
+    """Refuses the built-in words' byola_log_mel statistics on another dataset, at run start: the reference
+    normalises by its own training data's (RunningNorm), and the wrong ones shift every input."""
+    c = config.input
+    if c.dataset != 'synthetic_words' and (c.norm_mean, c.norm_std) == SYNTHETIC_WORDS_BYOLA_STATS:
+        raise ConfigError(
+            "'input.norm_mean' and 'input.norm_std' are the built-in words' statistics: set them to your training "
+            "data's log-mel mean and std (jaxssl.data.audio.fbank_stats(config) measures them)"
+        )

@@ -30,8 +30,9 @@ def kl_batchmean(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
 
 
 def cosine_distance(a: jax.Array, b: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """mean over the batch of 2 - 2 cos(a, b), rows normalised as torch's F.normalize (norm clamped at eps)."""
-    unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    """mean over the batch of 2 - 2 cos(a, b), rows normalised as torch's F.normalize (norm clamped at eps). The
+    norm is taken as sqrt(max(sum x^2, eps^2)), so an all-zero row has a finite gradient (jnp.linalg.norm's is NaN)."""
+    unit = lambda x: x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
     return jnp.mean(2.0 - 2.0 * jnp.sum(unit(a) * unit(b), axis=-1))
 
 

@@ -3,7 +3,7 @@ ICASSP 2023 SASB workshop; code Sreyan88/LAPE, src/upstream/unfused/): a self-su
 clustered into pseudo labels, and a randomly initialised student learns them with multi-exit self-distillation.
 
 The three steps in jaxssl:
-1. any audio run is the teacher (the reference's is a DeepCluster-trained AudioNTT; here e.g. configs/ssast.py);
+1. any audio run is the teacher (the reference's is a DeepCluster-trained AudioNTT; here e.g. configs/tera.py);
 2. `python -m jaxssl.pseudo_labels --workdir=<teacher run> --representation=<name> --pca_whiten=128 --l2_normalize
    --iterations=20 --clusters=32` writes one label per training clip (the reference's clustering.py);
 3. this method: the student (jaxssl.models.audio_ntt, BYOL-A's AudioNTT2020 with an exit after each conv block) and
@@ -104,6 +104,8 @@ class Method(_audio.AudioMethod):
         self.model = audio_ntt.Unfused(m.classes, m.channels, m.blocks, m.width, m.dropout)
 
     def train_source(self) -> Any:
+        if self.config.input.features == 'byola_log_mel':
+            audio.check_byola_statistics(self.config)
         source = super().train_source()
         return PseudoLabelledSource(source, load_pseudo_labels(self.config, len(source)))
 
