@@ -23,6 +23,22 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def load_labels(path: str, num_examples: int, how_to_make: str, examples: str = 'training examples') -> np.ndarray:
+    """The int (N,) labels of the .npy that `input.pseudo_labels` names (`path`), one per example of the training
+    source; a ConfigError naming the key, with `how_to_make` as the remedy, when there is no such file."""
+    from jaxssl.config import ConfigError
+
+    if not path or not os.path.isfile(path):
+        raise ConfigError(f"input.pseudo_labels: '{path}' is not a file; {how_to_make}")
+    labels = np.load(path)
+    if labels.ndim != 1 or len(labels) != num_examples or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(
+            f"input.pseudo_labels: '{path}' holds {labels.dtype} {labels.shape}; need one integer label for each "
+            f'of the {num_examples} {examples}'
+        )
+    return labels
+
+
 def whiten(x: np.ndarray, dims: int) -> np.ndarray:
     """(N, D) -> (N, dims): centred, projected on the covariance's top `dims` eigenvectors and each coordinate divided
     by the square root of its eigenvalue (faiss PCAMatrix(D, dims, eigen_power=-0.5)), so the output has identity

@@ -10,12 +10,12 @@ global batch holds distinct labels (an epoch is as many such batches as the labe
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from jaxssl import pseudo_labels
 from jaxssl.config import ConfigError
 from jaxssl.data import distinct_batches
 from jaxssl.data import images as image_data
@@ -29,18 +29,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def load_pseudo_labels(config: ml_collections.ConfigDict, num_examples: int) -> np.ndarray:
     """input.pseudo_labels as int (N,), checked against the training source and the global batch."""
-    path = config.input.pseudo_labels
-    if not path or not os.path.isfile(path):
-        raise ConfigError(
-            f"input.pseudo_labels: '{path}' is not a file; make one with configs/gsimclr_dae.py and "
-            '`python -m jaxssl.pseudo_labels --workdir=<that run> --clusters=K`'
-        )
-    labels = np.load(path)
-    if labels.ndim != 1 or len(labels) != num_examples or not np.issubdtype(labels.dtype, np.integer):
-        raise ConfigError(
-            f"input.pseudo_labels: '{path}' holds {labels.dtype} {labels.shape}; need one integer label for each "
-            f'of the {num_examples} training images'
-        )
+    how_to_make = (
+        'make one with configs/gsimclr_dae.py and `python -m jaxssl.pseudo_labels --workdir=<that run> --clusters=K`'
+    )
+    labels = pseudo_labels.load_labels(config.input.pseudo_labels, num_examples, how_to_make, 'training images')
     clusters = len(np.unique(labels))
     if clusters < config.input.global_batch:
         raise ConfigError(

@@ -18,7 +18,6 @@ exits.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxssl import pseudo_labels
 from jaxssl.config import ConfigError, check_range
 from jaxssl.data import audio
 from jaxssl.losses.self_distillation import self_distillation_loss
@@ -58,18 +58,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def load_pseudo_labels(config: ml_collections.ConfigDict, num_examples: int) -> np.ndarray:
     """input.pseudo_labels as int (N,), one per training clip, each in [0, model.classes)."""
-    path = config.input.pseudo_labels
-    if not path or not os.path.isfile(path):
-        raise ConfigError(
-            f"input.pseudo_labels: '{path}' is not a file; make one from a teacher run with `python -m "
-            'jaxssl.pseudo_labels --workdir=<run> --pca_whiten=128 --l2_normalize --iterations=20 --clusters=K`'
-        )
-    labels = np.load(path)
-    if labels.ndim != 1 or len(labels) != num_examples or not np.issubdtype(labels.dtype, np.integer):
-        raise ConfigError(
-            f"input.pseudo_labels: '{path}' holds {labels.dtype} {labels.shape}; need one integer label for each "
-            f'of the {num_examples} training clips'
-        )
+    how_to_make = (
+        'make one from a teacher run with `python -m jaxssl.pseudo_labels --workdir=<run> --pca_whiten=128 '
+        '--l2_normalize --iterations=20 --clusters=K`'
+    )
+    labels = pseudo_labels.load_labels(config.input.pseudo_labels, num_examples, how_to_make, 'training clips')
     if labels.min() < 0 or labels.max() >= config.model.classes:
         raise ConfigError(
             f"input.pseudo_labels: labels {labels.min()}..{labels.max()} do not fit 'model.classes' = "
