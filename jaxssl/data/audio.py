@@ -120,6 +120,23 @@ def kaldi_fbank(
     return np.log(np.maximum(energies, np.finfo(np.float32).eps)).astype(np.float32)
 
 
+def triangles(freqs: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """(len(freqs), len(corners) - 2) unnormalised triangular filters in Hz: filter i rises from corners[i] to
+    corners[i + 1] and falls to corners[i + 2] (torchaudio's and librosa's construction)."""
+    width = np.diff(corners)
+    slopes = corners[None, :] - freqs[:, None]
+    down, up = -slopes[:, :-2] / width[:-1], slopes[:, 2:] / width[1:]
+    return np.maximum(0.0, np.minimum(down, up))
+
+
+def centred_power_spectrum(x: np.ndarray, size: int, hop: int) -> np.ndarray:
+    """(1 + len // hop, size // 2 + 1) |STFT|^2 with a periodic Hann window of `size` samples every `hop`, centred
+    with reflect padding of size // 2 (torch.stft's and librosa.stft's defaults)."""
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(x, size // 2, mode='reflect'), size)[::hop]
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(size) / size)  # periodic, as torch.hann_window / scipy's 'hann'
+    return np.abs(np.fft.rfft(frames * hann, n=size)) ** 2
+
+
 @functools.lru_cache(maxsize=16)
 def htk_mel_filters(num_bins: int, num_freqs: int, sample_rate: float, low_freq: float = 0.0) -> np.ndarray:
     """(num_freqs, num_bins) triangles over linspace(0, Nyquist, num_freqs), corners equally spaced on the HTK mel
@@ -129,10 +146,7 @@ def htk_mel_filters(num_bins: int, num_freqs: int, sample_rate: float, low_freq:
     freqs = np.linspace(0, sample_rate / 2, num_freqs)
     corners = np.linspace(mel_scale(low_freq), mel_scale(sample_rate / 2), num_bins + 2)
     corners = 700.0 * (np.exp(corners / 1127.0) - 1.0)
-    width = np.diff(corners)
-    slopes = corners[None, :] - freqs[:, None]
-    down, up = -slopes[:, :-2] / width[:-1], slopes[:, 2:] / width[1:]
-    return np.maximum(0.0, np.minimum(down, up))
+    return triangles(freqs, corners)
 
 
 def normalize_level(waveform: np.ndarray, target_level_db: float = -25.0) -> np.ndarray:
@@ -156,9 +170,7 @@ def log_mel_cmvn(
     size, hop = round(window_ms * sample_rate / 1000), round(hop_ms * sample_rate / 1000)
     if len(x) < size:
         raise ValueError(f'{len(x)} samples are fewer than one {size}-sample window')
-    frames = np.lib.stride_tricks.sliding_window_view(np.pad(x, size // 2, mode='reflect'), size)[::hop]
-    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(size) / size)  # torch.hann_window: periodic
-    power = np.abs(np.fft.rfft(frames * hann, n=size)) ** 2
+    power = centred_power_spectrum(x, size, hop)
     mel = np.log(power @ htk_mel_filters(num_mel_bins, size // 2 + 1, sample_rate) + eps)
     return ((mel - mel.mean(axis=0)) / (mel.std(axis=0, ddof=1) + eps)).astype(np.float32)
 
@@ -202,10 +214,7 @@ def slaney_mel_filters(
     constant-energy filterbank, unlike the unnormalised HTK / Kaldi triangles). float32 as librosa 0.8.1 stores it."""
     freqs = np.linspace(0, sample_rate / 2, fft_size // 2 + 1)
     corners = slaney_hz(np.linspace(slaney_mel(low_freq), slaney_mel(high_freq), num_bins + 2))
-    width = np.diff(corners)
-    slopes = corners[None, :] - freqs[:, None]
-    down, up = -slopes[:, :-2] / width[:-1], slopes[:, 2:] / width[1:]
-    weights = np.maximum(0.0, np.minimum(down, up)) * (2.0 / (corners[2:] - corners[:-2]))
+    weights = triangles(freqs, corners) * (2.0 / (corners[2:] - corners[:-2]))
     return weights.astype(np.float32)
 
 
@@ -223,10 +232,7 @@ def byola_power_mel(
     x = np.asarray(waveform, np.float64)
     if x.ndim != 1 or len(x) == 0:
         raise ValueError(f'expected a non-empty 1-D waveform, got shape {x.shape}')
-    padded = np.pad(x, BYOLA_N_FFT // 2, mode='reflect')
-    frames = np.lib.stride_tricks.sliding_window_view(padded, BYOLA_N_FFT)[::BYOLA_HOP]
-    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(BYOLA_N_FFT) / BYOLA_N_FFT)  # scipy's get_window('hann'): periodic
-    power = np.abs(np.fft.rfft(frames * hann)) ** 2 + np.finfo(np.float64).eps
+    power = centred_power_spectrum(x, BYOLA_N_FFT, BYOLA_HOP) + np.finfo(np.float64).eps
     return power @ slaney_mel_filters(num_mel_bins, BYOLA_N_FFT, float(sample_rate), float(f_min), float(f_max))
 
 
