@@ -8,3 +8,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with a test marked slow run first. CI runs the suite on 2 xdist workers, one file at a time each
+    (--dist loadfile keeps a file's shared compiled fixtures in one process); a long file that starts last would
+    leave one worker idle at the end. Within a file, and among the other files, the order is unchanged."""
+    slow_files = {item.path for item in items if item.get_closest_marker('slow')}
+    items.sort(key=lambda item: item.path not in slow_files)

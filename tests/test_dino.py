@@ -254,6 +254,7 @@ def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path, one_device)
         assert 0.0 <= summary[f'final_eval/{key}'] <= 1.0
 
 
+@pytest.mark.slow
 def test_resnet_runs_sharded_like_one_device_with_its_batchnorm_state(tmp_path):
     """A ResNet-18 DINO (width 16, CIFAR stem): the BatchNorm statistics are the global batch's on any mesh, the
     student's and the teacher's running averages are kept apart, and the probes read the teacher's pooled features."""

@@ -107,6 +107,7 @@ def tiny_run(tmp_path_factory):
     return workdir, result.stdout, overrides
 
 
+@pytest.mark.slow
 def test_online_evaluation_reports_probes_and_pictures(tiny_run):
     workdir, stdout, _ = tiny_run
     assert 'eval at step 4' in stdout

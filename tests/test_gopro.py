@@ -179,6 +179,7 @@ def test_config_errors_name_the_key(overrides, needle):
         load_config(CONFIG, overrides)
 
 
+@pytest.mark.slow
 def test_runlocal_from_a_clip_workdir_sharded_matches_one_device(tmp_path):
     clip_config = load_config(
         'configs/clip.py:runlocal',

@@ -146,6 +146,7 @@ def one_device(tmp_path_factory):
     return run(tmp_path_factory.mktemp('poa') / 'one', 'mesh.data=1', 'eval.at_end=false')
 
 
+@pytest.mark.slow
 def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path, one_device):
     _, want_state, want_rows = one_device
     summary, state, rows = run(tmp_path / 'sharded', 'mesh.data=2', 'mesh.fsdp=4', 'sharding.min_size=0', *SMALL_EVAL)

@@ -127,6 +127,7 @@ def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path, one_device)
         assert 0.0 <= summary[f'final_eval/{key}'] <= 1.0
 
 
+@pytest.mark.slow
 def test_resnet_backbone_sharded_matches_one_device(tmp_path):
     """The paper's backbone family (runlocal: a ResNet-18 of width 16 with the CIFAR stem): global-batch BatchNorm
     and NT-Xent give the same losses, parameters and running averages on one device and sharded; the probes read

@@ -107,6 +107,7 @@ def test_both_branch_losses_on_removed_patches_match_numpy(setup, kind):
     assert predictions['pixel'].shape == (2, ids_restore.shape[1], int(np.prod(patch)) * x.shape[-1])
 
 
+@pytest.mark.slow
 def test_one_transformer_serves_both_input_kinds(setup):
     model, params, inputs = setup
     assert set(params) == {'patch_embed_2d', 'patch_embed_3d', 'cls_token', 'encoder', 'pixel_decoder',

@@ -313,6 +313,7 @@ def test_config_errors_name_the_key():
     assert wav2vec2.Method(large).model.norm_first
 
 
+@pytest.mark.slow
 def test_runlocal_sharded_matches_one_device_and_probes(tmp_path):
     summary, rows = assert_sharded_matches_one_device(
         'configs/wav2vec2.py:runlocal', tmp_path, 'loss.reference_batches=1'
