@@ -173,19 +173,22 @@ def stored_shapes(source: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]]
     return {p: tuple(m.shape) for p, m in traverse_util.flatten_dict(info, sep='/').items()}, metadata
 
 
-def _locate(source: str) -> tuple[str, tuple[str, ...], dict]:
-    """(Orbax tree path, key path of the params inside it, metadata) of a params directory or a workdir."""
+def _locate(source: str, tree: str = 'params') -> tuple[str, tuple[str, ...], dict]:
+    """(Orbax tree path, key path of the params (or with `tree='extra'`, of a workdir's method state) inside it,
+    metadata) of a params directory or a workdir."""
     from etils import epath
 
     root = epath.Path(source)
     if (root / METADATA_FILE).exists():
+        if tree != 'params':
+            raise ValueError(f'{source} is a params directory: it holds params, not {tree}')
         return os.fspath(root / PARAMS_SUBDIR), (), read_metadata(source)
     if (root / 'checkpoints').is_dir():
         with ocp.CheckpointManager(os.fspath(root / 'checkpoints')) as manager:
             step = manager.latest_step()
         if step is None:
             raise ValueError(f'{source} is a training workdir without a finished checkpoint')
-        return os.fspath(root / 'checkpoints' / str(step) / 'state'), ('params',), {'source': f'{source} step {step}'}
+        return os.fspath(root / 'checkpoints' / str(step) / 'state'), (tree,), {'source': f'{source} step {step}'}
     raise ValueError(f'{source} is neither a params directory (no {METADATA_FILE}) nor a workdir (no checkpoints/)')
 
 
@@ -212,7 +215,7 @@ def _token_grids(stored: int, wanted: int, metadata: Mapping[str, Any]) -> tuple
 
 
 def load_selected(
-    source: str | os.PathLike, target_shapes: Any, select: tuple[str, ...] = ('.*',)
+    source: str | os.PathLike, target_shapes: Any, select: tuple[str, ...] = ('.*',), tree: str = 'params'
 ) -> tuple[dict[str, Any], dict, list[str]]:
     """Restores the params of `target_shapes` whose names match a `select` regex from a params directory
     (`save_params`, python -m jaxssl.convert) or a training workdir (its latest Orbax checkpoint's params).
@@ -221,9 +224,10 @@ def load_selected(
     unscanned layouts are converted; a learned position table ('.../pos_embed') of another token count is resampled
     (jaxssl.convert.videomae.resample_pos_embed). Stored params that are not selected are ignored, unless `select` is
     the default ('.*',), which asks for an exact fit. Raises ValueError listing every selected param that is missing
-    or mis-shaped (and, for the exact fit, every stored param the target lacks).
+    or mis-shaped (and, for the exact fit, every stored param the target lacks). `tree='extra'` reads a workdir's
+    method state (e.g. a codebook kept outside the params) instead.
     """
-    path, prefix, metadata = _locate(os.fspath(source))
+    path, prefix, metadata = _locate(os.fspath(source), tree)
     info = _tree_metadata(path)
     for key in prefix:
         info = info[key]

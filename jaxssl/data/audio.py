@@ -1,4 +1,4 @@
-"""Audio input: three log-mel front ends and the raw waveform, audio sources, and Grain pipelines for pretraining and
+"""Audio input: four log-mel front ends and the raw waveform, audio sources, and Grain pipelines for pretraining and
 evaluation.
 
 Front ends (`input.features`), in numpy so that they run per example in the Grain pipeline:
@@ -7,6 +7,9 @@ Front ends (`input.features`), in numpy so that they run per example in the Grai
                 spectrum padded to a power of two, triangular mel filters between 20 Hz and Nyquist on Kaldi's mel
                 scale 1127 ln(1 + f / 700), the log floored at float32 epsilon; then SSAST's dataset normalisation
                 (x - input.norm_mean) / (2 input.norm_std). Checked against kaldi-native-fbank.
+  beats_fbank   BEATs's `preprocess`: Kaldi fbank (as kaldi_fbank, with the waveform scaled by 2^15 to 16-bit
+                integer range, no mean removal, Kaldi's default 'povey' window), then (x - input.norm_mean) /
+                (2 input.norm_std) on the clip's frames only: the padding frames stay zero, so they are told apart.
   log_mel_cmvn  s3prl's on-the-fly 'mel' features with log and CMVN (TERA's): the waveform scaled to -25 dB RMS,
                 torch.stft (25 ms periodic Hann window, 10 ms hop, centred with reflect padding), power, torchaudio's
                 HTK mel filters (0 Hz to Nyquist, unnormalised), log(x + 1e-10), then per-utterance mean / std
@@ -46,7 +49,7 @@ from jaxssl.data import images, pipeline
 from jaxssl.data.decode import DecodeError
 
 AUDIO_EXTENSIONS = ('.wav',)
-FEATURES = ('kaldi_fbank', 'log_mel_cmvn', 'byola_log_mel', 'waveform')
+FEATURES = ('kaldi_fbank', 'beats_fbank', 'log_mel_cmvn', 'byola_log_mel', 'waveform')
 DATASETS = ('folder', 'synthetic_words')
 WINDOWS = ('hanning', 'povey', 'hamming', 'rectangular')
 
@@ -182,6 +185,13 @@ def ssast_fbank(waveform: np.ndarray, input_config: Any) -> np.ndarray:
     return kaldi_fbank(x, sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins, window_type=c.window)
 
 
+def beats_fbank(waveform: np.ndarray, input_config: Any) -> np.ndarray:
+    """BEATs's `preprocess` before its normalisation: Kaldi fbank (frames, bins) of the waveform times 2^15."""
+    c = input_config
+    x = np.asarray(waveform, np.float64) * 2.0**15
+    return kaldi_fbank(x, sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins, window_type=c.window)
+
+
 # --- BYOL-A's librosa log-mel ----------------------------------------------------------------------------------------
 BYOLA_N_FFT = 1024  # samples: 64 ms at 16 kHz (the reference's MelSpectrogramLibrosa, fixed in samples)
 BYOLA_HOP = 160  # samples: 10 ms at 16 kHz
@@ -271,6 +281,7 @@ def spectrogram(waveform: np.ndarray, input_config: Any, rng: np.random.Generato
     start drawn from `rng` (the first samples without one, for evaluation) before the features, as s3prl's
     `_sample`, so the CMVN statistics are the crop's; padding frames stay zero, which is how the reference tells them
     apart (`frame_lengths`).
+    beats_fbank (BEATs): `beats_fbank`, normalised before the padding, so padding frames are zero (`frame_lengths`).
     byola_log_mel (BYOL-A, UNFUSED): `crop_or_pad` to crop_seconds (random start from `rng`, the first samples
     without one), `byola_log_mel`, then (x - norm_mean) / norm_std on the padded array as for kaldi_fbank (the crop
     fills target_length frames at the defaults, so there is no padding to normalise).
@@ -278,6 +289,8 @@ def spectrogram(waveform: np.ndarray, input_config: Any, rng: np.random.Generato
     c = input_config
     if c.features == 'kaldi_fbank':
         spectrum = ssast_fbank(waveform, c)
+    elif c.features == 'beats_fbank':
+        spectrum = (beats_fbank(waveform, c) - np.float32(c.norm_mean)) / np.float32(2 * c.norm_std)
     elif c.features == 'byola_log_mel':
         spectrum = byola_log_mel(crop_or_pad(waveform, crop_samples(c), rng), c)
     else:
@@ -638,7 +651,7 @@ class EvalAudioLoader:
 
 def zero_example(input_config: Any) -> dict[str, np.ndarray]:
     """The all-zero example that stands in for an unreadable evaluation file: zero samples, or an all-zero
-    spectrogram for the three log-mel front ends (kaldi_fbank, log_mel_cmvn, byola_log_mel)."""
+    spectrogram for the log-mel front ends."""
     c = input_config
     if c.features == 'waveform':
         return {'waveform': np.zeros(c.max_samples, np.float32), 'num_samples': np.int32(0)}
@@ -676,28 +689,31 @@ def add_audio_input_config(
 ) -> None:
     """The `input` section of an audio method's config (the built-in synthetic words with `runlocal`). The defaults
     are SSAST's; TERA's config sets its own front end and lengths; `features='byola_log_mel'` sets BYOL-A's 64 mel
-    bins and 96 frames (its 0.95 s crop) and the matching normalisation statistics."""
+    bins and 96 frames (its 0.95 s crop) and the matching normalisation statistics; `features='beats_fbank'` BEATs's
+    window, constants and 992 frames (the 62 time patches of a 10 s clip)."""
     c = config.input = ml_collections.ConfigDict()
     c.dataset = 'synthetic_words' if runlocal else 'folder'  # 'folder' or 'synthetic_words'
     c.data_root = ''  # 'folder': <data_root>/<split>/<class>/<file>.wav
     c.split = 'train'
     c.sample_rate = 16000
-    # 'kaldi_fbank' (SSAST), 'log_mel_cmvn' (TERA), 'byola_log_mel' (BYOL-A, UNFUSED) or 'waveform' (wav2vec 2.0);
-    # see the module docstring.
+    # 'kaldi_fbank' (SSAST), 'beats_fbank' (BEATs), 'log_mel_cmvn' (TERA), 'byola_log_mel' (BYOL-A, UNFUSED) or
+    # 'waveform' (wav2vec 2.0); see the module docstring.
     c.features = features
-    byola = features == 'byola_log_mel'
+    byola, beats = features == 'byola_log_mel', features == 'beats_fbank'
     c.num_mel_bins = 64 if runlocal or byola else 128
-    c.window = 'hanning'  # kaldi_fbank: SSAST's; BEATs uses 'povey'
+    c.window = 'povey' if beats else 'hanning'  # the Kaldi front ends': SSAST's; BEATs keeps Kaldi's default 'povey'
     # frames of 10 ms; shorter clips are zero-padded, longer ones cut (byola_log_mel: 96 = its 0.95 s crop)
-    c.target_length = 96 if runlocal or byola else 1024
+    c.target_length = 96 if runlocal or byola else 992 if beats else 1024
     # The dataset's statistics of the log-mel values, measured with jaxssl.data.audio.fbank_stats. kaldi_fbank: the
-    # reference's AudioSet + LibriSpeech ones. byola_log_mel: the reference measures them on its training data
-    # (RunningNorm); the default is the built-in words', so measure your own. The built-in words' are set by
-    # `runlocal`.
+    # reference's AudioSet + LibriSpeech ones. beats_fbank: the constants BEATs uses on every dataset.
+    # byola_log_mel: the reference measures them on its training data (RunningNorm); the default is the built-in
+    # words', so measure your own. The built-in words' are set by `runlocal`.
     c.norm_mean = -4.2677393
     c.norm_std = 4.5689974
     if byola:
         c.norm_mean, c.norm_std = SYNTHETIC_WORDS_BYOLA_STATS
+    elif beats:
+        c.norm_mean, c.norm_std = SYNTHETIC_WORDS_BEATS_STATS if runlocal else BEATS_STATS
     elif runlocal:
         c.norm_mean, c.norm_std = SYNTHETIC_WORDS_STATS
     # 'byola_log_mel' only: the crop (the reference's 0.95 s; shorter clips are zero-padded) and the mel filters' range.
@@ -719,6 +735,9 @@ def add_audio_input_config(
 SYNTHETIC_WORDS_STATS = (-1.4518584, 3.3575149)
 # The same for byola_log_mel: 64 mel bins, the first 0.95 s of each utterance (2,000 utterances).
 SYNTHETIC_WORDS_BYOLA_STATS = (-3.025198, 2.112462)
+# beats_fbank's: BEATs's `preprocess` defaults (fbank_mean, fbank_std), and the built-in words' at 64 mel bins.
+BEATS_STATS = (15.41663, 6.55582)
+SYNTHETIC_WORDS_BEATS_STATS = (19.418411, 3.3530111)
 
 
 def unnormalized_log_mel(waveform: np.ndarray, input_config: Any) -> np.ndarray:
@@ -727,6 +746,8 @@ def unnormalized_log_mel(waveform: np.ndarray, input_config: Any) -> np.ndarray:
     c = input_config
     if c.features == 'byola_log_mel':
         return byola_log_mel(crop_or_pad(waveform, crop_samples(c)), c)
+    if c.features == 'beats_fbank':
+        return beats_fbank(waveform, c)
     return ssast_fbank(waveform, c)
 
 
