@@ -2,7 +2,9 @@
 
 import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# The CPU backend's LLVM optimisation level 0: the tests' tiny programs compile about 1.35x faster (tests/test_poa.py:
+# 81 s -> 60 s) and their results do not depend on it.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax

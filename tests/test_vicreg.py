@@ -104,8 +104,10 @@ def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path):
         assert 0.0 < r['variance'] < 1.0 and r['invariance'] > 0 and r['covariance'] > 0
     for key in ('loss', 'invariance', 'variance', 'covariance'):
         np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in want_rows], rtol=1e-5)
+    # atol 2e-6: FSDP sums in another order, and LARS's trust ratio turns that rounding into differences of ~1e-6
+    # on parameters of ~1e-3 after two steps (measured 1.4e-6 with the tests' LLVM optimisation level 0).
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state['params'], want_state['params']
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6), state['params'], want_state['params']
     )
     for key in ('cls/knn', 'mean_pool/knn'):
         assert 0.0 <= summary[f'final_eval/label/{key}'] <= 1.0
