@@ -157,6 +157,9 @@ def test_backbone_matches_the_reference_transcription(torch_and_flax):
     fbank[1, 48:] = 0.0  # the second clip: 3 of 6 time patches padding
     valid = np.asarray(beats_model.token_valid(jnp.asarray(fbank)))
     assert valid[0].all() and valid[1].tolist() == [True] * 12 + [False] * 12  # time-major: 4 frequency patches
+    cut = fbank.copy()
+    cut[1, 50:] = 0.0  # 50 frames: the 4th time patch is cut by the padding and left out, as the reference's conv
+    assert np.asarray(beats_model.token_valid(jnp.asarray(cut)))[1].tolist() == [True] * 12 + [False] * 12
     with torch.no_grad():
         want = reference(torch.from_numpy(fbank), torch.from_numpy(~valid)).numpy()
     got, _ = model.apply({'params': params}, jnp.asarray(fbank))
@@ -183,10 +186,21 @@ def test_deep_norm_init_and_layer_gradient_decay():
     spectrogram = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 64)), jnp.float32)
     params = model.init(jax.random.key(0), spectrogram)['params']
     layer = params['encoder']['layers_0']
-    beta, fan = (8 * 2) ** -0.25, 64 + 64  # DeepNorm's gain for depth 2; Xavier's fan_in + fan_out of a 64 x 64 kernel
-    np.testing.assert_allclose(np.std(layer['self_attn']['v_proj']['kernel']), beta * (2 / fan) ** 0.5, rtol=0.15)
-    np.testing.assert_allclose(np.std(layer['self_attn']['q_proj']['kernel']), (2 / fan) ** 0.5, rtol=0.15)
-    assert np.all(layer['self_attn']['q_proj']['bias'] == 0)
+    beta = (8 * 2) ** -0.25  # DeepNorm's gain for depth 2
+    attention = layer['self_attn']
+    kernels = {
+        'q': (attention['q_proj'], 1.0), 'k': (attention['k_proj'], 1.0), 'v': (attention['v_proj'], beta),
+        'out': (attention['out_proj'], beta), 'fc1': (layer['fc1'], beta), 'fc2': (layer['fc2'], beta),
+    }  # fmt: skip
+    for name, (dense, gain) in kernels.items():
+        kernel = np.asarray(dense['kernel'])
+        std = gain * (2 / sum(kernel.shape)) ** 0.5  # torch's xavier_normal_: fan_in + fan_out
+        np.testing.assert_allclose(np.std(kernel), std, rtol=0.05, err_msg=name)
+        assert np.abs(kernel).max() > 3 * std, name  # not truncated (4,096+ draws)
+        assert np.all(dense['bias'] == 0), name
+    np.testing.assert_allclose(np.std(params['encoder']['relative_attention_bias']), 0.02, rtol=0.1)  # init_bert_params
+    np.testing.assert_allclose(np.std(attention['grep_linear']['kernel']), 0.02, rtol=0.25)  # 128 draws
+    assert np.all(attention['grep_a'] == 1)
 
     def grads(decay):
         m = beats_model.make_backbone('micro', layer_grad_decay=decay)
@@ -200,6 +214,11 @@ def test_deep_norm_init_and_layer_gradient_decay():
     np.testing.assert_allclose(ratio(lambda g: g['encoder']['layers_1']['fc1']['kernel']), 1.0, rtol=1e-5)
     np.testing.assert_allclose(ratio(lambda g: g['encoder']['layers_0']['fc1']['kernel']), 0.5, rtol=1e-5)
     np.testing.assert_allclose(ratio(lambda g: g['patch_embedding']['kernel']), 0.25, rtol=1e-5)
+    # Forward exactly the same, in bf16 too (the reference's GradMultiply returns x).
+    for dtype in (jnp.float32, jnp.bfloat16):
+        models = [beats_model.make_backbone('micro', dtype, layer_grad_decay=d) for d in (1.0, 0.6)]
+        outputs = [m.apply({'params': params}, spectrogram)[0] for m in models]
+        np.testing.assert_array_equal(*outputs)
 
 
 def test_tokenizer_is_the_nearest_codebook_vector_of_the_projected_patch():
@@ -263,6 +282,24 @@ def test_masked_patches_are_hidden_from_the_model_and_the_loss_is_their_cross_en
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     np.testing.assert_allclose(metrics['accuracy'], np.mean(logits.argmax(-1) == labels), rtol=1e-6)
     assert metrics['codes_used'] == len(np.unique(labels))
+
+    # Padding: clip 1 ends after 40 frames, so its last 4 of 6 time patches (16 tokens) are padding; they leave the
+    # loss, the accuracy and the code count.
+    padded = np.asarray(batch['spectrogram']).copy()
+    padded[1, 40:] = 0.0
+    batch = {**batch, 'spectrogram': jnp.asarray(padded)}
+    logits = np.asarray(apply(batch['spectrogram']))
+    labels = (np.asarray(beats.patchify(batch['spectrogram'])) @ method.projection @ method.codebook.T).argmax(-1)
+    labels = np.take_along_axis(labels, np.asarray(batch['masked_idx']), axis=1)
+    valid = np.asarray(beats_model.token_valid(batch['spectrogram']))
+    keep = np.take_along_axis(valid, np.asarray(batch['masked_idx']), axis=1)
+    assert 0 < keep[1].sum() < keep.shape[1] and keep[0].all()
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
+    loss, (metrics, _) = method.loss(params, extra, batch, jax.random.key(1), 0)
+    np.testing.assert_allclose(loss, nll[keep].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics['accuracy'], np.mean((logits.argmax(-1) == labels)[keep]), rtol=1e-6)
+    assert metrics['codes_used'] == len(np.unique(labels[keep]))
 
 
 def test_beats_fbank_is_kaldi_on_16_bit_samples_normalised_before_the_padding():
@@ -332,6 +369,10 @@ def test_released_tokenizer_converts_and_labels_as_the_reference(tmp_path):
     assert beats_weights.main([str(tmp_path / 'BEATs_iter3.pt'), str(tmp_path / 'teacher')]) == 0
     assert beats.stored_variant(str(tmp_path / 'teacher'), '', 'teacher') == 'micro'
     assert beats_weights.main([str(tmp_path / 'missing.pt'), str(tmp_path / 'x')]) == 2
+    with pytest.raises(ValueError, match='unknown layout'):  # a tensor the converter does not know is not dropped
+        beats_weights.convert({'cfg': cfg, 'model': {**state, 'encoder.layers.0.self_attn.bias_k': torch.zeros(64)}})
+    with pytest.raises(ValueError, match='unit vectors'):  # codes looked up by cosine must be unit rows
+        beats_weights.convert({'cfg': cfg, 'model': {**state, 'quantize.embedding.weight': 2 * codebook}})
 
     overrides = ['tokenizer.kind=trained', f'tokenizer.path={tmp_path / "tokenizer"}', 'tokenizer.codebook_size=8',
                  'tokenizer.code_dim=16']  # fmt: skip

@@ -10,7 +10,8 @@ from sharded_runs import assert_sharded_matches_one_device
 
 from jaxssl import train
 from jaxssl.config import ConfigError, load_config
-from jaxssl.methods import beats, beats_tokenizer
+from jaxssl.methods import base, beats, beats_tokenizer
+from jaxssl.models import beats as beats_model
 from jaxssl.models import norm_ema_quantizer as vq
 
 
@@ -76,26 +77,58 @@ def test_cosine_kmeans_finds_the_directions_and_ignores_padding():
 
 
 def test_objective_by_hand(tokenizer_method):
-    method, extra, batch = tokenizer_method
-    params, _ = method.init(jax.random.key(0), batch)
+    method, params, _, extra, batch = tokenizer_method
     loss_fn = jax.jit(method.loss)
     loss, (metrics, new_extra) = loss_fn(params, extra, batch, jax.random.key(1), 0)
-    z = method.model.apply({'params': params}, batch['spectrogram'], method=method.model.encode)
-    codebook = np.asarray(extra['codebook'])  # already initialised by the fixture's first step
-    codes = np.argmax(np.asarray(z) @ codebook.T, axis=-1)
-    commitment = np.mean((codebook[codes] - np.asarray(z)) ** 2, axis=-1).mean()
+    z = np.asarray(method.model.apply({'params': params}, batch['spectrogram'], method=method.model.encode))
+    valid = np.asarray(beats_model.token_valid(batch['spectrogram']))
+    assert 0 < valid[0].sum() < valid.shape[1] and valid[1:].all()  # clip 0's padding patches leave every mean
+    codebook = np.asarray(extra['codebook'])  # initialised by the fixture's first step
+    codes = np.argmax(z @ codebook.T, axis=-1)
+    commitment = np.mean((codebook[codes] - z) ** 2, axis=-1)[valid].mean()  # the MSE: a mean over the 256 values
     prediction = method.model.apply(
-        {'params': params}, jnp.asarray(codebook[codes]), jnp.ones(codes.shape, bool), method=method.model.estimate
+        {'params': params}, jnp.asarray(codebook[codes]), jnp.asarray(valid), method=method.model.estimate
     )
     target, _ = method.teacher.apply({'params': extra['teacher']}, batch['spectrogram'])
-    cosine = np.mean(np.sum(unit(np.asarray(prediction)) * unit(np.asarray(target)), axis=-1))
+    cosine = np.sum(unit(np.asarray(prediction)) * unit(np.asarray(target)), axis=-1)[valid].mean()
     np.testing.assert_allclose(metrics['cosine'], cosine, rtol=1e-5)
     np.testing.assert_allclose(metrics['commitment'], commitment, rtol=1e-5)
     np.testing.assert_allclose(loss, 1 - cosine + commitment, rtol=1e-5)
-    assert bool(new_extra['initialised'])
-    # The straight-through estimator: the cosine term reaches the tokenizer, and nothing reaches the teacher.
+    assert metrics['codes_used'] == len(np.unique(codes[valid]))
+    # Later steps move the codebook by the EMA only.
+    want, _ = vq.ema_update(*(jnp.asarray(a) for a in (codebook, extra['usage'])), jnp.asarray(z.reshape(-1, 256)),
+                            jnp.asarray(codes.ravel()), jnp.asarray(valid.ravel(), jnp.float32), 0.99)  # fmt: skip
+    np.testing.assert_allclose(new_extra['codebook'], want, rtol=1e-5, atol=1e-6)
+    # The straight-through estimator: the cosine term reaches the tokenizer.
     grads = jax.jit(jax.grad(lambda p: loss_fn(p, extra, batch, jax.random.key(1), 0)[1][0]['cosine']))(params)
     assert np.abs(grads['tokenizer']['quantize_layer_2']['kernel']).max() > 0
+
+
+def test_first_step_draws_the_codebook_by_kmeans_on_its_batch(tokenizer_method):
+    method, params, before, after, batch = tokenizer_method
+    assert not bool(before['initialised']) and bool(after['initialised'])
+    encode = jax.jit(lambda p, x: method.model.apply({'params': p}, x, method=method.model.encode))
+    z = encode(params, batch['spectrogram']).reshape(-1, 256)
+    weights = beats_model.token_valid(batch['spectrogram']).reshape(-1).astype(jnp.float32)
+    start = base.stream(jax.random.key(2), 'kmeans')
+    codebook, _ = vq.kmeans_init(z, weights, 256, start, 10)
+    codes = vq.nearest_codes(z, codebook)
+    want_codebook, want_usage = vq.ema_update(codebook, jnp.zeros(256), z, codes, weights, 0.99)
+    np.testing.assert_allclose(after['codebook'], want_codebook, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(after['usage'], want_usage, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(after['codebook'], axis=1), 1.0, rtol=1e-5)
+
+
+def test_kmeans_never_starts_from_padding():
+    rng = np.random.default_rng(2)
+    valid = unit(rng.normal(size=(3, 8)))
+    data = jnp.asarray(np.concatenate([valid, unit(rng.normal(size=(20, 8)))]))
+    weights = jnp.asarray(np.r_[np.ones(3), np.zeros(20)])  # 3 samples for 5 codes, 20 rows of padding
+    means, counts = vq.kmeans_init(data, weights, 5, jax.random.key(0), iterations=3)
+    # Every mean is built from the 3 samples only: it lies in their span (the padding rows do not).
+    coefficients, *_ = np.linalg.lstsq(valid.T, np.asarray(means).T, rcond=None)
+    np.testing.assert_allclose(valid.T @ coefficients, np.asarray(means).T, atol=1e-5)
+    assert float(counts.sum()) == 3.0
 
 
 @pytest.fixture(scope='module')
@@ -110,15 +143,17 @@ def teacher_run(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def tokenizer_method(teacher_run):
-    """(method, extra after one step (k-means done), a batch of the built-in words)."""
+    """(method, params, extra before and after the first step (k-means), 16 clips of the built-in words; clip 0
+    ends after 40 frames, so 4 of its 6 time patches are padding)."""
     config = load_config('configs/beats_tokenizer.py:runlocal', [f'teacher.path={teacher_run}'])
     method = beats_tokenizer.Method(config)
     dataset, _ = method.dataset(0, 0, 1)
-    batch = jax.tree.map(jnp.asarray, {'spectrogram': next(iter(dataset))['spectrogram'][:16]})
-    params, extra = method.init(jax.random.key(0), batch)
-    assert not bool(extra['initialised'])
-    _, (_, extra) = jax.jit(method.loss)(params, extra, batch, jax.random.key(2), 0)
-    return method, extra, batch
+    spectrogram = np.array(next(iter(dataset))['spectrogram'][:16])
+    spectrogram[0, 40:] = 0.0
+    batch = {'spectrogram': jnp.asarray(spectrogram)}
+    params, before = method.init(jax.random.key(0), batch)
+    _, (_, after) = jax.jit(method.loss)(params, before, batch, jax.random.key(2), 0)
+    return method, params, before, after, batch
 
 
 @pytest.mark.slow

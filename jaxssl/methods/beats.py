@@ -156,8 +156,9 @@ def random_projection_tokenizer(
 
 def tokenize(patches: jax.Array, projection: jax.Array, codebook: jax.Array) -> jax.Array:
     """The labels argmin_i ||v_i - W x||^2 of patches (..., patch_dim) -> (...,) int32."""
-    projected = patches.astype(jnp.float32) @ projection
-    distance = jnp.sum(codebook**2, axis=-1) - 2.0 * projected @ codebook.T  # + ||W x||^2, the same for every i
+    matmul = lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    projected = matmul(patches.astype(jnp.float32), projection)
+    distance = jnp.sum(codebook**2, axis=-1) - 2.0 * matmul(projected, codebook.T)  # + ||W x||^2, equal for every i
     return jnp.argmin(distance, axis=-1).astype(jnp.int32)
 
 
@@ -182,7 +183,8 @@ class Method(_audio.AudioMethod):
         self.model = beats_model.Pretrain(self.backbone, predictor, t.codebook_size)
         if t.kind == 'trained':
             variant = stored_variant(t.path, t.variant, 'tokenizer')
-            self.tokenizer = beats_model.Tokenizer(beats_model.make_backbone(variant, DTYPES[m.dtype]), t.code_dim)
+            # float32 whatever model.dtype: an argmax over 1,024 cosines flips labels on near-ties in bf16.
+            self.tokenizer = beats_model.Tokenizer(beats_model.make_backbone(variant, jnp.float32), t.code_dim)
         else:
             patch_dim = beats_model.PATCH[0] * beats_model.PATCH[1]
             self.projection, self.codebook = random_projection_tokenizer(patch_dim, t.code_dim, t.codebook_size, t.seed)
@@ -240,7 +242,7 @@ class Method(_audio.AudioMethod):
         accuracy = jnp.sum((jnp.argmax(logits, axis=-1) == labels) * weight) / count
         # How many codes the batch's targets use: a tokenizer whose labels collapse onto a few codes is easy to
         # predict and teaches nothing.
-        used = jnp.zeros(self.config.tokenizer.codebook_size, bool).at[labels.ravel()].set(True).sum()
+        used = jnp.zeros(self.config.tokenizer.codebook_size, bool).at[labels.ravel()].max(weight.ravel() > 0).sum()
         metrics = {'loss': loss, 'accuracy': accuracy, 'codes_used': used.astype(jnp.float32)}
         return loss, (metrics, extra)
 
@@ -268,4 +270,8 @@ class Method(_audio.AudioMethod):
         encoder = transformer_flops(kept, e.width, e.depth, e.mlp)
         predictor = transformer_flops(n, e.width, self.config.model.predictor_depth, e.mlp)
         head = 2 * (n - kept) * e.width * self.config.tokenizer.codebook_size
-        return 3.0 * (patches + encoder + predictor + head)  # backward ~ 2x forward
+        labels = 0.0
+        if self.config.tokenizer.kind == 'trained':  # the frozen tokenizer runs forward only, on every patch
+            t = self.tokenizer.backbone.encoder
+            labels = transformer_flops(n, t.width, t.depth, t.mlp)
+        return 3.0 * (patches + encoder + predictor + head) + labels  # backward ~ 2x forward

@@ -93,8 +93,11 @@ class Method(_audio.AudioMethod):
         variables = {'params': params}
         z = self.model.apply(variables, spectrogram, method=self.model.encode)
         flat = jax.lax.stop_gradient(z).reshape(-1, q.code_dim)
-        kmeans = lambda: vq.kmeans_init(flat, weights, q.codebook_size, base.stream(rng, 'kmeans'), q.kmeans_iterations)
-        codebook, usage = jax.lax.cond(extra['initialised'], lambda: (extra['codebook'], extra['usage']), kmeans)
+        # The first step's codebook: k-means on this batch (usage starts at 0, as the reference's statistics).
+        start = base.stream(rng, 'kmeans')
+        kmeans = lambda: vq.kmeans_init(flat, weights, q.codebook_size, start, q.kmeans_iterations)[0]
+        codebook = jax.lax.cond(extra['initialised'], lambda: extra['codebook'], kmeans)
+        usage = extra['usage']
         codes = vq.nearest_codes(z, codebook)
         z_q = codebook[codes]
         commitment = jnp.mean(jnp.square(jax.lax.stop_gradient(z_q) - z), axis=-1)

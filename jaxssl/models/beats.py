@@ -217,12 +217,13 @@ class BEATs(nn.Module):
 
 
 def token_valid(spectrogram: jax.Array) -> jax.Array:
-    """(B, L) bool: patch tokens with at least one frame before the zero padding (the reference's padding mask,
-    `forward_padding_mask`, marks a patch padding when all its frames are), time-major like the tokens."""
+    """(B, L) bool: patch tokens whose 16 frames all lie before the zero padding, time-major like the tokens. A clip
+    of V frames keeps floor(V / 16) time patches, as the reference's convolution does on the unpadded clip; a patch
+    that the padding cuts is left out."""
     _, frames, bins = spectrogram.shape
     time_patches, freq_patches = frames // PATCH[0], bins // PATCH[1]
-    starts = jnp.arange(time_patches) * PATCH[0]
-    valid = starts[None, :] < (jnp.abs(spectrogram).sum(axis=-1) != 0).sum(axis=-1)[:, None]
+    ends = (jnp.arange(time_patches) + 1) * PATCH[0]
+    valid = ends[None, :] <= (jnp.abs(spectrogram).sum(axis=-1) != 0).sum(axis=-1)[:, None]
     return jnp.repeat(valid, freq_patches, axis=1)
 
 

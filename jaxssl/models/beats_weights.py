@@ -13,6 +13,7 @@ The metadata names the size ('variant'); only the sizes of jaxssl.models.beats.V
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -48,9 +49,31 @@ def make_backbone_from_fields(fields: dict[str, Any], dtype: Any = jnp.float32) 
     return beats.BEATs(fields['embed_dim'], beats.Encoder(**encoder, dtype=dtype), dtype=dtype)
 
 
+class _Reads(dict):
+    """A dict that remembers which keys were read, to find the tensors a conversion left out."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+
+# Tensors a conversion leaves out on purpose: a fine-tuned model's AudioSet classifier, the tokenizer's quantizer
+# (`convert` reads its codebook) and the copies of the shared relative position table under blocks 1 and up.
+_LEFT_OUT = re.compile(r'predictor\..*|quantize.*|encoder\.layers\.[1-9][0-9]*\.self_attn\.relative_attention_bias\..*')
+
+
 def torch_to_flax(weights: dict[str, Any], depth: int) -> dict[str, Any]:
-    """A BEATs state dict (numpy or torch tensors) -> BEATs params (numpy). KeyError names a missing tensor."""
-    w = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+    """A BEATs state dict (numpy or torch tensors) -> BEATs params (numpy). KeyError names a missing tensor,
+    ValueError the tensors it would leave out unread (a layout it does not know)."""
+    w = _Reads({k: np.asarray(v, np.float32) for k, v in weights.items()})
     dense = lambda p: {'kernel': w[f'{p}.weight'].T, 'bias': w[f'{p}.bias']}
     norm = lambda p: {'scale': w[f'{p}.weight'], 'bias': w[f'{p}.bias']}
     # Weight norm: torch < 2.1 saves weight_g / weight_v (the released files), later ones a parametrization.
@@ -78,12 +101,16 @@ def torch_to_flax(weights: dict[str, Any], depth: int) -> dict[str, Any]:
             'fc2': dense(f'{p}.fc2'),
             'final_layer_norm': norm(f'{p}.final_layer_norm'),
         }
-    return {
+    params = {
         'patch_embedding': {'kernel': w['patch_embedding.weight'].transpose(2, 3, 1, 0)},  # (out, 1, t, f) -> HWIO
         'layer_norm': norm('layer_norm'),
         'post_extract_proj': dense('post_extract_proj'),
         'encoder': encoder,
     }
+    unread = sorted(k for k in set(w) - w.read if not _LEFT_OUT.fullmatch(k))
+    if unread:
+        raise ValueError(f'{len(unread)} tensors of an unknown layout would be left out: {", ".join(unread[:8])}')
+    return params
 
 
 def variant_of(fields: dict[str, Any]) -> str:
@@ -110,7 +137,13 @@ def convert(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     dense = lambda p: {'kernel': w[f'{p}.weight'].T, 'bias': w[f'{p}.bias']}
     tokenizer = {'backbone': backbone, 'quantize_layer_0': dense('quantize_layer.0'),
                  'quantize_layer_2': dense('quantize_layer.2')}  # fmt: skip
-    return {'tokenizer': tokenizer, 'codebook': w['quantize.embedding.weight']}, {**metadata, 'kind': 'tokenizer'}
+    codebook = w['quantize.embedding.weight']
+    # The codes are looked up by cosine (jaxssl.models.norm_ema_quantizer), which equals the reference's distance
+    # argmin only for unit codes, which its EMA keeps.
+    norms = np.linalg.norm(codebook, axis=1)
+    if not np.allclose(norms, 1.0, atol=1e-3):
+        raise ValueError(f'the codebook rows are not unit vectors (norms {norms.min():.4f} to {norms.max():.4f})')
+    return {'tokenizer': tokenizer, 'codebook': codebook}, {**metadata, 'kind': 'tokenizer'}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,26 +18,31 @@ def l2norm(x: jax.Array) -> jax.Array:
 def nearest_codes(z: jax.Array, codebook: jax.Array) -> jax.Array:
     """Unit vectors (..., d) -> (...,) int32 indices of the nearest unit codebook rows (K, d): the argmin of
     ||z - c||^2 = 2 - 2 z.c, so the largest dot product."""
-    return jnp.argmax(z.astype(jnp.float32) @ codebook.T, axis=-1).astype(jnp.int32)
+    similarity = jnp.matmul(z.astype(jnp.float32), codebook.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.argmax(similarity, axis=-1).astype(jnp.int32)
 
 
 def _means(samples: jax.Array, weights: jax.Array, codes: jax.Array, num_codes: int) -> tuple[jax.Array, jax.Array]:
     """(the weighted sum of the samples per code (K, d), the weighted count per code (K,))."""
     onehot = jax.nn.one_hot(codes, num_codes, dtype=jnp.float32) * weights[:, None]
-    return onehot.T @ samples, onehot.sum(axis=0)
+    return jnp.matmul(onehot.T, samples, precision=jax.lax.Precision.HIGHEST), onehot.sum(axis=0)
 
 
 def kmeans_init(
     samples: jax.Array, weights: jax.Array, num_codes: int, rng: jax.Array, iterations: int = 10
 ) -> tuple[jax.Array, jax.Array]:
     """The reference's `kmeans(..., use_cosine_sim=True)` on unit samples (N, d) with weights (N,) (0: padding):
-    num_codes starting means drawn from the weighted samples (without replacement when there are enough, as its
-    randperm), then `iterations` rounds of assigning each sample to its most similar mean and replacing every mean
-    that got samples by their normalised mean. Returns (codebook (K, d), weighted counts of the last assignment)."""
+    num_codes starting means drawn from the non-padding samples (without replacement when there are enough of
+    them, as its randperm), then `iterations` rounds of assigning each sample to its most similar mean and replacing
+    every mean that got samples by their normalised mean. Returns (codebook (K, d), weighted counts of the last
+    assignment)."""
     samples = samples.astype(jnp.float32)
     n = samples.shape[0]
     probabilities = weights / jnp.maximum(weights.sum(), 1.0)
-    start = jax.random.choice(rng, n, (num_codes,), replace=n < num_codes, p=probabilities)
+    distinct = jax.random.choice(rng, n, (num_codes,), replace=False, p=probabilities) if n >= num_codes else None
+    repeated = jax.random.choice(rng, n, (num_codes,), replace=True, p=probabilities)
+    # Without replacement only when enough samples are not padding: jax's draw would fill up with padding otherwise.
+    start = repeated if distinct is None else jnp.where(jnp.sum(weights > 0) >= num_codes, distinct, repeated)
     means, counts = samples[start], jnp.zeros(num_codes, jnp.float32)
     for _ in range(iterations):
         sums, counts = _means(samples, weights, nearest_codes(samples, means), num_codes)

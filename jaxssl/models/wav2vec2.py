@@ -67,7 +67,9 @@ def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
         return x
     if scale == 0.0:
         return jax.lax.stop_gradient(x)
-    return scale * x + (1.0 - scale) * jax.lax.stop_gradient(x)
+    # sg(x) + scale (x - sg(x)) is x exactly in the forward pass (scale x + (1 - scale) sg(x) is not, in bf16).
+    stopped = jax.lax.stop_gradient(x)
+    return stopped + scale * (x - stopped)
 
 
 def frame_counts(num_samples: Any, kernels_strides: tuple[tuple[int, int], ...] = KERNELS_STRIDES) -> Any:
