@@ -1,4 +1,4 @@
-"""Plumbing shared by the audio methods (SSAST, TERA): the jaxssl.data.audio pipelines and the skipped-file count."""
+"""Plumbing shared by the audio methods: the jaxssl.data.audio pipelines, skipped-file counts, an example batch."""
 
 from __future__ import annotations
 
@@ -18,6 +18,15 @@ class AudioMethod(base.Method):
 
     def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         return sample
+
+    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Random spectrograms (B, target_length, mel bins) through `sample_transform` (the method's masks or
+        alterations), stacked."""
+        rng = np.random.default_rng(0)
+        c = self.config.input
+        spectrograms = rng.normal(size=(batch_size, c.target_length, c.num_mel_bins)).astype(np.float32)
+        samples = [self.sample_transform({'spectrogram': s}, rng) for s in spectrograms]
+        return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
 
     def reading_order(self, source: Any, seed: int, process_index: int, process_count: int) -> Any:
         """(a Grain MapDataset of source indices to read in place of the shuffled shard, examples per epoch), or

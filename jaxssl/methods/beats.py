@@ -196,14 +196,6 @@ class Method(_audio.AudioMethod):
         visible, masked = np.sort(order[: self.num_kept]), np.sort(order[self.num_kept :])
         return {**sample, 'visible_idx': visible.astype(np.int32), 'masked_idx': masked.astype(np.int32)}
 
-    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(0)
-        c = self.config.input
-        samples = [self.sample_transform({}, rng) for _ in range(batch_size)]
-        batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
-        batch['spectrogram'] = rng.normal(size=(batch_size, c.target_length, c.num_mel_bins)).astype(np.float32)
-        return batch
-
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         spectrogram = batch['spectrogram']
         params = self.model.init(rng, spectrogram, batch['visible_idx'], batch['masked_idx'])['params']

@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.methods import _audio, base
@@ -64,11 +63,6 @@ class Method(_audio.AudioMethod):
         self.teacher = beats_model.make_backbone(teacher_variant, DTYPES[m.dtype])
         tokenizer = beats_model.Tokenizer(backbone, q.code_dim)
         self.model = beats_model.TokenizerTraining(tokenizer, estimator, self.teacher.encoder.width)
-
-    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        c = self.config.input
-        rng = np.random.default_rng(0)
-        return {'spectrogram': rng.normal(size=(batch_size, c.target_length, c.num_mel_bins)).astype(np.float32)}
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         spectrogram = batch['spectrogram']

@@ -91,14 +91,6 @@ class Method(_audio.AudioMethod):
         """The two passes' masks, drawn independently per clip in the Grain pipeline."""
         return {**sample, 'mpc_idx': self.sample_mask(rng), 'mpg_idx': self.sample_mask(rng)}
 
-    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(0)
-        c = self.config.input
-        samples = [self.sample_transform({}, rng) for _ in range(batch_size)]
-        batch = {k: np.stack([s[k] for s in samples]) for k in samples[0]}
-        batch['spectrogram'] = rng.normal(size=(batch_size, c.target_length, c.num_mel_bins)).astype(np.float32)
-        return batch
-
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         params = ssast_model.init_params(self.model, rng, batch['spectrogram'], batch['mpc_idx'], batch['mpg_idx'])
         return params, {}

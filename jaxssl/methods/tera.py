@@ -107,13 +107,6 @@ class Method(_audio.AudioMethod):
     def sample_transform(self, sample: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         return {**sample, **alter(sample['spectrogram'], rng, self.config.alteration)}
 
-    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(0)
-        c = self.config.input
-        spectrograms = rng.normal(size=(batch_size, c.target_length, c.num_mel_bins)).astype(np.float32)
-        samples = [self.sample_transform({'spectrogram': s}, rng) for s in spectrograms]
-        return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
-
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         frames = batch['spectrogram']
         return tera_model.init_params(self.model, rng, frames, jnp.ones(frames.shape[:2], bool)), {}
