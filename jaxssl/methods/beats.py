@@ -54,10 +54,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_spectrogram_config(config)
     check_range(config, 'masking.ratio', 0.0, 1.0)
     try:
-        masks.num_kept(num_tokens(config), config.masking.ratio)
+        kept = masks.num_kept(num_tokens(config), config.masking.ratio)
     except ValueError as e:
         raise ConfigError(f"bad value {config.masking.ratio} for 'masking.ratio': {e}") from None
-    if num_tokens(config) - masks.num_kept(num_tokens(config), config.masking.ratio) < 1:
+    if kept == num_tokens(config):
         raise ConfigError(f"bad value {config.masking.ratio} for 'masking.ratio': it masks no patch")
     check_choice(config, 'tokenizer.kind', TOKENIZERS)
     for key in ('codebook_size', 'code_dim'):

@@ -72,24 +72,21 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, position_bias: jax.Array | None, key_valid: jax.Array, deterministic: bool
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, position_bias: jax.Array, key_valid: jax.Array, deterministic: bool) -> jax.Array:
         b, n, _ = x.shape
         head_dim = self.width // self.heads
         dense = lambda name, init: nn.Dense(self.width, dtype=self.dtype, kernel_init=init, name=name)
         q, k, v = (dense(f'{name}_proj', init)(x) for name, init in zip('qkv', self.kernel_inits[:3], strict=True))
         q, k, v = (t.reshape(b, n, self.heads, head_dim) for t in (q, k, v))
         logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-        if position_bias is not None:
-            bias = position_bias[None]  # (1, heads, n, n)
-            if self.gated:
-                gates = nn.Dense(8, dtype=self.dtype, kernel_init=bert_init, name='grep_linear')(q)
-                gates = jax.nn.sigmoid(gates.astype(jnp.float32).reshape(b, n, self.heads, 2, 4).sum(-1))
-                grep_a = self.param('grep_a', nn.initializers.ones, (self.heads,))
-                gate = gates[..., 0] * (gates[..., 1] * grep_a - 1.0) + 2.0  # (b, n, heads)
-                bias = jnp.swapaxes(gate, 1, 2)[..., None] * bias
-            logits = logits + bias
+        bias = position_bias[None]  # (1, heads, n, n)
+        if self.gated:
+            gates = nn.Dense(8, dtype=self.dtype, kernel_init=bert_init, name='grep_linear')(q)
+            gates = jax.nn.sigmoid(gates.astype(jnp.float32).reshape(b, n, self.heads, 2, 4).sum(-1))
+            grep_a = self.param('grep_a', nn.initializers.ones, (self.heads,))
+            gate = gates[..., 0] * (gates[..., 1] * grep_a - 1.0) + 2.0  # (b, n, heads)
+            bias = jnp.swapaxes(gate, 1, 2)[..., None] * bias
+        logits = logits + bias
         # The reference fills padded keys with -inf; the finite minimum keeps an all-padding row from turning NaN.
         logits = jnp.where(key_valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = nn.Dropout(self.dropout)(jax.nn.softmax(logits, axis=-1), deterministic=deterministic)
@@ -114,9 +111,7 @@ class Layer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, position_bias: jax.Array | None, key_valid: jax.Array, deterministic: bool
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, position_bias: jax.Array, key_valid: jax.Array, deterministic: bool) -> jax.Array:
         if self.deep_norm:
             alpha = (2.0 * self.depth) ** 0.25
             # torch's xavier_normal_(gain): N(0, gain^2 2 / (fan_in + fan_out)), not truncated
@@ -185,7 +180,7 @@ class Encoder(nn.Module):
 
 class BEATs(nn.Module):
     """Spectrograms (B, frames, mel bins) -> patch tokens (`embed`) -> contextual tokens (`encoder`); `__call__` runs
-    both on the whole spectrogram, a time patch being padding when all its frames are (zero rows)."""
+    both on the whole spectrogram, the patches that reach into the zero padding masked out (`token_valid`)."""
 
     embed_dim: int
     encoder: Encoder
