@@ -290,16 +290,7 @@ class Wav2Vec2(nn.Module):
         Returns 'predictions' final_proj(context) and 'targets' project_q(codevectors), (B, T, final_dim) float32;
         'codes' (B, T, G); 'probs' (B, T, G, V); 'features_pen' (B,) the mean squared feature-encoder output over
         each example's valid frames (fairseq's features_pen is the mean over an unpadded batch)."""
-        chex.assert_rank([waveform, num_samples, time_mask], [2, 1, 2])
-        frame_valid = valid_frames(num_samples, time_mask.shape[1])
-        raw, latents = self.latents(waveform, num_samples)
-        chex.assert_shape(latents, (*time_mask.shape, self.conv_channels))
-        weights = frame_valid.astype(jnp.float32)
-        features_pen = jnp.einsum('btc,bt->b', jnp.square(raw), weights)
-        features_pen = features_pen / jnp.maximum(weights.sum(axis=1), 1.0) / self.conv_channels
-        x = self.input_dropout(self.post_extract_proj(latents), deterministic=deterministic)
-        x = jnp.where(time_mask[..., None], self.mask_emb.astype(x.dtype), x)
-        hidden, _ = self.context(x, frame_valid, deterministic)
+        hidden, latents, features_pen = self.masked_context(waveform, num_samples, time_mask, deterministic)
         vectors, codes, probs = self.quantize(
             self.features_dropout(latents, deterministic=deterministic), temperature, deterministic
         )
@@ -310,6 +301,24 @@ class Wav2Vec2(nn.Module):
             'probs': probs,
             'features_pen': features_pen,
         }
+
+    def masked_context(
+        self, waveform: jax.Array, num_samples: jax.Array, time_mask: jax.Array, deterministic: bool
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The pretraining encoder (shared with HuBERT-style models such as MERT): waveform (B, N), its valid samples
+        (B,), time_mask (B, T) bool -> (last hidden states (B, T, width), LayerNormed latents (B, T, C),
+        features_pen (B,) the mean squared feature-encoder output over each example's valid frames)."""
+        chex.assert_rank([waveform, num_samples, time_mask], [2, 1, 2])
+        frame_valid = valid_frames(num_samples, time_mask.shape[1])
+        raw, latents = self.latents(waveform, num_samples)
+        chex.assert_shape(latents, (*time_mask.shape, self.conv_channels))
+        weights = frame_valid.astype(jnp.float32)
+        features_pen = jnp.einsum('btc,bt->b', jnp.square(raw), weights)
+        features_pen = features_pen / jnp.maximum(weights.sum(axis=1), 1.0) / self.conv_channels
+        x = self.input_dropout(self.post_extract_proj(latents), deterministic=deterministic)
+        x = jnp.where(time_mask[..., None], self.mask_emb.astype(x.dtype), x)
+        hidden, _ = self.context(x, frame_valid, deterministic)
+        return hidden, latents, features_pen
 
     def ctc_logits(
         self,
