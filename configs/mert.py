@@ -4,12 +4,12 @@ at 24 kHz, with in-batch noise mixed into the clips.
 Arguments (comma separated after the file name):
   variant=95M      95M (12 x 768, post-norm, MERT_RVQ-VAE_CQT_95M.yaml), 330M (24 x 1024, pre-norm,
                    MERT_RVQ-VAE_CQT_330M.yaml); micro (tests, CPU)
-  runlocal         a micro model on the built-in synthetic words (at 24 kHz), for a CPU
+  runlocal         a micro model on the built-in synthetic words (at 24 kHz) with the MFCC k-means teacher, for a CPU
 Examples:
-  --config=configs/mert.py --config.input.data_root=/data/music_wav   (<root>/train/<class>/<file>.wav)
-  --config=configs/mert.py:variant=330M --config.input.data_root=/data/music_wav
+  python -m jaxssl.models.encodec_weights /ckpt/encodec_24khz /ckpt/encodec_jaxssl   (a transformers folder or .th)
+  --config=configs/mert.py --config.teacher.path=/ckpt/encodec_jaxssl --config.input.data_root=/data/music_wav
+  --config=configs/mert.py:variant=330M --config.teacher.path=... --config.input.data_root=...
   --config=configs/mert.py:runlocal
-The acoustic teacher is HuBERT's MFCC k-means (jaxssl.methods.mert), not the paper's EnCodec codes (not built yet).
 Reference recipes: yizhilll/MERT mert_fairseq/config/pretrain/*.yaml (shared/reference/methods/
 audio_speech_ssast_tera_beats_mert_wav2vec2_unfused.md, section 4).
 """
@@ -50,8 +50,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mask.min_spans = 2
 
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.kind = 'mfcc_kmeans'
-    c.teacher.clusters = 100  # HuBERT's first iteration
+    # 'encodec' (the paper's: the released EnCodec 24 kHz, converted into teacher.path) or 'mfcc_kmeans' (HuBERT's
+    # first iteration; runlocal, as no codec weights are built in)
+    c.teacher.kind = 'mfcc_kmeans' if arg.runlocal else 'encodec'
+    c.teacher.path = ''  # encodec: python -m jaxssl.models.encodec_weights IN OUT_DIR writes it
+    c.teacher.bandwidth = 6.0  # kbps: 8 codebooks of 1,024
+    c.teacher.clusters = 100  # mfcc_kmeans: HuBERT's first iteration
     c.teacher.fit_clips = 200 if arg.runlocal else 2000  # clips whose MFCC frames the k-means is fitted on
     c.teacher.centroids = ''  # a (clusters, 39) .npy to use instead of fitting
 

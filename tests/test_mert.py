@@ -273,7 +273,7 @@ def test_sizes_and_config_errors():
     with pytest.raises(ConfigError, match=r'mixture\.lengths'):
         load_config('configs/mert.py:runlocal', ['mixture.lengths=(300, 200)'])
     with pytest.raises(ConfigError, match=r'teacher\.kind'):
-        load_config('configs/mert.py:runlocal', ['teacher.kind=encodec'])
+        load_config('configs/mert.py:runlocal', ['teacher.kind=hubert'])
     with pytest.raises(ConfigError, match=r'loss\.reference_batches'):
         load_config('configs/mert.py:runlocal', ['loss.reference_batches=3'])
 

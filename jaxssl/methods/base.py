@@ -13,6 +13,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
+
+from jaxssl import params_io
+from jaxssl.config import ConfigError
 
 PyTree = Any
 Batch = dict[str, Any]
@@ -112,3 +116,18 @@ class Method:
 def stream(rng: jax.Array, name: str) -> jax.Array:
     """A named RNG stream ('dropout', 'drop_path', 'mask', ...) derived from a step key."""
     return jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def load_frozen(path: str, key: str, shapes: Any, tree: str = 'params') -> Any:
+    """The `shapes` subtrees (e.g. {'backbone': ...}) of a stored run's params (or `tree='extra'`: its method state)
+    as a traced value: a host callback, so jit does not embed the weights in the program. ConfigError names `key`."""
+
+    def load() -> Any:
+        select = tuple(f'{name}/.*' if isinstance(value, dict) else name for name, value in shapes.items())
+        try:
+            loaded, _, _ = params_io.load_selected(path, shapes, select, tree)
+        except ValueError as e:
+            raise ConfigError(f"'{key}' {path}: {e}") from None
+        return traverse_util.unflatten_dict(loaded, sep='/')
+
+    return jax.pure_callback(load, shapes)

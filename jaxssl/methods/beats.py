@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from jaxssl import masks, params_io
 from jaxssl.config import ConfigError, check_choice, check_range
@@ -113,21 +112,6 @@ def run_config(path: str) -> dict[str, Any]:
         return {}
 
 
-def load_frozen(path: str, key: str, shapes: Any, tree: str = 'params') -> Any:
-    """The `shapes` subtrees (e.g. {'backbone': ...}) of a stored run's params (or `tree='extra'`: its method state)
-    as a traced value: a host callback, so jit does not embed the weights in the program. ConfigError names `key`."""
-
-    def load() -> Any:
-        select = tuple(f'{name}/.*' if isinstance(value, dict) else name for name, value in shapes.items())
-        try:
-            loaded, _, _ = params_io.load_selected(path, shapes, select, tree)
-        except ValueError as e:
-            raise ConfigError(f"'{key}' {path}: {e}") from None
-        return traverse_util.unflatten_dict(loaded, sep='/')
-
-    return jax.pure_callback(load, shapes)
-
-
 def num_tokens(config: ml_collections.ConfigDict) -> int:
     """Patches per clip: (target_length / 16) time patches x (num_mel_bins / 16) frequency patches."""
     return (config.input.target_length // beats_model.PATCH[0]) * (config.input.num_mel_bins // beats_model.PATCH[1])
@@ -205,10 +189,10 @@ class Method(_audio.AudioMethod):
         shapes = jax.eval_shape(lambda x: self.tokenizer.init(jax.random.key(0), x)['params'], spectrogram)
         codebook = jax.ShapeDtypeStruct((t.codebook_size, t.code_dim), jnp.float32)
         if os.path.isdir(os.path.join(t.path, 'checkpoints')):  # a tokenizer run: its codebook is method state
-            extra = load_frozen(t.path, 'tokenizer.path', {'tokenizer': shapes})
-            extra.update(load_frozen(t.path, 'tokenizer.path', {'codebook': codebook}, tree='extra'))
+            extra = base.load_frozen(t.path, 'tokenizer.path', {'tokenizer': shapes})
+            extra.update(base.load_frozen(t.path, 'tokenizer.path', {'codebook': codebook}, tree='extra'))
         else:  # a params directory holding both
-            extra = load_frozen(t.path, 'tokenizer.path', {'tokenizer': shapes, 'codebook': codebook})
+            extra = base.load_frozen(t.path, 'tokenizer.path', {'tokenizer': shapes, 'codebook': codebook})
         return params, extra
 
     def labels(self, extra: Any, spectrogram: jax.Array) -> jax.Array:

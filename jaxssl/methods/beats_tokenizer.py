@@ -70,9 +70,7 @@ class Method(_audio.AudioMethod):
         shapes = jax.eval_shape(lambda x: self.teacher.init(jax.random.key(0), x)['params'], spectrogram)
         q = self.config.quantizer
         extra = {
-            'teacher': beats_method.load_frozen(self.config.teacher.path, 'teacher.path', {'backbone': shapes})[
-                'backbone'
-            ],
+            'teacher': base.load_frozen(self.config.teacher.path, 'teacher.path', {'backbone': shapes})['backbone'],
             'codebook': jnp.zeros((q.codebook_size, q.code_dim), jnp.float32),  # set by k-means on the first batch
             'usage': jnp.zeros(q.codebook_size, jnp.float32),
             'initialised': jnp.zeros((), bool),

@@ -14,17 +14,19 @@ The objective is the reference's `MERTModel.forward` (yizhilll/MERT) with fairse
   frames' bins.
 
 Acoustic teachers (`teacher.kind`):
+  encodec      the paper's: EnCodec 24 kHz's residual-VQ codes at 6 kbps (8 codebooks of 1,024, 75 Hz, one per
+               encoder frame), computed on device from the clean cropped clips by jaxssl.models.encodec with the
+               released weights converted into `teacher.path` (python -m jaxssl.models.encodec_weights).
   mfcc_kmeans  HuBERT's first-iteration labels, which MERT's README names for its k-means models: the nearest of
                `teacher.clusters` k-means centroids of 39-dim MFCC + delta features at 100 Hz
                (jaxssl.data.mfcc_kmeans), fitted at start on `teacher.fit_clips` training clips, or read from
-               `teacher.centroids` (.npy).
-The paper's best teacher, EnCodec's 8 x 1024 RVQ codes at 75 Hz, is not built yet: it needs the codec's weights.
+               `teacher.centroids` (.npy). Computed in the Grain pipeline after the crop.
 
 Labels at `rate` per second reach the encoder's frames as the reference's forward_targets does: frame t takes label
 floor(t x rate x 320 / sample_rate), and frames past the last label are left out of the loss.
 
-Batch layout: 'waveform' (B, N) float32, 'num_samples' (B,) int32, 'time_mask' (B, T) bool, 'labels' (B, K, T) int32
-(-1 where a frame has none).
+Batch layout: 'waveform' (B, N) float32, 'num_samples' (B,) int32, 'time_mask' (B, T) bool; with mfcc_kmeans also
+'labels' (B, K, T) int32 (-1 where a frame has none).
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxssl import params_io
 from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.data import audio, mfcc_kmeans
 from jaxssl.methods import _audio, base, wav2vec2
 from jaxssl.methods.videomae import DTYPES
-from jaxssl.models import cqt, mert
+from jaxssl.models import cqt, encodec, mert
 from jaxssl.models import wav2vec2 as w2v
 
-TEACHERS = ('mfcc_kmeans',)
+TEACHERS = ('encodec', 'mfcc_kmeans')
 HOP = int(np.prod([stride for _, stride in w2v.KERNELS_STRIDES]))  # 320 samples per encoder frame
 
 
@@ -76,6 +79,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_choice(config, 'teacher.kind', TEACHERS)
     if t.clusters < 2 or t.fit_clips < 1:
         raise ConfigError("'teacher.clusters' must be >= 2 and 'teacher.fit_clips' >= 1")
+    if not t.bandwidth > 0:
+        raise ConfigError(f"bad value {t.bandwidth} for 'teacher.bandwidth': must be > 0 (kbps)")
     c = config.cqt
     if c.weight < 0:
         raise ConfigError(f"bad value {c.weight} for 'cqt.weight': must be >= 0")
@@ -89,7 +94,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 f'Hz, above the Nyquist frequency of input.sample_rate {config.input.sample_rate}'
             )
     x = config.mixture
-    check_range(config, 'mixture.prob', 0.0, 1.0)
+    if not 0 <= x.prob <= 1:
+        raise ConfigError(f"bad value {x.prob} for 'mixture.prob': must be in [0, 1]")
     low, high = x.lengths
     if not 1 <= low <= high:
         raise ConfigError(f"bad 'mixture.lengths' {tuple(x.lengths)}: need 1 <= shortest <= longest (samples)")
@@ -213,11 +219,18 @@ class Method(_audio.AudioMethod):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        m, c = config.model, config.cqt
-        self.centroids = self._teacher_centroids()
+        m, c, t = config.model, config.cqt, config.teacher
+        self.centroids = None
+        if t.kind == 'encodec':
+            self.codebooks = encodec.codebooks_for_bandwidth(t.bandwidth)
+            self.stored_codebooks = self._encodec_codebooks()
+            sizes = (encodec.CODEBOOK_SIZE,) * self.codebooks
+        else:
+            self.centroids = self._teacher_centroids()
+            sizes = (len(self.centroids),)
         self.model = mert.make_model(
             m.variant,
-            codebook_sizes=(len(self.centroids),),
+            codebook_sizes=sizes,
             cqt_bins=c.bins if c.weight else 0,
             logit_temp=m.logit_temp,
             dropout=m.dropout,
@@ -229,6 +242,27 @@ class Method(_audio.AudioMethod):
             dtype=DTYPES[m.dtype],
         )
         self.frames = int(w2v.frame_counts(config.input.max_samples))
+
+    def _encodec_codebooks(self) -> int:
+        """The codebooks stored in teacher.path (a converted EnCodec), checked against the bandwidth's."""
+        t = self.config.teacher
+        if self.config.input.sample_rate != 24000:
+            raise ConfigError(
+                f"'input.sample_rate' is {self.config.input.sample_rate}: the EnCodec teacher reads 24 kHz"
+            )
+        try:
+            metadata = params_io.read_metadata(t.path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"'teacher.path' {t.path!r}: {e}; convert the released EnCodec 24 kHz weights with "
+                'python -m jaxssl.models.encodec_weights IN OUT_DIR'
+            ) from None
+        if metadata.get('kind') != 'encodec_24khz' or metadata.get('codebooks', 0) < self.codebooks:
+            raise ConfigError(
+                f"'teacher.path' {t.path} holds {metadata.get('kind')} with {metadata.get('codebooks')} codebooks; "
+                f'need an EnCodec 24 kHz with >= {self.codebooks} (teacher.bandwidth {t.bandwidth} kbps)'
+            )
+        return int(metadata['codebooks'])
 
     def _teacher_centroids(self) -> np.ndarray:
         t, c = self.config.teacher, self.config.input
@@ -260,6 +294,10 @@ class Method(_audio.AudioMethod):
         return wav2vec2.bucketed_order(self.config, self.groups(), source, seed, process_index, process_count)
 
     def batch_transform(self) -> Any:
+        if self.centroids is None:  # labels on device
+            return functools.partial(
+                wav2vec2.crop_and_mask, groups=wav2vec2.groups_per_host(self.groups()), mask=self.config.mask
+            )
         return functools.partial(
             mfcc_labels, groups=wav2vec2.groups_per_host(self.groups()), mask=self.config.mask,
             centroids=self.centroids, sample_rate=self.config.input.sample_rate,
@@ -272,13 +310,28 @@ class Method(_audio.AudioMethod):
             'waveform': rng.normal(size=(batch_size, n)).astype(np.float32) * 0.1,
             'num_samples': np.full(batch_size, n, np.int32),
         }
+        if self.centroids is None:
+            return wav2vec2.crop_and_mask(batch, rng, groups=1, mask=self.config.mask)
         return mfcc_labels(
             batch, rng, groups=1, mask=self.config.mask, centroids=self.centroids,
             sample_rate=self.config.input.sample_rate,
         )  # fmt: skip
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-        return mert.init_params(self.model, rng, batch['waveform']), {}
+        params = mert.init_params(self.model, rng, batch['waveform'])
+        if self.centroids is not None:
+            return params, {}
+        shapes = encodec.param_shapes(self.stored_codebooks)
+        return params, {'encodec': base.load_frozen(self.config.teacher.path, 'teacher.path', shapes)}
+
+    def teacher_labels(self, extra: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        """(B, K, T) int32: the pipeline's MFCC k-means labels, or EnCodec's codes of the clean clips (frame t of
+        the codec is the encoder's frame t: both advance 320 samples, and the causal codec's frames inside a clip
+        do not see its zero padding)."""
+        if 'labels' in batch:
+            return batch['labels']
+        codes = encodec.encode(extra['encodec'], batch['waveform'], self.codebooks)
+        return codes[:, :, : batch['time_mask'].shape[1]]
 
     def cqt_targets(self, waveform: jax.Array) -> jax.Array:
         """The musical teacher: |CQT| of the clean waveforms at the encoder's frames (B, T, bins)."""
@@ -299,7 +352,8 @@ class Method(_audio.AudioMethod):
             {'params': params}, waveform, num_samples, mask, deterministic=False,
             rngs={k: base.stream(rng, k) for k in ('dropout', 'layerdrop')},
         )  # fmt: skip
-        loss, metrics = mert_loss(outputs, batch['labels'], mask, targets, groups, self.config)
+        labels = self.teacher_labels(extra, batch)
+        loss, metrics = mert_loss(outputs, labels, mask, targets, groups, self.config)
         return loss, (metrics, extra)
 
     def represent(self, params, extra, batch):
