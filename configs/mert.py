@@ -20,9 +20,10 @@ from jaxssl.config import add_trainer_defaults, parse_arg
 from jaxssl.data.audio import add_audio_input_config
 from jaxssl.evaluate.frozen import add_probe_config
 
-# Clips per update in the reference, an upper bound (crops of the longest length): 95M 2M samples x 64 GPUs /
-# 120,000; 330M 900k x 64 GPUs x update_freq 8 / 122,880. The lr follows the batch linearly from these.
-REFERENCE_BATCH = {'95M': 1067, '330M': 3750}
+# Clips per update in the reference when every crop has the full length: fairseq's max_tokens batches hold
+# floor(max_tokens / crop) clips per GPU, 95M 2M / 120,000 = 16 x 64 GPUs; 330M 900k / 122,880 = 7 x 64 GPUs x
+# update_freq 8. Shorter files (down to 3 s) make bigger batches. The lr follows the batch linearly from these.
+REFERENCE_BATCH = {'95M': 1024, '330M': 3584}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

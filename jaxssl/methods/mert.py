@@ -228,6 +228,8 @@ class Method(_audio.AudioMethod):
         else:
             self.centroids = self._teacher_centroids()
             sizes = (len(self.centroids),)
+        # Labels 0 .. V - 1; the 4 classes above them are fairseq's special symbols, never targets.
+        sizes = tuple(v + mert.SPECIAL_SYMBOLS for v in sizes)
         self.model = mert.make_model(
             m.variant,
             codebook_sizes=sizes,

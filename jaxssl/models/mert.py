@@ -7,10 +7,11 @@ Laid out as the reference's `MERTModel` (yizhilll/MERT, mert_fairseq/models/mert
   post_extract_proj, the U(0, 1) mask embedding at masked frames, positional conv, Transformer blocks);
 - `final_proj` (untie_final_proj): one Linear(width -> final_dim x K), its output split into K chunks, one per
   codebook of the teacher;
-- `label_embs` (sum of the codebook sizes, final_dim), U(0, 1) (the reference's label_embs_concat); the logits of
+- `label_embs` (sum of the class counts, final_dim), U(0, 1) (the reference's label_embs_concat); the logits of
   codebook k at a frame are the cosine similarities of its chunk with every embedding of codebook k over
   logit_temp (compute_nce with every class as a candidate; its neg_is_pos removes the target's duplicate, so this is
-  a softmax over the codebook);
+  a softmax over the codebook). A codebook of V codes has V + 4 classes: fairseq's Dictionary adds 4 special
+  symbols, never targets but in every softmax (`SPECIAL_SYMBOLS`);
 - `cqt_proj`: Linear(width -> CQT bins), the musical teacher's head (model_cqt_pred's 1-layer version).
 Linear layers outside the Transformer blocks have torch's default init; the blocks have fairseq's init_bert_params.
 """
@@ -43,6 +44,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         norm_first=True, final_dim=128,
     ),
 }  # fmt: skip
+
+
+SPECIAL_SYMBOLS = 4  # fairseq's Dictionary: <s>, <pad>, </s>, <unk>
 
 
 def cosine_logits(x: jax.Array, embeddings: jax.Array, temperature: float) -> jax.Array:
