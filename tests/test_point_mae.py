@@ -98,13 +98,12 @@ class TorchBlock(torch.nn.Module):
 class TorchPointMAE(torch.nn.Module):
     """Point_MAE.forward after the grouping, drop path 0, with a given mask; returns the Chamfer-L2 loss."""
 
-    def __init__(self, width, depth, heads, decoder_depth, group_size):
+    def __init__(self, width, depth, heads, decoder_depth, group_size, dims=(128, 256, 512)):
         super().__init__()
-        conv = torch.nn.Conv1d
-        self.first_conv = torch.nn.Sequential(conv(3, 128, 1), torch.nn.BatchNorm1d(128), torch.nn.ReLU(),
-                                              conv(128, 256, 1))  # fmt: skip
-        self.second_conv = torch.nn.Sequential(conv(512, 512, 1), torch.nn.BatchNorm1d(512), torch.nn.ReLU(),
-                                               conv(512, width, 1))  # fmt: skip
+        conv, (a, b, c) = torch.nn.Conv1d, dims
+        self.first_conv = torch.nn.Sequential(conv(3, a, 1), torch.nn.BatchNorm1d(a), torch.nn.ReLU(), conv(a, b, 1))
+        self.second_conv = torch.nn.Sequential(conv(2 * b, c, 1), torch.nn.BatchNorm1d(c), torch.nn.ReLU(),
+                                               conv(c, width, 1))  # fmt: skip
         mlp = lambda: torch.nn.Sequential(torch.nn.Linear(3, 128), torch.nn.GELU(), torch.nn.Linear(128, width))
         self.pos_embed, self.decoder_pos_embed = mlp(), mlp()
         self.blocks = torch.nn.ModuleList([TorchBlock(width, heads) for _ in range(depth)])
@@ -196,7 +195,7 @@ def test_masked_forward_and_loss_equal_the_reference():
         {'params': params, 'batch_stats': variables['batch_stats']}, cloud, visible, masked, train=True,
         mutable=['batch_stats'],
     )  # fmt: skip
-    reference = TorchPointMAE(64, 2, 4, 1, 6).train()
+    reference = TorchPointMAE(64, 2, 4, 1, 6, dims=(32, 64, 128)).train()
     load_into_torch(reference, params, variables['batch_stats'])
     neighbourhoods, centres = point_mae.group(cloud, 8, 6)
     mask = np.zeros((3, 8), bool)

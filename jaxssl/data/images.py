@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from jaxssl.config import ConfigError, check_choice
-from jaxssl.data import pipeline
+from jaxssl.data import folders, pipeline
 from jaxssl.data.decode import DecodeError
 from jaxssl.data.finetune import random_resized_crop_box
 from jaxssl.data.transforms import normalize
@@ -59,15 +59,8 @@ class ImageFolderSource:
         self.root = root
         if not os.path.isdir(root):
             raise ValueError(f'{root}: not a directory')
-        self.class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self._records = []
-        for label, name in enumerate(self.class_names):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
-                dirnames.sort()  # os.walk order is filesystem order: sort for a deterministic index
-                for filename in sorted(filenames):
-                    if filename.lower().endswith(IMAGE_EXTENSIONS):
-                        path = os.path.join(dirpath, filename)
-                        self._records.append({'name': path, 'image': path, 'kind': 'file', 'label': label})
+        self.class_names, files = folders.class_folder_files(root, IMAGE_EXTENSIONS)
+        self._records = [{'name': path, 'image': path, 'kind': 'file', 'label': label} for path, label in files]
         if not self._records:
             raise ValueError(f'{root}: no image files ({", ".join(IMAGE_EXTENSIONS)}) in class sub-folders')
         self.label_keys: tuple[str, ...] = ('label',)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from jaxssl.config import ConfigError, check_choice
-from jaxssl.data import images, pipeline
+from jaxssl.data import folders, images, pipeline
 from jaxssl.data.decode import DecodeError
 
 POINT_EXTENSIONS = ('.npy', '.txt', '.xyz')
@@ -150,12 +150,7 @@ class PointFolderSource:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"point folder '{root}' does not exist (input.data_root / input.split)")
         self.root = root
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        self.files: list[tuple[str, int]] = []
-        for label, name in enumerate(self.classes):
-            for folder, _, files in sorted(os.walk(os.path.join(root, name))):
-                found = [f for f in sorted(files) if f.lower().endswith(POINT_EXTENSIONS)]
-                self.files += [(os.path.join(folder, f), label) for f in found]
+        self.classes, self.files = folders.class_folder_files(root, POINT_EXTENSIONS)
         if not self.files:
             raise FileNotFoundError(f"no {'/'.join(POINT_EXTENSIONS)} files in class folders under '{root}'")
 

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import ml_collections
 
+from jaxssl.data import folders
+
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mkv', '.webm', '.mov', '.m4v', '.mpg', '.mpeg')
 LIST_COLUMNS = ('path', 'start', 'total', 'label')
 # Trailing integer columns -> their meaning, for lists without an explicit column spec. One integer is the
@@ -127,18 +129,11 @@ class FolderSource:
 
     def __init__(self, root: str):
         self.root = root
-        self.class_names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self._records = []
-        for label, name in enumerate(self.class_names):
-            folder = os.path.join(root, name)
-            for dirpath, dirnames, filenames in os.walk(folder):
-                dirnames.sort()  # os.walk order is filesystem order: sort for a deterministic index
-                for filename in sorted(filenames):
-                    if filename.lower().endswith(VIDEO_EXTENSIONS):
-                        path = os.path.join(dirpath, filename)
-                        self._records.append(
-                            {'name': path, 'video': path, 'kind': 'file', 'start': 0, 'total': -1, 'label': label}
-                        )
+        self.class_names, files = folders.class_folder_files(root, VIDEO_EXTENSIONS)
+        self._records = [
+            {'name': path, 'video': path, 'kind': 'file', 'start': 0, 'total': -1, 'label': label}
+            for path, label in files
+        ]
         if not self._records:
             raise ValueError(f'{root}: no video files ({", ".join(VIDEO_EXTENSIONS)}) in class sub-folders')
         self.label_keys: tuple[str, ...] = ('label',)

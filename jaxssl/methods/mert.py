@@ -359,40 +359,25 @@ class Method(_audio.AudioMethod):
         return loss, (metrics, extra)
 
     def represent(self, params, extra, batch):
-        """The hidden states averaged over the clip's frames, of the last block ('mean_pool') and of the middle one
-        ('mid_pool'), and the last block's frames ('tokens')."""
-        frame_valid = w2v.valid_frames(batch['num_samples'], self.frames)
+        """wav2vec 2.0's: the last and middle blocks' hidden states averaged over the clip ('mean_pool', 'mid_pool'),
+        and the last block's frames ('tokens')."""
         hidden, layers = self.model.apply(
             {'params': params}, batch['waveform'], batch['num_samples'], method=self.model.encode
         )
-        weights = frame_valid[..., None] / jnp.maximum(frame_valid.sum(axis=1), 1)[:, None, None]
-        pool = lambda x: jnp.sum(x.astype(jnp.float32) * weights, axis=1)
-        middle = layers[f'layer_{(self.model.encoder.depth - 1) // 2}']
-        return {'mean_pool': pool(hidden), 'mid_pool': pool(middle), 'tokens': hidden.astype(jnp.float32)}
+        return wav2vec2.pooled_frames(hidden, layers, batch['num_samples'], self.model.encoder.depth)
 
     def tokens_per_example(self) -> int:
         return self.frames
 
     def flops_per_example(self) -> float:
         """Forward + backward (3x) of the encoder and heads; the CQT targets forward only."""
-        e, t = self.model.encoder, self.frames
-        n, ch = self.config.input.max_samples, e.conv_channels
-        conv, length, channels = 0.0, n, 1
-        for kernel, stride in w2v.KERNELS_STRIDES:
-            length = (length - kernel) // stride + 1
-            conv += 2 * length * kernel * channels * ch
-            channels = ch
-        blocks = e.depth * (2 * t * (4 * e.width * e.width + 2 * e.width * e.mlp) + 4 * t * t * e.width)
-        pos = 2 * t * e.pos_conv_kernel * e.width * e.width / e.pos_conv_groups
-        classes = sum(self.model.codebook_sizes)
-        heads = 2 * t * (ch * e.width + e.width * self.model.final_dim * len(self.model.codebook_sizes))
-        heads += 2 * t * self.model.final_dim * classes + 2 * t * e.width * self.model.cqt_bins
+        e, t, m = self.model.encoder, self.frames, self.model
+        heads = 2 * t * (e.conv_channels * e.width + e.width * m.final_dim * len(m.codebook_sizes))
+        heads += 2 * t * m.final_dim * sum(m.codebook_sizes) + 2 * t * e.width * m.cqt_bins
         spectrum = 0.0
-        if self.model.cqt_bins:
-            _, lengths = cqt.cqt_kernels(
-                self.config.input.sample_rate, self.config.cqt.fmin, self.config.cqt.bins,
-                self.config.cqt.bins_per_octave,
-            )  # fmt: skip
+        if m.cqt_bins:
+            c = self.config.cqt
+            _, lengths = cqt.cqt_kernels(self.config.input.sample_rate, c.fmin, c.bins, c.bins_per_octave)
             widths = 2 ** np.ceil(np.log2(lengths))
-            spectrum = 2 * 2 * cqt.cqt_frames(n, HOP) * float(widths.sum())
-        return 3.0 * (conv + blocks + pos + heads) + spectrum
+            spectrum = 2 * 2 * cqt.cqt_frames(self.config.input.max_samples, HOP) * float(widths.sum())
+        return 3.0 * (wav2vec2.encoder_flops(e, self.config.input.max_samples) + heads) + spectrum

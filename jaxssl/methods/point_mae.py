@@ -127,7 +127,8 @@ class Method(base.Method):
         g = m.num_groups
         v = g - int(self.config.mask.ratio * g)
         block = lambda n, width: 2 * n * 12 * width * width + 4 * n * n * width
-        embed = 2 * g * k * (3 * 128 + 128 * 256 + 512 * 512 + 512 * m.width)
+        a, b, c = m.embed_dims
+        embed = 2 * g * k * (3 * a + a * b + 2 * b * c + c * m.width)
         pos = 2 * (v + 2 * g) * (3 * 128 + 128 * m.width)
         encoder = m.depth * (block(v, m.width))
         decoder = m.decoder_depth * block(g, m.width) + 2 * (g - v) * m.width * 3 * k

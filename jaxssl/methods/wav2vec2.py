@@ -333,28 +333,40 @@ class Method(_audio.AudioMethod):
         """The context vectors averaged over the utterance's frames, of the last block ('mean_pool') and of the
         middle one ('mid_pool'; wav2vec 2.0's middle layers hold the most phonetic information), and the last
         block's frames ('tokens')."""
-        frame_valid = w2v.valid_frames(batch['num_samples'], self.frames)
         hidden, layers = self.model.apply(
             {'params': params}, batch['waveform'], batch['num_samples'], method=self.model.encode
         )
-        weights = frame_valid[..., None] / jnp.maximum(frame_valid.sum(axis=1), 1)[:, None, None]
-        pool = lambda x: jnp.sum(x.astype(jnp.float32) * weights, axis=1)
-        middle = layers[f'layer_{(self.model.depth - 1) // 2}']
-        return {'mean_pool': pool(hidden), 'mid_pool': pool(middle), 'tokens': hidden.astype(jnp.float32)}
+        return pooled_frames(hidden, layers, batch['num_samples'], self.model.depth)
 
     def tokens_per_example(self) -> int:
         return self.frames
 
     def flops_per_example(self) -> float:
         m, t = self.model, self.frames
-        n, c = self.config.input.max_samples, m.conv_channels
-        conv, length, channels = 0.0, n, 1
-        for kernel, stride in w2v.KERNELS_STRIDES:
-            length = (length - kernel) // stride + 1
-            conv += 2 * length * kernel * channels * c
-            channels = c
-        blocks = m.depth * (2 * t * (4 * m.width * m.width + 2 * m.width * m.mlp) + 4 * t * t * m.width)
-        pos = 2 * t * m.pos_conv_kernel * m.width * m.width / m.pos_conv_groups
+        c = m.conv_channels
         entries = m.codebooks * m.codebook_entries
         heads = 2 * t * (c * m.width + m.width * m.final_dim + m.codevector_dim * m.final_dim + c * entries)
-        return 3.0 * (conv + blocks + pos + heads + 2 * t * t * m.final_dim)
+        return 3.0 * (encoder_flops(m, self.config.input.max_samples) + heads + 2 * t * t * m.final_dim)
+
+
+def pooled_frames(hidden: jax.Array, layers: dict[str, jax.Array], num_samples: jax.Array, depth: int) -> dict:
+    """The representations of a wav2vec 2.0-style encoder: the last block's frames averaged over each clip's
+    valid frames ('mean_pool'), the middle block's ('mid_pool'), and the last block's frames ('tokens')."""
+    frame_valid = w2v.valid_frames(num_samples, hidden.shape[1])
+    weights = frame_valid[..., None] / jnp.maximum(frame_valid.sum(axis=1), 1)[:, None, None]
+    pool = lambda x: jnp.sum(x.astype(jnp.float32) * weights, axis=1)
+    middle = layers[f'layer_{(depth - 1) // 2}']
+    return {'mean_pool': pool(hidden), 'mid_pool': pool(middle), 'tokens': hidden.astype(jnp.float32)}
+
+
+def encoder_flops(model: w2v.Wav2Vec2, num_samples: int) -> float:
+    """Forward FLOPs of the feature encoder, positional conv and Transformer blocks on `num_samples` samples."""
+    t, c = int(w2v.frame_counts(num_samples)), model.conv_channels
+    conv, length, channels = 0.0, num_samples, 1
+    for kernel, stride in w2v.KERNELS_STRIDES:
+        length = (length - kernel) // stride + 1
+        conv += 2 * length * kernel * channels * c
+        channels = c
+    blocks = model.depth * (2 * t * (4 * model.width**2 + 2 * model.width * model.mlp) + 4 * t * t * model.width)
+    pos = 2 * t * model.pos_conv_kernel * model.width * model.width / model.pos_conv_groups
+    return conv + blocks + pos

@@ -8,7 +8,7 @@ Laid out as the reference (Pang-Yatian/Point-MAE, models/Point_MAE.py):
   points (itself included) expressed relative to the centre.
 - Patch embedding (`Encoder`, a mini-PointNet shared by all patches): per point Linear(3 -> 128), BatchNorm, ReLU,
   Linear(128 -> 256); max over the patch, concatenated to every point; Linear(512 -> 512), BatchNorm, ReLU,
-  Linear(512 -> width); max over the patch.
+  Linear(512 -> width); max over the patch. (BatchNorm momentum 0.1 in torch's terms, eps 1e-5.)
 - Encoder (`MaskTransformer`): the visible patches' tokens; before every block, pos_embed(centre) (Linear(3 ->
   128), GELU, Linear(128 -> width)) is added; pre-norm blocks (no qkv bias, LayerNorm eps 1e-5, exact GELU, MLP
   ratio 4, drop path linear to 0.1); a final LayerNorm.
@@ -32,9 +32,9 @@ from jaxssl.models import vit
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # the reference's pretrain.yaml: 64 groups of 32 points, 12 x 384 encoder, 4-block decoder, 6 heads
-    'base': dict(width=384, depth=12, heads=6, decoder_depth=4, decoder_heads=6),
-    # CPU-sized, for tests and `runlocal` (not a reference size)
-    'micro': dict(width=64, depth=2, heads=4, decoder_depth=1, decoder_heads=4),
+    'base': dict(width=384, depth=12, heads=6, decoder_depth=4, decoder_heads=6, embed_dims=(128, 256, 512)),
+    # CPU-sized, for tests and `runlocal` (not a reference size; a mini-PointNet 4x narrower)
+    'micro': dict(width=64, depth=2, heads=4, decoder_depth=1, decoder_heads=4, embed_dims=(32, 64, 128)),
 }
 normal_02 = nn.initializers.normal(0.02)
 
@@ -78,9 +78,11 @@ def chamfer_l2(predicted: jax.Array, target: jax.Array) -> jax.Array:
 
 
 class PatchEmbed(nn.Module):
-    """The mini-PointNet: patches (B, G, K, 3) -> tokens (B, G, width)."""
+    """The mini-PointNet: patches (B, G, K, 3) -> tokens (B, G, width); `dims` the hidden widths (the
+    reference's 128, 256, 512)."""
 
     width: int
+    dims: tuple[int, int, int] = (128, 256, 512)
 
     @nn.compact
     def __call__(self, patches: jax.Array, train: bool) -> jax.Array:
@@ -88,10 +90,11 @@ class PatchEmbed(nn.Module):
         norm = lambda name: nn.BatchNorm(not train, momentum=0.9, epsilon=1e-5, name=name)
         b, g, k, _ = patches.shape
         x = patches.reshape(b * g * k, 3)
-        x = dense(256, 'first_conv_3')(nn.relu(norm('first_conv_1')(dense(128, 'first_conv_0')(x))))
-        x = x.reshape(b * g, k, 256)
+        first, second, third = self.dims
+        x = dense(second, 'first_conv_3')(nn.relu(norm('first_conv_1')(dense(first, 'first_conv_0')(x))))
+        x = x.reshape(b * g, k, second)
         x = jnp.concatenate([jnp.broadcast_to(x.max(axis=1, keepdims=True), x.shape), x], axis=-1)
-        x = dense(512, 'second_conv_0')(x.reshape(b * g * k, 512))
+        x = dense(third, 'second_conv_0')(x.reshape(b * g * k, 2 * second))
         x = dense(self.width, 'second_conv_3')(nn.relu(norm('second_conv_1')(x)))
         return x.reshape(b, g, k, self.width).max(axis=2)
 
@@ -137,12 +140,13 @@ class PointMAE(nn.Module):
     heads: int
     decoder_depth: int
     decoder_heads: int
+    embed_dims: tuple[int, int, int] = (128, 256, 512)
     num_groups: int = 64
     group_size: int = 32
     drop_path_rate: float = 0.1
 
     def setup(self):
-        self.patch_embed = PatchEmbed(self.width, name='encoder')
+        self.patch_embed = PatchEmbed(self.width, self.embed_dims, name='encoder')
         self.pos_embed = PositionMlp(self.width, name='pos_embed')
         self.blocks = Blocks(self.width, self.depth, self.heads, self.drop_path_rate, name='blocks')
         self.norm = nn.LayerNorm(1e-5, name='norm')
