@@ -281,7 +281,8 @@ def test_sizes_and_config_errors():
 @pytest.mark.slow
 def test_runlocal_sharded_matches_one_device_and_probes(tmp_path):
     summary, rows = assert_sharded_matches_one_device(
-        'configs/mert.py:runlocal', tmp_path, 'loss.reference_batches=2', 'teacher.fit_clips=40'
-    )
+        'configs/mert.py:runlocal', tmp_path, 'loss.reference_batches=2', 'teacher.fit_clips=40',
+        'input.global_batch=8', 'input.max_samples=12000',
+    )  # fmt: skip
     assert 0.0 <= summary['final_eval/label/mean_pool/knn'] <= 1.0
     assert 0 < rows[0]['masked_fraction'] < 1 and rows[0]['cqt'] > 0 and np.isfinite(rows[0]['prediction'])
