@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.name = 'adamw'
     c.optim.schedule = 'cosine'  # CosLR: per-epoch warmup 10, cosine over 300 epochs
     c.optim.base_lr = 1e-3 * 256 / 128  # lr 0.001 at the reference's batch 128 (lr = base_lr * batch / 256)
-    c.optim.min_lr = 1e-6  # timm CosineLRScheduler's lr_min in the reference's build_lr_scheduler
+    c.optim.min_lr = 1e-6 * 256 / 128  # timm CosineLRScheduler's lr_min 1e-6 (scaled with the batch like base_lr)
     c.optim.warmup_epochs = 10
     c.optim.warmup_steps = 0
     c.optim.epochs = 300

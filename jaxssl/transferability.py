@@ -181,6 +181,7 @@ def ped_transform(
 def scores(features: np.ndarray, labels: np.ndarray, reference: np.ndarray | None = None, **ped: Any) -> dict:
     """LogME, SFDA and both after PED (standardised by `reference` features' statistics, default the features'
     own) of one model's features."""
+    labels = np.unique(labels, return_inverse=True)[1]  # contiguous 0 .. C - 1, as the reference assumes
     reference = features if reference is None else reference
     moved, steps = ped_transform(features, labels, reference.mean(axis=0), reference.std(axis=0), **ped)
     return {
@@ -219,7 +220,7 @@ def run_features(workdir: str, representation: str | None) -> tuple[np.ndarray, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m jaxssl.transferability', description=__doc__.split('\n')[0])
     parser.add_argument('--workdir', action='append', required=True, help='a training run (repeat for several)')
-    parser.add_argument('--representation', default=None, help="a represent() name (default: each run's first)")
+    parser.add_argument('--representation', default=None, help='a represent() name (default: the first by name)')
     parser.add_argument('--nsigma', type=float, default=0.6)
     parser.add_argument('--time_step', type=float, default=0.1)
     parser.add_argument('--out', default='', help='write the scores here as JSON')

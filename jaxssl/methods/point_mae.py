@@ -110,8 +110,9 @@ class Method(base.Method):
         return loss, ({'loss': loss, 'chamfer_l2': loss}, extra)
 
     def represent(self, params, extra, batch):
-        """Every patch's token, nothing masked: max- and mean-pooled, concatenated ('pooled', the feature of the
-        reference's linear-SVM evaluation), and mean-pooled alone ('mean_pool')."""
+        """Every patch's token, nothing masked: max- and mean-pooled, concatenated ('pooled'), and mean-pooled alone
+        ('mean_pool'). (The reference's pretraining validation is disabled; its fine-tuning head reads the cls token
+        and the max.)"""
         tokens = self.model.apply(
             {'params': params, 'batch_stats': extra['batch_stats']}, batch['points'], method=self.model.encode
         )
