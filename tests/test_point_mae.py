@@ -214,9 +214,10 @@ def test_encode_uses_every_patch_and_running_statistics():
     method = point_mae_method.Method(config)
     batch = method.example_batch(4)
     params, extra = method.init(jax.random.key(0), jax.tree.map(jnp.asarray, batch))
-    out = method.represent(params, extra, jax.tree.map(jnp.asarray, batch))
+    represent = jax.jit(method.represent)
+    out = represent(params, extra, jax.tree.map(jnp.asarray, batch))
     assert out['pooled'].shape == (4, 128) and out['mean_pool'].shape == (4, 64)
-    one = method.represent(params, extra, jax.tree.map(lambda x: jnp.asarray(x[:1]), batch))
+    one = represent(params, extra, jax.tree.map(lambda x: jnp.asarray(x[:1]), batch))
     np.testing.assert_allclose(one['pooled'], out['pooled'][:1], atol=1e-5)  # no batch statistics at evaluation
 
 

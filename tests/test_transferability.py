@@ -216,3 +216,15 @@ def test_cli_scores_two_runs(tmp_path, capsys):
     assert row['representation'] == 'pooled' and 0 <= row['linear_probe'] <= 1 and np.isfinite(row['ped_logme'])
     assert 'linear_probe' in capsys.readouterr().out
     assert transferability.main([f'--workdir={tmp_path / "a"}', '--representation=nope']) == 2
+
+
+def test_logme_as_an_evaluation_probe():
+    """eval.probes may name 'logme': the score of the training features, with labels renumbered (here 3, 5, 9)."""
+    from jaxssl.evaluate import frozen
+
+    x, y = blobs(90, 6, classes=3)
+    sparse = np.array([3, 5, 9])[y]
+    train = {'mean_pool': x, 'label': sparse, 'valid': np.ones(90, np.int32)}
+    results = frozen.run_probes(train, train, ('label',), ('logme',))
+    assert list(results) == ['label/mean_pool/logme']
+    np.testing.assert_allclose(results['label/mean_pool/logme'], transferability.logme(x, y), rtol=1e-12)

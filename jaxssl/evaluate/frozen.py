@@ -9,9 +9,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxssl import transferability
 from jaxssl.evaluate import features, probes
 
-PROBES = ('linear', 'knn', 'fewshot', 'attentive')
+PROBES = ('linear', 'knn', 'fewshot', 'attentive', 'logme')
 
 
 def run_probes(
@@ -45,6 +46,9 @@ def run_probes(
             if 'fewshot' in probe_names:
                 acc = probes.few_shot_probe(x_train, y_train, x_test, y_test, shots, seed=seed)
                 results[f'{label}/{rep}/{shots}shot'] = acc
+            if 'logme' in probe_names:  # a transferability score of the training features, not an accuracy
+                classes = np.unique(y_train, return_inverse=True)[1]
+                results[f'{label}/{rep}/logme'] = transferability.logme(x_train, classes)
         if 'attentive' in probe_names and 'tokens' in train:
             tokens_train, tokens_test = train['tokens'][keep_train], test['tokens'][keep_test]
             acc = probes.attentive_probe(tokens_train, y_train, tokens_test, y_test, num_classes, seed=seed)
@@ -80,7 +84,9 @@ def add_probe_config(config: ml_collections.ConfigDict, label_keys: Sequence[str
     e.train_split = 'train'  # features to fit the probes on
     e.split = 'val'  # features to test them on
     e.label_keys = tuple(label_keys)
-    e.probes = ('linear', 'knn')  # also 'fewshot', 'attentive' (keeps token features: memory grows with tokens)
+    # also 'fewshot', 'attentive' (keeps token features: memory grows with tokens), 'logme' (jaxssl.transferability's
+    # LogME of the training features: a score, higher is better, not an accuracy)
+    e.probes = ('linear', 'knn')
     e.knn_k = 20
     e.shots = 5
     e.batch_size = 32  # clips per host batch (x views must divide over the batch devices)
