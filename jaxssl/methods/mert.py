@@ -41,8 +41,8 @@ import ml_collections
 import numpy as np
 
 from jaxssl import params_io
-from jaxssl.config import ConfigError, check_choice, check_range
-from jaxssl.data import audio, mfcc_kmeans
+from jaxssl.config import ConfigError, check_choice
+from jaxssl.data import mfcc_kmeans
 from jaxssl.methods import _audio, base, wav2vec2
 from jaxssl.methods.videomae import DTYPES
 from jaxssl.models import cqt, encodec, mert
@@ -54,27 +54,10 @@ HOP = int(np.prod([stride for _, stride in w2v.KERNELS_STRIDES]))  # 320 samples
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model, masks, teachers, mixture or loss cannot use."""
-    m = config.model
     check_choice(config, 'model.variant', mert.VARIANTS)
-    check_choice(config, 'model.dtype', DTYPES)
-    for key in ('dropout', 'attention_dropout', 'dropout_input', 'dropout_features', 'layerdrop'):
-        check_range(config, f'model.{key}', 0.0, 1.0)
-    if m.feature_grad_mult < 0:
-        raise ConfigError(f"bad value {m.feature_grad_mult} for 'model.feature_grad_mult': must be >= 0")
-    if not m.logit_temp > 0:
-        raise ConfigError(f"bad value {m.logit_temp} for 'model.logit_temp': must be > 0")
-    audio.check_audio_input_config(config)
-    if config.input.features != 'waveform':
-        raise ConfigError("'input.features' must be 'waveform' for MERT (its encoder reads the samples)")
-    frames = int(w2v.frame_counts(config.input.max_samples))
-    check_range(config, 'mask.prob', 0.0, 1.0)
-    if config.mask.length < 1 or config.mask.min_spans < 0:
-        raise ConfigError("'mask.length' must be >= 1 and 'mask.min_spans' >= 0")
-    if frames < config.mask.length + 2:
-        raise ConfigError(
-            f"'input.max_samples' ({config.input.max_samples}) gives {frames} frames: too few for spans of "
-            f"'mask.length' {config.mask.length}"
-        )
+    wav2vec2.check_encoder_config(config, 'MERT')
+    if not config.model.logit_temp > 0:
+        raise ConfigError(f"bad value {config.model.logit_temp} for 'model.logit_temp': must be > 0")
     t = config.teacher
     check_choice(config, 'teacher.kind', TEACHERS)
     if t.clusters < 2 or t.fit_clips < 1:
@@ -101,12 +84,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"bad 'mixture.lengths' {tuple(x.lengths)}: need 1 <= shortest <= longest (samples)")
     if not 1 <= x.counts[0] <= x.counts[1]:
         raise ConfigError(f"bad 'mixture.counts' {tuple(x.counts)}: need 1 <= fewest <= most")
-    groups, micro_batch = config.loss.reference_batches, config.input.global_batch // config.train.grad_accum
-    if groups < 0 or (groups and micro_batch % groups):
-        raise ConfigError(
-            f"'loss.reference_batches' ({groups}) must be >= 0 and divide the micro-batch 'input.global_batch' / "
-            f"'train.grad_accum' ({micro_batch})"
-        )
 
 
 # --- the acoustic teacher's labels (host side) -----------------------------------------------------------------------

@@ -44,9 +44,27 @@ from jaxssl.models import wav2vec2_weights
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the model, masks, loss or input cannot use."""
-    m = config.model
-    if not m.pretrained:
+    if not config.model.pretrained:
         check_choice(config, 'model.variant', w2v.VARIANTS)
+    check_encoder_config(config, 'wav2vec 2.0')
+    if config.loss.num_negatives < 1:
+        raise ConfigError(f"bad value {config.loss.num_negatives} for 'loss.num_negatives': must be >= 1")
+    if not config.loss.logit_temp > 0:
+        raise ConfigError(f"bad value {config.loss.logit_temp} for 'loss.logit_temp': must be > 0")
+    t0, t_min, decay = config.quantizer.temperature
+    if not 0 < t_min <= t0 or not 0 < decay <= 1:
+        raise ConfigError(f"bad 'quantizer.temperature' {tuple(config.quantizer.temperature)}: need 0 < min <= start")
+    if config.input.dataset == 'folder' and w2v.frame_counts(config.input.min_samples) < config.mask.length + 2:
+        raise ConfigError(
+            f"'input.min_samples' ({config.input.min_samples}) lets through files too short to mask spans of "
+            f"'mask.length' {config.mask.length} frames (320 samples each); the reference's is 32000"
+        )
+
+
+def check_encoder_config(config: ml_collections.ConfigDict, name: str) -> None:
+    """The keys every method on wav2vec 2.0's encoder and batches shares (wav2vec 2.0, MERT): the encoder's dtype,
+    dropouts and feature_grad_mult, the waveform input, the span masks, `loss.reference_batches`."""
+    m = config.model
     check_choice(config, 'model.dtype', DTYPES)
     for key in ('dropout', 'attention_dropout', 'dropout_input', 'dropout_features', 'layerdrop'):
         check_range(config, f'model.{key}', 0.0, 1.0)
@@ -54,7 +72,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"bad value {m.feature_grad_mult} for 'model.feature_grad_mult': must be >= 0")
     audio.check_audio_input_config(config)
     if config.input.features != 'waveform':
-        raise ConfigError("'input.features' must be 'waveform' for wav2vec 2.0 (its encoder reads the samples)")
+        raise ConfigError(f"'input.features' must be 'waveform' for {name} (its encoder reads the samples)")
     frames = int(w2v.frame_counts(config.input.max_samples))
     check_range(config, 'mask.prob', 0.0, 1.0)
     if config.mask.length < 1 or config.mask.min_spans < 0:
@@ -64,23 +82,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"'input.max_samples' ({config.input.max_samples}) gives {frames} latent frames: too few for spans of "
             f"'mask.length' {config.mask.length}"
         )
-    if config.loss.num_negatives < 1:
-        raise ConfigError(f"bad value {config.loss.num_negatives} for 'loss.num_negatives': must be >= 1")
-    if not config.loss.logit_temp > 0:
-        raise ConfigError(f"bad value {config.loss.logit_temp} for 'loss.logit_temp': must be > 0")
-    t0, t_min, decay = config.quantizer.temperature
-    if not 0 < t_min <= t0 or not 0 < decay <= 1:
-        raise ConfigError(f"bad 'quantizer.temperature' {tuple(config.quantizer.temperature)}: need 0 < min <= start")
     groups, micro_batch = config.loss.reference_batches, config.input.global_batch // config.train.grad_accum
     if groups < 0 or (groups and micro_batch % groups):
         raise ConfigError(
             f"'loss.reference_batches' ({groups}) must be >= 0 and divide the micro-batch 'input.global_batch' / "
             f"'train.grad_accum' ({micro_batch})"
-        )
-    if config.input.dataset == 'folder' and w2v.frame_counts(config.input.min_samples) < config.mask.length + 2:
-        raise ConfigError(
-            f"'input.min_samples' ({config.input.min_samples}) lets through files too short to mask spans of "
-            f"'mask.length' {config.mask.length} frames (320 samples each); the reference's is 32000"
         )
 
 
