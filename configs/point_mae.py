@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.1
 
     c.mask = ml_collections.ConfigDict()
-    c.mask.ratio = 0.6  # 'rand': exactly int(0.6 G) patches per cloud
+    c.mask.type = 'rand'  # 'rand' (pretrain.yaml) or 'block': the patches nearest a random one
+    c.mask.ratio = 0.6  # exactly int(0.6 G) patches per cloud
 
     add_points_input_config(c, runlocal=arg.runlocal)
 

@@ -77,6 +77,22 @@ def test_random_masks_partition_the_patches():
     assert (np.diff(np.asarray(masked), axis=1) > 0).all()
 
 
+def test_block_masks_take_the_patches_nearest_a_random_one():
+    rng = np.random.default_rng(2)
+    centres = jnp.asarray(rng.normal(size=(4, 20, 3)), jnp.float32)
+    visible, masked = point_mae_method.block_masks(jax.random.key(0), centres, 0.6)
+    assert visible.shape == (4, 8) and masked.shape == (4, 12)
+    for c, v, m in zip(np.asarray(centres), np.asarray(visible), np.asarray(masked), strict=True):
+        seeds = [i for i in m if np.linalg.norm(c[m] - c[i], axis=1).max() <= np.linalg.norm(c[v] - c[i], axis=1).min()]
+        assert seeds  # some masked patch has every masked centre nearer than every visible one: the seed
+    config = load_config('configs/point_mae.py:runlocal', ['mask.type=block'])
+    method = point_mae_method.Method(config)
+    batch = jax.tree.map(jnp.asarray, method.example_batch(2))
+    params, extra = method.init(jax.random.key(0), batch)
+    loss, _ = jax.jit(method.loss)(params, extra, batch, jax.random.key(1), 0)
+    assert np.isfinite(float(loss))
+
+
 # --- the model against a torch transcription of models/Point_MAE.py ---------------------------------------------------
 class TorchBlock(torch.nn.Module):
     def __init__(self, dim, heads):

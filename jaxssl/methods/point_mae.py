@@ -3,7 +3,8 @@
 
 The objective is the reference's `Point_MAE.forward` (Pang-Yatian/Point-MAE, models/Point_MAE.py) with
 cfgs/pretrain.yaml: 64 FPS patches of 32 nearest points; `mask.ratio` 0.6 of them masked at random per cloud
-(exactly int(0.6 G), the 'rand' mask type; drawn on device); the encoder on the visible patches, the decoder on
+(exactly int(0.6 G), drawn on device: at random, the 'rand' mask type of the pretraining config, or the int(0.6 G)
+patches nearest a random one, 'block'); the encoder on the visible patches, the decoder on
 those plus mask tokens; the Chamfer-L2 of each masked patch's predicted and true points, averaged over all masked
 patches' points. The mini-PointNet's BatchNorm statistics over the global batch live in the extra state
 ('batch_stats'); the reference's are per GPU.
@@ -26,6 +27,8 @@ from jaxssl.data import points as point_data
 from jaxssl.methods import base
 from jaxssl.models import point_mae
 
+MASK_TYPES = ('rand', 'block')
+
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the grouping, masks or model cannot use."""
@@ -40,6 +43,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"'model.num_groups' ({m.num_groups}) and 'model.group_size' ({m.group_size}) must not exceed "
             f"'input.num_points' ({config.input.num_points})"
         )
+    check_choice(config, 'mask.type', MASK_TYPES)
     check_range(config, 'mask.ratio', 0.0, 1.0)
     masked = int(config.mask.ratio * m.num_groups)
     if not 1 <= masked < m.num_groups:
@@ -54,6 +58,16 @@ def random_masks(rng: jax.Array, batch: int, groups: int, ratio: float) -> tuple
     uniformly (_mask_center_rand)."""
     masked = int(ratio * groups)
     order = jnp.argsort(jax.random.uniform(rng, (batch, groups)), axis=1)
+    return jnp.sort(order[:, masked:], axis=1), jnp.sort(order[:, :masked], axis=1)
+
+
+def block_masks(rng: jax.Array, centres: jax.Array, ratio: float) -> tuple[jax.Array, jax.Array]:
+    """(visible, masked) patch indices, each sorted: the int(ratio G) patches whose centres are nearest (L2, the
+    seed itself first) to a patch drawn uniformly per cloud (_mask_center_block)."""
+    b, g, _ = centres.shape
+    masked = int(ratio * g)
+    seed = jnp.take_along_axis(centres, jax.random.randint(rng, (b, 1, 1), 0, g), axis=1)
+    order = jnp.argsort(jnp.linalg.norm(centres - seed, axis=-1), axis=1, stable=True)
     return jnp.sort(order[:, masked:], axis=1), jnp.sort(order[:, :masked], axis=1)
 
 
@@ -91,17 +105,22 @@ class Method(base.Method):
         points = rng.normal(size=(batch_size, self.config.input.num_points, 3)).astype(np.float32)
         return {'points': points, 'label': np.zeros(batch_size, np.int32)}
 
-    def masks(self, rng: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
-        return random_masks(rng, batch, self.model.num_groups, self.config.mask.ratio)
+    def masks(self, rng: jax.Array, points: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(visible, masked) patch indices (B, G - M), (B, M) of `mask.type`."""
+        m = self.model
+        if self.config.mask.type == 'block':  # the centres the model's grouping will find
+            index = point_mae.farthest_point_sample(points, m.num_groups)
+            return block_masks(rng, jnp.take_along_axis(points, index[..., None], axis=1), self.config.mask.ratio)
+        return random_masks(rng, points.shape[0], m.num_groups, self.config.mask.ratio)
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-        visible, masked = self.masks(jax.random.key(0), batch['points'].shape[0])
+        visible, masked = self.masks(jax.random.key(0), batch['points'])
         variables = point_mae.init_variables(self.model, rng, batch['points'], visible, masked)
         return variables['params'], {'batch_stats': variables['batch_stats']}
 
     def loss(self, params, extra, batch, rng, step):
         points = batch['points']
-        visible, masked = self.masks(base.stream(rng, 'mask'), points.shape[0])
+        visible, masked = self.masks(base.stream(rng, 'mask'), points)
         (loss, _), updated = self.model.apply(
             {'params': params, 'batch_stats': extra['batch_stats']}, points, visible, masked, train=True,
             rngs={'drop_path': base.stream(rng, 'drop_path')}, mutable=['batch_stats'],
