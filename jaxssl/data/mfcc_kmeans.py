@@ -64,11 +64,18 @@ def nearest(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def fit_centroids(
-    source: Any, sample_rate: int, clusters: int, *, clips: int, max_samples: int, seed: int
+    source: Any,
+    sample_rate: int,
+    clusters: int,
+    *,
+    clips: int,
+    max_samples: int,
+    seed: int,
+    max_frames: int = 100_000,
 ) -> tuple[np.ndarray, float, int, int]:
     """(k-means centroids (clusters, 39) float64 on the MFCC frames of `clips` clips drawn from `source` (their
-    first `max_samples` samples), the mean squared distance of a frame to its centroid, the clips used, the
-    unreadable files skipped). Deterministic given the seed."""
+    first `max_samples` samples; at most `max_frames` frames, drawn at random), the mean squared distance of a frame
+    to its centroid, the clips used, the unreadable files skipped). Deterministic given the seed."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(source))
     frames, skipped = [], 0
@@ -86,6 +93,8 @@ def fit_centroids(
     if not frames:
         raise ValueError(f'no readable clip in {source} to fit the MFCC k-means teacher on')
     data = np.concatenate(frames)
+    if len(data) > max_frames:  # the fit runs at every start: a sample of the frames, as HuBERT's 10% of the corpus
+        data = data[rng.choice(len(data), max_frames, replace=False)]
     if len(data) < clusters:
         raise ValueError(f'{len(data)} MFCC frames from {len(frames)} clips: too few for {clusters} clusters')
     labels, centroids, inertia = kmeans.kmeans(data, clusters, seed=seed)
