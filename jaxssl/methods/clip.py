@@ -15,6 +15,7 @@ averaged and re-normalised (openai's zero-shot classifier), and an image takes t
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
@@ -23,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
-from jaxssl import sharding
+from jaxssl import params_io, sharding
 from jaxssl.config import ConfigError, check_choice
 from jaxssl.data import captions
 from jaxssl.data import images as image_data
@@ -99,6 +101,61 @@ def build_clip(config: ml_collections.ConfigDict) -> tuple[clip_model.CLIP, capt
     if t.context_length > model.context_length:
         raise ConfigError(f"'text.context_length' exceeds the model's {model.context_length} positions")
     return model, tokenizer, pretrained
+
+
+def frozen_clip(
+    path: str, key: str, own: ml_collections.ConfigDict, size_key: str = 'input.image_size', text: bool = True
+) -> tuple[clip_model.CLIP, captions.CaptionTokenizer | None, int, Any]:
+    """(model, tokenizer, context length, host loader of its params or None for a random init) of a frozen CLIP
+    read from `path`: a jaxssl CLIP training workdir (its config.json and latest checkpoint), a transformers
+    CLIPModel folder (with its tokenizer.json), or '' (a random CLIP of the CLIP config `own`, with the built-in
+    captions' words: tests only). `own` also gives the dtype and the image size the CLIP must take; errors name
+    `key` (the path's config key) and `size_key`. The loader takes the params' shapes. Without `text` (a method
+    that reads only the image tower) a transformers folder needs no tokenizer.json, and the tokenizer is None."""
+    if not path:
+        model, tokenizer, _ = build_clip(own)
+        return model, tokenizer, own.text.context_length, None
+    if os.path.isdir(os.path.join(path, 'checkpoints')):
+        try:
+            with open(os.path.join(path, 'config.json')) as f:
+                run = ml_collections.ConfigDict(json.load(f))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"'{key}' {path}: cannot read its config.json ({e})") from None
+        if run.get('method') != 'clip':
+            raise ConfigError(f"'{key}' {path} is a {run.get('method')!r} workdir, not a CLIP run")
+        if run.input.image_size != own.input.image_size:
+            raise ConfigError(f"'{size_key}' {own.input.image_size}: the CLIP in {path} takes "
+                              f'{run.input.image_size}')  # fmt: skip
+        run.model.dtype = own.model.dtype
+        model, tokenizer, _ = build_clip(run)
+
+        def load(shapes: Any) -> Any:
+            try:
+                loaded, _, _ = params_io.load_selected(path, shapes)
+            except ValueError as e:
+                raise ConfigError(f"'{key}' {path}: {e}") from None
+            return traverse_util.unflatten_dict(loaded, sep='/')
+
+        return model, tokenizer, run.text.context_length, load
+    if not text:
+        try:
+            fields, released = clip_weights.load(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"'{key}' {path} is neither a CLIP training workdir nor a transformers CLIP folder: "
+                              f'{e}') from None  # fmt: skip
+        image_size = fields.pop('image_size')
+        if image_size != own.input.image_size:
+            raise ConfigError(f"'{size_key}' {own.input.image_size}: the CLIP in {path} takes {image_size}")
+        model = clip_model.CLIP(**fields, dtype=DTYPES[own.model.dtype])
+        return model, None, model.context_length, lambda _: released
+    own = ml_collections.ConfigDict(own.to_dict())
+    own.model.pretrained, own.text.tokenizer = path, path
+    try:
+        model, tokenizer, released = build_clip(own)
+    except ConfigError as e:
+        raise ConfigError(f"'{key}' {path} is neither a CLIP training workdir nor a transformers CLIP folder: "
+                          f'{e}') from None  # fmt: skip
+    return model, tokenizer, own.text.context_length, lambda _: released
 
 
 def clip_renormalisation() -> tuple[np.ndarray, np.ndarray]:

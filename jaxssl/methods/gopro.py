@@ -29,9 +29,7 @@ test accuracy).
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 from typing import Any
 
 import chex
@@ -42,7 +40,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxssl import params_io, sharding
+from jaxssl import sharding
 from jaxssl.config import ConfigError, check_choice
 from jaxssl.data import augmix, captions, views
 from jaxssl.data import images as image_data
@@ -138,50 +136,15 @@ def gopro_views(
 
 
 def frozen_clip(config: ml_collections.ConfigDict) -> tuple[clip_model.CLIP, captions.CaptionTokenizer, int, Any]:
-    """(model, tokenizer, context length, host loader of its params or None for a random init) of `model.clip`: a
-    jaxssl CLIP training workdir (its config.json and latest checkpoint), a transformers CLIPModel folder (with its
-    tokenizer.json), or '' (a random CLIP of `model.variant` with the built-in captions' words: tests only)."""
-    m, path = config.model, config.model.clip
+    """GOPro's frozen CLIP: clip_method.frozen_clip of `model.clip`, sized by the config when it is ''."""
+    m = config.model
     own = ml_collections.ConfigDict({
         'model': {'pretrained': '', 'variant': m.variant, 'activation': m.activation, 'dtype': m.dtype,
                   'attention_impl': m.attention_impl},
         'text': {'tokenizer': '', 'context_length': config.text.context_length},
         'input': {'image_size': config.input.image_size},
     })  # fmt: skip
-    if not path:
-        model, tokenizer, _ = clip_method.build_clip(own)
-        return model, tokenizer, own.text.context_length, None
-    if os.path.isdir(os.path.join(path, 'checkpoints')):
-        try:
-            with open(os.path.join(path, 'config.json')) as f:
-                run = ml_collections.ConfigDict(json.load(f))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"'model.clip' {path}: cannot read its config.json ({e})") from None
-        if run.get('method') != 'clip':
-            raise ConfigError(f"'model.clip' {path} is a {run.get('method')!r} workdir, not a CLIP run")
-        if run.input.image_size != config.input.image_size:
-            raise ConfigError(f"'input.image_size' {config.input.image_size}: the CLIP in {path} takes "
-                              f'{run.input.image_size}')  # fmt: skip
-        run.model.dtype = m.dtype
-        model, tokenizer, _ = clip_method.build_clip(run)
-
-        def load(shapes: Any) -> Any:
-            from flax import traverse_util
-
-            try:
-                loaded, _, _ = params_io.load_selected(path, shapes)
-            except ValueError as e:
-                raise ConfigError(f"'model.clip' {path}: {e}") from None
-            return traverse_util.unflatten_dict(loaded, sep='/')
-
-        return model, tokenizer, run.text.context_length, load
-    own.model.pretrained, own.text.tokenizer = path, path
-    try:
-        model, tokenizer, released = clip_method.build_clip(own)
-    except ConfigError as e:
-        raise ConfigError(f"'model.clip' {path} is neither a CLIP training workdir nor a transformers CLIP folder: "
-                          f'{e}') from None  # fmt: skip
-    return model, tokenizer, own.text.context_length, lambda _: released
+    return clip_method.frozen_clip(m.clip, 'model.clip', own)
 
 
 class Method(_image.ImageMethod):

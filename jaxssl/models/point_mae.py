@@ -60,26 +60,38 @@ def farthest_point_sample(points: jax.Array, num: int) -> jax.Array:
     return chosen
 
 
-def group(points: jax.Array, num_groups: int, group_size: int) -> tuple[jax.Array, jax.Array]:
-    """(neighbourhoods (B, G, K, 3) relative to their centres, centres (B, G, 3)): FPS centres and each one's K
-    nearest points, nearest first (knn_cuda's order)."""
+def group_with_index(points: jax.Array, num_groups: int, group_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(neighbourhoods (B, G, K, 3) in absolute coordinates, centres (B, G, 3), indices (B, G, K) of the neighbours
+    in `points`): FPS centres and each one's K nearest points, nearest first (knn_cuda's order)."""
     centres = jnp.take_along_axis(points, farthest_point_sample(points, num_groups)[..., None], axis=1)
     distances = jnp.sum((centres[:, :, None, :] - points[:, None, :, :]) ** 2, axis=-1)  # (B, G, N)
     _, nearest = jax.lax.top_k(-distances, group_size)
-    neighbourhoods = jnp.take_along_axis(points[:, None], nearest[..., None], axis=2)
+    return jnp.take_along_axis(points[:, None], nearest[..., None], axis=2), centres, nearest
+
+
+def group(points: jax.Array, num_groups: int, group_size: int) -> tuple[jax.Array, jax.Array]:
+    """(neighbourhoods (B, G, K, 3) relative to their centres, centres (B, G, 3)): see `group_with_index`."""
+    neighbourhoods, centres, _ = group_with_index(points, num_groups, group_size)
     return neighbourhoods - centres[:, :, None, :], centres
+
+
+def chamfer_l2_per_set(predicted: jax.Array, target: jax.Array) -> jax.Array:
+    """(P,): each pair of (K, 3) point sets' ChamferDistanceL2: the mean squared distance to the nearest point of the
+    other set, both ways, summed."""
+    distances = jnp.sum((predicted[:, :, None, :] - target[:, None, :, :]) ** 2, axis=-1)  # (P, K, K)
+    return jnp.mean(jnp.min(distances, axis=2), axis=1) + jnp.mean(jnp.min(distances, axis=1), axis=1)
 
 
 def chamfer_l2(predicted: jax.Array, target: jax.Array) -> jax.Array:
     """ChamferDistanceL2 of (P, K, 3) point sets: the mean over all points of the squared distance to the nearest
     point of the other set, both ways, summed."""
-    distances = jnp.sum((predicted[:, :, None, :] - target[:, None, :, :]) ** 2, axis=-1)  # (P, K, K)
-    return jnp.mean(jnp.min(distances, axis=2)) + jnp.mean(jnp.min(distances, axis=1))
+    return jnp.mean(chamfer_l2_per_set(predicted, target))
 
 
 class PatchEmbed(nn.Module):
-    """The mini-PointNet: patches (B, G, K, 3) -> tokens (B, G, width); `dims` the hidden widths (the
-    reference's 128, 256, 512)."""
+    """The mini-PointNet: patches (B, G, K, C) -> tokens (B, G, width); `dims` the hidden widths (the
+    reference's 128, 256, 512 for points, C = 3). I2P-MAE's token merging is the same network on groups of
+    tokens."""
 
     width: int
     dims: tuple[int, int, int] = (128, 256, 512)
@@ -88,8 +100,8 @@ class PatchEmbed(nn.Module):
     def __call__(self, patches: jax.Array, train: bool) -> jax.Array:
         dense = lambda features, name: nn.Dense(features, kernel_init=normal_02, name=name)
         norm = lambda name: nn.BatchNorm(not train, momentum=0.9, epsilon=1e-5, name=name)
-        b, g, k, _ = patches.shape
-        x = patches.reshape(b * g * k, 3)
+        b, g, k, c = patches.shape
+        x = patches.reshape(b * g * k, c)
         first, second, third = self.dims
         x = dense(second, 'first_conv_3')(nn.relu(norm('first_conv_1')(dense(first, 'first_conv_0')(x))))
         x = x.reshape(b * g, k, second)
@@ -100,35 +112,42 @@ class PatchEmbed(nn.Module):
 
 
 class PositionMlp(nn.Module):
+    """Linear(3 -> hidden), GELU, Linear(hidden -> width) of the centres."""
+
     width: int
     kernel_init: Any = normal_02
     torch_default: bool = False
+    hidden: int = 128
 
     @nn.compact
     def __call__(self, centres: jax.Array) -> jax.Array:
         if self.torch_default:
-            first, second = vit.torch_dense(128, 3, name='0'), vit.torch_dense(self.width, 128, name='2')
+            first = vit.torch_dense(self.hidden, 3, name='0')
+            second = vit.torch_dense(self.width, self.hidden, name='2')
         else:
-            first = nn.Dense(128, kernel_init=self.kernel_init, name='0')
+            first = nn.Dense(self.hidden, kernel_init=self.kernel_init, name='0')
             second = nn.Dense(self.width, kernel_init=self.kernel_init, name='2')
         return second(nn.gelu(first(centres), approximate=False))
 
 
 class Blocks(nn.Module):
-    """Pre-norm blocks with the position embedding added before each: x = block(x + pos)."""
+    """Pre-norm blocks with the position embedding added before each: x = block(x + pos). Drop-path rates rise
+    linearly to `drop_path_rate` (torch.linspace(0, rate, depth)), or are given per block (`rates`); `key_mask`
+    (B, N) hides padding tokens from attention."""
 
     width: int
     depth: int
     heads: int
     drop_path_rate: float
+    rates: tuple[float, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array, pos: jax.Array, train: bool) -> jax.Array:
-        rates = np.linspace(0.0, self.drop_path_rate, self.depth)  # torch.linspace(0, rate, depth)
+    def __call__(self, x: jax.Array, pos: jax.Array, train: bool, key_mask: jax.Array | None = None) -> jax.Array:
+        rates = self.rates or tuple(np.linspace(0.0, self.drop_path_rate, self.depth))
         for i in range(self.depth):
             block = vit.Block(self.width, self.heads, 4 * self.width, layer_norm_eps=1e-5, qkv_bias=False,
                               name=f'blocks_{i}')  # fmt: skip
-            x, _ = block(x + pos, float(rates[i]), train and rates[i] > 0)  # train: drop path only
+            x, _ = block(x + pos, float(rates[i]), train and rates[i] > 0, key_mask=key_mask)  # train: drop path
         return x
 
 

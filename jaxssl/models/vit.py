@@ -205,22 +205,29 @@ def rope_2d(x: jax.Array, positions: jax.Array, base: float = 100.0) -> jax.Arra
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, impl: str | None = None, is_causal: bool = False
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    impl: str | None = None,
+    is_causal: bool = False,
+    key_mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Softmax attention over (B, N, heads, head_dim) inputs; `is_causal` lets token i attend to tokens <= i only.
+    """Softmax attention over (B, N, heads, head_dim) inputs; `is_causal` lets token i attend to tokens <= i only;
+    `key_mask` (B, N) bool, if given, hides the False keys (padding) from every query.
 
     `impl` None (or '' / 'auto') picks cuDNN's fused flash attention on a GPU for bf16 / fp16 inputs it supports
     and XLA's otherwise: jax's own default (None) runs the unfused XLA attention even on GPUs. 'xla' and
     'cudnn' force one.
     """
+    mask = None if key_mask is None else key_mask[:, None, None, :]
     if impl in (None, '', 'auto'):
         if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
             try:
-                return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation='cudnn')
+                return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation='cudnn')
             except (ValueError, NotImplementedError, RuntimeError):
                 pass  # a shape or dtype cuDNN does not take: XLA's attention below
         impl = 'xla'
-    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
 
 
 class FusedKernel(nn.Module):
@@ -258,7 +265,9 @@ class Attention(nn.Module):
     split_qkv: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array | None = None, key_mask: jax.Array | None = None
+    ) -> jax.Array:
         batch, tokens, _ = x.shape
         if self.width % self.heads:
             raise ValueError(f'width {self.width} is not divisible by heads {self.heads}')
@@ -282,7 +291,7 @@ class Attention(nn.Module):
             q, k = rope_2d(q, positions, self.rope_base), rope_2d(k, positions, self.rope_base)
         if self.num_context:
             k, v = k[:, : self.num_context], v[:, : self.num_context]
-        out = dot_product_attention(q, k, v, self.attention_impl)
+        out = dot_product_attention(q, k, v, self.attention_impl, key_mask=key_mask)
         out = out.reshape(batch, tokens, self.width)
         return nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
 
@@ -321,7 +330,8 @@ class Block(nn.Module):
     """Pre-LN transformer block: x += DropPath(Attn(LN x)); x += DropPath(MLP(LN x)); optional layer scale.
 
     `drop_path_rate` is a call argument (not a field) so that a scanned stack can give each layer its own rate.
-    `positions` (optional, see Attention) turns on 2-D RoPE in the attention. Returns (x, None) so the block can be
+    `positions` (optional, see Attention) turns on 2-D RoPE in the attention; `key_mask` (optional, (B, N) bool)
+    hides the False tokens (padding) from attention. Returns (x, None) so the block can be
     used directly as an nn.scan body.
     """
 
@@ -346,6 +356,7 @@ class Block(nn.Module):
         drop_path_rate: jax.Array | float = 0.0,
         train: bool = False,
         positions: jax.Array | None = None,
+        key_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
         def residual(branch: jax.Array, name: str) -> jax.Array:
             if self.layer_scale_init > 0:
@@ -367,7 +378,7 @@ class Block(nn.Module):
             split_qkv=self.split_qkv,
             name='attn',
         )
-        y = attention(norm('norm1')(x), positions)
+        y = attention(norm('norm1')(x), positions, key_mask)
         x = x + residual(y, 'gamma_1')
         mlp = Mlp(self.mlp_hidden, self.dtype, self.approximate_gelu, self.recompute_gelu, name='mlp')
         y = mlp(norm('norm2')(x))
