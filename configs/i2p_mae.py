@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = 'adamw'
-    c.optim.schedule = 'cosine'  # CosLR: per-epoch warmup 10, cosine (see docs/methods.md on its 400 epochs)
+    c.optim.schedule = 'cosine'  # per-step warmup and cosine (the reference's CosLR: docs/methods.md)
     c.optim.base_lr = 1e-3 * 256 / 64  # lr 0.001 at the reference's batch 64 (lr = base_lr * batch / 256)
     c.optim.min_lr = 1e-6 * 256 / 64  # timm CosineLRScheduler's lr_min 1e-6 (scaled with the batch like base_lr)
     c.optim.warmup_epochs = 10

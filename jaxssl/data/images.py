@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import math
 import os
 from collections.abc import Callable
@@ -172,12 +173,66 @@ class ClassSubset:
         return f'ClassSubset({self.source!r}, classes {self.classes}, {len(self)} images)'
 
 
+class CoresetImages:
+    """The open-set images a SimCore selection names (jaxssl.coreset's JSON: the open set's folder and the chosen
+    indices with their file names, checked against the folder as it is now). No labels: they are another set's."""
+
+    def __init__(self, path: str):
+        try:
+            with open(path) as f:
+                selection = json.load(f)
+            root = os.path.join(selection['open']['data_root'], selection['open']['split'])
+            indices, names = selection['indices'], selection['names']
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f'{path}: not a coreset selection of python -m jaxssl.coreset ({e})') from None
+        self.path, self.source = path, ImageFolderSource(root)
+        if len(indices) != len(names) or any(not 0 <= i < len(self.source) for i in indices):
+            raise ValueError(f'{path}: its indices do not fit the {len(self.source)} images of {root}')
+        if any(self.source[i]['name'] != name for i, name in zip(indices, names, strict=True)):
+            raise ValueError(f'{path}: the images of {root} changed since the selection (names differ)')
+        self._index = list(indices)
+        self.label_keys: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.source[self._index[index]]
+        return {k: record[k] for k in ('name', 'image', 'kind')}
+
+    def __repr__(self) -> str:
+        return f'CoresetImages({self.path!r}, {len(self)} of {self.source!r})'
+
+
+class ConcatSource:
+    """Sources read one after the other; labels only if every source has them."""
+
+    def __init__(self, *sources: Any):
+        self.sources = sources
+        self._ends = np.cumsum([len(s) for s in sources])
+        self.label_keys = tuple(k for k in sources[0].label_keys if all(k in s.label_keys for s in sources))
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        which = int(np.searchsorted(self._ends, index, side='right'))
+        return self.sources[which][index - (int(self._ends[which - 1]) if which else 0)]
+
+    def __repr__(self) -> str:
+        return f'ConcatSource({", ".join(map(repr, self.sources))})'
+
+
 def make_image_source(config: ml_collections.ConfigDict, split: str | None = None) -> Any:
     """The source `config.input.dataset` names: 'folder' (<data_root>/<split>/<class>/<image>; `split` '' reads
     <data_root> itself), 'tfds' (a TFDS split string) or 'mnist_digits' ('train' / 'val'). `split` overrides
     `config.input.split`. The training split (no `split` given) keeps only `config.input.classes` when that is set;
     evaluation splits keep every class."""
     c = config.input
+    if split is None and c.get('coreset'):  # SimCore: the training images and the open-set images chosen for them
+        own = config.copy_and_resolve_references()
+        own.input.coreset = ''
+        return ConcatSource(make_image_source(own), CoresetImages(c.coreset))
     classes = tuple(c.get('classes', ())) if split is None else ()
     if classes:
         return ClassSubset(make_image_source(config, c.split), classes)
@@ -440,6 +495,7 @@ def add_image_input_config(config: ml_collections.ConfigDict, *, runlocal: bool 
     c.data_root = ''  # 'folder': <data_root>/<split>/<class>/<image> (ImageNet's layout)
     c.split = 'train'  # the training split: a sub-folder of data_root ('' for data_root itself), a TFDS split
     c.classes = ()  # labels the training split is restricted to (continual pretraining tasks); (): all
+    c.coreset = ''  # a SimCore selection (python -m jaxssl.coreset): its open-set images join the training split
     c.tfds_name = ''
     c.tfds_data_dir = ''
     c.tfds_image_key = 'image'  # encoded image bytes or a uint8 array
@@ -468,6 +524,8 @@ def check_image_input_config(config: ml_collections.ConfigDict, datasets: tuple[
         value = c[key]
         if not isinstance(value, int) or value < minimum:
             raise ConfigError(f"bad value {value!r} for 'input.{key}': must be an integer >= {minimum}")
+    if c.get('coreset') and not os.path.isfile(c.coreset):
+        raise ConfigError(f"input.coreset '{c.coreset}' is not a file (write one with python -m jaxssl.coreset)")
     if any(not isinstance(k, int) or k < 0 for k in c.get('classes', ())):
         raise ConfigError(f"bad value {tuple(c.classes)!r} for 'input.classes': must be integer labels >= 0")
     low, high = (float(v) for v in c.crop_scale) if len(c.crop_scale) == 2 else (math.nan, math.nan)
