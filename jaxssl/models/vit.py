@@ -393,7 +393,8 @@ class Transformer(nn.Module):
     under `blocks` (one compiled body: much faster compiles for deep models). `scan_unroll` layers run per loop
     iteration of the scan; 0 unrolls all of them: straight-line code with the stacked layout, whose few large
     leaves make the optimiser's updates a few kernels instead of one per layer and leaf. `remat` recomputes each
-    block in the backward pass. Intermediates hold 'block_XX' outputs (unscanned only) and 'pre_norm'. `positions`
+    block in the backward pass. Intermediates hold 'block_XX' outputs (unscanned only) and 'pre_norm'. `key_mask`
+    (optional, (B, N) bool) hides the False tokens (padding) from every block's attention. `positions`
     (optional, (B, N, 2) or (N, 2) token (row, col)) gives every block's attention 2-D RoPE (base `rope_base`).
     """
 
@@ -419,7 +420,11 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, train: bool = False, positions: jax.Array | None = None
+        self,
+        x: jax.Array,
+        train: bool = False,
+        positions: jax.Array | None = None,
+        key_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         chex.assert_rank(x, 3)
         chex.assert_axis_dimension(x, 2, self.width)
@@ -447,14 +452,15 @@ class Transformer(nn.Module):
                 block_cls,
                 variable_axes={'params': 0},
                 split_rngs={'params': True, 'drop_path': True},
-                in_axes=(0, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=self.depth,
                 unroll=self.scan_unroll or self.depth,
             )(**block_kwargs, name='blocks')
-            x, _ = stack(x, jnp.asarray(rates), train, positions)
+            x, _ = stack(x, jnp.asarray(rates), train, positions, key_mask)
         else:
             for i in range(self.depth):
-                x, _ = block_cls(**block_kwargs, name=f'block_{i:02d}')(x, float(rates[i]), train, positions)
+                block = block_cls(**block_kwargs, name=f'block_{i:02d}')
+                x, _ = block(x, float(rates[i]), train, positions, key_mask)
                 intermediates[f'block_{i:02d}'] = x
         intermediates['pre_norm'] = x
         if self.final_norm:
