@@ -35,13 +35,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
-from jaxssl import data
 from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.data import points as point_data
-from jaxssl.methods import base
+from jaxssl.methods import _points, base
 from jaxssl.methods import clip as clip_method
 from jaxssl.methods.videomae import DTYPES
 from jaxssl.models import clip as clip_model
@@ -106,10 +104,8 @@ def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-class Method(base.Method):
+class Method(_points.PointMethod):
     """I2P-MAE pretraining for the trainer; extra state {'batch_stats', 'clip': the frozen teacher's image tower}."""
-
-    input_key = 'points'
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -147,29 +143,6 @@ class Method(base.Method):
         )  # fmt: skip
         self.num_visible = m.num_groups[-1] - int(config.mask.ratio * m.num_groups[-1])
         self.bounds = i2p_mae.visible_bounds(self.num_visible, self.model.num_groups, self.model.group_sizes)
-
-    # --- data -------------------------------------------------------------------------------------------------
-    def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
-        source = point_data.make_point_source(self.config)
-        dataset = point_data.make_pretrain_dataset(
-            self.config, seed=seed, process_index=process_index, process_count=process_count, source=source
-        )
-        return dataset, len(source)
-
-    def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
-        dataset, _ = point_data.make_eval_dataset(
-            self.config, split=split, batch_size=batch_size, process_index=process_index,
-            process_count=process_count, max_examples=max_examples,
-        )  # fmt: skip
-        return dataset
-
-    def host_metrics(self) -> dict[str, float]:
-        return {'skipped_files': float(data.skipped_files())}
-
-    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(0)
-        points = rng.normal(size=(batch_size, self.config.input.num_points, 3)).astype(np.float32)
-        return {'points': points, 'label': np.zeros(batch_size, np.int32)}
 
     # --- the teacher --------------------------------------------------------------------------------------------
     def _teacher_params(self, rng: jax.Array) -> Any:

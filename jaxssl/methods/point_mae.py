@@ -19,12 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from jaxssl import data
 from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.data import points as point_data
-from jaxssl.methods import base
+from jaxssl.methods import _points, base
 from jaxssl.models import point_mae
 
 MASK_TYPES = ('rand', 'block')
@@ -71,10 +69,8 @@ def block_masks(rng: jax.Array, centres: jax.Array, ratio: float) -> tuple[jax.A
     return jnp.sort(order[:, masked:], axis=1), jnp.sort(order[:, :masked], axis=1)
 
 
-class Method(base.Method):
+class Method(_points.PointMethod):
     """Point-MAE pretraining for the trainer."""
-
-    input_key = 'points'
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -82,28 +78,6 @@ class Method(base.Method):
         self.model = point_mae.make_model(
             m.variant, num_groups=m.num_groups, group_size=m.group_size, drop_path_rate=m.drop_path_rate
         )
-
-    def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
-        source = point_data.make_point_source(self.config)
-        dataset = point_data.make_pretrain_dataset(
-            self.config, seed=seed, process_index=process_index, process_count=process_count, source=source
-        )
-        return dataset, len(source)
-
-    def eval_dataset(self, split: str, batch_size: int, max_examples: int, process_index: int, process_count: int):
-        dataset, _ = point_data.make_eval_dataset(
-            self.config, split=split, batch_size=batch_size, process_index=process_index,
-            process_count=process_count, max_examples=max_examples,
-        )  # fmt: skip
-        return dataset
-
-    def host_metrics(self) -> dict[str, float]:
-        return {'skipped_files': float(data.skipped_files())}
-
-    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(0)
-        points = rng.normal(size=(batch_size, self.config.input.num_points, 3)).astype(np.float32)
-        return {'points': points, 'label': np.zeros(batch_size, np.int32)}
 
     def masks(self, rng: jax.Array, points: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(visible, masked) patch indices (B, G - M), (B, M) of `mask.type`."""
