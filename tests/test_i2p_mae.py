@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sharded_runs
 import torch
 import torch.nn.functional as F
-from sharded_runs import assert_sharded_matches_one_device
 
 from jaxssl.config import ConfigError, load_config
 from jaxssl.methods import base
@@ -488,9 +488,11 @@ def test_gradients_sharded_over_8_devices_equal_one_devices(method):
 
 
 @pytest.mark.slow
-def test_runlocal_sharded_matches_one_device_and_probes(tmp_path):
-    """The trainer's two steps on one device and on 8: equal losses; parameters to 2e-4, two warmup steps' largest
-    move (the near-ties of the test above flip some kernel columns' Adam steps; Adam's eps 1e-3 keeps the noise
-    gradients' steps small)."""
-    summary, rows = assert_sharded_matches_one_device(CONFIG, tmp_path, 'optim.eps=1e-3', atol=2e-4)
-    assert 0.0 <= summary['final_eval/label/max/knn'] <= 1.0 and rows[0]['feature_mse'] > 0
+def test_runlocal_trains_sharded_and_probes(tmp_path):
+    """Two trainer steps over the 8 devices (the teacher and BatchNorm statistics in the replicated extra state),
+    then the probes. That sharding changes no number is the test above's: a two-run comparison through the trainer
+    would only add max-pool near-ties (see there) at twice the cost."""
+    summary, _, rows = sharded_runs.run(CONFIG, tmp_path, 'mesh.data=8', *sharded_runs.SMALL_EVAL)
+    assert jax.device_count() == 8 and summary['final_step'] == 2 and summary['nonfinite_steps'] == 0
+    assert 0.0 <= summary['final_eval/label/max/knn'] <= 1.0
+    assert all(np.isfinite(r['loss']) and r['feature_mse'] > 0 and r['chamfer_l2'] > 0 for r in rows)
