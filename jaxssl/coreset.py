@@ -120,8 +120,8 @@ def simcore_select(
         raise ValueError(f'target {target.shape} and open-set {pool.shape} features must be (N, D) of the same D')
     if clusters < 1:
         raise ValueError(f'clusters must be >= 1, got {clusters}')
-    centroids = target_centroids(target, clusters, seed)
-    similarity = centroids @ normalize(pool).T
+    centroids = target_centroids(target, clusters, seed).astype(np.float32)
+    similarity = centroids @ normalize(pool).astype(np.float32).T  # (K, |U|): float32, as |U| can be millions
     budget = 50 * len(target) if stop else int(ratio * len(pool))
     if budget < 1:
         raise ValueError(f'the budget is {budget} samples: raise ratio ({ratio}) or use the stopping rule')
@@ -141,6 +141,16 @@ def _features(method: Any, restored: Any, mesh: Any, dataset: Any, representatio
         raise ValueError(f"the run has no representation '{name}'; it has {', '.join(names)}")
     valid = out['valid'] > 0
     return out[name][valid], out['index'][valid], name
+
+
+def _progress(dataset: Any, images: int, name: str, every: int = 100) -> Any:
+    """The dataset's batches, printing how many images were read every `every` batches (ImageNet takes a while)."""
+    read = 0
+    for i, batch in enumerate(dataset):
+        read += len(batch['valid'])
+        if (i + 1) % every == 0:
+            print(f'  features: {min(read, images)} / {images} images of {name}', flush=True)
+        yield batch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,11 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     open_source = image_data.ImageFolderSource(os.path.join(args.open_root, args.open_split))
 
     def features_of(source: Any) -> tuple[np.ndarray, np.ndarray, str]:
-        dataset, _ = image_data.make_image_eval_dataset(
+        dataset, images = image_data.make_image_eval_dataset(
             config, split='', batch_size=config.eval.batch_size, process_index=jax.process_index(),
             process_count=jax.process_count(), max_examples=args.max_images, source=source,
         )  # fmt: skip
-        return _features(method, restored, mesh, dataset, args.representation)
+        return _features(method, restored, mesh, _progress(dataset, images, repr(source)), args.representation)
 
     target, _, name = features_of(target_source)
     pool, pool_index, _ = features_of(open_source)
