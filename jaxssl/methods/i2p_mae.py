@@ -43,7 +43,7 @@ from jaxssl.methods import _points, base
 from jaxssl.methods import clip as clip_method
 from jaxssl.methods.videomae import DTYPES
 from jaxssl.models import clip as clip_model
-from jaxssl.models import i2p_mae, point_mae, point_views
+from jaxssl.models import i2p_mae, point_mae, point_views, vit
 
 MASK_TYPES = ('guided', 'rand')
 TEACHERS = ('clip', 'random_clip')
@@ -201,7 +201,7 @@ class Method(_points.PointMethod):
         k = m.group_sizes[1]
         chamfer = point_mae.chamfer_l2_per_set(predicted_3d.reshape(-1, k, 3), level.neighbourhoods.reshape(-1, k, 3))
         loss_3d = masked_mean(chamfer, ~visible[-2].reshape(-1))
-        targets = self.view_samples(i2p_mae.take(level.absolute, index).reshape(b, -1, 3), frames, features)
+        targets = self.view_samples(vit.take_tokens(level.absolute, index).reshape(b, -1, 3), frames, features)
         targets = jnp.concatenate(list(targets), axis=-1).reshape(predicted_2d.shape)  # views side by side
         squared = jnp.mean((predicted_2d - targets) ** 2, axis=(2, 3))
         loss_2d = masked_mean(squared, valid)

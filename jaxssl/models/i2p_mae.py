@@ -94,17 +94,6 @@ def visible_first(visible: jax.Array, bound: int) -> tuple[jax.Array, jax.Array]
     return index, jnp.take_along_axis(visible, index, axis=1)
 
 
-def take(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x (B, G, ...) at index (B, M) -> (B, M, ...)."""
-    return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)
-
-
-def put(x: jax.Array, index: jax.Array, valid: jax.Array, values: jax.Array) -> jax.Array:
-    """x (B, G, C) with the valid rows of values (B, M, C) written at index (B, M); padding rows go nowhere."""
-    target = jnp.where(valid, index, x.shape[1])
-    return x.at[jnp.arange(x.shape[0])[:, None], target].set(values.astype(x.dtype), mode='drop')
-
-
 def interpolate(centres: jax.Array, source_centres: jax.Array, source: jax.Array) -> jax.Array:
     """PointNet++'s three-nearest-neighbour interpolation: (B, N, C) at centres (B, N, 3) from source (B, S, C) at
     source_centres (B, S, 3), weights 1 / (d^2 + 1e-8) normalised."""
@@ -204,10 +193,10 @@ class I2PMAE(nn.Module):
             else:  # merge the finer level's tokens (encoded where visible) in each group
                 tokens = self.token_embed[lv](jax.vmap(lambda t, i: t[i])(tokens, level.index), train)
             index, valid = visible_first(visible[lv], bounds[lv])
-            pos = self.encoder_pos_embeds[lv](take(level.centres, index))
-            x = self.encoder_blocks[lv](take(tokens, index), pos, train, key_mask=valid)
+            pos = self.encoder_pos_embeds[lv](vit.take_tokens(level.centres, index))
+            x = self.encoder_blocks[lv](vit.take_tokens(tokens, index), pos, train, key_mask=valid)
             outputs.append((self.encoder_norms[lv](x), index, valid))
-            tokens = put(tokens, index, valid, x)
+            tokens = vit.put_tokens(tokens, index, valid, x)
         return outputs
 
     def __call__(
@@ -222,19 +211,19 @@ class I2PMAE(nn.Module):
         b, g = top_visible.shape
         masked_index, _ = visible_first(~top_visible, g - bounds[-1])
         order = jnp.concatenate([vis_index, masked_index], axis=1)
-        centres = take(top.centres, order)
+        centres = vit.take_tokens(top.centres, order)
         x = jnp.concatenate([x_vis, jnp.broadcast_to(self.mask_token, (b, g - bounds[-1], x_vis.shape[-1]))], 1)
         x = self.h_decoder[0](x, self.decoder_pos_embeds[0](centres), train)
 
         level = levels[-2]
         own, index, valid = encoded[-2]
-        own = put(jnp.zeros(level.centres.shape[:2] + own.shape[-1:], own.dtype), index, valid, own)
+        own = vit.put_tokens(jnp.zeros(level.centres.shape[:2] + own.shape[-1:], own.dtype), index, valid, own)
         x = self.token_prop(level.centres, centres, own, x, train)
         x = self.h_decoder[1](x, self.decoder_pos_embeds[1](level.centres), train)
         x = self.decoder_norm(x)
         k = self.group_sizes[1]
         predicted_3d = self.rec_head_3d(x).reshape(b, -1, k, 3)
-        predicted_2d = self.rec_head_2d(take(x, index)).reshape(b, index.shape[1], k, -1)
+        predicted_2d = self.rec_head_2d(vit.take_tokens(x, index)).reshape(b, index.shape[1], k, -1)
         return predicted_3d, predicted_2d, index, valid
 
     def encode(self, points: jax.Array) -> jax.Array:

@@ -43,11 +43,6 @@ def position_table(max_len: int, dim: int) -> np.ndarray:
     return np.concatenate([np.zeros((1, dim), np.float32), sincos_table(max_len, dim)])
 
 
-def take(x: jax.Array, index: jax.Array) -> jax.Array:
-    """x (B, T, ...) at index (B, K) -> (B, K, ...)."""
-    return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)
-
-
 class LVMAE(nn.Module):
     """Segment embeddings (B, T, D) -> every segment's reconstruction (B, T, D), or encoded tokens (`encode`)."""
 
@@ -76,7 +71,7 @@ class LVMAE(nn.Module):
         the invalid ones (valid False: padding) are hidden from attention."""
         chex.assert_rank([embeddings, index, valid], [3, 2, 2])
         table = jnp.asarray(position_table(self.max_len, self.width))
-        tokens = take(embeddings, index) + table[1:][index]
+        tokens = vit.take_tokens(embeddings, index) + table[1:][index]
         b = embeddings.shape[0]
         x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, self.width)), tokens], axis=1)
         key_mask = jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1)
@@ -91,8 +86,7 @@ class LVMAE(nn.Module):
         b, t, _ = embeddings.shape
         encoded = self.decoder_embed(self.encode(embeddings, visible, valid, train))
         full = jnp.broadcast_to(self.mask_token.astype(encoded.dtype), (b, t, self.dec_width))
-        target = jnp.where(valid, visible, t)  # padding goes nowhere
-        full = full.at[jnp.arange(b)[:, None], target].set(encoded[:, 1:], mode='drop')
+        full = vit.put_tokens(full, visible, valid, encoded[:, 1:])
         full = full + jnp.asarray(position_table(self.max_len, self.dec_width))[1 : t + 1].astype(full.dtype)
         x = jnp.concatenate([encoded[:, :1], full], axis=1)  # the cls's decoder position is the zero row
         key_mask = jnp.concatenate([jnp.ones((b, 1), bool), jnp.arange(t) < length[:, None]], axis=1)

@@ -178,7 +178,7 @@ class PointMAE(nn.Module):
     def tokens(self, neighbourhoods: jax.Array, centres: jax.Array, index: jax.Array, train: bool) -> jax.Array:
         """The encoder on the patches at `index` (B, V): (B, V, width) after the final LayerNorm."""
         tokens = self.patch_embed(neighbourhoods, train)
-        take = lambda x: jnp.take_along_axis(x, index[..., None], axis=1)
+        take = lambda x: vit.take_tokens(x, index)
         x = self.blocks(take(tokens), self.pos_embed(take(centres)), train)
         return self.norm(x)
 
@@ -189,7 +189,7 @@ class PointMAE(nn.Module):
         loss, {'predicted': (B, M, K, 3), 'target': (B, M, K, 3)})."""
         neighbourhoods, centres = group(points, self.num_groups, self.group_size)
         x_vis = self.tokens(neighbourhoods, centres, visible_idx, train)
-        take = lambda x, idx: jnp.take_along_axis(x, idx.reshape(*idx.shape, *(1,) * (x.ndim - 2)), axis=1)
+        take = vit.take_tokens
         b, m = masked_idx.shape
         x = jnp.concatenate([x_vis, jnp.broadcast_to(self.mask_token, (b, m, self.width))], axis=1)
         pos = self.decoder_pos_embed(jnp.concatenate([take(centres, visible_idx), take(centres, masked_idx)], 1))

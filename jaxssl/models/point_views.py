@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,12 +113,6 @@ def sample_at(points: jax.Array, frame: Frame, maps: jax.Array, size: int = 224)
     return jnp.einsum('bnh,bnw,bhwc->bnc', rows, cols, maps.astype(jnp.float32))
 
 
-def _layer_norm(x: jax.Array, p: dict[str, jax.Array], eps: float = 1e-5) -> jax.Array:
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.mean((x - mean) ** 2, -1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * p['scale'] + p['bias']
-
-
 def clip_maps(tower: Any, params: dict[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(patch features (B, h, w, D), saliency (B, h, w)) of a frozen CLIP: `tower` a jaxssl.models.clip.ImageTower,
     `params` {'vision_model': its params, 'visual_projection': {'kernel': (width, D)}}. The features are
@@ -125,18 +120,18 @@ def clip_maps(tower: Any, params: dict[str, Any], images: jax.Array) -> tuple[ja
     softmax(q k^T / sqrt(head dim)) of the class token over the patches, averaged over the heads."""
     if tower.depth < 2:
         raise ValueError("the CLIP image tower needs >= 2 blocks (the saliency reads the last block's input)")
-    vision = params['vision_model']
+    vision, layer_norm = params['vision_model'], nn.LayerNorm(1e-5)
     (_, tokens), state = tower.apply({'params': vision}, images, mutable=['intermediates'])
     before = state['intermediates']['hidden_states'][tower.depth - 2]  # the last block's input
     last = vision[f'layers_{tower.depth - 1}']
-    y = _layer_norm(before.astype(jnp.float32), last['layer_norm1'])
+    y = layer_norm.apply({'params': last['layer_norm1']}, before.astype(jnp.float32))
     heads = tower.heads or max(tower.width // 64, 1)
     b, n, w = y.shape
     q = (y[:, :1] @ last['q_proj']['kernel'] + last['q_proj']['bias']).reshape(b, 1, heads, w // heads)
     k = (y @ last['k_proj']['kernel'] + last['k_proj']['bias']).reshape(b, n, heads, w // heads)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(w // heads)
     saliency = jax.nn.softmax(logits, axis=-1).mean(axis=1)[:, 0, 1:]  # (B, h w)
-    features = _layer_norm(tokens[:, 1:].astype(jnp.float32), vision['post_layernorm'])
+    features = layer_norm.apply({'params': vision['post_layernorm']}, tokens[:, 1:].astype(jnp.float32))
     features = features @ params['visual_projection']['kernel']
     side = round((n - 1) ** 0.5)
     return features.reshape(b, side, side, -1), saliency.reshape(b, side, side)

@@ -230,6 +230,18 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
 
 
+def take_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x (B, N, ...) at index (B, K) -> (B, K, ...): each example's tokens at its own indices."""
+    return jnp.take_along_axis(x, index.reshape(*index.shape, *(1,) * (x.ndim - 2)), axis=1)
+
+
+def put_tokens(x: jax.Array, index: jax.Array, valid: jax.Array, values: jax.Array) -> jax.Array:
+    """x (B, N, C) with the valid rows of values (B, K, C) written at index (B, K); invalid rows (padding) go
+    nowhere."""
+    target = jnp.where(valid, index, x.shape[1])
+    return x.at[jnp.arange(x.shape[0])[:, None], target].set(values.astype(x.dtype), mode='drop')
+
+
 class FusedKernel(nn.Module):
     """The (in, features) kernel nn.Dense(features, use_bias=False) would create under this module's name: the same
     parameter path and init, for code that multiplies by slices of it."""
