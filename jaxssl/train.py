@@ -208,6 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
         state = jax.jit(init_state, out_shardings=shardings)(init_key)
         if config.init_from:
             state = _load_initial_params(config.init_from, state, shardings, writer, config.get('init_from_select'))
+        state['extra'] = jax.device_put(method.prepare(state['params'], state['extra']), shardings['extra'])
 
     if is_main:
         metrics_lib.write_text(workdir, 'config.json', config.to_json_best_effort(indent=2))

@@ -71,6 +71,13 @@ class Method:
         """(scalar loss, (metrics, extra state after the forward pass)). Differentiated w.r.t. params only."""
         raise NotImplementedError(f'{type(self).__name__} must define loss()')
 
+    def prepare(self, params: PyTree, extra: PyTree) -> PyTree:
+        """Extra state of a freshly initialised run after host-driven work on it (e.g. KRR-ST's model pool trained
+        for a while before the first step), called once by the trainer before step 1 (not on resume). Loops of
+        training steps belong here rather than in `init`: XLA:CPU runs a convolution's gradients inside a
+        compiled loop ~20x slower than as separate calls. Default: unchanged."""
+        return extra
+
     def update_extra(self, params: PyTree, extra: PyTree, step: jax.Array) -> PyTree:
         """Extra state after the optimiser step (e.g. an EMA teacher follows the new params). Default: unchanged."""
         return extra
