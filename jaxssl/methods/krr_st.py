@@ -53,7 +53,6 @@ HIGHEST = jax.lax.Precision.HIGHEST  # the kernel solve is ill-conditioned: no r
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    image_data.check_image_input_config(config)
     check_choice(config, 'model.norm', NORMS)
     channels = tuple(config.model.channels)
     if not channels or any(not isinstance(w, int) or w < 1 for w in channels):
@@ -176,6 +175,7 @@ class Method(_image.ImageMethod):
 
     # --- data ----------------------------------------------------------------------------------------------------
     def dataset(self, seed, process_index, process_count):
+        image_data.check_image_input_config(self.config)  # paths are checked when a run starts, not at config load
         c = self.config.input
         view = functools.partial(crop_view, size=c.image_size, padding=self.config.distill.crop_padding, flip=c.hflip)
         source = image_data.make_image_source(self.config)
