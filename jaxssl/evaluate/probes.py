@@ -1,12 +1,14 @@
 """Frozen-feature probes: linear (logistic regression), kNN (cosine), few-shot (nearest prototype) and attentive
 (a small cross-attention pooler over token features, as V-JEPA evaluates video encoders).
 
-All take numpy features and integer labels and return accuracies in [0, 1]. They are deterministic for a seed.
+All take numpy features and integer labels and return accuracies in [0, 1] (`linear_classifier` and `knn_predict`
+give the predictions, for metrics other than accuracy). They are deterministic for a seed.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -47,18 +49,17 @@ def _fit_logistic_jit(x: jax.Array, y: jax.Array, num_classes: int, l2: jax.Arra
     return params['w'], params['b']
 
 
-def linear_probe(
+def linear_classifier(
     train_x: np.ndarray,
     train_y: np.ndarray,
-    test_x: np.ndarray,
-    test_y: np.ndarray,
     num_classes: int | None = None,
     l2_grid: tuple[float, ...] = (1e-5, 1e-3, 1e-1),
     steps: int = 200,
     seed: int = 0,
-) -> float:
-    """Test accuracy of logistic regression on standardised features; L2 chosen on a 20% held-out train split."""
-    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Logistic regression on standardised features, L2 chosen on a 20% held-out train split: returns the fitted
+    probe, features (N, D) -> predicted labels (N,)."""
+    num_classes = num_classes or int(train_y.max()) + 1
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train_x))
     held = order[: max(len(order) // 5, 1)]
@@ -71,13 +72,49 @@ def linear_probe(
             acc = float(np.mean(np.argmax(b @ np.asarray(w) + np.asarray(bias), -1) == train_y[held]))
             if acc > best_acc:
                 best_l2, best_acc = l2, acc
-    a, b = _standardise(train_x, test_x)
-    w, bias = _fit_logistic(a, train_y, num_classes, best_l2, steps)
-    return float(np.mean(np.argmax(b @ np.asarray(w) + np.asarray(bias), -1) == test_y))
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    w, bias = _fit_logistic((train_x - mean) / std, train_y, num_classes, best_l2, steps)
+    w, bias = np.asarray(w), np.asarray(bias)
+    return lambda x: np.argmax((x - mean) / std @ w + bias, -1)
+
+
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    num_classes: int | None = None,
+    l2_grid: tuple[float, ...] = (1e-5, 1e-3, 1e-1),
+    steps: int = 200,
+    seed: int = 0,
+) -> float:
+    """Test accuracy of `linear_classifier`."""
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    predict = linear_classifier(train_x, train_y, num_classes, l2_grid, steps, seed)
+    return float(np.mean(predict(test_x) == test_y))
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
+
+
+def knn_predict(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Weighted kNN on cosine similarity (votes exp(sim / T), as in DINO's evaluation): predicted labels (N,)."""
+    num_classes = num_classes or int(train_y.max()) + 1
+    k = min(k, len(train_x))
+    sims = _normalise(test_x) @ _normalise(train_x).T
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    weights = np.exp(np.take_along_axis(sims, top, axis=1) / temperature)
+    votes = np.zeros((len(test_x), num_classes))
+    np.add.at(votes, (np.arange(len(test_x))[:, None], train_y[top]), weights)
+    return votes.argmax(1)
 
 
 def knn_probe(
@@ -89,15 +126,9 @@ def knn_probe(
     temperature: float = 0.07,
     num_classes: int | None = None,
 ) -> float:
-    """Weighted kNN on cosine similarity (votes exp(sim / T), as in DINO's evaluation)."""
+    """Test accuracy of `knn_predict`."""
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
-    k = min(k, len(train_x))
-    sims = _normalise(test_x) @ _normalise(train_x).T
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    weights = np.exp(np.take_along_axis(sims, top, axis=1) / temperature)
-    votes = np.zeros((len(test_x), num_classes))
-    np.add.at(votes, (np.arange(len(test_x))[:, None], train_y[top]), weights)
-    return float(np.mean(votes.argmax(1) == test_y))
+    return float(np.mean(knn_predict(train_x, train_y, test_x, k, temperature, num_classes) == test_y))
 
 
 def few_shot_probe(
