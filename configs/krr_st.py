@@ -78,7 +78,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.no_decay = ()
-    c.optim.lr_rules = ()
+    # X_s is stored ImageNet-normalised, where one unit is 1 / std (~4.4) pixel units; the reference's X_s is in
+    # [0, 1] pixels. Adam moves each value by ~lr in its own units, so the images' lr is x 1 / mean(std) to move
+    # them as far in pixels as the reference's.
+    c.optim.lr_rules = (('^images$', 1 / 0.226),)
 
     add_trainer_defaults(c, runlocal=arg.runlocal)
     c.train.steps = 160_000  # outer_iteration

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from jaxssl import data
 from jaxssl.config import ConfigError, check_choice, check_range
@@ -56,6 +57,21 @@ class ImageMethod(base.Method):
 
     def host_metrics(self) -> dict[str, float]:
         return {'skipped_files': float(data.skipped_files())}
+
+    def view_dataset(self, seed: int, process_index: int, process_count: int, view: image_data.View) -> tuple[Any, int]:
+        """(training batches of the images `config.input` names through `view`, images per epoch): for methods with
+        their own view function. The input section is checked here, when a run starts, not at config load."""
+        image_data.check_image_input_config(self.config)
+        source = image_data.make_image_source(self.config)
+        dataset = image_data.make_image_pretrain_dataset(
+            self.config, seed=seed, process_index=process_index, process_count=process_count, view=view, source=source
+        )
+        return dataset, len(source)
+
+    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Random normalised images under 'image' (methods whose batches carry more keys override it)."""
+        size = self.config.input.image_size
+        return {'image': np.random.default_rng(0).normal(size=(batch_size, size, size, 3)).astype(np.float32)}
 
     def eval_source(self, split: str) -> Any:
         """The labelled images of an evaluation split; None: the source `config.input` describes."""

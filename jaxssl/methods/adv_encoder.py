@@ -138,18 +138,9 @@ class Method(_image.ImageMethod):
 
     # --- data ----------------------------------------------------------------------------------------------------
     def dataset(self, seed, process_index, process_count):
-        image_data.check_image_input_config(self.config)  # paths are checked when a run starts, not at config load
         # The reference's loader: Resize((64, 64)) and ToTensor, shuffled, no augmentation.
         view = lambda image, rng: image_data.eval_view(image, size=self.config.input.image_size, crop_pct=1.0)
-        source = image_data.make_image_source(self.config)
-        dataset = image_data.make_image_pretrain_dataset(
-            self.config, seed=seed, process_index=process_index, process_count=process_count, view=view, source=source
-        )
-        return dataset, len(source)
-
-    def example_batch(self, batch_size):
-        size = self.config.input.image_size
-        return {'image': np.random.default_rng(0).normal(size=(batch_size, size, size, 3)).astype(np.float32)}
+        return self.view_dataset(seed, process_index, process_count, view)
 
     # --- the pattern ---------------------------------------------------------------------------------------------
     def pattern(self, params: Any, extra: Any) -> tuple[jax.Array, Any]:

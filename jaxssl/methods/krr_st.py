@@ -49,8 +49,6 @@ from jaxssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from jaxssl.methods import _frozen_run, _image, base
 from jaxssl.models.convnet import NORMS, ConvNet
 
-HIGHEST = jax.lax.Precision.HIGHEST  # the kernel solve is ill-conditioned: no reduced-precision matmuls
-
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     check_choice(config, 'model.norm', NORMS)
@@ -100,11 +98,13 @@ def kernel_ridge_loss(
     mean((K_rs (K_ss + lambda I)^-1 Y_s - Y_r)^2). Gradients reach syn_features and syn_targets only."""
     ones = lambda f: jnp.concatenate([f, jnp.ones((f.shape[0], 1), f.dtype)], axis=1)
     fs, fr = ones(syn_features), jax.lax.stop_gradient(ones(real_features))
-    k_ss = jnp.matmul(fs, fs.T, precision=HIGHEST)
-    k_rs = jnp.matmul(fr, fs.T, precision=HIGHEST)
-    lam = jax.lax.stop_gradient(ridge * jnp.trace(k_ss))
-    weights = jnp.linalg.solve(k_ss + lam * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype), syn_targets)
-    prediction = jnp.matmul(k_rs, weights, precision=HIGHEST)
+    # The solve is ill-conditioned (lambda is 1e-6 of the trace): full float32 matmuls, also inside the LU solve,
+    # where TPUs would otherwise use bfloat16 passes.
+    with jax.default_matmul_precision('float32'):
+        k_ss, k_rs = fs @ fs.T, fr @ fs.T
+        lam = jax.lax.stop_gradient(ridge * jnp.trace(k_ss))
+        weights = jnp.linalg.solve(k_ss + lam * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype), syn_targets)
+        prediction = k_rs @ weights
     return jnp.mean(jnp.square(prediction - jax.lax.stop_gradient(real_targets)))
 
 
@@ -175,19 +175,9 @@ class Method(_image.ImageMethod):
 
     # --- data ----------------------------------------------------------------------------------------------------
     def dataset(self, seed, process_index, process_count):
-        image_data.check_image_input_config(self.config)  # paths are checked when a run starts, not at config load
         c = self.config.input
         view = functools.partial(crop_view, size=c.image_size, padding=self.config.distill.crop_padding, flip=c.hflip)
-        source = image_data.make_image_source(self.config)
-        dataset = image_data.make_image_pretrain_dataset(
-            self.config, seed=seed, process_index=process_index, process_count=process_count, view=view, source=source
-        )
-        return dataset, len(source)
-
-    def example_batch(self, batch_size):
-        size = self.config.input.image_size
-        rng = np.random.default_rng(0)
-        return {'image': rng.normal(size=(batch_size, size, size, 3)).astype(np.float32)}
+        return self.view_dataset(seed, process_index, process_count, view)
 
     def initial_images(self) -> np.ndarray:
         """m training images drawn without replacement by `seed` (the reference's first m of a shuffled loader),

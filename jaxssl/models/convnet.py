@@ -38,7 +38,8 @@ class ConvNet(nn.Module):
             x = nn.Conv(width, (3, 3), padding=1, kernel_init=conv_init, bias_init=torch_bias_init(fan_in),
                         name=f'conv_{i}')(x)  # fmt: skip
             if self.norm == 'batch':
-                # torch BatchNorm2d: momentum 0.1 (Flax's 0.9), eps 1e-5, batch statistics in training.
+                # torch BatchNorm2d: momentum 0.1 (Flax's 0.9), eps 1e-5, batch statistics in training. The running
+                # variance follows the biased batch variance (torch's the unbiased one: 1 / (n - 1) apart).
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=f'norm_{i}')(x)
             elif self.norm == 'instance':
                 # torch InstanceNorm2d(affine=True): per image and channel over the spatial axes, eps 1e-5.
