@@ -116,7 +116,7 @@ def test_one_transformer_serves_both_input_kinds(setup):
     def grads(kind):
         x, keep, restore = inputs[:3] if kind == '2d' else inputs[3:]
         fn = lambda p: sum(method.input_losses(model, p, jnp.asarray(x), keep, restore, LOSS, train=False)[0].values())
-        return jax.grad(fn)(params)
+        return jax.jit(jax.grad(fn))(params)  # compiled: op-by-op the backward pass takes minutes
 
     def norm(tree):
         return float(sum(jnp.abs(leaf).sum() for leaf in jax.tree.leaves(tree)))
