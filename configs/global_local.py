@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.steps = 300
         c.train.log_every = 25
         c.checkpoint.every = 100
+        c.eval.labelled_volumes = 1
         c.eval.test_volumes = 10
-        c.eval.finetune_steps = 500  # the BatchNorm averages (decay 0.99) forget their init: 0.99^500 < 0.01
+        c.eval.finetune_steps = 300
     return c

@@ -4,9 +4,11 @@ No medical images ship with any package here, so the runlocal data of the global
 (Chaitanya et al. 2020, pretrained on ACDC's short-axis cine MR) is generated: a stack of Z slices from the heart's
 base to its apex, each (size, size), labelled like ACDC (0 background, 1 right-ventricle cavity, 2 left-ventricle
 myocardium, 3 left-ventricle cavity). What the method relies on is kept: neighbouring volumes are roughly aligned, so
-a slice's depth partition says what it shows (a large LV with a wide RV crescent at the base, a small LV ring and no
-RV at the apex; the liver appears in the lower slices), and volumes differ in pose, size, contrast, bias field and
-noise, as scans of different patients and scanners do. It is a stand-in, not a model of cardiac anatomy: users with
+a slice's depth partition says what it shows (a large LV with a wide RV crescent and the aorta beside them at the
+base, a small LV ring and no RV at the apex; the liver appears in the lower slices), and volumes differ in pose,
+size, shape, contrast, bias field and noise, as scans of different patients and scanners do. Around the heart: the
+body with its subcutaneous fat, the lungs, and, inside the LV, papillary muscles labelled as its cavity (ACDC's
+convention). It is a stand-in, not a model of cardiac anatomy: users with
 real scans point `input.data_root` at them (jaxssl.data.volume_folders).
 
 Each volume is drawn from its own seed (split, index), so a split is a fixed set and needs no storage.
@@ -42,39 +44,56 @@ def sample_volume(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.n
     depth = int(rng.integers(8, 15))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     # Per-patient pose and anatomy.
-    heart_y, heart_x = 0.5 + rng.uniform(-0.06, 0.06, size=2)
-    heart_scale = rng.uniform(0.8, 1.2)
+    heart_y, heart_x = 0.5 + rng.uniform(-0.1, 0.1, size=2)
+    heart_scale = rng.uniform(0.75, 1.25)
     lv_radius = 0.14 * heart_scale
-    wall = rng.uniform(0.035, 0.05) * heart_scale
-    rv_angle = rng.uniform(0.6, 1.2) * np.pi  # the RV lies to the LV's left, roughly
+    lv_ratio, lv_angle = rng.uniform(0.8, 1.0), rng.uniform(0, np.pi)  # the LV's ellipticity and its axis
+    wall = rng.uniform(0.03, 0.055) * heart_scale
+    rv_angle = rng.uniform(0.5, 1.3) * np.pi  # the RV lies to the LV's left, roughly
+    rv_width = rng.uniform(0.5, 0.9)
     body_angle = rng.uniform(-0.3, 0.3)
+    aorta = (heart_y - rng.uniform(0.15, 0.25) * heart_scale, heart_x + rng.uniform(0.0, 0.15), rng.uniform(0.04, 0.06))
+    papillary = rng.uniform(0, 2 * np.pi, size=2)  # the papillary muscles' angles inside the LV
     # Per-scan contrast: tissue intensities, noise and a multiplicative bias field.
-    blood = rng.uniform(0.75, 1.0)
-    muscle = rng.uniform(0.15, 0.3)
-    tissue = rng.uniform(0.35, 0.5)
-    liver_value = rng.uniform(0.45, 0.6)
-    noise = rng.uniform(0.02, 0.06)
-    bias = 1.0 + _smooth_field(rng, size, rng.uniform(0.05, 0.25))
+    blood = rng.uniform(0.6, 1.0)
+    muscle = rng.uniform(0.1, 0.35)
+    tissue = rng.uniform(0.3, 0.55)
+    fat = rng.uniform(0.7, 1.0)
+    liver_value = rng.uniform(0.4, 0.65)
+    noise = rng.uniform(0.02, 0.08)
+    bias = 1.0 + _smooth_field(rng, size, rng.uniform(0.05, 0.35))
     image = np.zeros((depth, size, size), np.float64)
     labels = np.zeros((depth, size, size), np.int32)
     for z in range(depth):
         t = z / (depth - 1)  # 0 at the base, 1 at the apex
         body = _ellipse(yy, xx, 0.5, 0.5, 0.42, 0.36, body_angle)
+        inner = _ellipse(yy, xx, 0.5, 0.5, 0.39, 0.33, body_angle)  # inside the subcutaneous fat
         texture = 0.05 * _smooth_field(rng, size, 1.0)
-        slice_ = np.where(body, tissue + texture, 0.0)
-        liver = _ellipse(yy, xx, 0.72 - 0.1 * t, 0.32, 0.05 + 0.18 * t, 0.12 + 0.08 * t, body_angle) & body
+        slice_ = np.where(inner, tissue + texture, np.where(body, fat, 0.0))
+        for side in (-1, 1):  # the lungs, dark, either side of the heart
+            lung = _ellipse(yy, xx, 0.4 - 0.05 * t, 0.5 + side * 0.22, 0.16 - 0.04 * t, 0.09, side * 0.3) & inner
+            slice_[lung] = 0.05
+        liver = _ellipse(yy, xx, 0.72 - 0.1 * t, 0.32, 0.05 + 0.18 * t, 0.12 + 0.08 * t, body_angle) & inner
         slice_[liver & (t > 0.35)] = liver_value
+        if t < 0.3:  # the aorta: blood, but not a ventricle
+            slice_[_ellipse(yy, xx, aorta[0], aorta[1], aorta[2], aorta[2], 0.0)] = blood
         cavity_radius = lv_radius * (1.0 - 0.65 * t)
-        outer = _ellipse(yy, xx, heart_y, heart_x, cavity_radius + wall, 0.95 * (cavity_radius + wall), 0.3)
-        cavity = _ellipse(yy, xx, heart_y, heart_x, cavity_radius, 0.95 * cavity_radius, 0.3)
+        outer_radius = cavity_radius + wall
+        outer = _ellipse(yy, xx, heart_y, heart_x, outer_radius, lv_ratio * outer_radius, lv_angle)
+        cavity = _ellipse(yy, xx, heart_y, heart_x, cavity_radius, lv_ratio * cavity_radius, lv_angle)
         rv_size = max(0.0, 1.0 - t / 0.8)
         rv_centre = (heart_y + 0.6 * lv_radius * np.sin(rv_angle), heart_x + 1.1 * lv_radius * np.cos(rv_angle))
-        rv = _ellipse(yy, xx, *rv_centre, 1.3 * lv_radius * rv_size, 0.7 * lv_radius * rv_size, rv_angle) & ~outer
+        rv_radii = (1.3 * lv_radius * rv_size, rv_width * lv_radius * rv_size)
+        rv = _ellipse(yy, xx, *rv_centre, *rv_radii, rv_angle) & ~outer
         labels[z][rv] = 1
         labels[z][outer & ~cavity] = 2
         labels[z][cavity] = 3
         slice_[rv | cavity] = blood
         slice_[outer & ~cavity] = muscle
+        if 0.2 < t < 0.7:  # papillary muscles: dark, inside the cavity, labelled with it (as in ACDC)
+            for angle in papillary:
+                centre = (heart_y + 0.6 * cavity_radius * np.sin(angle), heart_x + 0.6 * cavity_radius * np.cos(angle))
+                slice_[_ellipse(yy, xx, *centre, 0.2 * cavity_radius, 0.2 * cavity_radius, 0.0) & cavity] = muscle
         image[z] = ndimage.gaussian_filter(slice_ * bias, 0.6) + rng.normal(scale=noise, size=(size, size))
     return image.astype(np.float32), labels
 

@@ -85,6 +85,8 @@ def crop_or_pad(volume: np.ndarray, size: int) -> np.ndarray:
 def decode_volume(record: dict[str, Any], size: int, min_slices: int = 1) -> tuple[np.ndarray, np.ndarray | None]:
     """(image (Z, size, size) float32 scaled by its percentiles, labels (Z, size, size) int32 or None)."""
     if 'image' in record:  # built in: generated at the size, already scaled
+        if len(record['image']) < min_slices:
+            raise DecodeError(f'{record["name"]} has {len(record["image"])} slices, fewer than {min_slices}')
         return record['image'], record.get('label')
     try:
         with np.load(record['path'], allow_pickle=False) as f:

@@ -33,13 +33,17 @@ Where jaxssl differs, each deliberate:
 - Brightness and contrast are drawn per image. The reference draws one (brightness, contrast) per sub-batch.
 - The local stage's examples are single slices drawn from a shuffled pass over the volumes (one random slice per
   volume per visit); the reference draws slices uniformly from all slices of all volumes.
-- The evaluation reports the fine-tuned network at its last step, not at its best validation step.
+- The evaluation reports the fine-tuned network at its last step, not at its best validation step, with its
+  BatchNorm averages recomputed on its labelled slices (`_recalibrate`): after a short fine-tuning the decay-0.99
+  averages still remember their initial values (0.99^300 = 5%), which costs the pretrained and the random
+  networks different amounts; the reference's 10,001 steps forget them.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import logging
 from typing import Any
 
 import jax
@@ -53,6 +57,8 @@ from jaxssl.config import ConfigError, check_choice
 from jaxssl.data import decode, images, pipeline, slices
 from jaxssl.methods import base
 from jaxssl.models.unet import GlobalHead, LocalHead, SegmentationHead, UNetDecoder, UNetEncoder
+
+log = logging.getLogger(__name__)
 
 STAGES = ('global', 'local')
 VARIANTS = ('gd', 'gd_minus', 'gr')
@@ -294,14 +300,10 @@ class Method(base.Method):
         return {'image': np.asarray(views, np.float32)[..., None]}
 
     def dataset(self, seed, process_index, process_count):
-        size, parts = self.config.input.image_size, self.slices
         source = slices.make_volume_source(self.config, self.config.input.split)
-
-        def decode_volume(record):
-            volume = slices.decode_volume(record, size, min_slices=parts)
-            slices.partition_slices(len(volume[0]), parts, np.random.default_rng(0))  # too few slices: skipped
-            return volume
-
+        # A volume with fewer slices than partitions is skipped and counted.
+        decode_volume = functools.partial(slices.decode_volume, size=self.config.input.image_size,
+                                          min_slices=self.slices)  # fmt: skip
         dataset = images.make_image_pretrain_dataset(
             self.config, seed=seed, process_index=process_index, process_count=process_count, view=self.view,
             source=source, decode=decode_volume,
@@ -372,9 +374,9 @@ class Method(base.Method):
             return {'encoder': params['encoder']}
         return {'encoder': extra['encoder'], 'decoder': params['decoder']}
 
-    def labelled_slices(self, split: str, count: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """(images (n, S, S), labels (n, S, S), the volumes' label stacks) of the first `count` readable labelled
-        volumes of `split` (unreadable or unlabelled ones are skipped and counted)."""
+    def labelled_volumes(self, split: str, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(image (Z, S, S), labels (Z, S, S)) of the first `count` readable labelled volumes of `split`
+        (unreadable or unlabelled ones are skipped and counted)."""
         source = slices.make_volume_source(self.config, split)
         volumes = []
         for index in range(len(source)):
@@ -409,12 +411,15 @@ class Method(base.Method):
         tx = optax.adam(e.finetune_lr)
         opt_state = tx.init({name: v['params'] for name, v in variables.items()})
         rng = np.random.default_rng(seed)
-        for _ in range(e.finetune_steps):
+        for step in range(1, e.finetune_steps + 1):
             rows = rng.integers(0, len(image_stack), e.finetune_batch)
             pairs = [slices.finetune_augment(image_stack[i], label_stack[i], classes, rng) for i in rows]
             batch_images = np.stack([p[0] for p in pairs])[..., None]
             batch_targets = np.stack([p[1] for p in pairs])
-            variables, opt_state = self._finetune_step(variables, opt_state, batch_images, batch_targets)
+            variables, opt_state, loss = self._finetune_step(variables, opt_state, batch_images, batch_targets)
+            if step % 1000 == 0:
+                # Shown by default, as the other long host-side work (jaxssl.data.moving_digits' generation).
+                log.warning('fine-tuning step %d/%d: Dice loss %.4f', step, e.finetune_steps, float(loss))
         return self._recalibrate(variables, jnp.asarray(image_stack[..., None]))
 
     @functools.partial(jax.jit, static_argnums=0)
@@ -434,10 +439,10 @@ class Method(base.Method):
             return dice_loss(logits, targets), updated
 
         params = {name: v['params'] for name, v in variables.items()}
-        grads, updated = jax.grad(objective, has_aux=True)(params)
+        (loss, updated), grads = jax.value_and_grad(objective, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return {name: {**updated[name], 'params': params[name]} for name in updated}, opt_state
+        return {name: {**updated[name], 'params': params[name]} for name in updated}, opt_state, loss
 
     @functools.partial(jax.jit, static_argnums=0)
     def _predict(self, variables, images_):
@@ -457,8 +462,8 @@ class Method(base.Method):
         """'<init>/dice' (mean foreground Dice over the test volumes) and '<init>/dice/<class>' for the UNet
         fine-tuned from the pretrained weights and, with eval.baselines, from a random init."""
         e, seed = self.config.eval, self.config.seed
-        train_volumes = self.labelled_slices(e.finetune_split, e.labelled_volumes)
-        test_volumes = self.labelled_slices(e.test_split, e.test_volumes)
+        train_volumes = self.labelled_volumes(e.finetune_split, e.labelled_volumes)
+        test_volumes = self.labelled_volumes(e.test_split, e.test_volumes)
         starts = {'pretrained': self.pretrained_variables(jax.device_get(params), jax.device_get(extra))}
         if e.baselines:
             starts['random_init'] = {}
