@@ -294,3 +294,28 @@ def test_both_stages_shard_their_gradients_train_and_finetune(tmp_path):
     assert_gradients_sharded_equal_one_devices(local, {'image': local_batch['image']}, state['extra'])
     with pytest.raises(ConfigError, match='pretrained'):  # a local run is not a global stage
         gl.Method(load_config(SPEC + ',stage=local', [f'pretrained={tmp_path / "local"}']))
+
+
+def test_finetuning_starts_from_the_pretrained_weights_and_recalibrates():
+    """One fine-tuning step from given encoder / decoder weights moves each by at most the lr (Adam); the head is
+    fresh; the recomputed BatchNorm averages are the labelled slices' statistics, so the network's outputs in
+    evaluation mode on those slices equal its outputs with batch statistics."""
+    config = load_config(SPEC, ['eval.finetune_steps=1', 'model.channels=(4,8)', 'loss.decoder_blocks=1',
+                                'input.image_size=32'])  # fmt: skip
+    method = gl.Method(config)
+    volumes = [slices.decode_volume(phantoms.PhantomSource('val', 32)[0], 32)]
+    fresh = method.segmenter.init(jax.random.key(5), jnp.zeros((1, 32, 32, 1)))
+    pretrained = {
+        'encoder': jax.tree.map(lambda x: x + 1.0, fresh['encoder']['params']),
+        'decoder': {'block0_up': jax.tree.map(lambda x: x - 1.0, fresh['decoder']['params']['block0_up'])},
+    }
+    tuned = method.finetune(pretrained, volumes, seed=0)
+    flat = lambda tree: traverse_util.flatten_dict(tree, sep='/')
+    for name, tree in (('encoder', pretrained['encoder']), ('decoder', pretrained['decoder'])):
+        for key, value in flat(tree).items():
+            assert np.abs(flat(tuned[name]['params'])[key] - value).max() <= 1.01e-3, (name, key)
+    assert 'block0_a' in tuned['decoder']['params'] and 'logits' in tuned['head']['params']
+    images = jnp.asarray(volumes[0][0][..., None])
+    evaluation, _ = method.segmenter.apply(tuned, images, train=False)
+    training, _ = method.segmenter.apply(tuned, images, train=True)
+    np.testing.assert_allclose(evaluation, training, rtol=1e-4, atol=1e-4)
