@@ -4,8 +4,10 @@ decoder blocks by a local contrastive loss with the encoder frozen; evaluated by
 volumes against a random init.
 
 Arguments (comma separated after the file name):
-  stage=global        'global' (the encoder: G^D, G^{D-} or G^R by loss.variant) or 'local' (decoder blocks, L^R;
-                      set --config.pretrained to the global run's workdir)
+  stage=global        'global' (the encoder) or 'local' (decoder blocks, L^R; set --config.pretrained to the global
+                      run's workdir)
+  variant=gd          the global loss: 'gd' (G^D, 6 volumes a batch), 'gd_minus' (G^{D-}, 3 volumes) or 'gr'
+                      (G^R, 12 slices)
   runlocal            small UNet on the built-in cardiac phantoms (48 px), for a CPU
 Examples:
   --config=configs/global_local.py --config.input.data_root=/data/acdc_cropped
@@ -21,7 +23,7 @@ from jaxssl.config import add_trainer_defaults, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = parse_arg(arg, stage='global', runlocal=False)
+    arg = parse_arg(arg, stage='global', variant='gd', runlocal=False)
 
     c = ml_collections.ConfigDict()
     c.method = 'global_local'
@@ -36,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.embed_dim = 128  # g1's and the region embedding's output
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.variant = 'gd'  # the global loss: 'gd' (G^D), 'gd_minus' (G^{D-}) or 'gr' (G^R)
+    c.loss.variant = arg.variant  # the global loss: 'gd' (G^D), 'gd_minus' (G^{D-}) or 'gr' (G^R)
     c.loss.partitions = 4  # S: depth partitions per volume, one slice drawn from each
     c.loss.temperature = 0.1
     c.loss.decoder_blocks = 3  # l: decoder blocks the local stage trains (its 3x3 regions lie on their map)
@@ -52,16 +54,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.split = 'train'  # the unlabelled pretraining volumes
     c.input.image_size = 48 if arg.runlocal else 192
     # Examples per step: volumes in the global stage (gd: 6 = the reference's 3 blocks of two volumes, 48 images;
-    # gd_minus and gr: 3, 36 and 24 images), slices in the local stage (10, the batch its script runs with).
-    c.input.global_batch = 6 if arg.stage == 'global' else 10
+    # gd_minus: 3, 36 images), slices for gr (12, 24 images) and the local stage (10, the batch its script runs with).
+    batches = {'gd': 6, 'gd_minus': 3, 'gr': 12}
+    c.input.global_batch = batches.get(arg.variant, 6) if arg.stage == 'global' else 10
     c.input.num_sample = 1
     c.input.num_workers = 0 if arg.runlocal else 8
     c.input.read_threads = 2 if arg.runlocal else 1
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = 'adamw'  # Adam, no weight decay, constant lr 1e-3 (every stage)
-    c.optim.base_lr = 1e-3 * 256 / c.input.global_batch  # lr = base_lr x global_batch / 256
-    c.optim.min_lr = c.optim.base_lr
+    # lr = base_lr x global_batch / 256; the reference's is 1e-3 whatever the batch, so base_lr follows the batch.
+    c.optim.base_lr = 1e-3 * 256 / c.input.get_ref('global_batch')
+    c.optim.min_lr = 0.0  # unused by the constant schedule
     c.optim.schedule = 'constant'
     c.optim.warmup_steps = 0
     c.optim.warmup_epochs = 0
@@ -91,9 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.runlocal:
         c.model.channels = (8, 16, 32, 32, 32)  # 48 -> 3 px at the bottleneck
         c.model.global_hidden = 256
-        c.input.global_batch = 8
-        c.optim.base_lr = 1e-3 * 256 / c.input.global_batch
-        c.optim.min_lr = c.optim.base_lr
+        c.input.global_batch = 8  # 8 volumes (or slices): one per fake CPU device in the sharding tests
         c.train.steps = 300
         c.train.log_every = 25
         c.checkpoint.every = 100

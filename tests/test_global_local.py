@@ -97,10 +97,18 @@ def test_regions_are_the_references_on_its_48_px_map():
     anchors = [(0, 0), (0, 22), (0, 44), (22, 0), (22, 22), (22, 44), (44, 0), (44, 22), (44, 44), (11, 11), (11, 33),
                (33, 11), (33, 33)]  # fmt: skip
     assert [tuple(c) for c in corners[:13]] == anchors
-    negatives_r0 = [tuple(corners[gl.REGIONS.index(q)]) for q in gl.NEGATIVES[0]]
-    assert negatives_r0 == [(0, 22), (11, 11), (11, 22), (22, 0), (22, 11)]
-    negatives_r8 = [tuple(corners[gl.REGIONS.index(q)]) for q in gl.NEGATIVES[8]]
-    assert negatives_r8 == [(22, 33), (22, 44), (44, 22), (33, 33), (33, 22)]
+    # models.py's 13 hand-written lists of negative regions (3 x 3 regions, im = 44), in its order.
+    reference = [
+        [(0, 22), (11, 11), (11, 22), (22, 0), (22, 11)], [(0, 0), (0, 44), (11, 11), (11, 33), (22, 22)],
+        [(0, 22), (11, 22), (11, 33), (22, 33), (22, 44)], [(0, 0), (11, 11), (22, 22), (44, 0), (33, 11)],
+        [(11, 11), (11, 33), (33, 11), (33, 33), (22, 0)], [(0, 44), (22, 22), (44, 44), (11, 33), (33, 33)],
+        [(22, 0), (22, 11), (44, 22), (33, 11), (33, 22)], [(22, 22), (44, 0), (44, 44), (33, 11), (33, 33)],
+        [(22, 33), (22, 44), (44, 22), (33, 33), (33, 22)], [(0, 0), (0, 22), (22, 0), (22, 22), (11, 33)],
+        [(0, 22), (0, 44), (11, 11), (22, 22), (22, 44)], [(22, 0), (22, 22), (44, 0), (44, 22), (33, 33)],
+        [(22, 22), (22, 44), (44, 22), (44, 44), (33, 11)],
+    ]  # fmt: skip
+    got = [[tuple(corners[gl.REGIONS.index(q)]) for q in row] for row in gl.NEGATIVES]
+    assert got == reference
 
 
 def test_local_loss_equals_the_reference_loop():
@@ -163,9 +171,16 @@ def test_partitions_crop_and_intensity():
     assert crop.shape == (192, 192)
     left, right = crop[0, 0], crop[0, -1]  # a 100 px window starting in [10, 70)
     assert 10 - 1 <= left < 70 and 99 - 1 <= right - left <= 100
-    jittered = np.array([slices.intensity(np.full((4, 4), 0.5), rng, brightness=0.3, contrast=(0.7, 1.3),
-                                          clip=(0.0, 1.5)) for _ in range(200)])  # fmt: skip
-    assert 0.2 <= jittered.min() and jittered.max() <= 0.8 and jittered.std() > 0.1
+    jitter = lambda x: slices.intensity(x, rng, brightness=0.3, contrast=(0.7, 1.3), clip=(0.0, 1.5))
+    flat = np.array([jitter(np.full((4, 4), 0.5)) for _ in range(200)])  # brightness only: the contrast keeps it
+    assert 0.2 <= flat.min() and flat.max() <= 0.8 and flat.std() > 0.1
+    ramp = np.linspace(0.4, 0.6, 16).reshape(4, 4)  # never clipped: contrast about the shifted mean
+    outs = [jitter(ramp) for _ in range(200)]
+    ratios = np.array([out.std() / ramp.std() for out in outs])
+    assert 0.7 - 1e-6 <= ratios.min() < 0.75 and 1.25 < ratios.max() <= 1.3 + 1e-6
+    shifts = np.array([out.mean() - ramp.mean() for out in outs])
+    assert -0.3 <= shifts.min() < -0.25 and 0.25 < shifts.max() <= 0.3
+    assert jitter(np.full((2, 2), 3.0)).max() == 1.5  # clipped
 
 
 def test_finetune_augmentation_keeps_labels_a_distribution():
@@ -204,6 +219,24 @@ def test_examples_follow_the_variant(tmp_path):
         assert any(row[k * m : (k + 1) * m])
     batch = next(iter(method.dataset(0, 0, 1)[0]))
     assert batch['image'].shape == (8, 2, 4, 48, 48, 1)
+    gr = gl.Method(load_config(SPEC, ['loss.variant=gr']))  # one uniformly drawn slice per example
+    assert gr.view(volume, rng)['image'].shape == (2, 1, 48, 48, 1)
+    minus = gl.Method(load_config(SPEC, ['loss.variant=gd_minus']))
+    example = minus.view(volume, rng)['image']
+    assert example.shape == (3, 4, 48, 48, 1) and not np.array_equal(example[1], example[2])
+
+
+def test_batch_sizes_follow_the_variant_and_the_lr_stays_the_references():
+    """The reference's batches (G^D 6 volumes, G^{D-} 3, G^R 12 slices, local 10 slices), and Adam at 1e-3 whatever
+    the batch (the trainer's lr is base_lr x global_batch / 256)."""
+    from jaxssl import optim
+
+    for arg, batch in (('', 6), (':variant=gd_minus', 3), (':variant=gr', 12), (':stage=local', 10)):
+        config = load_config('configs/global_local.py' + arg, ['pretrained=x'] if 'local' in arg else [])
+        assert config.input.global_batch == batch
+        np.testing.assert_allclose(optim.peak_learning_rate(config), 1e-3)
+    config = load_config(SPEC, ['input.global_batch=3', 'mesh.data=1'])
+    np.testing.assert_allclose(optim.peak_learning_rate(config), 1e-3)
 
 
 def test_folder_volumes_skip_bad_files(tmp_path):

@@ -154,7 +154,7 @@ def finetune_augment(image: np.ndarray, label: np.ndarray, classes: int,
     centre = (size - 1) / 2
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     y, x = yy - centre, xx - centre
-    option = rng.integers(0, 5)
+    option = rng.integers(0, 5) if image.max() > 0.001 else 4  # the reference leaves empty slices as they are
     scale, angle, flip = 1.0, 0.0, False
     if option == 0:
         angle = np.deg2rad(rng.uniform(-15, 15))

@@ -14,7 +14,7 @@ summed and divided by the number of images in the batch. The variants (`loss.var
   the same partition of the next volume in the batch (cyclically, raw with raw and augmented with augmented: the
   reference's ring of volumes); N(a): every image of another partition.
 - gd_minus (G^{D-}): raw and two augmentations per slice, positives among them only; N(a) as in gd.
-- gr (G^R, SimCLR): two augmentations per slice; N(a): every other image.
+- gr (G^R, SimCLR): two augmentations of a slice drawn uniformly from a volume; N(a): every other image.
 Stage `local` freezes that encoder (`pretrained`: the global run) and trains the first `loss.decoder_blocks`
 decoder blocks and g2. Two intensity-only views of each slice; at each of 13 fixed 3 x 3 regions of the decoder's
 map, the positive is the same region in the other view and the negatives are 5 listed neighbouring regions in both
@@ -280,7 +280,9 @@ class Method(base.Method):
 
     @property
     def slices(self) -> int:
-        return self.config.loss.partitions if self.config.stage == 'global' else 1
+        """Slices per example: one per partition (gd, gd_minus), or one slice (gr, the local stage)."""
+        c = self.config
+        return c.loss.partitions if c.stage == 'global' and c.loss.variant != 'gr' else 1
 
     def view(self, volume: tuple[np.ndarray, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """One volume's example (views, slices, S, S, 1): the global stage's partition slices, raw and augmented
@@ -289,11 +291,13 @@ class Method(base.Method):
         c = self.config
         jitter = functools.partial(slices.intensity, brightness=c.augment.brightness,
                                    contrast=tuple(c.augment.contrast), clip=tuple(c.augment.clip))  # fmt: skip
-        if c.stage == 'local':
+        if self.slices == 1:  # a random slice: the local stage, or G^R (uniformly drawn slices, cropped too)
             picked = image[rng.integers(0, len(image))][None]
-            views = [[jitter(x, rng) for x in picked] for _ in range(2)]
         else:
             picked = image[slices.partition_slices(len(image), c.loss.partitions, rng)]
+        if c.stage == 'local':
+            views = [[jitter(x, rng) for x in picked] for _ in range(2)]
+        else:
             augment = lambda x: jitter(slices.random_crop(x, rng), rng)
             raw = [list(picked)] if c.loss.variant != 'gr' else []
             views = raw + [[augment(x) for x in picked] for _ in range(self.views - len(raw))]

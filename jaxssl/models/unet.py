@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HE_NORMAL = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+HE_NORMAL = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')  # untruncated, as the reference's
+GLOROT_UNIFORM = nn.initializers.xavier_uniform()  # tf.layers.dense's default
 
 
 class ConvBlock(nn.Module):
@@ -112,8 +113,8 @@ class GlobalHead(nn.Module):
     @nn.compact
     def __call__(self, bottleneck: jax.Array) -> jax.Array:
         x = bottleneck.reshape(bottleneck.shape[0], -1)
-        x = nn.relu(nn.Dense(self.hidden, use_bias=False, name='hidden')(x))
-        return nn.Dense(self.dim, use_bias=False, name='out')(x)
+        x = nn.relu(nn.Dense(self.hidden, use_bias=False, kernel_init=GLOROT_UNIFORM, name='hidden')(x))
+        return nn.Dense(self.dim, use_bias=False, kernel_init=GLOROT_UNIFORM, name='out')(x)
 
 
 class LocalHead(nn.Module):
@@ -132,4 +133,4 @@ class LocalHead(nn.Module):
         r = self.region
         regions = jnp.stack([x[:, i : i + r, j : j + r, :] for i, j in np.asarray(corners)], axis=1)
         regions = regions.reshape(*regions.shape[:2], r * r * width)
-        return nn.Dense(self.dim, use_bias=False, name='embed')(regions)
+        return nn.Dense(self.dim, use_bias=False, kernel_init=GLOROT_UNIFORM, name='embed')(regions)
