@@ -204,7 +204,7 @@ def test_phantoms_are_deterministic_and_labelled():
     np.testing.assert_allclose([p1, p99], [0, 1], atol=1e-5)
 
 
-def test_examples_follow_the_variant(tmp_path):
+def test_examples_follow_the_variant():
     config = load_config(SPEC)
     method = gl.Method(config)
     rng = np.random.default_rng(0)

@@ -110,6 +110,7 @@ class PhantomSource:
     normalised, 'label' (Z, S, S) int32}, generated from (split, index) when read."""
 
     classes = CLASSES
+    label_keys = ()  # no per-example class labels: the labels are the segmentation maps
 
     def __init__(self, split: str, size: int):
         if split not in SPLIT_SIZES:

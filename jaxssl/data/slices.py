@@ -51,15 +51,11 @@ class VolumeFolderSource:
         return f'VolumeFolderSource({self.root!r}, {len(self)} volumes)'
 
 
-class _PhantomRecords(phantoms.PhantomSource):
-    label_keys = ()
-
-
 def make_volume_source(config: Any, split: str) -> Any:
     """The volumes of `split` that `config.input` names."""
     c = config.input
     if c.dataset == 'cardiac_phantoms':
-        return _PhantomRecords(split, c.image_size)
+        return phantoms.PhantomSource(split, c.image_size)
     if c.dataset != 'folder':
         raise ConfigError(f"bad value '{c.dataset}' for 'input.dataset'; valid: cardiac_phantoms, folder")
     if not c.data_root:

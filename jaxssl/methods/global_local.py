@@ -227,19 +227,17 @@ class Segmenter:
         return {'encoder': encoder, 'decoder': decoder, 'head': head}
 
     def apply(self, variables: dict[str, Any], images: jax.Array, train: bool) -> tuple[jax.Array, dict[str, Any]]:
-        """(logits, the variables with the BatchNorm averages updated when training)."""
-        mutable = ['batch_stats'] if train else False
-        out = self.encoder.apply(variables['encoder'], images, train, mutable=mutable)
-        (bottleneck, skips), encoder = out if train else (out, {})
-        out = self.decoder.apply(variables['decoder'], bottleneck, skips, train, mutable=mutable)
-        features, decoder = out if train else (out, {})
-        out = self.head.apply(variables['head'], features, train, mutable=mutable)
-        logits, head = out if train else (out, {})
-        if not train:
-            return logits, variables
-        updated = {name: {**variables[name], **new} for name, new in
-                   (('encoder', encoder), ('decoder', decoder), ('head', head))}  # fmt: skip
-        return logits, updated
+        """(logits, the variables with the BatchNorm averages updated when training; unchanged otherwise)."""
+        updated = {}
+
+        def run(name, module, *inputs):
+            out, state = module.apply(variables[name], *inputs, train, mutable=['batch_stats'])
+            updated[name] = {**variables[name], **state}
+            return out
+
+        bottleneck, skips = run('encoder', self.encoder, images)
+        features = run('decoder', self.decoder, bottleneck, skips)
+        return run('head', self.head, features), updated
 
 
 class Method(base.Method):
