@@ -15,6 +15,7 @@ from jaxssl import params_io
 from jaxssl.config import ConfigError, load_config
 from jaxssl.data import phantoms, slices
 from jaxssl.data.decode import DecodeError
+from jaxssl.methods import _segmentation as segmentation
 from jaxssl.methods import global_local as gl
 from jaxssl.models import unet
 from tests.sharded_runs import run
@@ -154,9 +155,9 @@ def test_dice_measures_known_answers():
     targets[0, :, :, 0] = 1  # all background
     logits = jnp.asarray(np.log(np.stack([np.full((1, 2, 2), 0.75), np.full((1, 2, 2), 0.25)], -1)))
     # Background: 2 x 3 / (3 + 4) = 6/7; class 1: 0 / (1 + 0) = 0.
-    np.testing.assert_allclose(gl.dice_loss(logits, jnp.asarray(targets)), 1 - (6 / 7 + 0) / 2, rtol=1e-5)
+    np.testing.assert_allclose(segmentation.dice_loss(logits, jnp.asarray(targets)), 1 - (6 / 7 + 0) / 2, rtol=1e-5)
     prediction, label = np.array([[0, 1, 1, 2]]), np.array([[0, 1, 2, 2]])
-    np.testing.assert_allclose(gl.foreground_dice(prediction, label, 4), [2 / 3, 2 / 3, 1.0])  # class 3: absent
+    np.testing.assert_allclose(segmentation.foreground_dice(prediction, label, 4), [2 / 3, 2 / 3, 1.0])  # 3: absent
 
 
 def test_partitions_crop_and_intensity():

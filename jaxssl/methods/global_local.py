@@ -54,9 +54,10 @@ import optax
 
 from jaxssl import data
 from jaxssl.config import ConfigError, check_choice
-from jaxssl.data import decode, images, pipeline, slices
+from jaxssl.data import images, slices
+from jaxssl.methods import _segmentation as segmentation
 from jaxssl.methods import base
-from jaxssl.models.unet import GlobalHead, LocalHead, SegmentationHead, UNetDecoder, UNetEncoder
+from jaxssl.models.unet import GlobalHead, LocalHead, UNetDecoder, UNetEncoder
 
 log = logging.getLogger(__name__)
 
@@ -191,55 +192,6 @@ def local_contrastive_loss(regions: jax.Array, temperature: float) -> jax.Array:
     return jnp.mean(jnp.logaddexp(positive, negative_lse) - positive)
 
 
-def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """losses.py dice_loss_with_backgrnd: 1 - mean over images and classes of 2 sum(p y) / (sum p + sum y + 1e-10),
-    p the softmax, targets (soft) one-hot (N, H, W, K)."""
-    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    intersection = jnp.sum(p * targets, axis=(1, 2))
-    total = jnp.sum(p, axis=(1, 2)) + jnp.sum(targets, axis=(1, 2))
-    return 1.0 - jnp.mean(2.0 * intersection / (total + 1e-10))
-
-
-def foreground_dice(prediction: np.ndarray, label: np.ndarray, classes: int) -> np.ndarray:
-    """Per foreground class Dice of a whole volume's integer maps (f1 per class on the flattened volume); a class
-    absent from both counts 1."""
-    out = []
-    for k in range(1, classes):
-        p, y = prediction == k, label == k
-        denominator = p.sum() + y.sum()
-        out.append(1.0 if denominator == 0 else 2.0 * np.sum(p & y) / denominator)
-    return np.array(out)
-
-
-class Segmenter:
-    """The full UNet of the fine-tuning stage as flat {'encoder', 'decoder', 'head'} variables."""
-
-    def __init__(self, channels: tuple[int, ...], classes: int, momentum: float = 0.99):
-        self.encoder, self.decoder = UNetEncoder(channels, momentum), UNetDecoder(channels, momentum=momentum)
-        self.head = SegmentationHead(channels[0], classes, momentum)
-
-    def init(self, rng: jax.Array, images: jax.Array) -> dict[str, Any]:
-        keys = jax.random.split(rng, 3)
-        encoder = self.encoder.init(keys[0], images)
-        bottleneck, skips = self.encoder.apply(encoder, images)
-        decoder = self.decoder.init(keys[1], bottleneck, skips)
-        head = self.head.init(keys[2], self.decoder.apply(decoder, bottleneck, skips))
-        return {'encoder': encoder, 'decoder': decoder, 'head': head}
-
-    def apply(self, variables: dict[str, Any], images: jax.Array, train: bool) -> tuple[jax.Array, dict[str, Any]]:
-        """(logits, the variables with the BatchNorm averages updated when training; unchanged otherwise)."""
-        updated = {}
-
-        def run(name, module, *inputs):
-            out, state = module.apply(variables[name], *inputs, train, mutable=['batch_stats'])
-            updated[name] = {**variables[name], **state}
-            return out
-
-        bottleneck, skips = run('encoder', self.encoder, images)
-        features = run('decoder', self.decoder, bottleneck, skips)
-        return run('head', self.head, features), updated
-
-
 class Method(base.Method):
     """Stage `global`: params {'encoder', 'global_head'}. Stage `local`: params {'decoder', 'local_head'}, extra
     {'encoder': the global run's frozen encoder}. Batches: 'image' (B, views, slices, S, S, 1)."""
@@ -255,9 +207,9 @@ class Method(base.Method):
         self.decoder = UNetDecoder(channels, c.loss.decoder_blocks)
         self.local_head = LocalHead(c.model.embed_dim)
         self.corners = region_corners(local_map_size(c))
-        self.segmenter = Segmenter(channels, c.model.classes)
+        self.segmenter = segmentation.Segmenter(channels, c.model.classes)
         # The same network whose BatchNorm averages become the statistics of the batch it sees (recalibration).
-        self.calibrator = Segmenter(channels, c.model.classes, momentum=0.0)
+        self.calibrator = segmentation.Segmenter(channels, c.model.classes, momentum=0.0)
         if c.stage == 'local':
             self._check_pretrained()
 
@@ -376,28 +328,6 @@ class Method(base.Method):
             return {'encoder': params['encoder']}
         return {'encoder': extra['encoder'], 'decoder': params['decoder']}
 
-    def labelled_volumes(self, split: str, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(image (Z, S, S), labels (Z, S, S)) of the first `count` readable labelled volumes of `split`
-        (unreadable or unlabelled ones are skipped and counted)."""
-        source = slices.make_volume_source(self.config, split)
-        volumes = []
-        for index in range(len(source)):
-            record = source[index]
-            try:
-                image, label = slices.decode_volume(record, self.config.input.image_size)
-                if label is None:
-                    raise decode.DecodeError(f'{record["name"]} has no labels')
-            except decode.DecodeError as e:
-                pipeline._log_failure(record['name'], e)
-                pipeline._add_skipped(1)
-                continue
-            volumes.append((image, label))
-            if len(volumes) == count:
-                break
-        if len(volumes) < count:
-            raise ConfigError(f"'eval.labelled_volumes' {count}: split '{split}' has {len(volumes)} labelled volumes")
-        return volumes
-
     def finetune(self, pretrained: dict[str, Any], volumes: list, seed: int) -> dict[str, Any]:
         """A UNet trained by the Dice loss on the slices of `volumes` (batches of eval.finetune_batch drawn with
         replacement, augmented), all weights, Adam at eval.finetune_lr, from `pretrained` where given and a random
@@ -438,7 +368,7 @@ class Method(base.Method):
         def objective(params):
             full = {name: {**variables[name], 'params': params[name]} for name in variables}
             logits, updated = self.segmenter.apply(full, images_, train=True)
-            return dice_loss(logits, targets), updated
+            return segmentation.dice_loss(logits, targets), updated
 
         params = {name: v['params'] for name, v in variables.items()}
         (loss, updated), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -451,28 +381,21 @@ class Method(base.Method):
         logits, _ = self.segmenter.apply(variables, images_, train=False)
         return jnp.argmax(logits, axis=-1)
 
-    def test_dice(self, variables: dict[str, Any], volumes: list) -> np.ndarray:
-        """(test volumes, foreground classes) Dice of the network's predictions (BatchNorm running averages)."""
-        scores = []
-        for image, label in volumes:
-            prediction = np.concatenate([np.asarray(self._predict(variables, jnp.asarray(image[i : i + 16, ..., None])))
-                                         for i in range(0, len(image), 16)])  # fmt: skip
-            scores.append(foreground_dice(prediction, label, self.config.model.classes))
-        return np.array(scores)
-
     def evaluate(self, params, extra, mesh):
         """'<init>/dice' (mean foreground Dice over the test volumes) and '<init>/dice/<class>' for the UNet
         fine-tuned from the pretrained weights and, with eval.baselines, from a random init."""
         e, seed = self.config.eval, self.config.seed
-        train_volumes = self.labelled_volumes(e.finetune_split, e.labelled_volumes)
-        test_volumes = self.labelled_volumes(e.test_split, e.test_volumes)
+        train_volumes = segmentation.labelled_volumes(self.config, e.finetune_split, e.labelled_volumes,
+                                                      'eval.labelled_volumes')  # fmt: skip
+        test_volumes = segmentation.labelled_volumes(self.config, e.test_split, e.test_volumes, 'eval.test_volumes')
         starts = {'pretrained': self.pretrained_variables(jax.device_get(params), jax.device_get(extra))}
         if e.baselines:
             starts['random_init'] = {}
-        results = {}
+        results, classes = {}, self.config.model.classes
         names = slices.class_names(self.config)
         for name, pretrained in starts.items():
-            scores = self.test_dice(self.finetune(pretrained, train_volumes, seed), test_volumes)
+            variables = self.finetune(pretrained, train_volumes, seed)
+            scores = segmentation.volume_dice(functools.partial(self._predict, variables), test_volumes, classes)
             results[f'{name}/dice'] = float(scores.mean())
             for k, class_name in enumerate(names[1:]):
                 results[f'{name}/dice/{class_name}'] = float(scores[:, k].mean())
