@@ -198,6 +198,7 @@ def add_trainer_defaults(config: ml_collections.ConfigDict, runlocal: bool = Fal
     c.train.steps = 0  # 0: optim.epochs x examples per epoch / global batch
     c.train.log_every = 1 if runlocal else 50
     c.train.grad_accum = 1  # micro-batches per step
+    c.train.lookahead_steps = 0  # FST's virtual updates before each real one (jaxssl.train.make_train_step)
     c.train.nonfinite = 'stop'  # on a NaN/Inf loss or gradient: 'stop' (at the next log) or 'skip' the update
     c.train.preemption_check_every = 10  # steps between multi-process agreement on SIGTERM
     c.train.tensorboard = True

@@ -34,7 +34,7 @@ from jaxssl import rules as rules_lib
 from jaxssl.config import ConfigError
 
 OPTIMIZERS = ('adamw', 'adam', 'lars', 'sgd')
-SCHEDULES = ('cosine', 'linear', 'infinite', 'tri_stage', 'epoch_cosine', 'constant')
+SCHEDULES = ('cosine', 'linear', 'infinite', 'tri_stage', 'epoch_cosine', 'constant', 'poly')
 COOLDOWNS = ('cosine', 'linear', 'inv_sqrt')  # the infinite schedule's cooldown shapes (the reference's options)
 # Schedule keys every config gets (add_schedule_defaults) so any of them can be selected on the command line; the
 # infinite schedule's values are the authors' final small-scale MAE runs (Pauljanson002/MAE-1 bin/mila/*.sh).
@@ -51,6 +51,7 @@ SCHEDULE_DEFAULTS = dict(
     init_lr_scale=0.01,  # tri_stage: the warmup's first lr, a fraction of the peak lr
     final_lr_scale=0.05,  # tri_stage: the lr after the exponential decay, a fraction of the peak lr
     warmup_lr=1e-5,  # epoch_cosine: the constant lr of the warmup epochs (absolute, Dassl's WARMUP_CONS_LR)
+    poly_power=0.9,  # poly: lr = peak (1 - step / steps)^power (DeepLab's, U2PL's and FST's), no warmup
 )
 INV_SQRT_ALPHA = 10.0  # the reference's inverse-sqrt cooldown steepness
 
@@ -246,6 +247,13 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, 
     elif name == 'epoch_cosine':
         epochs = max(round(task_steps / steps_per_epoch), 1)
         cycle = epoch_cosine_schedule(peak, epochs, steps_per_epoch, optim_config.warmup_epochs, o.warmup_lr)
+        per_task = lambda step: cycle(jnp.mod(step, task_steps))
+    elif name == 'poly':
+        if warmup:
+            raise ConfigError(
+                "'optim.schedule' poly has no warmup: set 'optim.warmup_steps' and 'optim.warmup_epochs' to 0"
+            )
+        cycle = lambda step: peak * (1.0 - jnp.minimum(step, task_steps) / task_steps) ** o.poly_power
         per_task = lambda step: cycle(jnp.mod(step, task_steps))
     elif name == 'tri_stage':
         cycle = tri_stage_schedule(peak, task_steps, tuple(o.phase_ratio), o.init_lr_scale, o.final_lr_scale)

@@ -48,40 +48,67 @@ def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> N
             f"'input.global_batch': {examples} examples per step / {accum} micro-batches is not divisible by "
             f'{devices} devices on the batch axes'
         )
+    lookahead = config.train.get('lookahead_steps', 0)
+    if not isinstance(lookahead, int) or lookahead < 0:
+        raise ConfigError(f"bad value {lookahead!r} for 'train.lookahead_steps': must be an integer >= 0")
     if examples % jax.process_count():
         raise ConfigError(f"'input.global_batch' {examples} is not divisible by {jax.process_count()} processes")
 
 
-def make_train_step(method: base.Method, optimizer: optax.GradientTransformation, schedule: optax.Schedule, accum: int):
+def make_train_step(
+    method: base.Method,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    accum: int,
+    lookahead: int = 0,
+):
     """The pure update: (state, batch) -> (state, metrics). A non-finite loss or gradient leaves the state as it
-    was (the step counter still advances) and is counted, so a NaN never reaches the parameters or a checkpoint."""
+    was (the step counter still advances) and is counted, so a NaN never reaches the parameters or a checkpoint.
+
+    `lookahead` K > 0 (FST, Du et al. 2022, usr922/FST semi_seg/train_semi.py): before the real update, K virtual
+    updates on the same batch, each preceded by method.update_extra (an EMA teacher absorbs the virtual student),
+    and one more update_extra after them; then the params are restored and the real update is taken with the
+    teacher that has seen the student's future. As the reference, only the params are restored: the optimiser
+    state and the extra state (BatchNorm averages, the teacher) keep what the virtual updates did to them."""
 
     def grads_of(params, extra, batch, rng, step):
         (loss, (metrics, extra)), grads = jax.value_and_grad(method.loss, has_aux=True)(params, extra, batch, rng, step)
         return loss, metrics, extra, grads
 
+    def gradients(params, extra, batch, rng, step):
+        if accum == 1:
+            return grads_of(params, extra, batch, rng, step)
+        # Micro-batch j takes rows j, j + accum, ...: each device keeps its rows, no resharding.
+        micro = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(-1, accum, *x.shape[1:]), 1, 0), batch)
+
+        def body(carry, inputs):
+            mb, index = inputs
+            loss, metrics, new_extra, grads = grads_of(params, carry[3], mb, jax.random.fold_in(rng, index), step)
+            sums = jax.tree.map(jnp.add, carry[:3], (loss, metrics, grads))
+            return (*sums, new_extra), None
+
+        zeros = jax.eval_shape(lambda: grads_of(params, extra, jax.tree.map(lambda x: x[0], micro), rng, step))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0], zeros[1], zeros[3]))
+        (loss, metrics, grads, new_extra), _ = jax.lax.scan(body, (*zeros, extra), (micro, jnp.arange(accum)))
+        loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+        return loss, metrics, new_extra, grads
+
     def step_fn(state, batch):
         step, params, extra = state['step'], state['params'], state['extra']
         rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
-        if accum == 1:
-            loss, metrics, new_extra, grads = grads_of(params, extra, batch, rng, step)
-        else:
-            # Micro-batch j takes rows j, j + accum, ...: each device keeps its rows, no resharding.
-            micro = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(-1, accum, *x.shape[1:]), 1, 0), batch)
-
-            def body(carry, inputs):
-                mb, index = inputs
-                loss, metrics, new_extra, grads = grads_of(params, carry[3], mb, jax.random.fold_in(rng, index), step)
-                sums = jax.tree.map(jnp.add, carry[:3], (loss, metrics, grads))
-                return (*sums, new_extra), None
-
-            zeros = jax.eval_shape(lambda: grads_of(params, extra, jax.tree.map(lambda x: x[0], micro), rng, step))
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0], zeros[1], zeros[3]))
-            (loss, metrics, grads, new_extra), _ = jax.lax.scan(body, (*zeros, extra), (micro, jnp.arange(accum)))
-            loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+        opt_state = state['opt']
+        virtual = params
+        for k in range(lookahead):  # unrolled: K is small, and XLA:CPU runs convolution gradients slowly in loops
+            extra = method.update_extra(virtual, extra, step)
+            _, _, extra, grads = gradients(virtual, extra, batch, jax.random.fold_in(rng, k + 1), step)
+            updates, opt_state = optimizer.update(grads, opt_state, virtual)
+            virtual = optax.apply_updates(virtual, updates)
+        if lookahead:
+            extra = method.update_extra(virtual, extra, step)
+        loss, metrics, new_extra, grads = gradients(params, extra, batch, rng, step)
         grad_norm = optim.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = optimizer.update(grads, state['opt'], params)
+        updates, new_opt = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         new_extra = method.update_extra(new_params, new_extra, step)
 
@@ -93,7 +120,7 @@ def make_train_step(method: base.Method, optimizer: optax.GradientTransformation
             step=step + 1,
             params=keep_if_finite(new_params, params),
             opt=keep_if_finite(new_opt, state['opt']),
-            extra=keep_if_finite(new_extra, extra),
+            extra=keep_if_finite(new_extra, state['extra']),
             nonfinite=state['nonfinite'] + (~finite).astype(jnp.int32),
             first_nonfinite=jnp.where((~finite) & (state['first_nonfinite'] < 0), step + 1, state['first_nonfinite']),
         )
@@ -222,7 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     )
 
     step_fn = jax.jit(
-        make_train_step(method, optimizer, schedule, config.train.grad_accum),
+        make_train_step(method, optimizer, schedule, config.train.grad_accum, config.train.get('lookahead_steps', 0)),
         donate_argnums=(0,),
         out_shardings=(shardings, None),
     )
