@@ -16,7 +16,7 @@ shared/reference/methods/text_eeg_misc_mcl_e2s2_speecht5_eegformer_medical_cmim_
 
 import ml_collections
 
-from jaxssl.config import ConfigError, add_trainer_defaults, parse_arg
+from jaxssl.config import ConfigError, add_trainer_defaults, fixed_lr, parse_arg
 
 MODES = ('fst', 'mean_teacher', 'supervised')
 
@@ -38,8 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.unsup_weight = 0.0 if arg.mode == 'supervised' else 1.0  # unsupervised.loss_weight
     c.loss.drop_percent = 80.0  # pixels at or above this percentile of the teacher's entropy carry no pseudo label
     c.loss.ema_decay = 0.99  # the teacher's decay: min(1 - 1/(step + 1), ema_decay)
-    # The reference's first epoch, during which the teacher is the student: (unlabelled slices / batch) steps.
-    c.loss.teacher_warmup_steps = 100
+    c.loss.teacher_warmup_epochs = 1.0  # the teacher is the student in the reference's first epoch
 
     c.input = ml_collections.ConfigDict()
     c.input.dataset = 'cardiac_phantoms' if arg.runlocal else 'folder'  # or 'cardiac_phantoms' (built in)
@@ -57,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.name = 'sgd'
     c.optim.momentum = 0.9
     # lr = base_lr x global_batch / 256: the reference's 0.001 for the encoder whatever the batch.
-    c.optim.base_lr = 1e-3 * 256 / c.input.get_ref('global_batch')
+    c.optim.base_lr = fixed_lr(c, 1e-3)
     c.optim.min_lr = 0.0  # unused by the poly schedule
     c.optim.schedule = 'poly'
     c.optim.poly_power = 0.9
@@ -80,8 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.channels = (8, 16, 32, 32, 32)  # 48 -> 3 px at the bottleneck
         c.input.labelled_volumes = 1
         c.input.global_batch = 8  # one labelled and one unlabelled slice per fake CPU device in the sharding tests
-        c.optim.base_lr = 1e-2 * 256 / c.input.get_ref('global_batch')  # from a random init, not ImageNet: 10x
-        c.loss.teacher_warmup_steps = 25
+        c.optim.base_lr = fixed_lr(c, 1e-2)  # from a random init, not ImageNet: 10x
         c.train.steps = 300
         c.train.log_every = 25
         c.checkpoint.every = 100

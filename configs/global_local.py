@@ -19,7 +19,7 @@ eegformer_medical_cmim_fst.md section 6 (ACDC: 192 x 192 slices at 1.367 mm, 4 c
 
 import ml_collections
 
-from jaxssl.config import add_trainer_defaults, parse_arg
+from jaxssl.config import add_trainer_defaults, fixed_lr, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.name = 'adamw'  # Adam, no weight decay, constant lr 1e-3 (every stage)
     # lr = base_lr x global_batch / 256; the reference's is 1e-3 whatever the batch, so base_lr follows the batch.
-    c.optim.base_lr = 1e-3 * 256 / c.input.get_ref('global_batch')
+    c.optim.base_lr = fixed_lr(c, 1e-3)
     c.optim.min_lr = 0.0  # unused by the constant schedule
     c.optim.schedule = 'constant'
     c.optim.warmup_steps = 0

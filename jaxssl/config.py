@@ -187,6 +187,12 @@ def add_backbone_config(config: ml_collections.ConfigDict, variant: str, runloca
     return resnet
 
 
+def fixed_lr(config: ml_collections.ConfigDict, lr: float) -> ml_collections.FieldReference:
+    """An `optim.base_lr` that makes the trainer's lr (base_lr x input.global_batch / 256) equal `lr` whatever the
+    batch (set input.global_batch first). A float reference, so --config.optim.base_lr=... still overrides it."""
+    return ml_collections.FieldReference(float(lr) * 256) / config.input.get_ref('global_batch')
+
+
 def add_trainer_defaults(config: ml_collections.ConfigDict, runlocal: bool = False) -> ml_collections.ConfigDict:
     """Adds the sections every method's config shares: train loop, checkpoints, mesh, sharding, debug hooks."""
     c = config

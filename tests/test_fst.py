@@ -81,6 +81,8 @@ def test_poly_schedule_and_bad_values():
     peak = optim.peak_learning_rate(config)
     for step in (0, 1, 50, 99):
         np.testing.assert_allclose(schedule(step), peak * (1 - step / 100) ** 0.9, rtol=1e-6)
+    assert optim.peak_learning_rate(load_config(SPEC, ['input.global_batch=16'])) == pytest.approx(0.01)  # fixed
+    assert optim.peak_learning_rate(load_config(SPEC, ['optim.base_lr=1.6'])) == pytest.approx(0.05)  # overridable
     with pytest.raises(ConfigError, match='warmup'):
         optim.learning_rate_schedule(load_config(SPEC, ['optim.warmup_steps=5']), 100, 10)
     for overrides, key in ((['loss.drop_percent=0'], r'loss\.drop_percent'), (['loss.ema_decay=1.0'], 'ema_decay'),
@@ -110,6 +112,13 @@ def test_unsupervised_loss_drops_the_most_uncertain_pixels():
     assert keep.sum() == 32  # 80% of 40 pixels
 
 
+def test_pseudo_label_quality_counts_known_pixels_only():
+    pseudo = jnp.array([[0, 1, 2, 2, 1]])
+    truth = jnp.array([[0, 1, 1, -1, -1]])  # 3 known pixels, 2 known foreground
+    quality = fst.pseudo_label_quality(pseudo, truth)
+    np.testing.assert_allclose([quality['pseudo_label_accuracy'], quality['pseudo_label_recall']], [2 / 3, 1 / 2])
+
+
 def test_resize_matches_torch_and_the_augmentation_keeps_labels():
     image = np.random.default_rng(2).uniform(size=(12, 12)).astype(np.float32)
     for out in (7, 12, 19):
@@ -136,12 +145,13 @@ def test_teacher_is_the_student_during_warmup_then_its_ema():
     method = fst.Method(load_config(SPEC, ['model.channels=(4,8)']))
     params, extra = method.init(jax.random.key(0), method.example_batch(1))
     moved = jax.tree.map(lambda x: x + 1.0, params)
-    for step, decay in ((0, 0.0), (24, 0.0), (30, 1 - 1 / 31), (500, 0.99)):  # warmup 25, ema_decay 0.99
+    assert method.warmup_steps == 12  # one epoch: 100 unlabelled volumes / 8
+    for step, decay in ((0, 0.0), (11, 0.0), (30, 1 - 1 / 31), (500, 0.99)):  # ema_decay 0.99
         teacher = method.update_extra(moved, extra, jnp.asarray(step))['teacher']
         jax.tree.map(lambda t, p, s, d=decay: np.testing.assert_allclose(t, d * p + (1 - d) * s, atol=1e-6),
                      teacher, params, moved)  # fmt: skip
         used = method.teacher_params(moved, extra, jnp.asarray(step))
-        jax.tree.map(np.testing.assert_array_equal, used, moved if step < 25 else extra['teacher'])
+        jax.tree.map(np.testing.assert_array_equal, used, moved if step < 12 else extra['teacher'])
 
 
 @pytest.mark.slow
@@ -155,9 +165,9 @@ def test_runlocal_sharded_matches_one_device_and_reports_dice(tmp_path):
     for key in ('loss', 'sup_loss', 'unsup_loss'):
         np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in want_rows], rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), state['params'], want['params'])
-    assert 0.79 < rows[0]['kept_fraction'] <= 0.8
+    assert 0.79 < rows[0]['kept_fraction'] <= 0.8 and 0 < rows[0]['pseudo_label_accuracy'] <= 1
     results = {k.removeprefix('final_eval/'): v for k, v in summary.items() if k.startswith('final_eval/')}
     assert {'teacher/dice', 'student/dice', 'teacher/dice/lv', 'student/dice/rv'} <= set(results)
     assert all(0 <= v <= 1 for v in results.values())
-    # After 2 steps inside the 25-step warmup the teacher is a copy of the student.
+    # After 2 steps inside the 12-step warmup the teacher is a copy of the student.
     jax.tree.map(np.testing.assert_array_equal, state['extra']['teacher'], state['params'])

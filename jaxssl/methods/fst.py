@@ -12,8 +12,9 @@ with the teacher in evaluation mode for the pseudo labels, and a second, train-m
 batch whose per-pixel entropy drops the `loss.drop_percent` percentile and above of the unlabelled pixels
 (loss_helper.compute_unsupervised_loss: the kept pixels' mean CE divided by the kept fraction). That second pass
 moves the teacher's own BatchNorm averages; its weights are an EMA of the student's, decay
-min(1 - 1/(step + 1), loss.ema_decay). For the first `loss.teacher_warmup_steps` steps (the reference's first
-epoch) the teacher IS the student: the reference assigns the student's tensors to it before each loss.
+min(1 - 1/(step + 1), loss.ema_decay). For the first `loss.teacher_warmup_epochs` epochs (the reference's first
+epoch; an epoch is a pass over the unlabelled volumes) the teacher IS the student: the reference assigns the
+student's tensors to it before each loss.
 
 The future: with train.lookahead_steps K (3, the reference's), the trainer (jaxssl.train.make_train_step) takes K
 virtual SGD steps on the same batch before each real one, the teacher absorbing each virtual student, restores the
@@ -67,8 +68,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         value = c[section][name]
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"bad value {value!r} for '{key}': must be an integer >= 1")
-    if c.loss.teacher_warmup_steps < 0 or c.loss.unsup_weight < 0:
-        raise ConfigError("'loss.teacher_warmup_steps' and 'loss.unsup_weight' must be >= 0")
+    if c.loss.teacher_warmup_epochs < 0 or c.loss.unsup_weight < 0:
+        raise ConfigError("'loss.teacher_warmup_epochs' and 'loss.unsup_weight' must be >= 0")
 
 
 def resize(image: np.ndarray, out: int, order: int) -> np.ndarray:
@@ -115,10 +116,22 @@ def unsupervised_loss(logits: jax.Array, pseudo_labels: jax.Array, teacher_logit
     return jnp.sum(jnp.where(keep, ce, 0.0)) / kept / fraction, fraction
 
 
+def pseudo_label_quality(pseudo_labels: jax.Array, truth: jax.Array) -> dict[str, jax.Array]:
+    """Against the unlabelled slices' true labels (-1: unknown, not counted): 'pseudo_label_accuracy' over the
+    known pixels and 'pseudo_label_recall' over the known foreground ones (0 when none is known)."""
+    known, foreground = truth >= 0, truth > 0
+    right = pseudo_labels == truth
+    return {
+        'pseudo_label_accuracy': jnp.sum(right & known) / jnp.maximum(jnp.sum(known), 1),
+        'pseudo_label_recall': jnp.sum(right & foreground) / jnp.maximum(jnp.sum(foreground), 1),
+    }
+
+
 class Method(base.Method):
     """params: the student UNet {'encoder', 'decoder', 'head'}; extra: {'teacher': its EMA weights,
     'student_stats' / 'teacher_stats': each network's BatchNorm averages}. Batches: 'labelled' and 'unlabelled'
-    (B, S, S, 1) slices and 'label' (B, S, S) int32."""
+    (B, S, S, 1) slices, 'label' (B, S, S) int32 and 'unlabelled_truth' (B, S, S) int32, the unlabelled slices'
+    own labels where known (-1 elsewhere), read by the pseudo-label metrics only."""
 
     input_key = 'unlabelled'
 
@@ -127,6 +140,8 @@ class Method(base.Method):
         check_config(config)
         self.segmenter = segmentation.Segmenter(tuple(config.model.channels), config.model.classes, BN_MOMENTUM)
         self._labelled: tuple[np.ndarray, np.ndarray] | None = None
+        steps_per_epoch = len(slices.make_volume_source(config, config.input.split)) // config.input.global_batch
+        self.warmup_steps = int(config.loss.teacher_warmup_epochs * steps_per_epoch)
 
     # --- data (host side) ----------------------------------------------------------------------------------------
     def labelled_slices(self) -> tuple[np.ndarray, np.ndarray]:
@@ -140,8 +155,11 @@ class Method(base.Method):
 
     def view(self, volume: tuple[np.ndarray, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """One random slice of an unlabelled volume and one random labelled slice, each weakly augmented."""
-        image, _ = volume
-        unlabelled, _ = weak_augment(image[rng.integers(0, len(image))], np.zeros(image.shape[1:], np.int32), rng)
+        image, truth = volume
+        row = rng.integers(0, len(image))
+        # The unlabelled slice's own labels, where its volume has them, only measure the pseudo labels (-1: none).
+        truth = np.full(image.shape[1:], -1, np.int32) if truth is None else truth[row]
+        unlabelled, truth = weak_augment(image[row], truth + 1, rng)
         labelled_images, labels = self.labelled_slices()
         row = rng.integers(0, len(labelled_images))
         labelled, label = weak_augment(labelled_images[row], labels[row], rng)
@@ -149,6 +167,7 @@ class Method(base.Method):
             'unlabelled': unlabelled[..., None].astype(np.float32),
             'labelled': labelled[..., None].astype(np.float32),
             'label': label.astype(np.int32),
+            'unlabelled_truth': (truth - 1).astype(np.int32),
         }
 
     def dataset(self, seed, process_index, process_count):
@@ -168,6 +187,7 @@ class Method(base.Method):
             'unlabelled': rng.uniform(size=(batch_size, size, size, 1)).astype(np.float32),
             'labelled': rng.uniform(size=(batch_size, size, size, 1)).astype(np.float32),
             'label': rng.integers(0, self.config.model.classes, (batch_size, size, size)).astype(np.int32),
+            'unlabelled_truth': np.full((batch_size, size, size), -1, np.int32),
         }
 
     def host_metrics(self) -> dict[str, float]:
@@ -179,7 +199,7 @@ class Method(base.Method):
         variables = self.segmenter.init(base.stream(rng, 'fst'), jnp.zeros((1, size, size, 1)))
         params = {name: v['params'] for name, v in variables.items()}
         stats = {name: v['batch_stats'] for name, v in variables.items()}
-        # The teacher's own init is never used: it is the student until teacher_warmup_steps (see the docstring).
+        # The teacher's own init is never used: it is the student during the warmup (see the docstring).
         return params, {'teacher': params, 'student_stats': stats, 'teacher_stats': stats}
 
     @staticmethod
@@ -188,7 +208,7 @@ class Method(base.Method):
 
     def teacher_params(self, params: Any, extra: Any, step: jax.Array) -> Any:
         """The teacher's weights at `step`: the student's (no gradient) during the warmup, the EMA after it."""
-        warm = step < self.config.loss.teacher_warmup_steps
+        warm = step < self.warmup_steps
         return jax.tree.map(lambda s, t: jnp.where(warm, jax.lax.stop_gradient(s), t), params, extra['teacher'])
 
     def loss(self, params, extra, batch, rng, step):
@@ -211,7 +231,7 @@ class Method(base.Method):
         new_extra = dict(extra, student_stats=stats(student_state),
                          teacher_stats=jax.lax.stop_gradient(stats(teacher_state)))  # fmt: skip
         metrics = {'sup_loss': sup, 'unsup_loss': unsup, 'kept_fraction': kept,
-                   'pseudo_label_accuracy': jnp.mean(pseudo_labels == jnp.argmax(logits[b:], -1))}  # fmt: skip
+                   **pseudo_label_quality(pseudo_labels, batch['unlabelled_truth'])}  # fmt: skip
         return loss, (metrics, new_extra)
 
     def update_extra(self, params, extra, step):
@@ -219,7 +239,7 @@ class Method(base.Method):
         during the warmup the teacher is the student (d = 0)."""
         c = self.config.loss
         decay = jnp.minimum(1.0 - 1.0 / (step + 1.0), c.ema_decay)
-        decay = jnp.where(step < c.teacher_warmup_steps, 0.0, decay)
+        decay = jnp.where(step < self.warmup_steps, 0.0, decay)
         teacher = jax.tree.map(lambda t, s: decay * t + (1.0 - decay) * s, extra['teacher'], params)
         return dict(extra, teacher=teacher)
 
