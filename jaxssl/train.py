@@ -96,18 +96,20 @@ def make_train_step(
     def step_fn(state, batch):
         step, params, extra = state['step'], state['params'], state['extra']
         rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
-        opt_state = state['opt']
-        virtual = params
+        opt_state, virtual, virtual_finite = state['opt'], params, jnp.bool_(True)
         for k in range(lookahead):  # unrolled: K is small, and XLA:CPU runs convolution gradients slowly in loops
             extra = method.update_extra(virtual, extra, step)
-            _, _, extra, grads = gradients(virtual, extra, batch, jax.random.fold_in(rng, k + 1), step)
+            loss, _, extra, grads = gradients(virtual, extra, batch, jax.random.fold_in(rng, k + 1), step)
+            # A virtual NaN would reach the teacher even when the real loss stays finite: it fails the step too.
+            virtual_finite &= jnp.isfinite(loss) & jnp.isfinite(optim.global_norm(grads))
             updates, opt_state = optimizer.update(grads, opt_state, virtual)
             virtual = optax.apply_updates(virtual, updates)
         if lookahead:
+            virtual_finite &= jnp.isfinite(optim.global_norm(virtual))
             extra = method.update_extra(virtual, extra, step)
         loss, metrics, new_extra, grads = gradients(params, extra, batch, rng, step)
         grad_norm = optim.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & virtual_finite
         updates, new_opt = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         new_extra = method.update_extra(new_params, new_extra, step)

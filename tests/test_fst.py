@@ -75,6 +75,29 @@ def test_lookahead_step_equals_the_references_loop(lookahead):
         assert np.abs(want_w - reference_loop(w, t, x, 3, 0)[0]).max() > 1e-3
 
 
+class Fragile(Toy):
+    """|w - x|^2 / 2 + sqrt(0.5 - sum(w)), without the teacher: finite at w = 0, NaN once a step has moved w
+    towards x = 1."""
+
+    def loss(self, params, extra, batch, rng, step):
+        w = params['w']
+        return 0.5 * jnp.sum((w - batch['x']) ** 2) + jnp.sqrt(0.5 - jnp.sum(w)), ({}, extra)
+
+
+def test_a_nonfinite_virtual_step_fails_the_real_one():
+    """The real step's loss is finite, but its teacher would carry the virtual step's NaN: the guard skips it."""
+    optimizer = optax.sgd(1.0)
+    step_fn = jax.jit(train.make_train_step(Fragile(None), optimizer, lambda s: 1.0, accum=1, lookahead=2))
+    params, extra = {'w': jnp.zeros(3)}, {'teacher': jnp.zeros(3), 'calls': jnp.zeros((), jnp.int32)}
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, opt=optimizer.init(params), extra=extra,
+                 rng=jax.random.key_data(jax.random.key(0)), nonfinite=jnp.zeros((), jnp.int32),
+                 first_nonfinite=-jnp.ones((), jnp.int32))  # fmt: skip
+    state, metrics = step_fn(state, {'x': jnp.ones(3)})
+    assert np.isfinite(metrics['loss']) and int(state['nonfinite']) == 1
+    np.testing.assert_array_equal(state['params']['w'], 0.0)
+    np.testing.assert_array_equal(state['extra']['teacher'], 0.0)
+
+
 def test_poly_schedule_and_bad_values():
     config = load_config(SPEC)
     schedule = optim.learning_rate_schedule(config, total_steps=100, steps_per_epoch=10)
