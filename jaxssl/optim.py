@@ -253,7 +253,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, 
             raise ConfigError(
                 "'optim.schedule' poly has no warmup: set 'optim.warmup_steps' and 'optim.warmup_epochs' to 0"
             )
-        cycle = lambda step: peak * (1.0 - jnp.minimum(step, task_steps) / task_steps) ** o.poly_power
+        # Clamped at 0: XLA computes step / steps as step x (1 / steps), a hair above 1 at the end, and a negative
+        # base to a fractional power is NaN.
+        cycle = lambda step: peak * jnp.maximum(1.0 - jnp.minimum(step, task_steps) / task_steps, 0.0) ** o.poly_power
         per_task = lambda step: cycle(jnp.mod(step, task_steps))
     elif name == 'tri_stage':
         cycle = tri_stage_schedule(peak, task_steps, tuple(o.phase_ratio), o.init_lr_scale, o.final_lr_scale)
@@ -355,6 +357,20 @@ def frozen_for(inner: optax.GradientTransformation, steps: int) -> optax.Gradien
         return new_updates, (new_state, jnp.minimum(count + 1, steps))
 
     return optax.GradientTransformation(init, update)
+
+
+def _is_schedule_state(node: Any) -> bool:
+    # optax's lr schedule position (public) and its weight-decay schedule position (optax.transforms._adding).
+    return isinstance(node, optax.ScaleByScheduleState) or type(node).__name__ == 'WeightDecaySchedule'
+
+
+def rewind_schedules(state: Any, before: Any) -> Any:
+    """`state` with every lr and weight-decay schedule position taken from `before`, the rest (momentum, Adam's
+    moments and bias-correction count) kept: the look-ahead's virtual updates move the optimiser's buffers but not
+    its schedules, as FST's reference steps its lr scheduler once per real step. (frozen_for's thaw counts are
+    plain arrays and advance with every update.)"""
+    return jax.tree.map(lambda new, old: old if _is_schedule_state(new) else new, state, before,
+                        is_leaf=_is_schedule_state)  # fmt: skip
 
 
 def clamp_params(rules: Sequence[tuple[str, float, float]]) -> optax.GradientTransformation:

@@ -68,8 +68,9 @@ def make_train_step(
     `lookahead` K > 0 (FST, Du et al. 2022, usr922/FST semi_seg/train_semi.py): before the real update, K virtual
     updates on the same batch, each preceded by method.update_extra (an EMA teacher absorbs the virtual student),
     and one more update_extra after them; then the params are restored and the real update is taken with the
-    teacher that has seen the student's future. As the reference, only the params are restored: the optimiser
-    state and the extra state (BatchNorm averages, the teacher) keep what the virtual updates did to them."""
+    teacher that has seen the student's future. As the reference, only the params and the lr / weight-decay
+    schedules' positions are restored: the optimiser's buffers (momentum, Adam's moments and count) and the extra
+    state (BatchNorm averages, the teacher) keep what the virtual updates did to them."""
 
     def grads_of(params, extra, batch, rng, step):
         (loss, (metrics, extra)), grads = jax.value_and_grad(method.loss, has_aux=True)(params, extra, batch, rng, step)
@@ -103,6 +104,7 @@ def make_train_step(
             # A virtual NaN would reach the teacher even when the real loss stays finite: it fails the step too.
             virtual_finite &= jnp.isfinite(loss) & jnp.isfinite(optim.global_norm(grads))
             updates, opt_state = optimizer.update(grads, opt_state, virtual)
+            opt_state = optim.rewind_schedules(opt_state, state['opt'])  # every pass at this step's lr
             virtual = optax.apply_updates(virtual, updates)
         if lookahead:
             virtual_finite &= jnp.isfinite(optim.global_norm(virtual))

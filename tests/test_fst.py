@@ -30,16 +30,21 @@ class Toy(base.Method):
         return dict(extra, teacher=decay * extra['teacher'] + (1 - decay) * params['w'])
 
 
+def lr(step):
+    return LR / (1 + step)
+
+
 def reference_loop(w, t, x, steps, lookahead):
-    """semi_seg/train_semi.py's iteration, in numpy: torch SGD (momentum, no dampening) and update_ema."""
+    """semi_seg/train_semi.py's iteration, in numpy: torch SGD (momentum, no dampening) and update_ema; the lr
+    scheduler steps once per real iteration."""
     b = np.zeros_like(w)
     for i in range(steps):
         decay = min(1 - 1 / (i + 1), EMA)
         ema = lambda t, w, decay=decay: decay * t + (1 - decay) * w
 
-        def sgd(w, b, t):
+        def sgd(w, b, t, i=i):
             b = MOMENTUM * b + (w - t - x)
-            return w - LR * b, b
+            return w - lr(i) * b, b
 
         saved = w.copy()
         for _ in range(lookahead):
@@ -57,8 +62,8 @@ def reference_loop(w, t, x, steps, lookahead):
 def test_lookahead_step_equals_the_references_loop(lookahead):
     rng = np.random.default_rng(0)
     w, t, x = (rng.normal(size=3).astype(np.float32) for _ in range(3))
-    optimizer = optax.chain(optax.trace(decay=MOMENTUM), optax.scale(-LR))
-    step_fn = jax.jit(train.make_train_step(Toy(None), optimizer, lambda s: LR, accum=1, lookahead=lookahead))
+    optimizer = optax.chain(optax.trace(decay=MOMENTUM), optax.scale_by_learning_rate(lr))
+    step_fn = jax.jit(train.make_train_step(Toy(None), optimizer, lr, accum=1, lookahead=lookahead))
     params = {'w': jnp.asarray(w)}
     state = dict(step=jnp.zeros((), jnp.int32), params=params, opt=optimizer.init(params),
                  extra={'teacher': jnp.asarray(t), 'calls': jnp.zeros((), jnp.int32)},
@@ -71,6 +76,7 @@ def test_lookahead_step_equals_the_references_loop(lookahead):
     np.testing.assert_allclose(state['extra']['teacher'], want_t, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(state['opt'][0].trace['w'], want_b, rtol=1e-5, atol=1e-6)
     assert int(state['extra']['calls']) == 3 * (lookahead + 1)  # the virtual steps' extra state is kept
+    assert int(state['opt'][1].count) == 3  # the lr schedule counts real steps only
     if lookahead:  # and the look-ahead changes the result
         assert np.abs(want_w - reference_loop(w, t, x, 3, 0)[0]).max() > 1e-3
 
@@ -104,6 +110,8 @@ def test_poly_schedule_and_bad_values():
     peak = optim.peak_learning_rate(config)
     for step in (0, 1, 50, 99):
         np.testing.assert_allclose(schedule(step), peak * (1 - step / 100) ** 0.9, rtol=1e-6)
+    # Past the end (a look-ahead's optimiser counts more updates than steps): 0, not NaN, compiled too.
+    assert float(jax.jit(schedule)(jnp.int32(400))) == 0.0 and float(jax.jit(schedule)(jnp.int32(100))) == 0.0
     assert optim.peak_learning_rate(load_config(SPEC, ['input.global_batch=16'])) == pytest.approx(0.01)  # fixed
     assert optim.peak_learning_rate(load_config(SPEC, ['optim.base_lr=1.6'])) == pytest.approx(0.05)  # overridable
     with pytest.raises(ConfigError, match='warmup'):
