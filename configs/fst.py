@@ -77,10 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.at_end = True
     if arg.runlocal:
         c.model.channels = (8, 16, 32, 32, 32)  # 48 -> 3 px at the bottleneck
-        c.input.labelled_volumes = 1
         c.input.global_batch = 8  # one labelled and one unlabelled slice per fake CPU device in the sharding tests
-        c.optim.base_lr = fixed_lr(c, 1e-2)  # from a random init, not ImageNet: 10x
-        c.train.steps = 300
+        c.optim.base_lr = fixed_lr(c, 5e-2)  # from a random init, not an ImageNet encoder: 50x
+        c.train.steps = 1000
         c.train.log_every = 25
         c.checkpoint.every = 100
         c.eval.test_volumes = 10

@@ -112,8 +112,8 @@ def test_poly_schedule_and_bad_values():
         np.testing.assert_allclose(schedule(step), peak * (1 - step / 100) ** 0.9, rtol=1e-6)
     # Past the end (a look-ahead's optimiser counts more updates than steps): 0, not NaN, compiled too.
     assert float(jax.jit(schedule)(jnp.int32(400))) == 0.0 and float(jax.jit(schedule)(jnp.int32(100))) == 0.0
-    assert optim.peak_learning_rate(load_config(SPEC, ['input.global_batch=16'])) == pytest.approx(0.01)  # fixed
-    assert optim.peak_learning_rate(load_config(SPEC, ['optim.base_lr=1.6'])) == pytest.approx(0.05)  # overridable
+    assert optim.peak_learning_rate(load_config(SPEC, ['input.global_batch=16'])) == pytest.approx(0.05)  # fixed
+    assert optim.peak_learning_rate(load_config(SPEC, ['optim.base_lr=0.32'])) == pytest.approx(0.01)  # overridable
     with pytest.raises(ConfigError, match='warmup'):
         optim.learning_rate_schedule(load_config(SPEC, ['optim.warmup_steps=5']), 100, 10)
     for overrides, key in ((['loss.drop_percent=0'], r'loss\.drop_percent'), (['loss.ema_decay=1.0'], 'ema_decay'),

@@ -12,15 +12,17 @@ Sources give records {'name', 'image' or 'path'}; `decode_volume` turns one into
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from jaxssl.config import ConfigError
-from jaxssl.data import phantoms
+from jaxssl.data import images, phantoms
 from jaxssl.data.decode import DecodeError
 
 # The reference's crop augmentation on 192 x 192 slices: a 100 x 100 window whose top-left corner is drawn from
@@ -61,6 +63,22 @@ def make_volume_source(config: Any, split: str) -> Any:
     if not c.data_root:
         raise ConfigError("'input.data_root' is empty: set it to <root> with <root>/<split>/*.npz volumes")
     return VolumeFolderSource(os.path.join(c.data_root, split))
+
+
+def make_volume_dataset(
+    config: Any, *, seed: int, process_index: int, process_count: int,
+    view: Callable[[tuple[np.ndarray, Any], np.random.Generator], dict[str, np.ndarray]], min_slices: int = 1,
+) -> tuple[Any, int]:  # fmt: skip
+    """(host batches of `view((image, labels), rng)`, one volume of `input.split` per example in a shuffled pass
+    per epoch, the split's volume count). Unreadable volumes, and those with fewer than `min_slices` slices, are
+    skipped and counted."""
+    source = make_volume_source(config, config.input.split)
+    decode = functools.partial(decode_volume, size=config.input.image_size, min_slices=min_slices)
+    dataset = images.make_image_pretrain_dataset(
+        config, seed=seed, process_index=process_index, process_count=process_count, view=view, source=source,
+        decode=decode,
+    )  # fmt: skip
+    return dataset, len(source)
 
 
 def crop_or_pad(volume: np.ndarray, size: int) -> np.ndarray:

@@ -49,7 +49,7 @@ import optax
 
 from jaxssl import data
 from jaxssl.config import ConfigError
-from jaxssl.data import images, slices
+from jaxssl.data import slices
 from jaxssl.methods import _segmentation as segmentation
 from jaxssl.methods import base
 
@@ -172,13 +172,8 @@ class Method(base.Method):
 
     def dataset(self, seed, process_index, process_count):
         self.labelled_slices()  # read (and checked) before the workers start
-        source = slices.make_volume_source(self.config, self.config.input.split)
-        decode_volume = functools.partial(slices.decode_volume, size=self.config.input.image_size)
-        dataset = images.make_image_pretrain_dataset(
-            self.config, seed=seed, process_index=process_index, process_count=process_count, view=self.view,
-            source=source, decode=decode_volume,
-        )  # fmt: skip
-        return dataset, len(source)
+        return slices.make_volume_dataset(self.config, seed=seed, process_index=process_index,
+                                          process_count=process_count, view=self.view)  # fmt: skip
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         size = self.config.input.image_size

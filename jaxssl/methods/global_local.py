@@ -54,7 +54,7 @@ import optax
 
 from jaxssl import data
 from jaxssl.config import ConfigError, check_choice
-from jaxssl.data import images, slices
+from jaxssl.data import slices
 from jaxssl.methods import _segmentation as segmentation
 from jaxssl.methods import base
 from jaxssl.models.unet import GlobalHead, LocalHead, UNetDecoder, UNetEncoder
@@ -254,15 +254,11 @@ class Method(base.Method):
         return {'image': np.asarray(views, np.float32)[..., None]}
 
     def dataset(self, seed, process_index, process_count):
-        source = slices.make_volume_source(self.config, self.config.input.split)
         # A volume with fewer slices than partitions is skipped and counted.
-        decode_volume = functools.partial(slices.decode_volume, size=self.config.input.image_size,
-                                          min_slices=self.slices)  # fmt: skip
-        dataset = images.make_image_pretrain_dataset(
+        return slices.make_volume_dataset(
             self.config, seed=seed, process_index=process_index, process_count=process_count, view=self.view,
-            source=source, decode=decode_volume,
+            min_slices=self.slices,
         )  # fmt: skip
-        return dataset, len(source)
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         size = self.config.input.image_size
