@@ -19,7 +19,8 @@ student's tensors to it before each loss.
 The future: with train.lookahead_steps K (3, the reference's), the trainer (jaxssl.train.make_train_step) takes K
 virtual SGD steps on the same batch before each real one, the teacher absorbing each virtual student, restores the
 student's weights and takes the real step with the pseudo labels of that teacher: 5 EMA updates per real step, all
-with the step's one decay, and the virtual steps' effect on the momentum buffers and the BatchNorm averages kept.
+with the step's one decay, every pass at the step's lr, and the virtual steps' effect on the momentum buffers and
+the BatchNorm averages kept.
 K = 0 is the plain mean teacher; loss.unsup_weight = 0 trains on the labelled slices alone.
 
 Evaluation: the mean foreground Dice per test volume of the teacher (the network the reference evaluates and
@@ -41,11 +42,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from scipy import ndimage
 
 from jaxssl import data
 from jaxssl.config import ConfigError
@@ -53,7 +56,7 @@ from jaxssl.data import slices
 from jaxssl.methods import _segmentation as segmentation
 from jaxssl.methods import base
 
-# The reference's teacher BatchNorm: torch's default momentum 0.1 (flax's 0.9).
+# The reference's BatchNorm (SyncBatchNorm, student and teacher): torch's default momentum 0.1, flax's 0.9.
 BN_MOMENTUM = 0.9
 
 
@@ -81,7 +84,7 @@ def resize(image: np.ndarray, out: int, order: int) -> np.ndarray:
         return image[np.ix_(index, index)]
     grid = np.maximum((np.arange(out) + 0.5) * (size / out) - 0.5, 0.0)
     coords = np.meshgrid(grid, grid, indexing='ij')
-    return slices.ndimage.map_coordinates(image, coords, order=1, mode='nearest').astype(image.dtype)
+    return ndimage.map_coordinates(image, coords, order=1, mode='nearest').astype(image.dtype)
 
 
 def weak_augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -209,6 +212,9 @@ class Method(base.Method):
     def loss(self, params, extra, batch, rng, step):
         c = self.config.loss
         labelled, unlabelled = batch['labelled'], batch['unlabelled']
+        chex.assert_rank(labelled, 4)
+        chex.assert_equal_shape([labelled, unlabelled])
+        chex.assert_equal_shape([labelled[..., 0], batch['label'], batch['unlabelled_truth']])
         b = labelled.shape[0]
         both = jnp.concatenate([labelled, unlabelled])
         teacher = self._variables(self.teacher_params(params, extra, step), extra['teacher_stats'])
