@@ -79,8 +79,9 @@ def resize(image: np.ndarray, out: int, order: int) -> np.ndarray:
     """torch F.interpolate of a square (S, S) map to (out, out): 'bilinear' (align_corners=False) for order 1,
     'nearest' for order 0."""
     size = image.shape[0]
-    if order == 0:
-        index = np.minimum(np.floor(np.arange(out) * (size / out)).astype(int), size - 1)
+    if order == 0:  # torch's CPU kernel works in float32: its indices differ from float64's at some sizes
+        scale = np.float32(size) / np.float32(out)
+        index = np.minimum(np.floor(np.arange(out, dtype=np.float32) * scale).astype(int), size - 1)
         return image[np.ix_(index, index)]
     grid = np.maximum((np.arange(out) + 0.5) * (size / out) - 0.5, 0.0)
     coords = np.meshgrid(grid, grid, indexing='ij')
