@@ -4,7 +4,7 @@ labelled volumes of a split and the per-volume test Dice."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from typing import Any
 
 import jax
@@ -91,11 +91,21 @@ def labelled_volumes(
     return volumes
 
 
-def volume_dice(predict: Callable[[jax.Array], jax.Array], volumes: list, classes: int) -> np.ndarray:
-    """(volumes, foreground classes) Dice of `predict` (images (N, S, S, 1) -> integer maps), 16 slices a call."""
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(segmenter: Segmenter, variables: dict[str, Any], images: jax.Array) -> jax.Array:
+    logits, _ = segmenter.apply(variables, images, train=False)
+    return jnp.argmax(logits, axis=-1)
+
+
+def dice_report(segmenter: Segmenter, variables: dict[str, Any], volumes: list, names: tuple[str, ...],
+                prefix: str) -> dict[str, float]:  # fmt: skip
+    """'<prefix>/dice' (the mean over `volumes` of the mean foreground Dice, BatchNorm running averages) and
+    '<prefix>/dice/<class>' for the foreground classes `names[1:]`; 16 slices a call."""
     scores = []
     for image, label in volumes:
-        prediction = np.concatenate([np.asarray(predict(jnp.asarray(image[i : i + 16, ..., None])))
-                                     for i in range(0, len(image), 16)])  # fmt: skip
-        scores.append(foreground_dice(prediction, label, classes))
-    return np.array(scores)
+        chunks = [jnp.asarray(image[i : i + 16, ..., None]) for i in range(0, len(image), 16)]
+        prediction = np.concatenate([np.asarray(_predict(segmenter, variables, chunk)) for chunk in chunks])
+        scores.append(foreground_dice(prediction, label, len(names)))
+    scores = np.array(scores)
+    return {f'{prefix}/dice': float(scores.mean()),
+            **{f'{prefix}/dice/{name}': float(scores[:, k].mean()) for k, name in enumerate(names[1:])}}  # fmt: skip

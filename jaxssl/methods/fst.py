@@ -39,7 +39,6 @@ Where jaxssl differs, each deliberate:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import chex
@@ -252,14 +251,9 @@ class Method(base.Method):
         return {'bottleneck': bottleneck.mean(axis=(1, 2))}
 
     # --- evaluation ----------------------------------------------------------------------------------------------
-    @functools.partial(jax.jit, static_argnums=0)
-    def _predict(self, variables, images_):
-        logits, _ = self.segmenter.apply(variables, images_, train=False)
-        return jnp.argmax(logits, axis=-1)
-
     def evaluate(self, params, extra, mesh):
         """'teacher/dice' and 'student/dice' (mean foreground Dice over the test volumes) and '<net>/dice/<class>'."""
-        e, classes = self.config.eval, self.config.model.classes
+        e = self.config.eval
         volumes = segmentation.labelled_volumes(self.config, e.test_split, e.test_volumes, 'eval.test_volumes')
         params, extra = jax.device_get(params), jax.device_get(extra)
         # During the warmup update_extra copies the student, so extra['teacher'] is the teacher at any step.
@@ -269,8 +263,5 @@ class Method(base.Method):
         }
         results, names = {}, slices.class_names(self.config)
         for name, variables in networks.items():
-            scores = segmentation.volume_dice(functools.partial(self._predict, variables), volumes, classes)
-            results[f'{name}/dice'] = float(scores.mean())
-            for k, class_name in enumerate(names[1:]):
-                results[f'{name}/dice/{class_name}'] = float(scores[:, k].mean())
+            results.update(segmentation.dice_report(self.segmenter, variables, volumes, names, name))
         return results

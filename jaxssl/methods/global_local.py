@@ -372,11 +372,6 @@ class Method(base.Method):
         params = optax.apply_updates(params, updates)
         return {name: {**updated[name], 'params': params[name]} for name in updated}, opt_state, loss
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def _predict(self, variables, images_):
-        logits, _ = self.segmenter.apply(variables, images_, train=False)
-        return jnp.argmax(logits, axis=-1)
-
     def evaluate(self, params, extra, mesh):
         """'<init>/dice' (mean foreground Dice over the test volumes) and '<init>/dice/<class>' for the UNet
         fine-tuned from the pretrained weights and, with eval.baselines, from a random init."""
@@ -387,12 +382,8 @@ class Method(base.Method):
         starts = {'pretrained': self.pretrained_variables(jax.device_get(params), jax.device_get(extra))}
         if e.baselines:
             starts['random_init'] = {}
-        results, classes = {}, self.config.model.classes
-        names = slices.class_names(self.config)
+        results, names = {}, slices.class_names(self.config)
         for name, pretrained in starts.items():
             variables = self.finetune(pretrained, train_volumes, seed)
-            scores = segmentation.volume_dice(functools.partial(self._predict, variables), test_volumes, classes)
-            results[f'{name}/dice'] = float(scores.mean())
-            for k, class_name in enumerate(names[1:]):
-                results[f'{name}/dice/{class_name}'] = float(scores[:, k].mean())
+            results.update(segmentation.dice_report(self.segmenter, variables, test_volumes, names, name))
         return results
