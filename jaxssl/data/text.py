@@ -70,6 +70,35 @@ def span_mask(sentence: str, span: int, min_chars: int, rng: np.random.Generator
     return ' '.join([sentence[:start], MASK, sentence[start + span :]])
 
 
+class CorpusVocabulary:
+    """A tokenizer's ids restricted to those a corpus uses at least `min_count` times, renumbered 0..V-1 in the
+    tokenizer's order (the special tokens always kept); every other id becomes [UNK]. A model trained from scratch on
+    a small corpus then carries no embeddings and no softmax columns for ids it never sees (the Lee corpus uses 7.4k
+    of the MiniLM vocabulary's 30.5k ids, 4.5k of them at least twice). Deterministic: the same corpus gives the same
+    ids in every process and run."""
+
+    def __init__(self, tokenizer: Any, sentences: list[str], min_count: int, max_len: int = 512):
+        ids, mask = tokenizer(sentences, max_len)
+        counts = np.bincount(ids[mask.astype(bool)], minlength=tokenizer.vocab_size)
+        keep = counts >= min_count
+        keep[[*tokenizer.special_ids, tokenizer.unk_id, tokenizer.mask_id]] = True
+        self.kept = np.flatnonzero(keep)  # new id -> the tokenizer's id
+        self._lookup = np.full(tokenizer.vocab_size, -1, np.int32)
+        self._lookup[self.kept] = np.arange(len(self.kept), dtype=np.int32)
+        self._lookup[~keep] = self._lookup[tokenizer.unk_id]
+        self._tokenizer = tokenizer
+        self.vocab_size = len(self.kept)
+        self.pad_id, self.unk_id, self.mask_id = (
+            int(self._lookup[i]) for i in (tokenizer.pad_id, tokenizer.unk_id, tokenizer.mask_id)
+        )
+        self.special_ids = tuple(int(self._lookup[i]) for i in tokenizer.special_ids)
+        self.mask_token = tokenizer.mask_token
+
+    def __call__(self, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = self._tokenizer(texts, max_len)
+        return self._lookup[ids], mask
+
+
 class SentenceSource:
     """Random access to sentence indices (Grain batches integers; the sentences stay in this process)."""
 
@@ -102,6 +131,29 @@ def two_view_batch(
     return {'tokens': tokens, 'mask': mask, 'index': np.asarray(indices, np.int64)}
 
 
+def _shuffled_batches(
+    sentences: list[str],
+    global_batch: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    make: Callable[[np.ndarray, np.random.Generator, slice], dict[str, np.ndarray]],
+) -> Any:
+    """Host-local batches `make(indices, rng, rows)` of the shuffled, repeated sentence indices of each global
+    batch (whole batches only, drop_last as the references); `rows` is this process's share of the global batch.
+    Every process draws the same global batch, so the stream does not depend on the process count."""
+    if global_batch % process_count:
+        raise ValueError(f'global batch {global_batch} is not divisible by {process_count} processes')
+    if len(sentences) < global_batch:
+        raise ValueError(f'{len(sentences)} sentences are fewer than one global batch of {global_batch}')
+    shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence([seed, 11]).generate_state(2))
+    local = global_batch // process_count
+    rows = slice(process_index * local, (process_index + 1) * local)
+    ds = grain.MapDataset.source(SentenceSource(len(sentences))).shuffle(seed=shuffle_seed).repeat()
+    batches = ds.batch(global_batch, drop_remainder=True)
+    return batches.random_map(lambda indices, rng: make(indices, rng, rows), seed=map_seed).to_iter_dataset()
+
+
 def make_pretrain_dataset(
     sentences: list[str],
     tokenize: Callable[[list[str], int], tuple[np.ndarray, np.ndarray]],
@@ -113,21 +165,31 @@ def make_pretrain_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Any:
-    """Host-local batches of two views per sentence, shuffled, repeated, whole batches only (drop_last as the
-    reference). Every process draws the same global batch and keeps its sentences' rows, so the stream does not
-    depend on the process count."""
-    if global_batch % process_count:
-        raise ValueError(f'global batch {global_batch} is not divisible by {process_count} processes')
-    if len(sentences) < global_batch:
-        raise ValueError(f'{len(sentences)} sentences are fewer than one global batch of {global_batch}')
-    shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence([seed, 11]).generate_state(2))
-    local = global_batch // process_count
-    lo, hi = process_index * local, (process_index + 1) * local
+    """Host-local batches of two views per sentence (Mirror-BERT), shuffled, repeated, whole batches only."""
 
-    def views(indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def views(indices: np.ndarray, rng: np.random.Generator, rows: slice) -> dict[str, np.ndarray]:
         batch = two_view_batch(sentences, indices, tokenize, max_len, span, min_chars, rng)
-        rows = slice(2 * lo, 2 * hi)  # the views of this process's sentences
-        return {'tokens': batch['tokens'][rows], 'mask': batch['mask'][rows], 'index': batch['index'][lo:hi]}
+        view_rows = slice(2 * rows.start, 2 * rows.stop)  # the views of this process's sentences
+        return {'tokens': batch['tokens'][view_rows], 'mask': batch['mask'][view_rows], 'index': batch['index'][rows]}
 
-    ds = grain.MapDataset.source(SentenceSource(len(sentences))).shuffle(seed=shuffle_seed).repeat()
-    return ds.batch(global_batch, drop_remainder=True).random_map(views, seed=map_seed).to_iter_dataset()
+    return _shuffled_batches(sentences, global_batch, seed, process_index, process_count, views)
+
+
+def make_sentence_dataset(
+    sentences: list[str],
+    tokenize: Callable[[list[str], int], tuple[np.ndarray, np.ndarray]],
+    global_batch: int,
+    max_len: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Any:
+    """Host-local batches of tokenised sentences ('tokens', 'mask' (B, max_len) int32, 'index' (B,)), shuffled,
+    repeated, whole batches only (language-model pretraining draws its masks on the device)."""
+
+    def one_view(indices: np.ndarray, rng: np.random.Generator, rows: slice) -> dict[str, np.ndarray]:
+        del rng
+        tokens, mask = tokenize([sentences[int(i)] for i in indices[rows]], max_len)
+        return {'tokens': tokens, 'mask': mask, 'index': np.asarray(indices[rows], np.int64)}
+
+    return _shuffled_batches(sentences, global_batch, seed, process_index, process_count, one_view)

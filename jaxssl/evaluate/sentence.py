@@ -58,3 +58,15 @@ def duplicate_retrieval(embed: Embed, max_sentences: int = 0, share: float = 0.5
     copies = [delete_words(s, share, rng) for s in sentences]
     sims = cosine_matrix(embed(sentences), embed(copies))
     return float(np.mean(np.argmax(sims, axis=1) == np.arange(len(sentences))) * 100)
+
+
+def swap_two_words(sentence: str, rng: np.random.Generator) -> str:
+    """The sentence (2+ words) with two of its words, drawn at random, exchanged (two different words, so the text
+    changes, unless all its words are the same)."""
+    words = sentence.split()
+    for _ in range(100):
+        i, j = rng.choice(len(words), 2, replace=False)
+        if words[i] != words[j]:
+            words[i], words[j] = words[j], words[i]
+            break
+    return ' '.join(words)

@@ -23,7 +23,7 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     'tiny': (64, 2, 4, 256),
     'micro': (32, 1, 2, 64),
 }
-POOLINGS = ('cls', 'mean', 'mean_with_pad')
+POOLINGS = ('cls', 'mean', 'mean_with_pad', 'last')
 
 
 def decode_variant(variant: str) -> dict[str, int]:
@@ -33,29 +33,40 @@ def decode_variant(variant: str) -> dict[str, int]:
     return dict(width=width, depth=depth, heads=heads, mlp=mlp)
 
 
+def dense_init(std: float | None) -> Any:
+    """BERT's and GPT's N(0, std) kernels (initializer_range 0.02) for training from scratch; None: Flax's default
+    (the released-weights models never use their init)."""
+    return nn.initializers.lecun_normal() if std is None else nn.initializers.normal(std)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with BertModel's parameter names (query/key/value, output dense)."""
+    """Multi-head self-attention with BertModel's parameter names (query/key/value, output dense); with `causal`
+    each position attends only to itself and the positions before it (GPT)."""
 
     width: int
     heads: int
     dropout: float
     dtype: Any = jnp.float32
+    causal: bool = False
+    init_std: float | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
         b, n, _ = x.shape
         head_dim = self.width // self.heads
         split = lambda t: t.reshape(b, n, self.heads, head_dim)
-        q = split(nn.Dense(self.width, dtype=self.dtype, name='query')(x))
-        k = split(nn.Dense(self.width, dtype=self.dtype, name='key')(x))
-        v = split(nn.Dense(self.width, dtype=self.dtype, name='value')(x))
+        dense = lambda name: nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init(self.init_std), name=name)
+        q, k, v = (split(dense(name)(x)) for name in ('query', 'key', 'value'))
         # Written out rather than jax.nn.dot_product_attention: BERT drops attention probabilities in training.
         logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
-        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        allowed = key_mask[:, None, None, :]
+        if self.causal:
+            allowed = allowed & jnp.tril(jnp.ones((n, n), bool))[None, None]
+        logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
         probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic).astype(self.dtype)
         out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, n, self.width)
-        return nn.Dense(self.width, dtype=self.dtype, name='output')(out)
+        return dense('output')(out)
 
 
 class Layer(nn.Module):
@@ -71,17 +82,25 @@ class Layer(nn.Module):
     dtype: Any = jnp.float32
     norm_first: bool = False
     activation_dropout: float = 0.0  # after the MLP's GELU (fairseq's activation_dropout; BERT has none)
+    causal: bool = False
+    init_std: float | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
         drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=deterministic)
-        attn = SelfAttention(self.width, self.heads, self.attention_dropout, self.dtype, name='attention')
+        attn = SelfAttention(
+            self.width, self.heads, self.attention_dropout, self.dtype, self.causal, self.init_std, name='attention'
+        )
+        kernel_init = dense_init(self.init_std)
         attention_norm = nn.LayerNorm(self.eps, dtype=self.dtype, name='attention_norm')
         output_norm = nn.LayerNorm(self.eps, dtype=self.dtype, name='output_norm')
         activation_drop = nn.Dropout(self.activation_dropout)
-        mlp = lambda t: nn.Dense(self.width, dtype=self.dtype, name='output')(
+        mlp = lambda t: nn.Dense(self.width, dtype=self.dtype, kernel_init=kernel_init, name='output')(
             activation_drop(
-                nn.gelu(nn.Dense(self.mlp, dtype=self.dtype, name='intermediate')(t), approximate=False),
+                nn.gelu(
+                    nn.Dense(self.mlp, dtype=self.dtype, kernel_init=kernel_init, name='intermediate')(t),
+                    approximate=False,
+                ),
                 deterministic=deterministic,
             )
         )
@@ -93,7 +112,11 @@ class Layer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """Token ids (B, L) and their attention mask (B, L) -> last hidden states (B, L, width), {'layer_i': ...}."""
+    """Token ids (B, L) and their attention mask (B, L) -> last hidden states (B, L, width), {'layer_i': ...}.
+
+    GPT-1 (Radford et al. 2018; transformers' OpenAIGPTModel) is the same post-norm stack with `causal` attention,
+    no embedding LayerNorm (`embedding_norm=False`), no token types (`type_vocab_size=0`) and eps 1e-5.
+    """
 
     vocab_size: int = 30522
     width: int = 384
@@ -106,6 +129,9 @@ class BertEncoder(nn.Module):
     attention_dropout: float = 0.1  # attention_probs_dropout_prob
     eps: float = 1e-12
     dtype: Any = jnp.float32
+    causal: bool = False
+    embedding_norm: bool = True
+    init_std: float | None = None  # N(0, init_std) dense kernels (BERT / GPT from scratch: 0.02); None: lecun
 
     @nn.compact
     def __call__(
@@ -117,15 +143,15 @@ class BertEncoder(nn.Module):
             raise ValueError(f'{tokens.shape[1]} tokens exceed the {self.max_positions} positions of the model')
         init = nn.initializers.normal(0.02)  # BERT's initializer_range
         positions = jnp.arange(tokens.shape[1])
-        x = (
-            nn.Embed(self.vocab_size, self.width, embedding_init=init, name='word_embeddings')(tokens)
-            + nn.Embed(self.max_positions, self.width, embedding_init=init, name='position_embeddings')(positions)
-            # Single-segment input: every token has type 0.
-            + nn.Embed(self.type_vocab_size, self.width, embedding_init=init, name='token_type_embeddings')(
-                jnp.zeros_like(tokens)
-            )
-        )
-        x = nn.LayerNorm(self.eps, dtype=self.dtype, name='embeddings_norm')(x.astype(self.dtype))
+        words = nn.Embed(self.vocab_size, self.width, embedding_init=init, name='word_embeddings')
+        places = nn.Embed(self.max_positions, self.width, embedding_init=init, name='position_embeddings')
+        x = words(tokens) + places(positions)
+        if self.type_vocab_size:  # single-segment input: every token has type 0
+            types = nn.Embed(self.type_vocab_size, self.width, embedding_init=init, name='token_type_embeddings')
+            x = x + types(jnp.zeros_like(tokens))
+        x = x.astype(self.dtype)
+        if self.embedding_norm:
+            x = nn.LayerNorm(self.eps, dtype=self.dtype, name='embeddings_norm')(x)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
         key_mask = mask.astype(bool)
         intermediates = {}
@@ -138,6 +164,8 @@ class BertEncoder(nn.Module):
                 self.attention_dropout,
                 self.eps,
                 self.dtype,
+                causal=self.causal,
+                init_std=self.init_std,
                 name=f'layer_{i}',
             )(x, key_mask, deterministic)
             intermediates[f'layer_{i}'] = x
@@ -152,11 +180,15 @@ def make_encoder(variant: str, vocab_size: int, **kwargs: Any) -> BertEncoder:
 def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
     """Sentence embeddings (B, D) from hidden states (B, L, D): 'cls' (the first token), 'mean' (over the real tokens,
     as sentence-transformers), 'mean_with_pad' (over all L positions, padding included: what Mirror-BERT's 'mean' does
-    with padding='max_length')."""
+    with padding='max_length'), 'last' (the last real token: the one position a causal model lets see the whole
+    sentence, GPT-1's classification token)."""
     chex.assert_rank(hidden, 3)
     hidden = hidden.astype(jnp.float32)
     if how == 'cls':
         return hidden[:, 0]
+    if how == 'last':
+        last = jnp.maximum(mask.astype(jnp.int32).sum(axis=1) - 1, 0)
+        return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     if how == 'mean_with_pad':
         return hidden.mean(axis=1)
     if how == 'mean':

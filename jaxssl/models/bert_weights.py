@@ -101,6 +101,42 @@ def torch_to_flax(weights: dict[str, np.ndarray], depth: int) -> dict[str, Any]:
     return params
 
 
+def masked_lm_to_flax(weights: dict[str, np.ndarray], depth: int) -> dict[str, Any]:
+    """A transformers BertForMaskedLM state dict -> jaxssl.models.language_model.LanguageModel params ('bert' head;
+    the decoder is the word embedding, tied)."""
+    w = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+    p = 'cls.predictions'
+    return {
+        'encoder': torch_to_flax({k: v for k, v in w.items() if k.startswith('bert.')}, depth),
+        'transform': dense(w, f'{p}.transform.dense'),
+        'transform_norm': norm(w, f'{p}.transform.LayerNorm'),
+        'bias': w[f'{p}.bias'],
+    }
+
+
+def openai_gpt_to_flax(weights: dict[str, np.ndarray], depth: int) -> dict[str, Any]:
+    """A transformers OpenAIGPTLMHeadModel / OpenAIGPTModel state dict -> LanguageModel params ('gpt' head, tied).
+    GPT's Conv1D weights are already (in, out); its fused c_attn splits into query, key, value in that order."""
+    w = {k.removeprefix('transformer.'): np.asarray(v, np.float32) for k, v in weights.items()}
+    conv = lambda name: {'kernel': w[f'{name}.weight'], 'bias': w[f'{name}.bias']}
+    params: dict[str, Any] = {
+        'word_embeddings': {'embedding': w['tokens_embed.weight']},
+        'position_embeddings': {'embedding': w['positions_embed.weight']},
+    }
+    for i in range(depth):
+        kernels = np.split(w[f'h.{i}.attn.c_attn.weight'], 3, axis=1)
+        biases = np.split(w[f'h.{i}.attn.c_attn.bias'], 3)
+        query, key, value = ({'kernel': k, 'bias': b} for k, b in zip(kernels, biases, strict=True))
+        params[f'layer_{i}'] = {
+            'attention': {'query': query, 'key': key, 'value': value, 'output': conv(f'h.{i}.attn.c_proj')},
+            'attention_norm': norm(w, f'h.{i}.ln_1'),
+            'intermediate': conv(f'h.{i}.mlp.c_fc'),
+            'output': conv(f'h.{i}.mlp.c_proj'),
+            'output_norm': norm(w, f'h.{i}.ln_2'),
+        }
+    return {'encoder': params}
+
+
 def load(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(BertEncoder fields, params as numpy) of a built-in checkpoint or a directory."""
     from safetensors.numpy import load_file
@@ -124,6 +160,9 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size()
         self.pad_id = self._tok.token_to_id('[PAD]')
         self.mask_token = '[MASK]'
+        self.mask_id = self._tok.token_to_id(self.mask_token)
+        self.unk_id = self._tok.token_to_id('[UNK]')
+        self.special_ids = tuple(self._tok.token_to_id(t) for t in ('[PAD]', '[CLS]', '[SEP]'))
 
     def __call__(self, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
         ids = np.full((len(texts), max_len), self.pad_id, np.int32)
