@@ -22,20 +22,30 @@ def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nd
     return (train - mean) / std, (test - mean) / std
 
 
+def _class_bucket(num_classes: int) -> int:
+    """The padded class count the solver is compiled for: 16, 32, 64, ... so that probes of different labels share
+    one compilation (the padded classes' logits are masked out: the solution is the unpadded one)."""
+    return max(16, 1 << (num_classes - 1).bit_length())
+
+
 def _fit_logistic(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float, steps: int) -> tuple[jax.Array, jax.Array]:
     """Multinomial logistic regression, full batch, L-BFGS: weights (D, C) and bias (C,)."""
-    return _fit_logistic_jit(jnp.asarray(x, jnp.float32), jnp.asarray(y), num_classes, jnp.float32(l2), steps)
+    bucket = _class_bucket(num_classes)
+    w, b = _fit_logistic_jit(jnp.asarray(x, jnp.float32), jnp.asarray(y), num_classes, jnp.float32(l2), bucket, steps)
+    return w[:, :num_classes], b[:num_classes]
 
 
-# Features and L2 are arguments, not constants closed over: one compilation serves every L2 of the grid and every
-# later probe of the same shape (compiling takes seconds on a CPU, solving a fraction of a second).
-@functools.partial(jax.jit, static_argnums=(2, 4))
-def _fit_logistic_jit(x: jax.Array, y: jax.Array, num_classes: int, l2: jax.Array, steps: int):
+# Features, L2 and the class count are arguments, not constants closed over: one compilation serves every L2 of the
+# grid and every later probe of the same feature shape (compiling takes seconds on a CPU, solving a fraction of one).
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _fit_logistic_jit(x: jax.Array, y: jax.Array, num_classes: jax.Array, l2: jax.Array, bucket: int, steps: int):
+    valid = jnp.arange(bucket) < num_classes
+
     def loss(p):
-        logits = x @ p['w'] + p['b']
+        logits = jnp.where(valid, x @ p['w'] + p['b'], -jnp.inf)  # padded classes: no probability, zero gradient
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + l2 * jnp.sum(p['w'] ** 2)
 
-    params = {'w': jnp.zeros((x.shape[1], num_classes)), 'b': jnp.zeros(num_classes)}
+    params = {'w': jnp.zeros((x.shape[1], bucket)), 'b': jnp.zeros(bucket)}
     solver = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss)
 
