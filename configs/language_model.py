@@ -5,7 +5,7 @@ Arguments (comma separated after the file name):
   objective=mlm  'mlm' (BERT: 15% of tokens, 80/10/10 [MASK] / random / kept, 'bert' head) or 'clm' (GPT-1:
                  causal attention, next-token prediction, 'gpt' head)
   corpus=lee     'lee' (gensim's bundled Lee news sentences) or a text file, one sentence per line
-  runlocal       a short CPU run: a tiny model (64 wide, 2 layers), batch 32 sentences of 48 tokens, 600 steps
+  runlocal       a short CPU run: a tiny model (64 wide, 2 layers), batch 32 rows of 48 tokens, 600 steps
 Examples:
   --config=configs/language_model.py
   --config=configs/language_model.py:objective=clm,corpus=/data/sentences.txt
@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.input.vocab_min_count = 2 if arg.runlocal else 0
     c.input.global_batch = 32 if arg.runlocal else (256 if mlm else 64)
     c.input.max_len = 48 if arg.runlocal else (128 if mlm else 512)
+    # Rows of consecutive sentences filling max_len ([CLS] + the token stream, each sentence ending with [SEP]), as
+    # BERT's blocks and GPT-1's spans; False: one padded sentence a row.
+    c.input.pack = True
 
     c.masking = ml_collections.ConfigDict()  # the masked LM's corruption (unused by clm)
     c.masking.ratio = 0.15

@@ -23,11 +23,15 @@ TOKENS = np.random.default_rng(0).integers(5, VOCAB, (2, LENGTH)).astype(np.int3
 MASK = np.array([[1] * LENGTH, [1] * 6 + [0] * 3], np.int32)
 
 
-def randomise_biases(model):
-    with torch.no_grad():  # transformers initialises biases at 0: give them values the conversion must carry
+def randomise(model):
+    """Weights of a trained model's scale: transformers initialises biases at 0 and kernels at N(0, 0.02), where
+    the MLP's pre-activations are ~0.1 and the exact and tanh GELUs agree to 1e-6; here they are O(1)."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith('bias'):
-                p.normal_(0, 0.1)
+                p.normal_(0, 0.5)
+            elif p.ndim == 2:
+                p.normal_(0, 0.3)
     return model.eval()
 
 
@@ -41,7 +45,7 @@ def test_bert_masked_lm_matches_transformers():
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=16,
     )  # fmt: skip
-    reference = randomise_biases(transformers.BertForMaskedLM(config))
+    reference = randomise(transformers.BertForMaskedLM(config))
     with torch.no_grad():
         want = reference(torch.tensor(TOKENS).long(), attention_mask=torch.tensor(MASK)).logits.numpy()
     params = bert_weights.masked_lm_to_flax({k: v.numpy() for k, v in reference.state_dict().items()}, 2)
@@ -57,9 +61,11 @@ def test_bert_masked_lm_matches_transformers():
 def gpt_model_and_reference():
     torch.manual_seed(1)
     config = transformers.OpenAIGPTConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16)
-    reference = randomise_biases(transformers.OpenAIGPTLMHeadModel(config))
+    reference = randomise(transformers.OpenAIGPTLMHeadModel(config))
     params = bert_weights.openai_gpt_to_flax({k: v.numpy() for k, v in reference.state_dict().items()}, 2)
-    encoder = small_encoder(mlp=128, causal=True, embedding_norm=False, type_vocab_size=0, eps=1e-5)
+    encoder = small_encoder(
+        mlp=128, causal=True, embedding_norm=False, type_vocab_size=0, eps=1e-5, approximate_gelu=True
+    )
     return language_model.LanguageModel(encoder, 'gpt'), params, reference
 
 
@@ -75,6 +81,7 @@ def test_gpt_causal_lm_matches_transformers_and_sees_no_future():
     after, _ = model.apply({'params': params}, changed, MASK)
     np.testing.assert_array_equal(np.asarray(after)[:, :5], np.asarray(got)[:, :5])  # positions before 5: unchanged
     assert np.abs(np.asarray(after)[:, 5] - np.asarray(got)[:, 5]).min() > 0
+    assert language_model.make('micro', VOCAB, 'gpt', True).encoder.approximate_gelu  # GPT-1's tanh GELU
     # The same stack without the causal mask lets position 0 see position 5.
     bidirectional = language_model.LanguageModel(model.encoder.clone(causal=False), 'gpt')
     seen = [bidirectional.apply({'params': params}, t, MASK)[0][:, 0] for t in (TOKENS, changed)]
@@ -160,9 +167,10 @@ def test_sentence_log_likelihoods_by_hand():
     copy per real non-special token; and the swapped copies of the minimal pairs keep their words."""
     texts = ['Rain fell on the town.', 'Fire crews were called.']
     for objective in ('clm', 'mlm'):
-        method = lm_method.Method(load_config(CONFIG.replace('runlocal', f'runlocal,objective={objective}')))
+        spec = CONFIG.replace('runlocal', f'runlocal,objective={objective}')
+        method = lm_method.Method(load_config(spec, ['eval.max_len=16']))
         params, _ = method.init(jax.random.key(2), jax.tree.map(jnp.asarray, method.example_batch(1)))
-        tokens, mask = method.tokenizer(texts, method.config.input.max_len)
+        tokens, mask = method.tokenizer(texts, 16)
         want = []
         for row, row_mask in zip(tokens, mask, strict=True):
             n = int(row_mask.sum())
@@ -182,6 +190,45 @@ def test_sentence_log_likelihoods_by_hand():
     rng = np.random.default_rng(0)
     swapped = [sentence.swap_two_words(t, rng) for t in texts * 5]
     assert all(sorted(a.split()) == sorted(b.split()) and a != b for a, b in zip(texts * 5, swapped, strict=True))
+
+
+def test_packed_rows_known_answer():
+    """Three sentences of 2, 1 and 3 words as one stream (each with its [SEP]) cut into rows of [CLS] + 3 tokens."""
+    vocab = {'a': 10, 'b': 11, 'c': 12, 'd': 13, 'e': 14, 'f': 15}
+    cls, sep = 2, 3
+
+    def tokenize(texts, max_len):
+        ids, mask = np.zeros((len(texts), max_len), np.int32), np.zeros((len(texts), max_len), np.int32)
+        for i, t in enumerate(texts):
+            row = [cls, *(vocab[w] for w in t.split()), sep]
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        return ids, mask
+
+    tokens, mask = text.pack_sentences(tokenize, ['a b', 'c', 'd e f'], 4, cls, chunk=2)
+    np.testing.assert_array_equal(tokens, [[2, 10, 11, 3], [2, 12, 3, 13], [2, 14, 15, 3]])
+    np.testing.assert_array_equal(mask, np.ones((3, 4)))
+    tokens, mask = text.pack_sentences(tokenize, ['a b', 'c'], 4, cls)
+    np.testing.assert_array_equal(tokens, [[2, 10, 11, 3], [2, 12, 3, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [1, 1, 1, 0]])
+
+
+def test_last_pooling_and_held_out_means_over_tokens():
+    hidden = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
+    np.testing.assert_allclose(bert.pool(hidden, jnp.array([[1, 1, 0], [1, 1, 1]]), 'last'), [[2, 3], [10, 11]])
+    # held_out: one mean over every predicted token of every pass, whatever the passes' sizes.
+    method = lm_method.Method(
+        load_config(CONFIG.replace('runlocal', 'runlocal,objective=clm'), ['eval.max_sentences=3'])
+    )
+    params, _ = method.init(jax.random.key(0), jax.tree.map(jnp.asarray, method.example_batch(1)))
+    method.held_out_sentences = ['Rain fell on the town today.'] * 3 + ['Fire.'] * 15  # passes of 16 + 2
+    got = method.held_out(params)
+    tokens, mask = method.tokenizer(method.held_out_sentences, method.config.eval.max_len)
+    want = method.lm_terms(params, tokens, mask, jax.random.key(0), train=False)
+    np.testing.assert_allclose(got['held_out/loss'], want['loss'], rtol=1e-5)
+    np.testing.assert_allclose(got['held_out/accuracy'], want['accuracy'], rtol=1e-5)
+    # Minimal pairs (the first 3 held-out sentences, then their swapped copies): won, tied, lost.
+    method.sentence_log_likelihoods = lambda p, texts: np.array([3.0, 1.0, 2.0, 2.0, 1.0, 3.0])
+    assert method.minimal_pairs(params) == pytest.approx((1 + 0.5 + 0) / 3)
 
 
 def test_corpus_vocabulary_keeps_frequent_ids_and_specials():
@@ -207,6 +254,7 @@ def test_corpus_vocabulary_keeps_frequent_ids_and_specials():
         ('model.head=t5', 'model.head'),
         ('masking.mask_prob=0.95', 'masking.mask_prob'),
         ('masking.max_predictions=0', 'masking.max_predictions'),
+        ('masking.max_predictions=49', 'masking.max_predictions'),
         ('input.vocab_min_count=-1', 'input.vocab_min_count'),
         ("eval.poolings=('max',)", 'eval.poolings'),
     ],
@@ -225,7 +273,7 @@ def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path, objective):
     _, want = train.train(load_config(spec, [*common, 'mesh.data=1', 'eval.at_end=false']), str(tmp_path / 'one'))
     summary, state = train.train(load_config(spec, [*common, 'mesh.data=8', *small_eval]), str(tmp_path / 'eight'))
     assert summary['final_step'] == 2 and summary['nonfinite_steps'] == 0
-    assert summary['final_loss'] == pytest.approx(float(np.log(4526)), rel=0.1)  # near a uniform guess over 4.5k ids
+    assert summary['final_loss'] == pytest.approx(float(np.log(4536)), rel=0.1)  # near a uniform guess over 4.5k ids
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     jax.tree.map(close, jax.device_get(state['params']), jax.device_get(want['params']))
     evaluation = {k.removeprefix('final_eval/') for k in summary if k.startswith('final_eval/')}

@@ -132,24 +132,24 @@ def two_view_batch(
 
 
 def _shuffled_batches(
-    sentences: list[str],
+    count: int,
     global_batch: int,
     seed: int,
     process_index: int,
     process_count: int,
     make: Callable[[np.ndarray, np.random.Generator, slice], dict[str, np.ndarray]],
 ) -> Any:
-    """Host-local batches `make(indices, rng, rows)` of the shuffled, repeated sentence indices of each global
-    batch (whole batches only, drop_last as the references); `rows` is this process's share of the global batch.
-    Every process draws the same global batch, so the stream does not depend on the process count."""
+    """Host-local batches `make(indices, rng, rows)` of the shuffled, repeated indices 0..count-1 (sentences or
+    rows) of each global batch (whole batches only, drop_last as the references); `rows` is this process's share of
+    the global batch. Every process draws the same global batch, so the stream does not depend on the process count."""
     if global_batch % process_count:
         raise ValueError(f'global batch {global_batch} is not divisible by {process_count} processes')
-    if len(sentences) < global_batch:
-        raise ValueError(f'{len(sentences)} sentences are fewer than one global batch of {global_batch}')
+    if count < global_batch:
+        raise ValueError(f'{count} sentences or rows are fewer than one global batch of {global_batch}')
     shuffle_seed, map_seed = (int(s) for s in np.random.SeedSequence([seed, 11]).generate_state(2))
     local = global_batch // process_count
     rows = slice(process_index * local, (process_index + 1) * local)
-    ds = grain.MapDataset.source(SentenceSource(len(sentences))).shuffle(seed=shuffle_seed).repeat()
+    ds = grain.MapDataset.source(SentenceSource(count)).shuffle(seed=shuffle_seed).repeat()
     batches = ds.batch(global_batch, drop_remainder=True)
     return batches.random_map(lambda indices, rng: make(indices, rng, rows), seed=map_seed).to_iter_dataset()
 
@@ -172,7 +172,35 @@ def make_pretrain_dataset(
         view_rows = slice(2 * rows.start, 2 * rows.stop)  # the views of this process's sentences
         return {'tokens': batch['tokens'][view_rows], 'mask': batch['mask'][view_rows], 'index': batch['index'][rows]}
 
-    return _shuffled_batches(sentences, global_batch, seed, process_index, process_count, views)
+    return _shuffled_batches(len(sentences), global_batch, seed, process_index, process_count, views)
+
+
+def pack_sentences(
+    tokenize: Callable[[list[str], int], tuple[np.ndarray, np.ndarray]],
+    sentences: list[str],
+    max_len: int,
+    cls_id: int,
+    chunk: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The corpus as one stream of tokens in its order, each sentence followed by its [SEP], cut into rows of [CLS]
+    and the next max_len - 1 stream tokens (the last row padded): ids and masks (rows, max_len) int32. Every position
+    holds text, as BERT's blocks of consecutive sentences and GPT-1's contiguous spans (a row of one padded sentence
+    wastes most of a long max_len). Sentences longer than 512 tokens are truncated."""
+    parts = []
+    for lo in range(0, len(sentences), chunk):
+        ids, mask = tokenize(sentences[lo : lo + chunk], 512)
+        parts += [row[1 : int(m.sum())] for row, m in zip(ids, mask, strict=True)]  # drops [CLS], keeps [SEP]
+    stream = np.concatenate(parts).astype(np.int32)
+    body = max_len - 1
+    rows = -(-len(stream) // body)
+    tokens = np.zeros((rows, max_len), np.int32)
+    mask = np.zeros((rows, max_len), np.int32)
+    flat = np.zeros(rows * body, np.int32)
+    flat[: len(stream)] = stream
+    tokens[:, 0], tokens[:, 1:] = cls_id, flat.reshape(rows, body)
+    mask[:, 0] = 1
+    mask[:, 1:] = (np.arange(rows * body) < len(stream)).reshape(rows, body)
+    return tokens, mask
 
 
 def make_sentence_dataset(
@@ -184,12 +212,30 @@ def make_sentence_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Any:
-    """Host-local batches of tokenised sentences ('tokens', 'mask' (B, max_len) int32, 'index' (B,)), shuffled,
-    repeated, whole batches only (language-model pretraining draws its masks on the device)."""
+    """Host-local batches of tokenised sentences, one a row ('tokens', 'mask' (B, max_len) int32, 'index' (B,)),
+    shuffled, repeated, whole batches only (language-model pretraining draws its masks on the device)."""
 
     def one_view(indices: np.ndarray, rng: np.random.Generator, rows: slice) -> dict[str, np.ndarray]:
         del rng
         tokens, mask = tokenize([sentences[int(i)] for i in indices[rows]], max_len)
         return {'tokens': tokens, 'mask': mask, 'index': np.asarray(indices[rows], np.int64)}
 
-    return _shuffled_batches(sentences, global_batch, seed, process_index, process_count, one_view)
+    return _shuffled_batches(len(sentences), global_batch, seed, process_index, process_count, one_view)
+
+
+def make_row_dataset(
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Any:
+    """Host-local batches of pre-tokenised rows (`pack_sentences`), shuffled, repeated, whole batches only."""
+
+    def gather(indices: np.ndarray, rng: np.random.Generator, rows: slice) -> dict[str, np.ndarray]:
+        del rng
+        mine = np.asarray(indices[rows], np.int64)
+        return {'tokens': tokens[mine], 'mask': mask[mine], 'index': mine}
+
+    return _shuffled_batches(len(tokens), global_batch, seed, process_index, process_count, gather)

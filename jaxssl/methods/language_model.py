@@ -44,6 +44,9 @@ from jaxssl.methods.videomae import DTYPES
 from jaxssl.models import bert, bert_weights, language_model
 
 OBJECTIVES = ('mlm', 'clm')
+# Sentences a pass in the evaluation: the pseudo-log-likelihood runs eval.max_len copies of each, and the causal
+# LM's logits are (rows, eval.max_len, vocab) floats (250 MB at 128 tokens and BERT's 30,522 ids).
+EVAL_ROWS = 16
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -68,6 +71,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         group, name = key.split('.')
         if not isinstance(config[group][name], int) or config[group][name] < low:
             raise ConfigError(f"bad value {config[group][name]!r} for '{key}': must be an integer >= {low}")
+    if k.max_predictions > config.input.max_len:
+        raise ConfigError(
+            f"bad value {k.max_predictions} for 'masking.max_predictions': more than the {config.input.max_len} "
+            "tokens of 'input.max_len'"
+        )
     if m.objective == 'mlm' and k.ratio <= 0:
         raise ConfigError("bad value 0 for 'masking.ratio': the masked LM needs tokens to predict")
     for pooling in config.eval.poolings:
@@ -112,12 +120,14 @@ def draw_mlm_targets(
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
-    """Weighted mean token cross-entropy and accuracy, and the weight total (the number of predicted tokens)."""
+    """Weighted mean token cross-entropy and accuracy (0 without tokens), and the weight total (the number of
+    predicted tokens)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    total = jnp.maximum(weights.sum(), 1.0)
+    count = weights.sum()
+    total = jnp.maximum(count, 1.0)
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return {'loss': (nll * weights).sum() / total, 'accuracy': (correct * weights).sum() / total, 'tokens': total}
+    return {'loss': (nll * weights).sum() / total, 'accuracy': (correct * weights).sum() / total, 'tokens': count}
 
 
 class Method(mirror_bert.Method):
@@ -145,8 +155,16 @@ class Method(mirror_bert.Method):
             )
 
     # --- data -------------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def packed_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        c = self.config.input
+        return text.pack_sentences(self.tokenizer, self.sentences, c.max_len, self.tokenizer.special_ids[1])
+
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
         c = self.config.input
+        if c.pack:
+            tokens, mask = self.packed_rows
+            return text.make_row_dataset(tokens, mask, c.global_batch, seed, process_index, process_count), len(tokens)
         args = (c.global_batch, c.max_len, seed, process_index, process_count)
         return text.make_sentence_dataset(self.sentences, self.tokenizer, *args), len(self.sentences)
 
@@ -192,25 +210,25 @@ class Method(mirror_bert.Method):
         return [s for d in documents for s in text.split_sentences(d)]
 
     def held_out(self, params: Any) -> dict[str, float]:
-        """The objective on the held-out sentences (input.max_len tokens as in training, eval.batch_size a pass, a
-        fixed mask draw): token-weighted loss, its perplexity and accuracy."""
-        e, max_len = self.config.eval, self.config.input.max_len
+        """The objective on the held-out sentences (one a row, eval.max_len tokens, EVAL_ROWS a pass, a fixed mask
+        draw): loss, its perplexity and accuracy, each a mean over all the predicted tokens."""
+        max_len = self.config.eval.max_len
         terms = jax.jit(lambda p, t, m, r: self.lm_terms(p, t, m, r, train=False))
         sentences, sums = self.held_out_sentences, np.zeros(3)
-        for i, lo in enumerate(range(0, len(sentences), e.batch_size)):
-            chunk = sentences[lo : lo + e.batch_size]
-            tokens, mask = self.tokenizer(chunk + [''] * (e.batch_size - len(chunk)), max_len)
+        for i, lo in enumerate(range(0, len(sentences), EVAL_ROWS)):
+            chunk = sentences[lo : lo + EVAL_ROWS]
+            tokens, mask = self.tokenizer(chunk + [''] * (EVAL_ROWS - len(chunk)), max_len)
             mask[len(chunk) :] = 0  # the filler rows predict nothing
             got = jax.device_get(terms(params, tokens, mask, jax.random.key(i)))
-            sums += np.array([got['loss'], got['accuracy'], 1.0]) * got['tokens'] * (got['tokens'] > 0.5)
+            sums += np.array([got['loss'], got['accuracy'], 1.0]) * got['tokens']
         loss, accuracy = sums[0] / sums[2], sums[1] / sums[2]
         return {'held_out/loss': loss, 'held_out/perplexity': float(np.exp(loss)), 'held_out/accuracy': accuracy}
 
     def sentence_log_likelihoods(self, params: Any, sentences: list[str]) -> np.ndarray:
-        """Each sentence's log-likelihood under the model (input.max_len tokens): the causal LM's sum of log
+        """Each sentence's log-likelihood under the model (eval.max_len tokens): the causal LM's sum of log
         p(token | the tokens before); the masked LM's pseudo-log-likelihood (Salazar et al. 2020), the sum over its
         real non-special tokens of log p(token | the sentence with that one token [MASK]ed)."""
-        max_len, clm = self.config.input.max_len, self.config.model.objective == 'clm'
+        max_len, clm = self.config.eval.max_len, self.config.model.objective == 'clm'
         special, mask_id = jnp.asarray(self.tokenizer.special_ids), self.tokenizer.mask_id
         eye = jnp.eye(max_len, dtype=bool)
 
@@ -229,24 +247,34 @@ class Method(mirror_bert.Method):
             picked = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
             return (picked * (mask.astype(bool) & ~jnp.isin(tokens, special))).sum(axis=1)
 
-        chunk = 16 if not clm else 64
         out = []
-        for lo in range(0, len(sentences), chunk):
-            part = sentences[lo : lo + chunk]
-            tokens, mask = self.tokenizer(part + [''] * (chunk - len(part)), max_len)
+        for lo in range(0, len(sentences), EVAL_ROWS):
+            part = sentences[lo : lo + EVAL_ROWS]
+            tokens, mask = self.tokenizer(part + [''] * (EVAL_ROWS - len(part)), max_len)
             out.append(np.asarray(jax.device_get(scores(tokens, mask)))[: len(part)])
         return np.concatenate(out)
 
     def minimal_pairs(self, params: Any, seed: int = 0) -> float:
         """Share of held-out sentences (6+ words) the model finds likelier than their copy with two words
-        exchanged (the same tokens in another order: BLiMP-style minimal pairs of word order). 0.5 is chance."""
+        exchanged (the same tokens in another order: BLiMP-style minimal pairs of word order); a tie (two words
+        that map to the same ids, e.g. both [UNK]) counts a half. 0.5 is chance."""
         originals = sentence.retrieval_sentences(self.config.eval.max_sentences)
         rng = np.random.default_rng(seed)
         swapped = [sentence.swap_two_words(s, rng) for s in originals]
         scores = self.sentence_log_likelihoods(params, originals + swapped)
-        return float(np.mean(scores[: len(originals)] > scores[len(originals) :]))
+        real, swapped = scores[: len(originals)], scores[len(originals) :]
+        return float(np.mean((real > swapped) + 0.5 * (real == swapped)))
 
     def evaluate(self, params: Any, extra: Any, mesh: jax.sharding.Mesh) -> dict[str, float]:
         """Mirror-BERT's sentence measures per pooling, the held-out objective and the word-order minimal pairs."""
         results = {**super().evaluate(params, extra, mesh), **self.held_out(params)}
         return {**results, 'held_out/word_order_pairs': self.minimal_pairs(params)}
+
+    def flops_per_example(self) -> float:
+        """Mirror-BERT's encoder count (dense layers and attention scores) plus the head's decoding of the predicted
+        positions against the vocabulary (and the masked LM's transform), forward and backward."""
+        m, c = self.model, self.config
+        mlm = c.model.objective == 'mlm'
+        decoded = c.masking.max_predictions if mlm else c.input.max_len
+        head = 2 * decoded * m.width * (self.tokenizer.vocab_size + (m.width if mlm else 0))
+        return super().flops_per_example() + 3.0 * head

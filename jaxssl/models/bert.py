@@ -84,6 +84,7 @@ class Layer(nn.Module):
     activation_dropout: float = 0.0  # after the MLP's GELU (fairseq's activation_dropout; BERT has none)
     causal: bool = False
     init_std: float | None = None
+    approximate_gelu: bool = False  # GPT-1's tanh GELU; BERT's is the exact (erf) one
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
@@ -99,7 +100,7 @@ class Layer(nn.Module):
             activation_drop(
                 nn.gelu(
                     nn.Dense(self.mlp, dtype=self.dtype, kernel_init=kernel_init, name='intermediate')(t),
-                    approximate=False,
+                    approximate=self.approximate_gelu,
                 ),
                 deterministic=deterministic,
             )
@@ -115,7 +116,8 @@ class BertEncoder(nn.Module):
     """Token ids (B, L) and their attention mask (B, L) -> last hidden states (B, L, width), {'layer_i': ...}.
 
     GPT-1 (Radford et al. 2018; transformers' OpenAIGPTModel) is the same post-norm stack with `causal` attention,
-    no embedding LayerNorm (`embedding_norm=False`), no token types (`type_vocab_size=0`) and eps 1e-5.
+    no embedding LayerNorm (`embedding_norm=False`), no token types (`type_vocab_size=0`), eps 1e-5 and the tanh
+    GELU (`approximate_gelu`; transformers' modeling_openai maps 'gelu' to gelu_new).
     """
 
     vocab_size: int = 30522
@@ -132,6 +134,7 @@ class BertEncoder(nn.Module):
     causal: bool = False
     embedding_norm: bool = True
     init_std: float | None = None  # N(0, init_std) dense kernels (BERT / GPT from scratch: 0.02); None: lecun
+    approximate_gelu: bool = False
 
     @nn.compact
     def __call__(
@@ -166,6 +169,7 @@ class BertEncoder(nn.Module):
                 self.dtype,
                 causal=self.causal,
                 init_std=self.init_std,
+                approximate_gelu=self.approximate_gelu,
                 name=f'layer_{i}',
             )(x, key_mask, deterministic)
             intermediates[f'layer_{i}'] = x

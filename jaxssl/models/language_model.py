@@ -51,8 +51,11 @@ class LanguageModel(nn.Module):
 
 def make(variant: str, vocab_size: int, head: str, causal: bool, **kwargs: Any) -> LanguageModel:
     """A language model of a bert.VARIANTS size with the 'bert' (BERT: embedding LayerNorm, token types, eps 1e-12)
-    or 'gpt' (GPT-1: neither, eps 1e-5) layout; `causal` for next-token prediction. Dense kernels N(0, 0.02)."""
+    or 'gpt' (GPT-1: neither, eps 1e-5, tanh GELU) layout; `causal` for next-token prediction. Dense kernels
+    N(0, 0.02)."""
     gpt = head == 'gpt'
-    layout = dict(embedding_norm=not gpt, type_vocab_size=0 if gpt else 2, eps=1e-5 if gpt else 1e-12)
+    layout = dict(
+        embedding_norm=not gpt, type_vocab_size=0 if gpt else 2, eps=1e-5 if gpt else 1e-12, approximate_gelu=gpt
+    )
     encoder = bert.make_encoder(variant, vocab_size, causal=causal, init_std=0.02, **layout, **kwargs)
     return LanguageModel(encoder, head)
