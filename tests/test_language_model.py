@@ -187,6 +187,9 @@ def test_sentence_log_likelihoods_by_hand():
                 total += float(jax.nn.log_softmax(np.asarray(logits[0, t], np.float64))[row[t]])
             want.append(total)
         np.testing.assert_allclose(method.sentence_log_likelihoods(params, texts), want, rtol=1e-5)
+        # In passes sorted by length and cut to their longest (here 2 passes of 16, one of them at 16 tokens).
+        mixed = ['Fire.'] * 15 + texts + ['Crews worked through the night to contain the fires near the town.']
+        np.testing.assert_allclose(method.sentence_log_likelihoods(params, mixed)[15:17], want, rtol=1e-5)
     rng = np.random.default_rng(0)
     swapped = [sentence.swap_two_words(t, rng) for t in texts * 5]
     assert all(sorted(a.split()) == sorted(b.split()) and a != b for a, b in zip(texts * 5, swapped, strict=True))
