@@ -1,7 +1,8 @@
 """Language-model pretraining (BERT's masked LM, GPT-1's causal LM): both models equal transformers' with converted
 weights, causal attention leaks nothing from the future, BERT's masking draws the right counts, places and
-replacements, both losses equal numpy by hand, the corpus vocabulary, config errors, and a 2-step runlocal run
-sharded over 8 devices equal to one device with its evaluation."""
+replacements, both losses and both sentence log-likelihoods equal numpy by hand, packed rows, the 'last' pooling, the
+held-out means and minimal-pair ties by known answers, the corpus vocabulary, config errors, and a 2-step runlocal run
+of each objective sharded over 8 devices equal to one device with its evaluation."""
 
 import jax
 import jax.numpy as jnp
