@@ -216,6 +216,16 @@ def test_packed_rows_known_answer():
     np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [1, 1, 1, 0]])
 
 
+def test_unpacked_rows_hold_one_sentence_each():
+    tokenizer = bert_weights.Tokenizer('minilm-l6')
+    sentences = [f'Sentence {i} of the corpus.' for i in range(8)]
+    batch = next(iter(text.make_sentence_dataset(sentences, tokenizer, 4, 16, seed=0)))
+    want, want_mask = tokenizer([sentences[i] for i in batch['index']], 16)
+    np.testing.assert_array_equal(batch['tokens'], want)
+    np.testing.assert_array_equal(batch['mask'], want_mask)
+    assert batch['tokens'].shape == (4, 16) and len(set(batch['index'].tolist())) == 4
+
+
 def test_last_pooling_and_held_out_means_over_tokens():
     hidden = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
     np.testing.assert_allclose(bert.pool(hidden, jnp.array([[1, 1, 0], [1, 1, 1]]), 'last'), [[2, 3], [10, 11]])

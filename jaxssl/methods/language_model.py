@@ -235,8 +235,8 @@ class Method(mirror_bert.Method):
         clm = self.config.model.objective == 'clm'
         special, mask_id = jnp.asarray(self.tokenizer.special_ids), self.tokenizer.mask_id
 
-        @jax.jit
-        def scores(tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        @jax.jit  # params an argument, not a constant folded into the program
+        def scores(params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
             if clm:
                 logits, _ = self.lm.apply({'params': params}, tokens, mask)
                 logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
@@ -260,7 +260,7 @@ class Method(mirror_bert.Method):
             pad = EVAL_ROWS - len(rows)  # filler rows of padding, so every pass has EVAL_ROWS rows
             t = np.pad(tokens[rows, :length], ((0, pad), (0, 0)), constant_values=self.tokenizer.pad_id)
             m = np.pad(mask[rows, :length], ((0, pad), (0, 0)))
-            out[rows] = np.asarray(jax.device_get(scores(t, m)))[: len(rows)]
+            out[rows] = np.asarray(jax.device_get(scores(params, t, m)))[: len(rows)]
         return out
 
     def minimal_pairs(self, params: Any, seed: int = 0) -> float:
