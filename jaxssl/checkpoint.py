@@ -16,8 +16,19 @@ import orbax.checkpoint as ocp
 from jaxssl import paths
 
 
+def _save_replicas_whole_on_cpu() -> None:
+    """Orbax saves a replicated array "replica-parallel" by default (each replica writes a slice of it), which costs
+    a compiled slicing program per array, slice and device. On the CPU, where every device is the host's memory and
+    one process writes it all, that buys nothing: a sharded CPU run's first save took ~4 s of such compiles (168 of
+    them for a small ResNet on 8 devices)."""
+    if jax.default_backend() == 'cpu' and jax.process_count() == 1:
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 class Checkpointer:
     def __init__(self, workdir: str, keep: int, async_save: bool = True):
+        _save_replicas_whole_on_cpu()
         self.directory = paths.join(workdir, 'checkpoints')  # absolute local path, or gs://bucket/run/checkpoints
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)

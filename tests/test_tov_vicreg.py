@@ -120,10 +120,10 @@ def test_runlocal_sharded_matches_one_device(tmp_path, one_device):
     summary, state, rows = run(tmp_path, 'mesh.data=2', 'mesh.fsdp=4', 'sharding.min_size=0', *small_eval)
     assert jax.device_count() == 8 and summary['final_step'] == 2 and summary['nonfinite_steps'] == 0
     np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in want_rows], rtol=1e-5)
-    # atol 3e-5: the run script's covariance weight (10, VICReg's is 1) makes gradients of norm ~200, and 1-D
-    # parameters (no LARS trust ratio) move by lr x grad, so float32 summation order shows at ~1e-5 (measured); a
-    # sharding bug moves them by the whole update (~1e-2).
+    # atol 3e-4: the run script's covariance weight (10, VICReg's is 1) makes gradients of norm ~200, and 1-D
+    # parameters (no LARS trust ratio) move by lr x grad, so float32 summation order shows at 1e-5 to 1.1e-4
+    # (measured on two machines); a sharding bug moves them by the whole update (~1e-2).
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5), state['params'], want_state['params']
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-4), state['params'], want_state['params']
     )
     assert 0.0 <= summary['final_eval/label/cls/knn'] <= 1.0
