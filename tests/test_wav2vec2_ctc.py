@@ -14,10 +14,10 @@ import pytest
 import torch
 from sharded_runs import run
 
-from jaxssl import optim, rules, train
+from jaxssl import optim, params_io, rules, train
 from jaxssl.config import ConfigError, load_config
 from jaxssl.data import transcripts
-from jaxssl.methods import wav2vec2_ctc
+from jaxssl.methods import wav2vec2, wav2vec2_ctc
 from jaxssl.models import wav2vec2 as w2v
 from jaxssl.models import wav2vec2_weights
 
@@ -221,14 +221,18 @@ def _flat_pairs(a, b):
     return {name: (value, other[name]) for name, value in flat(a).items()}
 
 
-def test_starts_from_a_pretraining_run_without_its_quantizer(tmp_path):
-    pretrain = load_config('configs/wav2vec2.py:runlocal', ['train.steps=1', 'train.tensorboard=false',
-                                                           'eval.at_end=false'])  # fmt: skip
-    _, pretrained = train.train(pretrain, str(tmp_path / 'pretrain'))
+def test_starts_from_pretrained_params_without_their_quantizer(tmp_path):
+    """The pretraining method's params, written as a params directory: what a workdir's checkpoint holds, without
+    compiling a pretraining step to make one (loading from a workdir is tests/test_finetune_init.py's)."""
+    pretrain = wav2vec2.Method(load_config('configs/wav2vec2.py:runlocal'))
+    start, _ = pretrain.init(jax.random.key(7), jax.tree.map(jnp.asarray, pretrain.example_batch(2)))
+    start = jax.device_get(start)
+    assert 'quantizer_codevectors' in start
+    params_io.save_params(tmp_path / 'pretrain', start, {'kind': 'pretrain', 'source': 'wav2vec2 runlocal init'})
     config = load_config(CONFIG, [f'init_from={tmp_path / "pretrain"}', 'train.steps=1', 'train.tensorboard=false',
                                   'eval.at_end=false', 'model.freeze_finetune_updates=5'])  # fmt: skip
     _, state = train.train(config, str(tmp_path / 'finetune'))
-    start, end = jax.device_get(pretrained['params']), jax.device_get(state['params'])
+    end = jax.device_get(state['params'])
     assert 'lm_head' in end and 'quantizer_codevectors' not in end
     for name in end:  # one step with the encoder frozen: the encoder is still the pretrained one
         if name != 'lm_head':

@@ -1,9 +1,11 @@
 """Sentences for text pretraining, offline: corpora, Mirror-BERT's span masking, and a Grain pipeline of two tokenised
 views per sentence.
 
-Built-in corpus (`input.corpus='lee'`): the sentences of gensim's bundled Lee news corpus (lee_background.cor, 300
-Australian news articles, about 2.7k sentences; the gensim wheel ships it under gensim/test/test_data). Any other
-`input.corpus` is a UTF-8 text file with one sentence per line (the reference's training files have that format).
+Built-in corpora: `input.corpus='lee'`, the sentences of gensim's bundled Lee news corpus (lee_background.cor, 300
+Australian news articles, about 2.6k sentences; the gensim wheel ships it under gensim/test/test_data); 'wiki', the
+prose sentences of the Wikipedia excerpt gensim ships for its WikiCorpus tests (106 articles, ~18.8k sentences, 7x
+Lee). Any other `input.corpus` is a UTF-8 text file with one sentence per line (the reference's training files have
+that format).
 
 Built-in similarity set: the Lee document-similarity benchmark (Lee, Pincombe & Welsh 2005; gensim ships it as lee.cor
 and similarities0-1.txt): 50 short news documents (disjoint from lee_background) and the mean human similarity rating
@@ -38,13 +40,42 @@ def split_sentences(document: str) -> list[str]:
     return [s.strip() for s in SENTENCE_END.split(document) if s.strip()]
 
 
+WIKI_DUMP = 'enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2'
+# Prose lines of the wiki dump: at least this many characters, and not a heading, list, table or template line.
+WIKI_MIN_LINE = 40
+WIKI_MARKUP_STARTS = tuple('=*#|{:!;<')
+
+
+def load_wiki_sentences() -> list[str]:
+    """The prose sentences (4+ words) of gensim's bundled Wikipedia excerpt (106 English articles after the redirects,
+    ~18.8k sentences, ~409k words): each page's wiki markup stripped by gensim's filter_wiki, bold / italic quotes
+    removed, heading / list / table lines and short lines dropped, the rest cut into sentences."""
+    import bz2
+
+    from gensim.corpora import wikicorpus
+
+    sentences = []
+    with bz2.BZ2File(gensim_test_file(WIKI_DUMP)) as dump:
+        for _, page, _ in wikicorpus.extract_pages(dump):
+            plain = wikicorpus.filter_wiki(page)
+            if plain.lstrip().upper().startswith('#REDIRECT'):
+                continue
+            for line in plain.splitlines():
+                line = re.sub(r'\s+', ' ', re.sub(r"'{2,}", '', line)).strip()
+                if len(line) >= WIKI_MIN_LINE and not line.startswith(WIKI_MARKUP_STARTS):
+                    sentences += [s for s in split_sentences(line) if len(s.split()) >= 4]
+    return sentences
+
+
 def load_corpus(corpus: str) -> list[str]:
-    """The sentences of `input.corpus`: 'lee' or a one-sentence-per-line text file (blank lines skipped)."""
+    """The sentences of `input.corpus`: 'lee', 'wiki' or a one-sentence-per-line text file (blank lines skipped)."""
     if corpus == 'lee':
         with open(gensim_test_file('lee_background.cor'), encoding='latin-1') as f:
             return [s for line in f for s in split_sentences(line)]
+    if corpus == 'wiki':
+        return load_wiki_sentences()
     if not os.path.isfile(corpus):
-        raise FileNotFoundError(f"corpus '{corpus}' not found: 'lee' or a text file with one sentence per line")
+        raise FileNotFoundError(f"corpus '{corpus}' not found: 'lee', 'wiki' or a text file with one sentence per line")
     with open(corpus, encoding='utf-8') as f:
         return [line.strip() for line in f if line.strip()]
 
