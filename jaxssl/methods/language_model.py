@@ -139,12 +139,7 @@ class Method(mirror_bert.Method):
     def __init__(self, config: ml_collections.ConfigDict):
         base.Method.__init__(self, config)
         m = config.model
-        try:
-            self.tokenizer = bert_weights.Tokenizer(config.input.tokenizer)
-        except FileNotFoundError as e:
-            raise ConfigError(f"'input.tokenizer': {e}") from None
-        if config.input.vocab_min_count:
-            self.tokenizer = text.CorpusVocabulary(self.tokenizer, self.sentences, config.input.vocab_min_count)
+        self.tokenizer = self.make_tokenizer()
         kwargs = dict(dropout=m.dropout, attention_dropout=m.attention_dropout, dtype=DTYPES[m.dtype])
         causal = m.objective == 'clm'
         self.lm = language_model.make(m.variant, self.tokenizer.vocab_size, m.head, causal, **kwargs)
@@ -153,6 +148,15 @@ class Method(mirror_bert.Method):
             raise ConfigError(
                 f"'input.max_len' / 'eval.max_len' exceed the model's {self.model.max_positions} positions"
             )
+
+    def make_tokenizer(self) -> bert_weights.Tokenizer | text.CorpusVocabulary:
+        """input.tokenizer's WordPiece vocabulary, restricted to the corpus's ids when input.vocab_min_count > 0."""
+        c = self.config.input
+        try:
+            tokenizer = bert_weights.Tokenizer(c.tokenizer)
+        except FileNotFoundError as e:
+            raise ConfigError(f"'input.tokenizer': {e}") from None
+        return text.CorpusVocabulary(tokenizer, self.sentences, c.vocab_min_count) if c.vocab_min_count else tokenizer
 
     # --- data -------------------------------------------------------------------------------------------------
     @functools.cached_property

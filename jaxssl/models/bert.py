@@ -135,27 +135,42 @@ class BertEncoder(nn.Module):
     embedding_norm: bool = True
     init_std: float | None = None  # N(0, init_std) dense kernels (BERT / GPT from scratch: 0.02); None: lecun
     approximate_gelu: bool = False
+    # ELECTRA's factorised embeddings: tables this wide, then a dense 'embeddings_project' to `width` (after the
+    # LayerNorm and dropout, as ElectraModel); None: `width`, no projection.
+    embedding_size: int | None = None
 
     @nn.compact
     def __call__(
-        self, tokens: jax.Array, mask: jax.Array, deterministic: bool = True
+        self, tokens: jax.Array, mask: jax.Array, deterministic: bool = True, embedded: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`embedded`: (B, L, embedding_size) embeddings computed elsewhere (ELECTRA's generator and discriminator
+        share one embedding module, a depth-0 encoder): the encoder then holds no embedding tables of its own."""
         chex.assert_rank([tokens, mask], 2)
         chex.assert_equal_shape([tokens, mask])
         if tokens.shape[1] > self.max_positions:
             raise ValueError(f'{tokens.shape[1]} tokens exceed the {self.max_positions} positions of the model')
-        init = nn.initializers.normal(0.02)  # BERT's initializer_range
-        positions = jnp.arange(tokens.shape[1])
-        words = nn.Embed(self.vocab_size, self.width, embedding_init=init, name='word_embeddings')
-        places = nn.Embed(self.max_positions, self.width, embedding_init=init, name='position_embeddings')
-        x = words(tokens) + places(positions)
-        if self.type_vocab_size:  # single-segment input: every token has type 0
-            types = nn.Embed(self.type_vocab_size, self.width, embedding_init=init, name='token_type_embeddings')
-            x = x + types(jnp.zeros_like(tokens))
-        x = x.astype(self.dtype)
-        if self.embedding_norm:
-            x = nn.LayerNorm(self.eps, dtype=self.dtype, name='embeddings_norm')(x)
+        size = self.embedding_size or self.width
+        if embedded is None:
+            init = nn.initializers.normal(0.02)  # BERT's initializer_range
+            positions = jnp.arange(tokens.shape[1])
+            words = nn.Embed(self.vocab_size, size, embedding_init=init, name='word_embeddings')
+            places = nn.Embed(self.max_positions, size, embedding_init=init, name='position_embeddings')
+            x = words(tokens) + places(positions)
+            if self.type_vocab_size:  # single-segment input: every token has type 0
+                types = nn.Embed(self.type_vocab_size, size, embedding_init=init, name='token_type_embeddings')
+                x = x + types(jnp.zeros_like(tokens))
+            x = x.astype(self.dtype)
+            if self.embedding_norm:
+                x = nn.LayerNorm(self.eps, dtype=self.dtype, name='embeddings_norm')(x)
+        else:
+            chex.assert_shape(embedded, (*tokens.shape, size))
+            x = embedded.astype(self.dtype)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        if size != self.width:
+            project = nn.Dense(
+                self.width, dtype=self.dtype, kernel_init=dense_init(self.init_std), name='embeddings_project'
+            )
+            x = project(x)
         key_mask = mask.astype(bool)
         intermediates = {}
         for i in range(self.depth):

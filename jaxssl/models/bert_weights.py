@@ -137,6 +137,34 @@ def openai_gpt_to_flax(weights: dict[str, np.ndarray], depth: int) -> dict[str, 
     return {'encoder': params}
 
 
+def electra_to_flax(
+    discriminator: dict[str, np.ndarray], generator: dict[str, np.ndarray], depth: int, generator_depth: int
+) -> dict[str, Any]:
+    """transformers ElectraForPreTraining + ElectraForMaskedLM state dicts -> jaxssl.models.electra.Electra params.
+    The shared embedding tables and their LayerNorm come from the discriminator (ELECTRA's checkpoints hold one
+    copy; transformers gives each model its own)."""
+
+    def encoder(w: dict[str, np.ndarray], layers: int) -> dict[str, Any]:
+        w = {k.removeprefix('electra.'): np.asarray(v, np.float32) for k, v in w.items() if k.startswith('electra.')}
+        params = {k: v for k, v in torch_to_flax(w, layers).items() if k.startswith('layer_')}
+        if 'embeddings_project.weight' in w:
+            params['embeddings_project'] = dense(w, 'embeddings_project')
+        return params
+
+    d = {k: np.asarray(v, np.float32) for k, v in discriminator.items()}
+    g = {k: np.asarray(v, np.float32) for k, v in generator.items()}
+    return {
+        'embeddings': torch_to_flax({k.removeprefix('electra.'): v for k, v in d.items()}, 0),
+        'generator': encoder(g, generator_depth),
+        'discriminator': encoder(d, depth),
+        'generator_dense': dense(g, 'generator_predictions.dense'),
+        'generator_norm': norm(g, 'generator_predictions.LayerNorm'),
+        'output_bias': g['generator_lm_head.bias'],
+        'discriminator_dense': dense(d, 'discriminator_predictions.dense'),
+        'discriminator_prediction': dense(d, 'discriminator_predictions.dense_prediction'),
+    }
+
+
 def load(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(BertEncoder fields, params as numpy) of a built-in checkpoint or a directory."""
     from safetensors.numpy import load_file
