@@ -138,6 +138,16 @@ def test_terms_and_weighted_loss(method_and_batch):
     assert out['generator']['loss'] == pytest.approx(np.log(method.tokenizer.vocab_size), rel=0.1)  # untrained
 
 
+def test_rows_shorter_than_max_predictions(method_and_batch):
+    """An evaluation at fewer tokens than max_predictions (large: 130 predictions, eval.max_len 128) draws at most a
+    row's tokens."""
+    method, batch, params = method_and_batch
+    tokens, mask = batch['tokens'][:, :6], batch['mask'][:, :6]
+    assert method.config.masking.max_predictions == 7
+    out = jax.device_get(method.electra_terms(params, tokens, mask, jax.random.key(1), False))
+    assert out['generator']['tokens'] == 4 * 1 and np.isfinite(out['loss'])  # round(0.15 x 6) = 1 a row
+
+
 def test_generator_sizes_and_config_errors():
     assert electra.generator_shape('small', 0.25) == dict(width=64, depth=12, heads=1, mlp=256)
     assert electra.generator_shape('base', 1 / 3) == dict(width=256, depth=12, heads=4, mlp=1024)
@@ -150,6 +160,7 @@ def test_generator_sizes_and_config_errors():
         ('model.generator_size=0.0', 'model.generator_size'),
         ('model.generator_size=0.55', 'model.generator_size'),  # 35 wide: not a whole width over 2 heads
         ('model.temperature=0.0', 'model.temperature'),
+        ("model.temperature='hot'", 'model.temperature'),
         ('loss.disc_weight=-1.0', 'loss.disc_weight'),
         ('masking.max_predictions=60', 'masking.max_predictions'),
         ("model.variant='huge'", 'model.variant'),

@@ -53,17 +53,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_range(config, 'masking.mask_prob', 0.0, 1.0)
     if k.ratio <= 0:
         raise ConfigError("bad value 0 for 'masking.ratio': the generator needs tokens to predict")
-    if not 0 < m.generator_size <= 1:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not number(m.generator_size) or not 0 < m.generator_size <= 1:
         raise ConfigError(f"bad value {m.generator_size!r} for 'model.generator_size': must be in (0, 1]")
     try:
         electra.generator_shape(m.variant, m.generator_size)
     except ValueError as e:
         raise ConfigError(f"'model.generator_size': {e}") from None
-    if not m.temperature > 0:
+    if not number(m.temperature) or not m.temperature > 0:
         raise ConfigError(f"bad value {m.temperature!r} for 'model.temperature': must be > 0")
     for key in ('loss.gen_weight', 'loss.disc_weight'):
         group, name = key.split('.')
-        if not config[group][name] >= 0:
+        if not number(config[group][name]) or not config[group][name] >= 0:
             raise ConfigError(f"bad value {config[group][name]!r} for '{key}': must be >= 0")
     integers = (('input.max_len', 3), ('input.global_batch', 1), ('eval.max_len', 3), ('masking.max_predictions', 1))
     for key, low in (*integers, ('input.vocab_min_count', 0)):

@@ -97,12 +97,14 @@ def draw_mlm_targets(
 ) -> dict[str, jax.Array]:
     """BERT's masked-LM corruption of a batch (B, L): {'tokens' (B, L) corrupted input, 'positions' (B, P) int32,
     'labels' (B, P) the original ids there, 'weights' (B, P) float32 1 for the drawn positions, 0 for padding},
-    P = max_predictions. Each row draws k = min(max(1, round(ratio x its real tokens)), P, its candidates) positions
-    uniformly among its real tokens that are not special ([PAD], [CLS], [SEP])."""
+    P = max_predictions, or the row length L if shorter (an evaluation at fewer tokens than training). Each row draws
+    k = min(max(1, round(ratio x its real tokens)), P, its candidates) positions uniformly among its real tokens that
+    are not special ([PAD], [CLS], [SEP])."""
     chex.assert_rank([tokens, mask], 2)
     tokens = jnp.asarray(tokens)
     choose, action, replace = jax.random.split(rng, 3)
     b, length = tokens.shape
+    max_predictions = min(max_predictions, length)  # no row has more candidates than tokens
     candidate = mask.astype(bool) & ~jnp.isin(tokens, jnp.asarray(special_ids))
     count = jnp.maximum(jnp.round(mask.sum(axis=1) * ratio), 1).astype(jnp.int32)
     count = jnp.minimum(jnp.minimum(count, max_predictions), candidate.sum(axis=1))

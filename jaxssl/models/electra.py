@@ -35,8 +35,8 @@ VARIANTS: dict[str, tuple[int, int, int, int, int]] = {
 
 def generator_shape(variant: str, size: float) -> dict[str, int]:
     """The generator of a discriminator variant at `size` x its width: the same depth, heads scaled alike (the
-    reference's width / 64 for every released size: small 0.25 -> 64 wide, 1 head; base 1/3 and large 0.25 -> 256
-    wide, 4 heads), mlp 4 x width."""
+    reference's width / 64 at the paper's sizes: small 0.25 -> 64 wide, 1 head; base 1/3 and large 0.25 -> 256 wide,
+    4 heads; the released ELECTRA-Small checkpoint was trained with a full-size generator, 1.0), mlp 4 x width."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown ELECTRA variant '{variant}'; valid: {', '.join(VARIANTS)}")
     width, depth, heads, _, _ = VARIANTS[variant]
