@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from test_language_model import randomise  # weights of a trained model's scale
 
 from jaxssl import train
 from jaxssl.config import ConfigError, load_config
@@ -20,17 +21,6 @@ CONFIG = 'configs/electra.py:runlocal'
 VOCAB, LENGTH = 50, 9
 TOKENS = np.random.default_rng(0).integers(5, VOCAB, (2, LENGTH)).astype(np.int32)
 MASK = np.array([[1] * LENGTH, [1] * 6 + [0] * 3], np.int32)
-
-
-def randomise(model):
-    """Weights of a trained model's scale (transformers' init makes the exact and tanh GELUs agree to 1e-6)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith('bias'):
-                p.normal_(0, 0.5)
-            elif p.ndim == 2:
-                p.normal_(0, 0.3)
-    return model.eval()
 
 
 def test_generator_and_discriminator_match_transformers():

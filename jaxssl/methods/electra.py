@@ -44,7 +44,7 @@ from jaxssl.models import bert, electra
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, naming the key, on values the models, masks or evaluation cannot use."""
-    m, k, c = config.model, config.masking, config.input
+    m, k = config.model, config.masking
     check_choice(config, 'model.variant', electra.VARIANTS)
     check_choice(config, 'model.dtype', DTYPES)
     check_range(config, 'model.dropout', 0.0, 1.0)
@@ -66,19 +66,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         group, name = key.split('.')
         if not number(config[group][name]) or not config[group][name] >= 0:
             raise ConfigError(f"bad value {config[group][name]!r} for '{key}': must be >= 0")
-    integers = (('input.max_len', 3), ('input.global_batch', 1), ('eval.max_len', 3), ('masking.max_predictions', 1))
-    for key, low in (*integers, ('input.vocab_min_count', 0)):
-        group, name = key.split('.')
-        if not isinstance(config[group][name], int) or config[group][name] < low:
-            raise ConfigError(f"bad value {config[group][name]!r} for '{key}': must be an integer >= {low}")
-    if k.max_predictions > c.max_len:
-        raise ConfigError(
-            f"bad value {k.max_predictions} for 'masking.max_predictions': more than the {c.max_len} tokens of "
-            "'input.max_len'"
-        )
-    for pooling in config.eval.poolings:
-        if pooling not in bert.POOLINGS:
-            raise ConfigError(f"bad value '{pooling}' in 'eval.poolings'; valid: {', '.join(bert.POOLINGS)}")
+    language_model.check_rows_and_evaluation(config)
 
 
 def replace_tokens(

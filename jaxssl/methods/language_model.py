@@ -66,18 +66,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"'masking.mask_prob' + 'masking.random_prob' = {k.mask_prob + k.random_prob} exceeds 1 (the rest keeps "
             'the token)'
         )
+    check_rows_and_evaluation(config)
+    if m.objective == 'mlm' and k.ratio <= 0:
+        raise ConfigError("bad value 0 for 'masking.ratio': the masked LM needs tokens to predict")
+
+
+def check_rows_and_evaluation(config: ml_collections.ConfigDict) -> None:
+    """The row, batch, vocabulary, prediction-count and pooling keys the text pretraining methods share (this
+    module's and ELECTRA's)."""
     integers = (('input.max_len', 3), ('input.global_batch', 1), ('eval.max_len', 3), ('masking.max_predictions', 1))
     for key, low in (*integers, ('input.vocab_min_count', 0)):
         group, name = key.split('.')
         if not isinstance(config[group][name], int) or config[group][name] < low:
             raise ConfigError(f"bad value {config[group][name]!r} for '{key}': must be an integer >= {low}")
-    if k.max_predictions > config.input.max_len:
+    if config.masking.max_predictions > config.input.max_len:
         raise ConfigError(
-            f"bad value {k.max_predictions} for 'masking.max_predictions': more than the {config.input.max_len} "
-            "tokens of 'input.max_len'"
+            f"bad value {config.masking.max_predictions} for 'masking.max_predictions': more than the "
+            f"{config.input.max_len} tokens of 'input.max_len'"
         )
-    if m.objective == 'mlm' and k.ratio <= 0:
-        raise ConfigError("bad value 0 for 'masking.ratio': the masked LM needs tokens to predict")
     for pooling in config.eval.poolings:
         if pooling not in bert.POOLINGS:
             raise ConfigError(f"bad value '{pooling}' in 'eval.poolings'; valid: {', '.join(bert.POOLINGS)}")
