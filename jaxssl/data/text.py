@@ -162,7 +162,7 @@ def two_view_batch(
     return {'tokens': tokens, 'mask': mask, 'index': np.asarray(indices, np.int64)}
 
 
-def _shuffled_batches(
+def shuffled_batches(
     count: int,
     global_batch: int,
     seed: int,
@@ -203,7 +203,7 @@ def make_pretrain_dataset(
         view_rows = slice(2 * rows.start, 2 * rows.stop)  # the views of this process's sentences
         return {'tokens': batch['tokens'][view_rows], 'mask': batch['mask'][view_rows], 'index': batch['index'][rows]}
 
-    return _shuffled_batches(len(sentences), global_batch, seed, process_index, process_count, views)
+    return shuffled_batches(len(sentences), global_batch, seed, process_index, process_count, views)
 
 
 def pack_sentences(
@@ -251,7 +251,7 @@ def make_sentence_dataset(
         tokens, mask = tokenize([sentences[int(i)] for i in indices[rows]], max_len)
         return {'tokens': tokens, 'mask': mask, 'index': np.asarray(indices[rows], np.int64)}
 
-    return _shuffled_batches(len(sentences), global_batch, seed, process_index, process_count, one_view)
+    return shuffled_batches(len(sentences), global_batch, seed, process_index, process_count, one_view)
 
 
 def make_row_dataset(
@@ -269,4 +269,4 @@ def make_row_dataset(
         mine = np.asarray(indices[rows], np.int64)
         return {'tokens': tokens[mine], 'mask': mask[mine], 'index': mine}
 
-    return _shuffled_batches(len(tokens), global_batch, seed, process_index, process_count, gather)
+    return shuffled_batches(len(tokens), global_batch, seed, process_index, process_count, gather)

@@ -72,14 +72,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_rows_and_evaluation(config: ml_collections.ConfigDict) -> None:
-    """The row, batch, vocabulary, prediction-count and pooling keys the text pretraining methods share (this
-    module's and ELECTRA's)."""
-    integers = (('input.max_len', 3), ('input.global_batch', 1), ('eval.max_len', 3), ('masking.max_predictions', 1))
-    for key, low in (*integers, ('input.vocab_min_count', 0)):
+    """The row, batch, vocabulary, prediction-count (when the config has a `masking` section) and pooling keys the
+    text pretraining methods share (this module's, ELECTRA's and E2S2's)."""
+    integers = [('input.max_len', 3), ('input.global_batch', 1), ('eval.max_len', 3), ('input.vocab_min_count', 0)]
+    if 'masking' in config:
+        integers.append(('masking.max_predictions', 1))
+    for key, low in integers:
         group, name = key.split('.')
         if not isinstance(config[group][name], int) or config[group][name] < low:
             raise ConfigError(f"bad value {config[group][name]!r} for '{key}': must be an integer >= {low}")
-    if config.masking.max_predictions > config.input.max_len:
+    if 'masking' in config and config.masking.max_predictions > config.input.max_len:
         raise ConfigError(
             f"bad value {config.masking.max_predictions} for 'masking.max_predictions': more than the "
             f"{config.input.max_len} tokens of 'input.max_len'"

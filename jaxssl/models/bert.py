@@ -41,7 +41,8 @@ def dense_init(std: float | None) -> Any:
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with BertModel's parameter names (query/key/value, output dense); with `causal`
-    each position attends only to itself and the positions before it (GPT)."""
+    each position attends only to itself and the positions before it (GPT). Given a `context` (B, K, width), keys and
+    values come from it instead and `key_mask` (B, K) is its mask: cross-attention (BART's decoder)."""
 
     width: int
     heads: int
@@ -51,12 +52,15 @@ class SelfAttention(nn.Module):
     init_std: float | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, key_mask: jax.Array, deterministic: bool, context: jax.Array | None = None
+    ) -> jax.Array:
         b, n, _ = x.shape
         head_dim = self.width // self.heads
-        split = lambda t: t.reshape(b, n, self.heads, head_dim)
+        split = lambda t: t.reshape(b, t.shape[1], self.heads, head_dim)
         dense = lambda name: nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init(self.init_std), name=name)
-        q, k, v = (split(dense(name)(x)) for name in ('query', 'key', 'value'))
+        source = x if context is None else context
+        q, k, v = split(dense('query')(x)), split(dense('key')(source)), split(dense('value')(source))
         # Written out rather than jax.nn.dot_product_attention: BERT drops attention probabilities in training.
         logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
         allowed = key_mask[:, None, None, :]

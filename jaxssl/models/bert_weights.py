@@ -165,6 +165,46 @@ def electra_to_flax(
     }
 
 
+def bart_to_flax(weights: dict[str, np.ndarray], encoder_depth: int, decoder_depth: int) -> dict[str, Any]:
+    """A transformers BartForConditionalGeneration / BartModel state dict -> jaxssl.models.bart.Bart params (without
+    the detection head, which BART lacks). q / k / v / out_proj map to query / key / value / output; the tied
+    lm_head and the zero final_logits_bias are not read."""
+    w = {k.removeprefix('model.'): np.asarray(v, np.float32) for k, v in weights.items()}
+
+    def attention(prefix: str) -> dict[str, Any]:
+        parts = {'query': 'q_proj', 'key': 'k_proj', 'value': 'v_proj', 'output': 'out_proj'}
+        return {ours: dense(w, f'{prefix}.{theirs}') for ours, theirs in parts.items()}
+
+    params: dict[str, Any] = {'shared': {'embedding': w['shared.weight']}}
+    for side in ('encoder', 'decoder'):
+        params[f'{side}_positions'] = {'embedding': w[f'{side}.embed_positions.weight']}
+        params[f'{side}_embedding_norm'] = norm(w, f'{side}.layernorm_embedding')
+    for i in range(encoder_depth):
+        p = f'encoder.layers.{i}'
+        params[f'encoder_layer_{i}'] = layer(w, {
+            'query': f'{p}.self_attn.q_proj',
+            'key': f'{p}.self_attn.k_proj',
+            'value': f'{p}.self_attn.v_proj',
+            'attention_output': f'{p}.self_attn.out_proj',
+            'attention_norm': f'{p}.self_attn_layer_norm',
+            'intermediate': f'{p}.fc1',
+            'output': f'{p}.fc2',
+            'output_norm': f'{p}.final_layer_norm',
+        })  # fmt: skip
+    for i in range(decoder_depth):
+        p = f'decoder.layers.{i}'
+        params[f'decoder_layer_{i}'] = {
+            'self_attention': attention(f'{p}.self_attn'),
+            'self_attention_norm': norm(w, f'{p}.self_attn_layer_norm'),
+            'cross_attention': attention(f'{p}.encoder_attn'),
+            'cross_attention_norm': norm(w, f'{p}.encoder_attn_layer_norm'),
+            'intermediate': dense(w, f'{p}.fc1'),
+            'output': dense(w, f'{p}.fc2'),
+            'output_norm': norm(w, f'{p}.final_layer_norm'),
+        }
+    return params
+
+
 def load(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(BertEncoder fields, params as numpy) of a built-in checkpoint or a directory."""
     from safetensors.numpy import load_file
