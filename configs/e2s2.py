@@ -14,7 +14,8 @@ Examples:
   BART alone (text infilling, the ablation's baseline):
   --config=configs/e2s2.py:runlocal --config.noise.shuffle=false --config.noise.replace_ratio=0.0
       --config.loss.detection_weight=0.0 --config.loss.contrastive=false
-Recipe (the authors' train.sh, a continued pretraining of bart.large: here from scratch, the released BART is not
+Objective: the paper's (the reference's --cse); --config.loss.contrastive=false is what the repository's train.sh
+runs. Recipe (train.sh, a continued pretraining of bart.large: here from scratch, the released BART is not
 offline): rows of up to 1,024 tokens, 4 rows (4,096 tokens) per GPU x update-freq 3 (the GPU count is not given: 8
 assumed, 96 rows); Adam (0.9, 0.98, eps 1e-6), decoupled weight decay 0.01 on every parameter, no clipping, lr
 1.5e-6 (as written: unusually small, perhaps a typo), 6k warmup steps then linear decay to 0 at 50k; dropout 0.1,
@@ -73,7 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-6
     c.optim.weight_decay = 0.01
     c.optim.clip_grad = 0.0
-    c.optim.no_decay = ()  # fairseq's Adam decays every parameter
+    c.optim.no_decay = ()
+    c.optim.decay_vectors = True  # fairseq's Adam decays every parameter, the biases and LayerNorms too
     c.optim.lr_rules = ()
 
     add_trainer_defaults(c, runlocal=arg.runlocal)

@@ -94,6 +94,10 @@ def test_text_infilling_known_answer():
     got = text_noise.text_infilling(row, NOISE, rng, max_len=32)
     # Spans over positions 9..11 and 8..9 (tokens 17..20) merge into one [MASK].
     assert got.tolist() == [CLS, *range(10, 17), MASK, *range(21, 40), SEP]
+    # A span of 5 from position 29 stops before the last token: positions 29 and 30 -> one [MASK].
+    rng = ScriptedRng(choices=[[5]], permutations=[[29]])
+    got = text_noise.text_infilling(row, NOISE, rng, max_len=32)
+    assert got.tolist() == [CLS, *range(10, 38), MASK, SEP]
 
 
 def test_text_infilling_properties():
@@ -155,7 +159,10 @@ def test_corrupt_batch_shapes_and_pairs():
     tokens[0] = [CLS, *range(10, 38), SEP]
     tokens[1, :12] = [CLS, *range(10, 20), SEP]
     mask = (tokens != PAD).astype(np.int32)
-    got = text_noise.corrupt_batch(tokens, mask, NOISE, np.random.default_rng(0))
+    got = text_noise.corrupt_batch(tokens, mask, NOISE, seed=7)
+    # Each row's corruption depends on its place in the global batch, not on which process holds which rows.
+    second = text_noise.corrupt_batch(tokens[1:], mask[1:], NOISE, seed=7, first_row=1)
+    assert all(np.array_equal(got[k][1:], second[k]) for k in got)
     for i in range(2):
         n = got['noisy_mask'][i].sum()
         assert (
@@ -183,7 +190,7 @@ def test_shift_right_and_detection_terms_by_hand():
 def method_and_batch():
     method = e2s2.Method(load_config(CONFIG, ['model.dropout=0.0', 'model.attention_dropout=0.0']))
     tokens, mask = method.packed_rows
-    batch = method.corrupt(tokens[:8], mask[:8], np.random.default_rng(0))
+    batch = method.corrupt(tokens[:8], mask[:8], seed=0)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     return method, batch, method.init(jax.random.key(0), batch)[0]
 
@@ -194,6 +201,7 @@ def test_packed_rows(method_and_batch):
     ends = mask.sum(axis=1) - 1
     assert np.all(tokens[:, 0] == method.cls_id) and np.all(tokens[np.arange(len(tokens)), ends] == method.sep_id)
     assert np.all(mask[:-1].sum(axis=1) == 48) and tokens.shape[1] == 48
+    assert np.all((tokens == method.sep_id).sum(axis=1) == 1)  # sentences joined without separators, as fairseq's
 
 
 def test_weighted_losses(method_and_batch):
@@ -205,6 +213,16 @@ def test_weighted_losses(method_and_batch):
     assert pair['nll']['tokens'] == np.asarray(batch['mask']).sum()
     assert pair['nll']['loss'] == pytest.approx(np.log(method.tokenizer.vocab_size), rel=0.1)  # untrained
     assert 0 < pair['contrastive']['loss'] <= np.log(2 * 8 - 1) + 2  # temperature 1: logits within [-1, 1]
+    # The reconstruction terms by hand: each input encoded, the clean row decoded behind [SEP].
+    for source, name in (('noisy', 'nll'), ('masked', 'masked_nll')):
+        memory = method.bart.apply({'params': params}, batch[source], batch['noisy_mask'], method='encode')
+        decoder_tokens = jnp.concatenate([jnp.full((8, 1), method.sep_id), batch['tokens'][:, :-1]], axis=1)
+        logits = method.bart.apply({'params': params}, decoder_tokens, memory, batch['noisy_mask'], method='decode')
+        logp = np.asarray(jax.nn.log_softmax(logits))
+        picked = np.take_along_axis(logp, np.asarray(batch['tokens'])[..., None], axis=-1)[..., 0]
+        real = np.asarray(batch['mask'], bool)
+        assert pair[name]['loss'] == pytest.approx(-picked[real].mean(), rel=1e-5)
+    assert pair['nll']['loss'] != pair['masked_nll']['loss']
     single = jax.device_get(method.e2s2_terms(params, batch, jax.random.key(1), train=False, pair=False))
     assert single['loss'] == pytest.approx(single['nll']['loss'] + 0.05 * single['detection']['loss'], rel=1e-6)
 
@@ -216,6 +234,7 @@ def test_config_errors():
     bad = [
         ('noise.mask_ratio=1.5', 'noise.mask_ratio'),
         ('noise.poisson_lambda=0.0', 'noise.poisson_lambda'),
+        ('noise.poisson_lambda=17.0', 'noise.poisson_lambda'),  # its table would hold length 0 alone
         ("noise.shuffle='yes'", 'noise.shuffle'),
         ('loss.temperature=0.0', 'loss.temperature'),
         ('loss.detection_weight=-1.0', 'loss.detection_weight'),

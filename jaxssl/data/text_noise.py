@@ -10,15 +10,16 @@ A row is [bos] tokens [eos] (here [CLS] ... [SEP]). In order:
    The row after this step is the "mask-only" input of E2S2's contrastive term.
 2. local shuffle (`local_shuffle`, add_shuffle): among the tokens other than [CLS] / [SEP] / [MASK], in consecutive
    blocks of 18, one token a block is a centre; in position order, each centre whose two neighbours are not special
-   either has its 3-token window permuted at random (the identity included), until min(26, max(1, round(0.05 x
+   either has its 3-token window permuted at random (the identity included), until min(26, max(1, round(0.15 / 3 x
    the row's length))) windows are permuted. Label 1 on every token that changed.
 3. random replacement (`random_replacement`, add_random_noise; the rate is hard-coded 0.15 there): ceil(0.15 x the
    row's length) positions drawn among all but the first and last; those still labelled 0 get a uniformly random
    id (any but [PAD] and [CLS], the reference's [2, V)) and label 2, even where the id happens to be the same.
    As the reference, a [MASK] can be replaced (its special-token guard reads the wrong tensor).
 
-The fairseq run draws with torch's and Python's global generators; here every draw comes from one numpy Generator,
-so a (seed, step) pair gives the same corruption on every host.
+The fairseq run draws with torch's and Python's global generators (outside its per-sample seed); here each row draws
+from its own numpy Generator, seeded by the batch's seed and the row's place in the global batch, so a run's
+corruption does not depend on the process count.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 SHUFFLE_BLOCK = 18  # int(1 / 0.15) x 3: one centre per this many tokens
 MAX_SHUFFLES = 26  # int(ceil(512 x 0.15 / 10) x 10 / 3)
-SHUFFLE_RATE = 0.05  # 0.15 / 3 of the row's length, rounded
+SHUFFLE_RATE = 0.15 / 3  # of the row's length, rounded (0.049999..., so a length of 30 rounds 1.4999... down)
 ORIGINAL, SHUFFLED, REPLACED = 0, 1, 2
 
 
@@ -82,7 +83,7 @@ def text_infilling(row: np.ndarray, noise: Noise, rng: np.random.Generator, max_
     tokens, and only by them)."""
     row = row.copy()
     n = len(row)
-    budget = math.ceil((n - 2) * noise.mask_ratio)
+    budget = math.ceil(float(np.float32(n - 2) * np.float32(noise.mask_ratio)))  # float32, as fairseq's tensor sum
     if budget == 0:
         return row
     lengths = span_lengths(budget, span_length_probabilities(noise.poisson_lambda), rng)
@@ -158,16 +159,17 @@ def corrupt(row: np.ndarray, noise: Noise, rng: np.random.Generator, max_len: in
 
 
 def corrupt_batch(
-    tokens: np.ndarray, mask: np.ndarray, noise: Noise, rng: np.random.Generator
+    tokens: np.ndarray, mask: np.ndarray, noise: Noise, seed: int, first_row: int = 0
 ) -> dict[str, np.ndarray]:
     """Padded rows (B, L) -> 'noisy', 'noisy_mask', 'masked', 'labels' (B, L) int32, right-padded (the masked rows
-    share noisy_mask: they have the same lengths)."""
+    share noisy_mask: they have the same lengths). Row i draws from the Generator of (seed, first_row + i): its
+    place in the global batch."""
     b, max_len = tokens.shape
     out = {k: np.zeros((b, max_len), np.int32) for k in ('noisy_mask', 'labels')}
     out['noisy'], out['masked'] = (np.full((b, max_len), noise.pad_id, np.int32) for _ in range(2))
     for i in range(b):
         n = int(mask[i].sum())
-        got = corrupt(tokens[i, :n], noise, rng, max_len)
+        got = corrupt(tokens[i, :n], noise, np.random.default_rng([seed, first_row + i]), max_len)
         length = len(got['noisy'])
         out['noisy'][i, :length], out['masked'][i, :length], out['labels'][i, :length] = (
             got['noisy'],

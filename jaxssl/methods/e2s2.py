@@ -57,10 +57,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_range(config, 'noise.mask_ratio', 0.0, 1.0)
     check_range(config, 'noise.replace_ratio', 0.0, 1.0)
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    for key, low in (('noise.poisson_lambda', 0.0), ('loss.temperature', 0.0)):
-        group, name = key.split('.')
-        if not number(config[group][name]) or not config[group][name] > low:
-            raise ConfigError(f"bad value {config[group][name]!r} for '{key}': must be > {low}")
+    if not number(config.noise.poisson_lambda) or not 0 < config.noise.poisson_lambda < 16:
+        # Past ~16.1, P(0) < 1e-7: fairseq's truncated table holds only length 0 and no span ever ends the draw.
+        raise ConfigError(f"bad value {config.noise.poisson_lambda!r} for 'noise.poisson_lambda': must be in (0, 16)")
+    if not number(config.loss.temperature) or not config.loss.temperature > 0:
+        raise ConfigError(f"bad value {config.loss.temperature!r} for 'loss.temperature': must be > 0")
     for key in ('loss.contrastive_weight', 'loss.detection_weight'):
         group, name = key.split('.')
         if not number(config[group][name]) or config[group][name] < 0:
@@ -127,20 +128,28 @@ class Method(language_model.Method):
     # --- data -------------------------------------------------------------------------------------------------
     @functools.cached_property
     def packed_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of [CLS], consecutive sentences (each ending in [SEP]) and a closing [SEP] (BART's [bos] ... [eos]):
-        the language models' packing at max_len - 1 with the [SEP] appended after each row's last token."""
-        short, short_mask = text.pack_sentences(
-            self.tokenizer, self.sentences, self.config.input.max_len - 1, self.cls_id
-        )
+        """Rows of [CLS], consecutive sentences and a closing [SEP] (BART's [bos] ... [eos], the sentences joined
+        without separators as fairseq's denoising task strips each line's eos): the language models' packing at
+        max_len - 1 of the sentences without their [SEP], then the [SEP] after each row's last token."""
+
+        def without_separator(texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+            ids, mask = self.tokenizer(texts, max_len)
+            ends = mask.sum(axis=1) - 1
+            ids[np.arange(len(ids)), ends], mask[np.arange(len(ids)), ends] = self.tokenizer.pad_id, 0
+            return ids, mask
+
+        max_len = self.config.input.max_len
+        short, short_mask = text.pack_sentences(without_separator, self.sentences, max_len - 1, self.cls_id)
         tokens = np.pad(short, ((0, 0), (0, 1)), constant_values=self.tokenizer.pad_id)
         mask = np.pad(short_mask, ((0, 0), (0, 1)))
         ends = short_mask.sum(axis=1)
         tokens[np.arange(len(tokens)), ends], mask[np.arange(len(tokens)), ends] = self.sep_id, 1
         return tokens, mask
 
-    def corrupt(self, tokens: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Clean rows (B, L) -> the batch the loss reads: 'tokens', 'mask' (the targets) and the corrupted inputs."""
-        return {'tokens': tokens, 'mask': mask, **text_noise.corrupt_batch(tokens, mask, self.noise, rng)}
+    def corrupt(self, tokens: np.ndarray, mask: np.ndarray, seed: int, first_row: int = 0) -> dict[str, np.ndarray]:
+        """Clean rows (B, L) -> the batch the loss reads: 'tokens', 'mask' (the targets) and the corrupted inputs
+        (text_noise.corrupt_batch)."""
+        return {'tokens': tokens, 'mask': mask, **text_noise.corrupt_batch(tokens, mask, self.noise, seed, first_row)}
 
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
         c = self.config.input
@@ -148,7 +157,8 @@ class Method(language_model.Method):
 
         def corrupted(indices: np.ndarray, rng: np.random.Generator, rows: slice) -> dict[str, np.ndarray]:
             mine = np.asarray(indices[rows], np.int64)
-            return {**self.corrupt(tokens[mine], mask[mine], rng), 'index': mine}
+            batch_seed = int(rng.integers(2**32))  # the same in every process: each draws the whole global batch
+            return {**self.corrupt(tokens[mine], mask[mine], batch_seed, rows.start), 'index': mine}
 
         batches = text.shuffled_batches(len(tokens), c.global_batch, seed, process_index, process_count, corrupted)
         return batches, len(tokens)
@@ -232,12 +242,12 @@ class Method(language_model.Method):
         corrupted with a fixed seed), each a mean over all the tokens it concerns across the passes."""
         rows = language_model.EVAL_ROWS
         terms = jax.jit(lambda p, b: self.e2s2_terms(p, b, jax.random.key(0), train=False, pair=False))
-        sentences, rng = self.held_out_sentences, np.random.default_rng(0)
+        sentences = self.held_out_sentences
         sums: dict[str, np.ndarray] = {}
         for lo in range(0, len(sentences), rows):
             chunk = sentences[lo : lo + rows]
             tokens, mask = self.tokenizer(chunk + ['.'] * (rows - len(chunk)), self.config.eval.max_len)
-            batch = self.corrupt(tokens, mask, rng)
+            batch = self.corrupt(tokens, mask, seed=0, first_row=lo)
             for key in ('mask', 'noisy_mask'):
                 batch[key][len(chunk) :] = 0  # the filler rows count for nothing
             got = jax.device_get(terms(params, batch))
