@@ -8,6 +8,8 @@ Arguments (comma separated after the file name):
                  sentences, 18.8k) or a text file, one sentence per line
   runlocal       a short CPU run: a tiny BART (64 wide, 2 + 2 layers), batch 32 rows of 48 tokens, 600 steps
 Examples:
+  --config=configs/e2s2.py:corpus=/data/sentences.txt --config.model.pretrained=/models/bart-large
+      --config.input.tokenizer=/models/bart-large --config.input.vocab_min_count=0   (the paper's set-up)
   --config=configs/e2s2.py
   --config=configs/e2s2.py:variant=base,corpus=/data/sentences.txt
   --config=configs/e2s2.py:runlocal
@@ -35,6 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = 'tiny' if arg.runlocal else arg.variant  # jaxssl.models.bart.VARIANTS
+    # A transformers BART folder (config.json, model.safetensors; e.g. facebook/bart-large) to continue pretraining,
+    # as the paper: its sizes replace the variant's; set input.tokenizer to the same folder (its tokenizer.json) and
+    # input.vocab_min_count=0. '': from scratch.
+    c.model.pretrained = ''
     c.model.dropout = 0.1
     c.model.attention_dropout = 0.1
     c.model.activation_dropout = 0.0

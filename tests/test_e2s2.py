@@ -266,3 +266,47 @@ def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path):
     assert evaluation == {'lee_spearman/mean', 'duplicate_top1/mean'} | held_out
     assert 0 <= summary['final_eval/held_out/word_order_pairs'] <= 1
     assert 0 < summary['final_eval/held_out/detection_accuracy'] <= 1
+
+
+def test_continues_a_released_bart(tmp_path):
+    """E2S2's set-up: a transformers BART folder (config.json, model.safetensors) with its byte-level BPE
+    tokenizer.json (<s> ... </s>, <mask>). The method loads both: the released weights (a fresh detection head
+    beside them) give transformers' encoder states on tokenised text, and a corrupted batch's loss is finite."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    method = e2s2.Method(load_config(CONFIG))
+    specials = ['<s>', '<pad>', '</s>', '<unk>', '<mask>']
+    tok = Tokenizer(models.BPE(unk_token='<unk>'))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(method.sentences[:500], trainer)
+    tok.post_processor = processors.RobertaProcessing(('</s>', 2), ('<s>', 0))
+    tok.save(str(tmp_path / 'tokenizer.json'))
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=tok.get_vocab_size(), d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+    )  # fmt: skip
+    transformers.BartForConditionalGeneration(config).save_pretrained(str(tmp_path), safe_serialization=True)
+    released = transformers.BartModel.from_pretrained(str(tmp_path)).eval()
+
+    overrides = [f'model.pretrained={tmp_path}', f'input.tokenizer={tmp_path}', 'input.vocab_min_count=0']
+    method = e2s2.Method(load_config(CONFIG, overrides))
+    t = method.tokenizer
+    assert (t.special_ids, t.mask_id, t.mask_token) == ((1, 0, 2), 4, '<mask>')
+    tokens, mask = t(method.sentences[:8], 24)
+    assert np.all(tokens[:, 0] == 0) and np.all(tokens[np.arange(8), mask.sum(axis=1) - 1] == 2)
+    batch = {k: jnp.asarray(v) for k, v in method.corrupt(tokens, mask, seed=0).items()}
+    params, _ = method.init(jax.random.key(0), batch)
+    states = method.bart.apply({'params': params}, tokens, mask, method='encode')
+    with torch.no_grad():
+        want = released.encoder(input_ids=torch.tensor(tokens).long(), attention_mask=torch.tensor(mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(states)[real], want.last_hidden_state.numpy()[real], atol=2e-5)
+    assert set(params) == {*bert_weights.load_bart(str(tmp_path))[1], 'detection'}
+    terms = jax.device_get(method.e2s2_terms(params, batch, jax.random.key(1), train=False, pair=True))
+    assert np.isfinite(terms['loss']) and terms['nll']['tokens'] == mask.sum()
+    with pytest.raises(ConfigError, match='vocab_min_count'):
+        e2s2.Method(load_config(CONFIG, overrides[:2]))

@@ -45,7 +45,7 @@ from jaxssl.data import text, text_noise
 from jaxssl.losses import contrastive
 from jaxssl.methods import base, language_model
 from jaxssl.methods.videomae import DTYPES
-from jaxssl.models import bart, bert
+from jaxssl.models import bart, bert, bert_weights
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -112,7 +112,23 @@ class Method(language_model.Method):
             dropout=m.dropout, attention_dropout=m.attention_dropout, activation_dropout=m.activation_dropout,
             dtype=DTYPES[m.dtype],
         )  # fmt: skip
-        self.bart = bart.make(m.variant, self.tokenizer.vocab_size, **kwargs)
+        self._pretrained = None
+        if m.pretrained:  # E2S2 proper: continue a released BART's pretraining
+            if config.input.vocab_min_count:
+                raise ConfigError("'input.vocab_min_count' must be 0 with 'model.pretrained' (the model's ids are the "
+                                  "tokenizer's)")  # fmt: skip
+            try:
+                fields, self._pretrained = bert_weights.load_bart(m.pretrained)
+            except (FileNotFoundError, ValueError, KeyError) as e:
+                raise ConfigError(f"'model.pretrained': {e}") from None
+            if self.tokenizer.vocab_size > fields['vocab_size']:
+                raise ConfigError(
+                    f"'input.tokenizer' has {self.tokenizer.vocab_size} ids, more than the {fields['vocab_size']} of "
+                    "'model.pretrained' (give the model's own tokenizer folder)"
+                )
+            self.bart = bart.Bart(**fields, **kwargs)
+        else:
+            self.bart = bart.make(m.variant, self.tokenizer.vocab_size, **kwargs)
         if max(config.input.max_len, config.eval.max_len) > self.bart.max_positions:
             raise ConfigError(
                 f"'input.max_len' / 'eval.max_len' exceed the model's {self.bart.max_positions} positions"
@@ -170,7 +186,13 @@ class Method(language_model.Method):
 
     # --- model ------------------------------------------------------------------------------------------------
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
-        return self.bart.init(rng, batch['noisy'], batch['noisy_mask'], batch['tokens'])['params'], {}
+        """A fresh BART, or with `model.pretrained` the released weights and a fresh detection head."""
+        params = self.bart.init(rng, batch['noisy'], batch['noisy_mask'], batch['tokens'])['params']
+        if self._pretrained is not None:
+            released = jax.tree.map(jnp.asarray, self._pretrained)
+            chex.assert_trees_all_equal_shapes(released, {k: v for k, v in params.items() if k != 'detection'})
+            params = {**params, **released}
+        return params, {}
 
     def e2s2_terms(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array, train: bool, pair: bool) -> dict:
         """The terms on a batch (dropout only when `train`): 'nll' (language_model.cross_entropy of the corrupted

@@ -164,7 +164,7 @@ class Method(mirror_bert.Method):
         c = self.config.input
         try:
             tokenizer = bert_weights.Tokenizer(c.tokenizer)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"'input.tokenizer': {e}") from None
         return text.CorpusVocabulary(tokenizer, self.sentences, c.vocab_min_count) if c.vocab_min_count else tokenizer
 

@@ -205,6 +205,32 @@ def bart_to_flax(weights: dict[str, np.ndarray], encoder_depth: int, decoder_dep
     return params
 
 
+def load_bart(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(jaxssl.models.bart.Bart fields, params as numpy) of a transformers BART folder (config.json,
+    model.safetensors), e.g. facebook/bart-large: E2S2 continues its pretraining. Only the post-norm, unscaled,
+    exact-GELU layout of bart-base / bart-large loads."""
+    from safetensors.numpy import load_file
+
+    directory = checkpoint_dir(directory)
+    with open(os.path.join(directory, 'config.json')) as f:
+        c = json.load(f)
+    layout = (c.get('activation_function'), c.get('scale_embedding', False), c.get('normalize_before', False))
+    if layout != ('gelu', False, False):
+        raise ValueError(
+            f"{directory}: (activation, scale_embedding, normalize_before) = {layout}; only ('gelu', False, False)"
+        )
+    same = ('encoder_attention_heads', 'decoder_attention_heads'), ('encoder_ffn_dim', 'decoder_ffn_dim')
+    if any(c[a] != c[b] for a, b in same):
+        raise ValueError(f'{directory}: encoder and decoder heads / MLP widths differ; jaxssl.models.bart shares them')
+    fields = dict(
+        vocab_size=c['vocab_size'], width=c['d_model'], encoder_depth=c['encoder_layers'],
+        decoder_depth=c['decoder_layers'], heads=c['encoder_attention_heads'], mlp=c['encoder_ffn_dim'],
+        max_positions=c['max_position_embeddings'],
+    )  # fmt: skip
+    weights = load_file(os.path.join(directory, 'model.safetensors'))
+    return fields, bart_to_flax(weights, fields['encoder_depth'], fields['decoder_depth'])
+
+
 def load(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(BertEncoder fields, params as numpy) of a built-in checkpoint or a directory."""
     from safetensors.numpy import load_file
@@ -214,10 +240,15 @@ def load(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return fields, torch_to_flax(load_file(os.path.join(directory, 'model.safetensors')), fields['depth'])
 
 
+# (pad, bos, eos, mask, unk) of BERT's WordPiece vocabularies and of BART's / RoBERTa's byte-level BPE ones.
+SPECIAL_TOKENS = (('[PAD]', '[CLS]', '[SEP]', '[MASK]', '[UNK]'), ('<pad>', '<s>', '</s>', '<mask>', '<unk>'))
+
+
 class Tokenizer:
-    """A checkpoint's WordPiece tokenizer (its tokenizer.json through the `tokenizers` library, offline): strings ->
-    padded ids (B, max_len) and attention masks, [CLS] ... [SEP] truncated, as transformers with
-    padding='max_length', truncation=True."""
+    """A checkpoint's tokenizer (its tokenizer.json through the `tokenizers` library, offline): strings -> padded
+    ids (B, max_len) and attention masks, [CLS] ... [SEP] (or BART's <s> ... </s>, whichever its post-processor
+    adds) truncated, as transformers with padding='max_length', truncation=True. `special_ids` are (pad, bos,
+    eos): [PAD], [CLS], [SEP] or <pad>, <s>, </s>."""
 
     def __init__(self, name: str):
         from tokenizers import Tokenizer as HFTokenizer
@@ -226,11 +257,12 @@ class Tokenizer:
         self._tok.no_padding()
         self._tok.no_truncation()
         self.vocab_size = self._tok.get_vocab_size()
-        self.pad_id = self._tok.token_to_id('[PAD]')
-        self.mask_token = '[MASK]'
-        self.mask_id = self._tok.token_to_id(self.mask_token)
-        self.unk_id = self._tok.token_to_id('[UNK]')
-        self.special_ids = tuple(self._tok.token_to_id(t) for t in ('[PAD]', '[CLS]', '[SEP]'))
+        names = next((n for n in SPECIAL_TOKENS if all(self._tok.token_to_id(t) is not None for t in n)), None)
+        if names is None:
+            raise ValueError(f'{name}: its tokenizer has neither special-token set of {SPECIAL_TOKENS}')
+        pad, bos, eos, self.mask_token, unk = names
+        self.pad_id, self.mask_id, self.unk_id = (self._tok.token_to_id(t) for t in (pad, self.mask_token, unk))
+        self.special_ids = tuple(self._tok.token_to_id(t) for t in (pad, bos, eos))
 
     def __call__(self, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
         ids = np.full((len(texts), max_len), self.pad_id, np.int32)
