@@ -297,16 +297,7 @@ class Method(language_model.Method):
             logp = jax.nn.log_softmax(logits, axis=-1)
             return (jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0] * mask).sum(axis=1)
 
-        tokens, mask = self.tokenizer(list(sentences), self.config.eval.max_len)
-        rows = language_model.EVAL_ROWS
-        pad = -len(sentences) % rows
-        tokens = np.pad(tokens, ((0, pad), (0, 0)), constant_values=self.tokenizer.pad_id)
-        mask = np.pad(mask, ((0, pad), (0, 0)))
-        out = [
-            jax.device_get(scores(params, tokens[i : i + rows], mask[i : i + rows]))
-            for i in range(0, len(tokens), rows)
-        ]
-        return np.concatenate(out)[: len(sentences)]
+        return self.score_in_passes(params, sentences, scores)
 
     def flops_per_example(self) -> float:
         """The encoder's and decoder's dense layers and attention scores (the decoder's cross-attention included),

@@ -277,6 +277,19 @@ class Method(mirror_bert.Method):
             out[rows] = np.asarray(jax.device_get(scores(params, t, m)))[: len(rows)]
         return out
 
+    def score_in_passes(self, params: Any, sentences: list[str], scores: Any) -> np.ndarray:
+        """A per-sentence score of every sentence (eval.max_len tokens): the jitted `scores(params, tokens, mask)`
+        over passes of EVAL_ROWS rows (the last padded with empty rows), in the sentences' order."""
+        tokens, mask = self.tokenizer(list(sentences), self.config.eval.max_len)
+        pad = -len(sentences) % EVAL_ROWS
+        tokens = np.pad(tokens, ((0, pad), (0, 0)), constant_values=self.tokenizer.pad_id)
+        mask = np.pad(mask, ((0, pad), (0, 0)))
+        out = [
+            jax.device_get(scores(params, tokens[i : i + EVAL_ROWS], mask[i : i + EVAL_ROWS]))
+            for i in range(0, len(tokens), EVAL_ROWS)
+        ]
+        return np.concatenate(out)[: len(sentences)]
+
     def minimal_pairs(self, params: Any, seed: int = 0) -> float:
         """Share of held-out sentences (6+ words) the model finds likelier than their copy with two words
         exchanged (the same tokens in another order: BLiMP-style minimal pairs of word order); a tie (two words
