@@ -115,8 +115,9 @@ class Method(language_model.Method):
         self._pretrained = None
         if m.pretrained:  # E2S2 proper: continue a released BART's pretraining
             if config.input.vocab_min_count:
-                raise ConfigError("'input.vocab_min_count' must be 0 with 'model.pretrained' (the model's ids are the "
-                                  "tokenizer's)")  # fmt: skip
+                raise ConfigError(
+                    "'input.vocab_min_count' must be 0 with 'model.pretrained' (the model's ids are the tokenizer's)"
+                )
             try:
                 fields, self._pretrained = bert_weights.load_bart(m.pretrained)
             except (FileNotFoundError, ValueError, KeyError) as e:
