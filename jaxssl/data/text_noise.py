@@ -24,6 +24,7 @@ corruption does not depend on the process count.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ class Noise:
     replace_ratio: float = 0.15
 
 
+@functools.cache  # once per run, not per row
 def span_length_probabilities(poisson_lambda: float) -> np.ndarray:
     """fairseq's span-poisson distribution: P(k) of Poisson(lambda) for k = 0, 1, ... up to the first k whose
     probability falls under 1e-7 (included), normalised (torch's Categorical normalises)."""
@@ -132,6 +134,12 @@ def local_shuffle(row: np.ndarray, noise: Noise, rng: np.random.Generator) -> tu
     return out, np.where(out != row, SHUFFLED, ORIGINAL).astype(np.int32)
 
 
+@functools.cache  # once per run, not per row (a sort of the whole vocabulary)
+def replacement_ids(vocab_size: int, never_drawn: tuple[int, ...]) -> np.ndarray:
+    """The ids a replacement draws from: the vocabulary but `never_drawn`."""
+    return np.setdiff1d(np.arange(vocab_size), never_drawn)
+
+
 def random_replacement(
     row: np.ndarray, labels: np.ndarray, noise: Noise, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +149,7 @@ def random_replacement(
     count = math.ceil(n * noise.replace_ratio)
     positions = rng.permutation(n - 2)[:count] + 1
     positions = positions[labels[positions] == ORIGINAL]
-    allowed = np.setdiff1d(np.arange(noise.vocab_size), noise.never_drawn)
+    allowed = replacement_ids(noise.vocab_size, noise.never_drawn)
     row, labels = row.copy(), labels.copy()
     row[positions] = rng.choice(allowed, size=len(positions))
     labels[positions] = REPLACED
