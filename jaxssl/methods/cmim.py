@@ -25,13 +25,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from jaxssl import data
 from jaxssl.config import ConfigError, check_choice, check_range
-from jaxssl.data import images as image_data
 from jaxssl.losses import mim as mim_loss
-from jaxssl.methods import base
+from jaxssl.methods import _image, base
 from jaxssl.methods.gsimclr_dae import plain_view, to_unit_range
 from jaxssl.models import mim as mim_model
 from jaxssl.optim import OPTIMIZERS
@@ -78,10 +75,8 @@ def informative_embedding(mean: jax.Array, states: list[jax.Array]) -> jax.Array
     return jnp.concatenate([mean, *pooled], axis=-1)
 
 
-class Method(base.Method):
+class Method(_image.ImageMethod):
     """cMIM (and A-MIM with loss.contrastive_weight = 0) for the trainer."""
-
-    input_key = 'image'
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -101,21 +96,9 @@ class Method(base.Method):
         return pixels.mean(axis=-1, keepdims=True) if self.config.model.channels == 1 else pixels
 
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
-        image_data.check_image_input_config(self.config)
         c = self.config.input
-        source = image_data.make_image_source(self.config)
         view = functools.partial(plain_view, size=c.image_size, crop_pct=c.eval_crop_pct, interpolation=c.interpolation)
-        dataset = image_data.make_image_pretrain_dataset(
-            self.config, seed=seed, process_index=process_index, process_count=process_count, view=view, source=source
-        )
-        return dataset, len(source)
-
-    def host_metrics(self) -> dict[str, float]:
-        return {'skipped_files': float(data.skipped_files())}
-
-    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-        size = self.config.input.image_size
-        return {'image': np.zeros((batch_size, size, size, 3), np.float32)}
+        return self.view_dataset(seed, process_index, process_count, view)
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
         return self.model.init(rng, self.pixels(batch['image']))['params'], {}
@@ -146,14 +129,3 @@ class Method(base.Method):
         mean, _ = self.model.apply({'params': params}, pixels, method=mim_model.MIM.encode)
         _, states = self.model.apply({'params': params}, mean, method=mim_model.MIM.decode)
         return {'mean': mean, 'informative': informative_embedding(mean, states)}
-
-    def eval_dataset(self, split, batch_size, max_examples, process_index, process_count):
-        dataset, _ = image_data.make_image_eval_dataset(
-            self.config,
-            split=split,
-            batch_size=batch_size,
-            process_index=process_index,
-            process_count=process_count,
-            max_examples=max_examples,
-        )
-        return dataset
