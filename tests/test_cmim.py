@@ -133,7 +133,7 @@ def test_model_floors_log_sigma_and_embeds_each_sample_alone(method):
 
 def test_method_loss_samples_z_and_decodes_it(method):
     """The method's loss by hand: grey [0, 1] pixels, z = mean + sigma x eps with eps from the 'latent' stream,
-    pixels decoded from z, the reconstruction averaged per sample (the config's 'mean')."""
+    pixels decoded from z, the reconstruction summed over each sample's pixels (the config's 'sum')."""
     images = np.random.default_rng(5).normal(size=(4, 32, 32, 3)).astype(np.float32)
     params, _ = method.init(jax.random.key(0), {'image': images})
     rng = jax.random.key(7)
@@ -144,7 +144,7 @@ def test_method_loss_samples_z_and_decodes_it(method):
     z = np.asarray(mean) + np.exp(np.asarray(log_scale)) * eps
     logits, _ = method.model.apply({'params': params}, jnp.asarray(z, jnp.float32), method=mim_model.MIM.decode)
     p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
-    nll = -(grey * np.log(p) + (1 - grey) * np.log(1 - p)).reshape(4, -1).mean(axis=1)
+    nll = -(grey * np.log(p) + (1 - grey) * np.log(1 - p)).reshape(4, -1).sum(axis=1)
     log_q = stats.norm.logpdf(z, mean, np.exp(log_scale)).sum(axis=1)
     want = np.mean(nll - 0.5 * (log_q + stats.norm.logpdf(z).sum(axis=1)) - contrastive_by_hand(z, 0.1))
     np.testing.assert_allclose(loss, want, rtol=1e-4)
