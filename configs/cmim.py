@@ -67,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     add_trainer_defaults(c, runlocal=arg.runlocal)
     # Probes of mu(x) and of the informative embedding on the eval split.
     add_probe_config(c, label_keys=('label',), runlocal=arg.runlocal)
+    c.eval.pictures = 8  # inputs, reconstructions and prior samples written at each evaluation
     if arg.runlocal:
         c.train.steps = 300
         c.eval.at_end = True

@@ -151,6 +151,17 @@ def test_method_loss_samples_z_and_decodes_it(method):
     np.testing.assert_allclose(metrics['reconstruction_nll'], nll.mean(), rtol=1e-4)
 
 
+def test_pictures_show_inputs_reconstructions_and_prior_samples(method):
+    images = np.zeros((1, 32, 32, 3), np.float32)
+    params, _ = method.init(jax.random.key(0), {'image': images})
+    picture = method.visualize(params, {})['reconstruction']
+    count = method.config.eval.pictures
+    assert picture.dtype == np.uint8 and picture.shape == (3 * 32 + 2 * 2, count * (32 + 2), 3)
+    top, middle = picture[:32, :32].astype(int), picture[34:66, :32].astype(int)
+    assert top.std() > 0 and (top[..., 0] == top[..., 2]).all()  # a grey digit of the eval split
+    assert np.abs(middle - 128).max() <= 30  # an untrained decoder's sigmoid: near grey, not the digit
+
+
 @pytest.mark.parametrize(
     'override, key',
     [

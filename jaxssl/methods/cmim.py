@@ -25,6 +25,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxssl.config import ConfigError, check_choice, check_range
 from jaxssl.losses import mim as mim_loss
@@ -129,3 +130,22 @@ class Method(_image.ImageMethod):
         mean, _ = self.model.apply({'params': params}, pixels, method=mim_model.MIM.encode)
         _, states = self.model.apply({'params': params}, mean, method=mim_model.MIM.decode)
         return {'mean': mean, 'informative': informative_embedding(mean, states)}
+
+    def visualize(self, params, extra):
+        """The first `eval.pictures` images of the eval split (row 1), their reconstructions decoded from mu(x)
+        (row 2) and as many images decoded from prior draws z ~ N(0, I) (row 3: MIM is a generative model too)."""
+        from jaxssl.evaluate import reconstruction
+
+        count = self.config.eval.pictures
+        if count <= 0:
+            return {}
+        batch = next(iter(self.eval_dataset(self.config.eval.split, count, count, 0, 1)))
+        pixels = self.pixels(jnp.asarray(batch['image'][:, 0]))
+        mean, _ = self.model.apply({'params': params}, pixels, method=mim_model.MIM.encode)
+        prior = jax.random.normal(jax.random.key(self.config.seed), mean.shape)
+        rows = {'input': pixels}
+        for name, z in (('reconstruction', mean), ('sample', prior)):
+            logits, _ = self.model.apply({'params': params}, z, method=mim_model.MIM.decode)
+            rows[name] = jax.nn.sigmoid(logits)
+        rgb = {k: np.broadcast_to(np.asarray(v, np.float32), (*v.shape[:3], 3)) for k, v in rows.items()}
+        return {'reconstruction': reconstruction.grid([rgb], order=('input', 'reconstruction', 'sample'))}
