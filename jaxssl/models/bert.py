@@ -42,7 +42,9 @@ def dense_init(std: float | None) -> Any:
 class SelfAttention(nn.Module):
     """Multi-head self-attention with BertModel's parameter names (query/key/value, output dense); with `causal`
     each position attends only to itself and the positions before it (GPT). Given a `context` (B, K, width), keys and
-    values come from it instead and `key_mask` (B, K) is its mask: cross-attention (BART's decoder)."""
+    values come from it instead and `key_mask` (B, K) is its mask: cross-attention (BART's decoder). Given
+    `relative_keys` (Lq, Lk, head_dim), every head's score of query i and key j gains q_i . relative_keys[i, j] (Shaw
+    et al.'s relative positions on the keys, one table for all heads: SpeechT5's encoder)."""
 
     width: int
     heads: int
@@ -53,7 +55,12 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, key_mask: jax.Array, deterministic: bool, context: jax.Array | None = None
+        self,
+        x: jax.Array,
+        key_mask: jax.Array,
+        deterministic: bool,
+        context: jax.Array | None = None,
+        relative_keys: jax.Array | None = None,
     ) -> jax.Array:
         b, n, _ = x.shape
         head_dim = self.width // self.heads
@@ -62,7 +69,10 @@ class SelfAttention(nn.Module):
         source = x if context is None else context
         q, k, v = split(dense('query')(x)), split(dense('key')(source)), split(dense('value')(source))
         # Written out rather than jax.nn.dot_product_attention: BERT drops attention probabilities in training.
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+        logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+        if relative_keys is not None:
+            logits = logits + jnp.einsum('bqhd,qkd->bhqk', q, relative_keys, preferred_element_type=jnp.float32)
+        logits = logits / jnp.sqrt(head_dim)
         allowed = key_mask[:, None, None, :]
         if self.causal:
             allowed = allowed & jnp.tril(jnp.ones((n, n), bool))[None, None]
@@ -91,7 +101,10 @@ class Layer(nn.Module):
     approximate_gelu: bool = False  # GPT-1's tanh GELU; BERT's is the exact (erf) one
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, key_mask: jax.Array, deterministic: bool, relative_keys: jax.Array | None = None
+    ) -> jax.Array:
+        """`relative_keys`: SelfAttention's relative-position table (post-norm blocks only)."""
         drop = lambda t: nn.Dropout(self.dropout)(t, deterministic=deterministic)
         attn = SelfAttention(
             self.width, self.heads, self.attention_dropout, self.dtype, self.causal, self.init_std, name='attention'
@@ -110,9 +123,11 @@ class Layer(nn.Module):
             )
         )
         if self.norm_first:
+            if relative_keys is not None:
+                raise ValueError('relative_keys: only post-norm blocks take them (SpeechT5 base)')
             x = x + drop(attn(attention_norm(x), key_mask, deterministic))
             return x + drop(mlp(output_norm(x)))
-        x = attention_norm(x + drop(attn(x, key_mask, deterministic)))
+        x = attention_norm(x + drop(attn(x, key_mask, deterministic, relative_keys=relative_keys)))
         return output_norm(x + drop(mlp(x)))
 
 

@@ -77,6 +77,25 @@ def layer(w: dict[str, np.ndarray], names: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def decoder_layer(w: dict[str, np.ndarray], prefix: str, mlp: tuple[str, str] = ('fc1', 'fc2')) -> dict[str, Any]:
+    """jaxssl.models.bart.DecoderLayer params from a BART-style torch decoder layer at `prefix` (self_attn,
+    encoder_attn, their layer norms, final_layer_norm; `mlp` names its two Linears under `prefix`)."""
+
+    def attention(name: str) -> dict[str, Any]:
+        parts = {'query': 'q_proj', 'key': 'k_proj', 'value': 'v_proj', 'output': 'out_proj'}
+        return {ours: dense(w, f'{prefix}.{name}.{theirs}') for ours, theirs in parts.items()}
+
+    return {
+        'self_attention': attention('self_attn'),
+        'self_attention_norm': norm(w, f'{prefix}.self_attn_layer_norm'),
+        'cross_attention': attention('encoder_attn'),
+        'cross_attention_norm': norm(w, f'{prefix}.encoder_attn_layer_norm'),
+        'intermediate': dense(w, f'{prefix}.{mlp[0]}'),
+        'output': dense(w, f'{prefix}.{mlp[1]}'),
+        'output_norm': norm(w, f'{prefix}.final_layer_norm'),
+    }
+
+
 def torch_to_flax(weights: dict[str, np.ndarray], depth: int) -> dict[str, Any]:
     """A BertModel state dict (names with or without the 'bert.' prefix) -> BertEncoder params."""
     w = {k.removeprefix('bert.'): np.asarray(v, np.float32) for k, v in weights.items()}
@@ -170,11 +189,6 @@ def bart_to_flax(weights: dict[str, np.ndarray], encoder_depth: int, decoder_dep
     the detection head, which BART lacks). q / k / v / out_proj map to query / key / value / output; the tied
     lm_head and the zero final_logits_bias are not read."""
     w = {k.removeprefix('model.'): np.asarray(v, np.float32) for k, v in weights.items()}
-
-    def attention(prefix: str) -> dict[str, Any]:
-        parts = {'query': 'q_proj', 'key': 'k_proj', 'value': 'v_proj', 'output': 'out_proj'}
-        return {ours: dense(w, f'{prefix}.{theirs}') for ours, theirs in parts.items()}
-
     params: dict[str, Any] = {'shared': {'embedding': w['shared.weight']}}
     for side in ('encoder', 'decoder'):
         params[f'{side}_positions'] = {'embedding': w[f'{side}.embed_positions.weight']}
@@ -192,16 +206,7 @@ def bart_to_flax(weights: dict[str, np.ndarray], encoder_depth: int, decoder_dep
             'output_norm': f'{p}.final_layer_norm',
         })  # fmt: skip
     for i in range(decoder_depth):
-        p = f'decoder.layers.{i}'
-        params[f'decoder_layer_{i}'] = {
-            'self_attention': attention(f'{p}.self_attn'),
-            'self_attention_norm': norm(w, f'{p}.self_attn_layer_norm'),
-            'cross_attention': attention(f'{p}.encoder_attn'),
-            'cross_attention_norm': norm(w, f'{p}.encoder_attn_layer_norm'),
-            'intermediate': dense(w, f'{p}.fc1'),
-            'output': dense(w, f'{p}.fc2'),
-            'output_norm': norm(w, f'{p}.final_layer_norm'),
-        }
+        params[f'decoder_layer_{i}'] = decoder_layer(w, f'decoder.layers.{i}')
     return params
 
 

@@ -1,0 +1,190 @@
+"""SpeechT5's shared encoder-decoder with its speech-encoder and text pre/post-nets (Ao et al., "SpeechT5: Unified-Modal
+Encoder-Decoder Pre-Training for Spoken Language Processing", ACL 2022; microsoft/SpeechT5, base = t5_transformer_base).
+
+Laid out as the reference (and transformers' SpeechT5, whose weights `speecht5_to_flax` converts):
+- speech-encoder pre-net: wav2vec 2.0's convolutional feature encoder (jaxssl.models.wav2vec2, 'group' mode, no conv
+  bias, 20 ms frames), its gradient scaled by `feature_grad_mult` (0.1), LayerNorm over the 512 channels, Linear to
+  the width, dropout, masked frames replaced by a learned `mask_emb`, then + the weight-normalised grouped positional
+  convolution (kernel 128, 16 groups, GELU) of the masked frames and + fairseq's fixed sinusoids (halves sin | cos,
+  the first frame at position 2 as after a padding index of 1, padded frames 0).
+- text-encoder pre-net: the shared token embedding (not scaled) + alpha x espnet's interleaved sinusoids (positions
+  from 0, alpha a learned scalar, 1 at init), dropout.
+- encoder: LayerNorm at its input (base is post-norm: no final LayerNorm), dropout, post-norm blocks
+  (jaxssl.models.bert.Layer) whose self-attention adds relative positions on the keys: one table of
+  2 x `max_relative` rows of head_dim, shared by every head and block, indexed by query minus key clipped to
+  [-max_relative, max_relative - 1]. LayerDrop (0.05) skips a whole block per batch.
+- text-decoder pre-net: the shared embedding (not scaled) + fairseq's sinusoids by token position (pads 0), dropout.
+- decoder: post-norm blocks with causal self-attention, cross-attention to the encoder and a GELU MLP
+  (jaxssl.models.bart.DecoderLayer: the same block), no relative positions (the reference builds a decoder table
+  but never uses it), no final LayerNorm; LayerDrop as the encoder's.
+- text-decoder post-net: the shared embedding as the output projection (tied, no bias).
+Not here yet: the speech-decoder pre/post-nets, the cross-modal vector quantizer and the HuBERT-style head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxssl.models import bart, bert
+from jaxssl.models import wav2vec2 as w2v
+
+PAD_ID = 1  # fairseq's <pad>: the sinusoid tables' padding index
+
+# width, encoder depth, decoder depth, heads, MLP, conv channels; 'tiny' is a CPU size for tests, not a reference one.
+VARIANTS: dict[str, tuple[int, int, int, int, int, int]] = {
+    'base': (768, 12, 6, 12, 3072, 512),
+    'tiny': (32, 2, 2, 4, 64, 32),
+}
+
+
+def fairseq_sinusoids(positions: jax.Array, width: int) -> jax.Array:
+    """fairseq's SinusoidalPositionalEmbedding rows for integer `positions` (...,): [sin(p w) | cos(p w)] with
+    w_k = exp(-k ln(10000) / (width / 2 - 1)); position PAD_ID (a padded step) gives zeros."""
+    half = width // 2
+    rates = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = positions.astype(jnp.float32)[..., None] * rates
+    rows = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return jnp.where((positions == PAD_ID)[..., None], 0.0, rows)
+
+
+def fairseq_positions(valid: jax.Array) -> jax.Array:
+    """fairseq's make_positions: valid steps numbered PAD_ID + 1, PAD_ID + 2, ... in order, padded steps PAD_ID."""
+    count = jnp.cumsum(valid.astype(jnp.int32), axis=-1)
+    return jnp.where(valid, count + PAD_ID, PAD_ID)
+
+
+def espnet_sinusoids(length: int, width: int) -> jax.Array:
+    """espnet's PositionalEncoding table (length, width): sin at even, cos at odd channels, positions from 0."""
+    rates = jnp.exp(jnp.arange(0, width, 2, dtype=jnp.float32) * -(math.log(10000.0) / width))
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * rates
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, width)
+
+
+def relative_indices(length: int, max_relative: int) -> jax.Array:
+    """(length, length) rows of the relative-key table: query minus key, clipped to [-max, max - 1], shifted by max."""
+    offsets = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+    return jnp.clip(offsets, -max_relative, max_relative - 1) + max_relative
+
+
+class SpeechT5(nn.Module):
+    """Waveforms or tokens -> encoder states; tokens + encoder states -> next-token logits (see the module doc)."""
+
+    vocab_size: int
+    width: int = 768
+    encoder_depth: int = 12
+    decoder_depth: int = 6
+    heads: int = 12
+    mlp: int = 3072
+    conv_channels: int = 512
+    max_relative: int = 160
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    layerdrop: float = 0.05
+    feature_grad_mult: float = 0.1
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.feature_extractor = w2v.FeatureEncoder(self.conv_channels, 'group', False, dtype=self.dtype)
+        self.feature_norm = nn.LayerNorm(self.eps)
+        self.post_extract_proj = nn.Dense(self.width, dtype=self.dtype)
+        self.mask_emb = self.param('mask_emb', nn.initializers.uniform(1.0), (self.width,))
+        self.pos_conv = w2v.PositionalConv(self.width, self.pos_conv_kernel, self.pos_conv_groups, self.dtype)
+        self.text_position_scale = self.param('text_position_scale', nn.initializers.ones, ())
+        # fairseq's init_bert_params: N(0, 0.02) embeddings with the padding row zeroed.
+        self.shared = nn.Embed(self.vocab_size, self.width, embedding_init=padded_normal_init, name='shared')
+        self.relative_keys = nn.Embed(
+            2 * self.max_relative, self.width // self.heads, embedding_init=nn.initializers.normal(0.02)
+        )
+        self.encoder_norm = nn.LayerNorm(self.eps, dtype=self.dtype)
+        self.drop = nn.Dropout(self.dropout)
+        self.encoder_layers = [
+            bert.Layer(
+                self.width, self.heads, self.mlp, self.dropout, self.attention_dropout, self.eps, self.dtype,
+                activation_dropout=self.activation_dropout, init_std=0.02, name=f'encoder_layer_{i}',
+            )
+            for i in range(self.encoder_depth)
+        ]  # fmt: skip
+        self.decoder_layers = [
+            bart.DecoderLayer(
+                self.width, self.heads, self.mlp, self.dropout, self.attention_dropout, self.activation_dropout,
+                self.eps, self.dtype, init_std=0.02, name=f'decoder_layer_{i}',
+            )
+            for i in range(self.decoder_depth)
+        ]  # fmt: skip
+
+    def speech_prenet(
+        self, waveform: jax.Array, num_samples: jax.Array, mask: jax.Array | None, deterministic: bool
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Waveforms (B, N) with their valid samples (B,) and the frames to mask (B, T) or None -> (the encoder's
+        input (B, T, width), the valid frames (B, T), the feature penalty: the mean square of the conv features)."""
+        chex.assert_rank(waveform, 2)
+        features = w2v.scale_gradient(self.feature_extractor(waveform, num_samples), self.feature_grad_mult)
+        penalty = jnp.mean(jnp.square(features))
+        valid = w2v.valid_frames(num_samples, features.shape[1])
+        x = self.drop(self.post_extract_proj(self.feature_norm(features)), deterministic=deterministic)
+        if mask is not None:
+            chex.assert_shape(mask, x.shape[:2])
+            x = jnp.where(mask[..., None], self.mask_emb.astype(x.dtype), x)
+        x = jnp.where(valid[..., None], x, 0.0)
+        x = x + self.pos_conv(x).astype(x.dtype)
+        x = x + fairseq_sinusoids(fairseq_positions(valid), self.width).astype(x.dtype)
+        return x, valid, penalty
+
+    def text_prenet(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
+        """Token ids (B, L) -> the encoder's input (B, L, width): embedding + alpha x espnet sinusoids."""
+        chex.assert_rank(tokens, 2)
+        x = self.shared(tokens) + self.text_position_scale * espnet_sinusoids(tokens.shape[1], self.width)
+        return self.drop(x.astype(self.dtype), deterministic=deterministic)
+
+    def encode(self, x: jax.Array, valid: jax.Array, deterministic: bool = True) -> jax.Array:
+        """A pre-net's output (B, T, width) and its valid steps (B, T) -> the encoder's last states (B, T, width)."""
+        x = self.drop(self.encoder_norm(x), deterministic=deterministic)
+        table = self.relative_keys(relative_indices(x.shape[1], self.max_relative)).astype(self.dtype)
+        for layer in self.encoder_layers:
+            x = self._layerdrop(layer(x, valid, deterministic, relative_keys=table), x, deterministic)
+        return x
+
+    def decode(
+        self, tokens: jax.Array, mask: jax.Array, memory: jax.Array, memory_mask: jax.Array, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
+        """Decoder input ids (B, L) with their mask, the encoder states and mask -> (last states (B, L, width),
+        next-token logits (B, L, vocab) float32 through the tied embedding)."""
+        chex.assert_rank(tokens, 2)
+        x = self.shared(tokens) + fairseq_sinusoids(fairseq_positions(mask), self.width)
+        x = self.drop(x.astype(self.dtype), deterministic=deterministic)
+        for layer in self.decoder_layers:
+            x = self._layerdrop(layer(x, mask, memory, memory_mask, deterministic), x, deterministic)
+        return x, self.shared.attend(x.astype(jnp.float32))
+
+    def _layerdrop(self, new: jax.Array, old: jax.Array, deterministic: bool) -> jax.Array:
+        """LayerDrop: the block's output, or its input with probability `layerdrop` (one draw per block and batch)."""
+        if deterministic or self.layerdrop <= 0:
+            return new
+        return jnp.where(jax.random.uniform(self.make_rng('layerdrop')) > self.layerdrop, new, old)
+
+    def __call__(self, waveform: jax.Array, num_samples: jax.Array, tokens: jax.Array, token_mask: jax.Array):
+        """Init / speech-to-text: waveforms and decoder input ids -> next-token logits."""
+        x, valid, _ = self.speech_prenet(waveform, num_samples, None, True)
+        return self.decode(tokens, token_mask, self.encode(x, valid), valid)[1]
+
+
+def padded_normal_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """N(0, 0.02) rows with the padding row zeroed (fairseq's init_bert_params on an Embedding with padding_idx)."""
+    return (jax.random.normal(key, shape, dtype) * 0.02).at[PAD_ID].set(0.0)
+
+
+def make(variant: str, vocab_size: int, **kwargs: Any) -> SpeechT5:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SpeechT5 variant '{variant}'; valid: {', '.join(VARIANTS)}")
+    width, encoder_depth, decoder_depth, heads, mlp, conv = VARIANTS[variant]
+    return SpeechT5(vocab_size, width, encoder_depth, decoder_depth, heads, mlp, conv, **kwargs)

@@ -1,0 +1,71 @@
+"""transformers' SpeechT5 state dicts -> jaxssl.models.speecht5.SpeechT5 params.
+
+A SpeechT5ForSpeechToText dict carries the speech-encoder pre-net, the encoder, the text-decoder pre-net and the
+decoder; a SpeechT5ForTextToSpeech dict carries the text-encoder pre-net (its token embedding and the alpha of its
+sinusoids). The token embedding is shared: the first of the text pre-nets' tables present is used (they are tied).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from jaxssl.models import wav2vec2 as w2v
+from jaxssl.models.bert_weights import decoder_layer, dense, layer, norm
+
+
+def to_flax(weights: dict[str, Any], encoder_depth: int, decoder_depth: int) -> dict[str, Any]:
+    """The parts of SpeechT5 a transformers state dict holds (see the module doc). KeyError names a missing tensor."""
+    w = {k.removeprefix('speecht5.'): np.asarray(v, np.float32) for k, v in weights.items()}
+    encoder = 'encoder.wrapped_encoder'
+    params: dict[str, Any] = {
+        'encoder_norm': norm(w, f'{encoder}.layer_norm'),
+        'relative_keys': {'embedding': w[f'{encoder}.embed_positions.pe_k.weight']},
+    }
+    for i in range(encoder_depth):
+        p = f'{encoder}.layers.{i}'
+        params[f'encoder_layer_{i}'] = layer(w, {
+            'query': f'{p}.attention.q_proj',
+            'key': f'{p}.attention.k_proj',
+            'value': f'{p}.attention.v_proj',
+            'attention_output': f'{p}.attention.out_proj',
+            'attention_norm': f'{p}.layer_norm',
+            'intermediate': f'{p}.feed_forward.intermediate_dense',
+            'output': f'{p}.feed_forward.output_dense',
+            'output_norm': f'{p}.final_layer_norm',
+        })  # fmt: skip
+    prenet = 'encoder.prenet'
+    if f'{prenet}.feature_encoder.conv_layers.0.conv.weight' in w:  # the speech-encoder pre-net
+        extractor: dict[str, Any] = {}
+        for i in range(len(w2v.KERNELS_STRIDES)):
+            p = f'{prenet}.feature_encoder.conv_layers.{i}'
+            extractor[f'conv_{i}'] = {
+                'kernel': w[f'{p}.conv.weight'].transpose(2, 1, 0)
+            }  # (out, in, k) -> (k, in, out)
+        extractor['norm_0'] = norm(w, f'{prenet}.feature_encoder.conv_layers.0.layer_norm')
+        pos = f'{prenet}.pos_conv_embed.conv'
+        g = w.get(f'{pos}.weight_g', w.get(f'{pos}.parametrizations.weight.original0'))
+        v = w.get(f'{pos}.weight_v', w.get(f'{pos}.parametrizations.weight.original1'))
+        if g is None or v is None:
+            raise KeyError(f'{pos}.weight_g / weight_v (or its parametrizations.weight.original0 / 1)')
+        params.update(
+            feature_extractor=extractor,
+            feature_norm=norm(w, f'{prenet}.feature_projection.layer_norm'),
+            post_extract_proj=dense(w, f'{prenet}.feature_projection.projection'),
+            mask_emb=w[f'{prenet}.masked_spec_embed'],
+            pos_conv={'weight_v': v.transpose(2, 1, 0), 'weight_g': g.reshape(-1), 'bias': w[f'{pos}.bias']},
+        )
+    if f'{prenet}.encode_positions.alpha' in w:  # the text-encoder pre-net
+        params['text_position_scale'] = w[f'{prenet}.encode_positions.alpha'].reshape(())
+    for table in (f'{prenet}.embed_tokens.weight', 'decoder.prenet.embed_tokens.weight'):
+        if table in w:
+            params['shared'] = {'embedding': w[table]}
+            break
+    for i in range(decoder_depth):
+        p = f'decoder.wrapped_decoder.layers.{i}'
+        if f'{p}.self_attn.q_proj.weight' in w:
+            params[f'decoder_layer_{i}'] = decoder_layer(
+                w, p, ('feed_forward.intermediate_dense', 'feed_forward.output_dense')
+            )
+    return params

@@ -1,0 +1,132 @@
+"""SpeechT5's encoder-decoder against transformers' SpeechT5 with converted weights (a tiny random configuration whose
+relative-position table is shorter than the utterance, so the clipping is exercised): the speech encoder with and
+without masked frames, the text encoder, and speech-to-text logits with padded decoder inputs; the sinusoid tables
+and relative indices by their formulas."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxssl.models import speecht5, speecht5_weights
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+MAX_RELATIVE = 8
+SAMPLES = 6480  # 20 frames of 20 ms
+
+
+def tiny_config():
+    return transformers.SpeechT5Config(
+        vocab_size=24, hidden_size=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, conv_dim=(32,) * 7,
+        encoder_max_relative_position=MAX_RELATIVE, speech_decoder_prenet_units=16, speech_decoder_postnet_units=16,
+    )  # fmt: skip
+
+
+def ours(**kwargs):
+    return speecht5.make('tiny', 24, max_relative=MAX_RELATIVE, **kwargs)
+
+
+def enlarge_relative_keys(reference):
+    """N(0, 1) relative keys: at their N(0, 0.02) init they move the encoder's output by ~1e-5, under the tolerance."""
+    with torch.no_grad():
+        reference.speecht5.encoder.wrapped_encoder.embed_positions.pe_k.weight.normal_()
+    return reference
+
+
+def merged(model, converted):
+    """Our freshly initialised params with every converted part in place (the rest stays random)."""
+    waveform, tokens = jnp.zeros((1, SAMPLES)), jnp.full((1, 4), 5)
+    params = jax.jit(model.init)(jax.random.key(0), waveform, jnp.asarray([SAMPLES]), tokens, tokens > 1)['params']
+    params = dict(params)
+    for key, value in converted.items():
+        assert key in params, key
+        jax.tree.map(lambda a, b: np.testing.assert_equal(np.shape(a), np.shape(b)), params[key], value)
+        params[key] = value
+    return params
+
+
+@pytest.fixture(scope='module')
+def speech_to_text():
+    torch.manual_seed(0)
+    reference = enlarge_relative_keys(transformers.SpeechT5ForSpeechToText(tiny_config()).eval())
+    model = ours()
+    params = merged(model, speecht5_weights.to_flax(reference.state_dict(), 2, 2))
+    return reference, model, params
+
+
+def test_sinusoids_and_relative_indices_follow_their_formulas():
+    positions = jnp.asarray([[2, 3, 4, 1]])  # three valid steps, then a pad
+    table = np.asarray(speecht5.fairseq_sinusoids(positions, 6))
+    w = np.exp(-np.arange(3) * math.log(10000) / 2)
+    np.testing.assert_allclose(table[0, 1], np.concatenate([np.sin(3 * w), np.cos(3 * w)]), rtol=1e-5)
+    np.testing.assert_array_equal(table[0, 3], 0.0)
+    np.testing.assert_array_equal(speecht5.fairseq_positions(jnp.asarray([[True, True, False]])), [[2, 3, 1]])
+    espnet = np.asarray(speecht5.espnet_sinusoids(5, 4))
+    rates = np.exp(-np.arange(0, 4, 2) * math.log(10000) / 4)
+    np.testing.assert_allclose(espnet[3, 0::2], np.sin(3 * rates), rtol=1e-5)
+    np.testing.assert_allclose(espnet[3, 1::2], np.cos(3 * rates), rtol=1e-5)
+    idx = np.asarray(speecht5.relative_indices(12, 4))
+    assert idx[0, 0] == 4 and idx[5, 0] == 7 and idx[0, 5] == 0 and idx[11, 0] == 7 and idx.min() == 0
+
+
+def test_speech_encoder_equals_transformers(speech_to_text):
+    reference, model, params = speech_to_text
+    wave = np.random.default_rng(0).normal(size=(2, SAMPLES)).astype(np.float32)
+    frames = 20
+    mask = np.zeros((2, frames), bool)
+    mask[0, 3:9] = mask[1, 12:18] = True
+    for masked in (None, mask):
+        with torch.no_grad():
+            x, _ = reference.speecht5.encoder.prenet(
+                torch.tensor(wave), mask_time_indices=None if masked is None else torch.tensor(masked)
+            )
+            want = reference.speecht5.encoder.wrapped_encoder(x).last_hidden_state.numpy()
+
+        def encode(module, wave, masked):
+            x, valid, _ = module.speech_prenet(wave, jnp.full((2,), SAMPLES), masked, True)
+            return module.encode(x, valid)
+
+        got = model.apply({'params': params}, wave, None if masked is None else jnp.asarray(masked), method=encode)
+        assert got.shape == (2, frames, 32)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_speech_to_text_logits_equal_transformers(speech_to_text):
+    reference, model, params = speech_to_text
+    wave = np.random.default_rng(1).normal(size=(2, SAMPLES)).astype(np.float32)
+    tokens = np.array([[2, 7, 9, 11, 4], [2, 5, 6, 1, 1]])  # the second row padded
+    token_mask = tokens != 1
+    with torch.no_grad():
+        want = reference(
+            input_values=torch.tensor(wave),
+            decoder_input_ids=torch.tensor(tokens),
+            decoder_attention_mask=torch.tensor(token_mask.astype(np.int64)),
+        ).logits.numpy()
+    got = model.apply({'params': params}, wave, jnp.full((2,), SAMPLES), tokens, token_mask)
+    np.testing.assert_allclose(got[token_mask], want[token_mask], atol=2e-5, rtol=1e-4)
+
+
+def test_text_encoder_equals_transformers():
+    torch.manual_seed(1)
+    reference = enlarge_relative_keys(transformers.SpeechT5ForTextToSpeech(tiny_config()).eval())
+    with torch.no_grad():
+        reference.speecht5.encoder.prenet.encode_positions.alpha.fill_(0.7)  # not its init, so the scale is read
+    model = ours()
+    params = merged(model, speecht5_weights.to_flax(reference.state_dict(), 2, 0))
+    tokens = np.array([[4, 8, 15, 16, 23, 2], [4, 9, 10, 2, 1, 1]])
+    mask = tokens != 1
+    with torch.no_grad():
+        want = reference.speecht5.encoder(
+            input_values=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64))
+        ).last_hidden_state.numpy()
+
+    def encode(module, tokens, mask):
+        return module.encode(module.text_prenet(tokens, True), mask)
+
+    got = model.apply({'params': params}, tokens, mask, method=encode)
+    np.testing.assert_allclose(got[mask], want[mask], atol=2e-5, rtol=1e-4)
