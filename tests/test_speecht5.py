@@ -1,7 +1,9 @@
 """SpeechT5's encoder-decoder against transformers' SpeechT5 with converted weights (a tiny random configuration whose
 relative-position table is shorter than the utterance, so the clipping is exercised): the speech encoder with and
-without masked frames, the text encoder, and speech-to-text logits with padded decoder inputs; the sinusoid tables
-and relative indices by their formulas."""
+without masked frames, the text encoder, speech-to-text logits with padded decoder inputs, and the speech decoder
+(pre-net with an x-vector, post-net with BatchNorm statistics); the sinusoid tables and relative indices by their
+formulas. Weights too small at their init to show in the outputs are enlarged (mutations of those parts failed to
+fail otherwise)."""
 
 import math
 
@@ -38,16 +40,23 @@ def enlarge_relative_keys(reference):
     return reference
 
 
-def merged(model, converted):
-    """Our freshly initialised params with every converted part in place (the rest stays random)."""
+def merged(model, converted, stats=None):
+    """Our freshly initialised params with every converted part in place (the rest stays random); with `stats`,
+    (params, batch_stats) with those in place too."""
     waveform, tokens = jnp.zeros((1, SAMPLES)), jnp.full((1, 4), 5)
-    params = jax.jit(model.init)(jax.random.key(0), waveform, jnp.asarray([SAMPLES]), tokens, tokens > 1)['params']
-    params = dict(params)
+    variables = jax.jit(model.init)(jax.random.key(0), waveform, jnp.asarray([SAMPLES]), tokens, tokens > 1)
+    params = dict(variables['params'])
     for key, value in converted.items():
         assert key in params, key
         jax.tree.map(lambda a, b: np.testing.assert_equal(np.shape(a), np.shape(b)), params[key], value)
         params[key] = value
-    return params
+    if stats is None:
+        return params
+    batch = dict(variables['batch_stats'])
+    for key, value in stats.items():
+        jax.tree.map(lambda a, b: np.testing.assert_equal(np.shape(a), np.shape(b)), batch[key], value)
+        batch[key] = value
+    return params, batch
 
 
 @pytest.fixture(scope='module')
@@ -107,7 +116,9 @@ def test_speech_to_text_logits_equal_transformers(speech_to_text):
             decoder_input_ids=torch.tensor(tokens),
             decoder_attention_mask=torch.tensor(token_mask.astype(np.int64)),
         ).logits.numpy()
-    got = model.apply({'params': params}, wave, jnp.full((2,), SAMPLES), tokens, token_mask)
+    got = model.apply(
+        {'params': params}, wave, jnp.full((2,), SAMPLES), tokens, token_mask, method=speecht5.SpeechT5.speech_to_text
+    )
     np.testing.assert_allclose(got[token_mask], want[token_mask], atol=2e-5, rtol=1e-4)
 
 
@@ -130,3 +141,47 @@ def test_text_encoder_equals_transformers():
 
     got = model.apply({'params': params}, tokens, mask, method=encode)
     np.testing.assert_allclose(got[mask], want[mask], atol=2e-5, rtol=1e-4)
+
+
+def test_speech_decoder_equals_transformers():
+    """Speech encoder -> speech decoder (pre-net with an x-vector, decoder, post-net with running BatchNorm
+    statistics) against SpeechT5ForSpeechToSpeech without its always-on pre-net dropout (evaluation here). That
+    dropout is replaced by the identity: transformers' `_consistent_dropout` keeps a unit with probability p, not
+    1 - p (the same at the reference's p = 0.5), so p = 0 would zero the pre-net. The pre-net's weights are enlarged:
+    at their N(0, 0.02) init its output is ~1e-4, under the tolerance."""
+    torch.manual_seed(2)
+    reference = enlarge_relative_keys(transformers.SpeechT5ForSpeechToSpeech(tiny_config()).eval())
+    reference.speecht5.decoder.prenet._consistent_dropout = lambda inputs, p: inputs
+    with torch.no_grad():
+        for layer in (*reference.speecht5.decoder.prenet.layers, reference.speecht5.decoder.prenet.final_layer):
+            layer.weight.normal_(0.0, 0.3)
+        reference.speecht5.decoder.prenet.encode_positions.alpha.fill_(1.3)
+        for layer in reference.speech_decoder_postnet.layers:
+            layer.batch_norm.running_mean.normal_()
+            layer.batch_norm.running_var.uniform_(0.5, 2.0)
+            layer.batch_norm.weight.uniform_(0.5, 1.5)
+            layer.batch_norm.bias.normal_()
+    state = reference.state_dict()
+    model = ours()
+    params, stats = merged(model, speecht5_weights.to_flax(state, 2, 2), speecht5_weights.batch_stats(state))
+    rng = np.random.default_rng(3)
+    wave = rng.normal(size=(2, SAMPLES)).astype(np.float32)
+    frames = rng.normal(size=(2, 6, 80)).astype(np.float32)
+    speaker = rng.normal(size=(2, 512)).astype(np.float32)
+    with torch.no_grad():
+        x, _ = reference.speecht5.encoder.prenet(torch.tensor(wave))
+        memory = reference.speecht5.encoder.wrapped_encoder(x).last_hidden_state
+        hidden = reference.speecht5.decoder(
+            input_values=torch.tensor(frames), encoder_hidden_states=memory, speaker_embeddings=torch.tensor(speaker)
+        ).last_hidden_state
+        want = [t.numpy() for t in reference.speech_decoder_postnet(hidden)]
+
+    def run(module, wave, frames, speaker):
+        x, valid, _ = module.speech_prenet(wave, jnp.full((2,), SAMPLES), None, True)
+        memory = module.encode(x, valid)
+        return module.decode_speech(frames, jnp.ones((2, 6), bool), memory, valid, speaker)
+
+    got = model.apply({'params': params, 'batch_stats': stats}, wave, frames, speaker, method=run)
+    assert [g.shape for g in got] == [(2, 12, 80), (2, 12, 80), (2, 12)]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=5e-5, rtol=1e-4)

@@ -18,7 +18,11 @@ Laid out as the reference (and transformers' SpeechT5, whose weights `speecht5_t
   (jaxssl.models.bart.DecoderLayer: the same block), no relative positions (the reference builds a decoder table
   but never uses it), no final LayerNorm; LayerDrop as the encoder's.
 - text-decoder post-net: the shared embedding as the output projection (tied, no bias).
-Not here yet: the speech-decoder pre/post-nets, the cross-modal vector quantizer and the HuBERT-style head.
+- speech-decoder pre-net: Tacotron's pre-net (2 x Linear 256 + ReLU + dropout 0.5), Linear to the width, + alpha x
+  espnet sinusoids, dropout, then the L2-normalised 512-d x-vector concatenated and ReLU(Linear) back to the width.
+- speech-decoder post-net: Linear to `reduction` (2) x 80 log-mel bins and to 2 stop logits per step; Tacotron 2's
+  residual post-net (5 x Conv1d kernel 5 without bias + BatchNorm, tanh on all but the last, dropout 0.5).
+Not here yet: the cross-modal vector quantizer and the HuBERT-style head.
 """
 
 from __future__ import annotations
@@ -36,11 +40,14 @@ from jaxssl.models import wav2vec2 as w2v
 
 PAD_ID = 1  # fairseq's <pad>: the sinusoid tables' padding index
 
-# width, encoder depth, decoder depth, heads, MLP, conv channels; 'tiny' is a CPU size for tests, not a reference one.
-VARIANTS: dict[str, tuple[int, int, int, int, int, int]] = {
-    'base': (768, 12, 6, 12, 3072, 512),
-    'tiny': (32, 2, 2, 4, 64, 32),
-}
+# Named sizes: the reference's base (t5_transformer_base) and a CPU-sized 'tiny' for tests (not a reference size).
+VARIANTS: dict[str, dict[str, int]] = {
+    'base': dict(width=768, encoder_depth=12, decoder_depth=6, heads=12, mlp=3072, conv_channels=512),
+    'tiny': dict(
+        width=32, encoder_depth=2, decoder_depth=2, heads=4, mlp=64, conv_channels=32, prenet_units=16,
+        postnet_channels=16,
+    ),
+}  # fmt: skip
 
 
 def fairseq_sinusoids(positions: jax.Array, width: int) -> jax.Array:
@@ -92,6 +99,17 @@ class SpeechT5(nn.Module):
     feature_grad_mult: float = 0.1
     eps: float = 1e-5
     dtype: Any = jnp.float32
+    # speech decoder: log-mel frames in, `reduction` frames out per step
+    mel_bins: int = 80
+    reduction: int = 2
+    prenet_units: int = 256
+    prenet_layers: int = 2
+    prenet_dropout: float = 0.5
+    speaker_dim: int = 512
+    postnet_layers: int = 5
+    postnet_channels: int = 256
+    postnet_kernel: int = 5
+    postnet_dropout: float = 0.5
 
     def setup(self):
         self.feature_extractor = w2v.FeatureEncoder(self.conv_channels, 'group', False, dtype=self.dtype)
@@ -114,6 +132,21 @@ class SpeechT5(nn.Module):
             )
             for i in range(self.encoder_depth)
         ]  # fmt: skip
+        self.speech_prenet_layers = [nn.Dense(self.prenet_units) for _ in range(self.prenet_layers)]
+        self.speech_prenet_final = nn.Dense(self.width, dtype=self.dtype)
+        self.prenet_drop = nn.Dropout(self.prenet_dropout)
+        self.postnet_drop = nn.Dropout(self.postnet_dropout)
+        self.speech_position_scale = self.param('speech_position_scale', nn.initializers.ones, ())
+        self.speaker_projection = nn.Dense(self.width, dtype=self.dtype)
+        self.feat_out = nn.Dense(self.mel_bins * self.reduction)
+        self.prob_out = nn.Dense(self.reduction)
+        self.postnet_convs = [
+            nn.Conv(self.mel_bins if i == self.postnet_layers - 1 else self.postnet_channels, (self.postnet_kernel,),
+                    padding=[((self.postnet_kernel - 1) // 2,) * 2], use_bias=False)
+            for i in range(self.postnet_layers)
+        ]  # fmt: skip
+        # torch's BatchNorm1d: momentum 0.1 (flax's 0.9), eps 1e-5
+        self.postnet_norms = [nn.BatchNorm(momentum=0.9, epsilon=1e-5) for _ in range(self.postnet_layers)]
         self.decoder_layers = [
             bart.DecoderLayer(
                 self.width, self.heads, self.mlp, self.dropout, self.attention_dropout, self.activation_dropout,
@@ -166,16 +199,72 @@ class SpeechT5(nn.Module):
             x = self._layerdrop(layer(x, mask, memory, memory_mask, deterministic), x, deterministic)
         return x, self.shared.attend(x.astype(jnp.float32))
 
+    def speech_decoder_prenet(self, frames: jax.Array, speaker: jax.Array | None, deterministic: bool) -> jax.Array:
+        """Previous log-mel frames (B, L, mel_bins) and x-vectors (B, speaker_dim) or None -> the decoder's input:
+        Tacotron's pre-net (Linear + ReLU + dropout 0.5 per layer; the reference keeps this dropout on at inference
+        too, here it follows `deterministic`), Linear to the width, + alpha x espnet sinusoids, dropout; then the
+        L2-normalised x-vector concatenated and ReLU(Linear(width + speaker_dim -> width))."""
+        chex.assert_rank(frames, 3)
+        x = frames
+        for layer in self.speech_prenet_layers:
+            x = self.prenet_drop(nn.relu(layer(x)), deterministic=deterministic)
+        x = self.speech_prenet_final(x) + self.speech_position_scale * espnet_sinusoids(x.shape[1], self.width)
+        x = self.drop(x.astype(self.dtype), deterministic=deterministic)
+        if speaker is None:
+            return x
+        chex.assert_shape(speaker, (x.shape[0], self.speaker_dim))
+        unit = speaker / jnp.maximum(jnp.linalg.norm(speaker, axis=-1, keepdims=True), 1e-12)
+        both = jnp.concatenate([x, jnp.broadcast_to(unit[:, None].astype(x.dtype), (*x.shape[:2], unit.shape[-1]))], -1)
+        return nn.relu(self.speaker_projection(both))
+
+    def decode_speech(
+        self,
+        frames: jax.Array,
+        mask: jax.Array,
+        memory: jax.Array,
+        memory_mask: jax.Array,
+        speaker: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Previous frames (B, L, mel_bins) with their mask, the encoder states and mask -> (frames before the
+        post-net (B, L x reduction, mel_bins), after it (the same), stop logits (B, L x reduction)), float32. The
+        post-net's BatchNorm uses batch statistics unless `deterministic` (apply with mutable=['batch_stats'])."""
+        x = self.speech_decoder_prenet(frames, speaker, deterministic)
+        for layer in self.decoder_layers:
+            x = self._layerdrop(layer(x, mask, memory, memory_mask, deterministic), x, deterministic)
+        x = x.astype(jnp.float32)
+        b = x.shape[0]
+        before = self.feat_out(x).reshape(b, -1, self.mel_bins)
+        y = before
+        for i, (conv, norm) in enumerate(zip(self.postnet_convs, self.postnet_norms, strict=True)):
+            y = norm(conv(y), use_running_average=deterministic)
+            if i < self.postnet_layers - 1:
+                y = jnp.tanh(y)
+            y = self.postnet_drop(y, deterministic=deterministic)
+        return before, before + y, self.prob_out(x).reshape(b, -1)
+
     def _layerdrop(self, new: jax.Array, old: jax.Array, deterministic: bool) -> jax.Array:
         """LayerDrop: the block's output, or its input with probability `layerdrop` (one draw per block and batch)."""
         if deterministic or self.layerdrop <= 0:
             return new
         return jnp.where(jax.random.uniform(self.make_rng('layerdrop')) > self.layerdrop, new, old)
 
-    def __call__(self, waveform: jax.Array, num_samples: jax.Array, tokens: jax.Array, token_mask: jax.Array):
-        """Init / speech-to-text: waveforms and decoder input ids -> next-token logits."""
+    def speech_to_text(
+        self, waveform: jax.Array, num_samples: jax.Array, tokens: jax.Array, token_mask: jax.Array
+    ) -> jax.Array:
+        """Waveforms and decoder input ids -> next-token logits (evaluation mode)."""
         x, valid, _ = self.speech_prenet(waveform, num_samples, None, True)
         return self.decode(tokens, token_mask, self.encode(x, valid), valid)[1]
+
+    def __call__(self, waveform: jax.Array, num_samples: jax.Array, tokens: jax.Array, token_mask: jax.Array):
+        """Init: every part once (speech and text pre-nets, encoder, both decoders) -> next-token logits."""
+        x, valid, _ = self.speech_prenet(waveform, num_samples, None, True)
+        memory = self.encode(x, valid)
+        self.text_prenet(tokens, True)
+        frames = jnp.zeros((waveform.shape[0], 2, self.mel_bins))
+        speaker = jnp.ones((waveform.shape[0], self.speaker_dim))
+        self.decode_speech(frames, jnp.ones(frames.shape[:2], bool), memory, valid, speaker)
+        return self.decode(tokens, token_mask, memory, valid)[1]
 
 
 def padded_normal_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
@@ -186,5 +275,4 @@ def padded_normal_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.
 def make(variant: str, vocab_size: int, **kwargs: Any) -> SpeechT5:
     if variant not in VARIANTS:
         raise ValueError(f"unknown SpeechT5 variant '{variant}'; valid: {', '.join(VARIANTS)}")
-    width, encoder_depth, decoder_depth, heads, mlp, conv = VARIANTS[variant]
-    return SpeechT5(vocab_size, width, encoder_depth, decoder_depth, heads, mlp, conv, **kwargs)
+    return SpeechT5(vocab_size, **{**VARIANTS[variant], **kwargs})
