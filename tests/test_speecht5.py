@@ -2,8 +2,9 @@
 relative-position table is shorter than the utterance, so the clipping is exercised): the speech encoder with and
 without masked frames, the text encoder, speech-to-text logits with padded decoder inputs, and the speech decoder
 (pre-net with an x-vector, post-net with BatchNorm statistics); the sinusoid tables and relative indices by their
-formulas. Weights too small at their init to show in the outputs are enlarged (mutations of those parts failed to
-fail otherwise)."""
+formulas; the cross-modal quantizer (argmax entries, hard forward and straight-through gradient in training), the
+batch-shared code mix and the HuBERT head's cosine logits by hand. Weights too small at their init to show in the
+outputs are enlarged (mutations of those parts failed to fail otherwise)."""
 
 import math
 
@@ -185,3 +186,60 @@ def test_speech_decoder_equals_transformers():
     assert [g.shape for g in got] == [(2, 12, 80), (2, 12, 80), (2, 12)]
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=5e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope='module')
+def tiny_params():
+    model = ours(label_classes=7)
+    variables = jax.jit(model.init)(
+        jax.random.key(0), jnp.zeros((1, SAMPLES)), jnp.asarray([SAMPLES]), jnp.full((1, 4), 5), jnp.ones((1, 4), bool)
+    )
+    return model, variables['params']
+
+
+def test_quantizer_picks_codebook_entries_with_straight_through_gradients(tiny_params):
+    model, params = tiny_params
+    states = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    vectors, codes, probs = model.apply({'params': params}, states, None, method=speecht5.SpeechT5.quantize)
+    table = np.asarray(params['quantizer_codevectors']).reshape(2, 100, 16)
+    want = np.concatenate([table[0][np.asarray(codes[..., 0])], table[1][np.asarray(codes[..., 1])]], axis=-1)
+    np.testing.assert_array_equal(vectors, want)  # the argmax entries of both codebooks, concatenated
+    logits = np.asarray(states) @ np.asarray(params['quantizer_weight_proj']['kernel'])
+    logits = logits + np.asarray(params['quantizer_weight_proj']['bias'])
+    np.testing.assert_array_equal(codes, logits.reshape(2, 5, 2, 100).argmax(-1))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+    def training(p, states):
+        vectors, _, _ = model.apply(
+            {'params': p}, states, 2.0, False, method=speecht5.SpeechT5.quantize, rngs={'gumbel': jax.random.key(2)}
+        )
+        return vectors
+
+    vectors = training(params, states)
+    rows = np.asarray(params['quantizer_codevectors'])[:, None]
+    assert all(np.isclose(np.abs(rows - np.asarray(v)[None]).sum(-1), 0).any() for v in np.asarray(vectors)[0, :, :16])
+    grad = jax.grad(lambda p: training(p, states).sum())(params)  # through the soft sample to the projection
+    assert np.abs(np.asarray(grad['quantizer_weight_proj']['kernel'])).sum() > 0
+
+
+def test_code_mix_replaces_the_same_steps_of_every_example():
+    positions = speecht5.code_positions(jax.random.key(3), 25, 0.1)
+    assert int(positions.sum()) == 2  # floor(0.1 x 25)
+    assert int(speecht5.code_positions(jax.random.key(3), 9, 0.1).sum()) == 0  # fewer than 10 steps: none
+    states, vectors = jnp.zeros((3, 25, 4)), jnp.ones((3, 25, 4))
+    mixed = np.asarray(speecht5.mix_codes(states, vectors, positions))
+    np.testing.assert_array_equal(mixed[:, np.asarray(positions)], 1.0)
+    np.testing.assert_array_equal(mixed[:, ~np.asarray(positions)], 0.0)
+
+
+def test_label_logits_are_cosines_over_the_temperature(tiny_params):
+    model, params = tiny_params
+    states = jax.random.normal(jax.random.key(4), (2, 3, 32))
+    got = model.apply({'params': params}, states, method=speecht5.SpeechT5.label_logits)
+    projected = np.asarray(states) @ np.asarray(params['final_proj']['kernel']) + np.asarray(
+        params['final_proj']['bias']
+    )
+    embs = np.asarray(params['label_embs'])
+    cos = projected @ embs.T / np.linalg.norm(projected, axis=-1, keepdims=True) / np.linalg.norm(embs, axis=-1)
+    assert got.shape == (2, 3, 7)
+    np.testing.assert_allclose(got, cos / 0.1, rtol=1e-4, atol=1e-4)

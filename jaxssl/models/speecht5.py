@@ -22,7 +22,11 @@ Laid out as the reference (and transformers' SpeechT5, whose weights `speecht5_t
   espnet sinusoids, dropout, then the L2-normalised 512-d x-vector concatenated and ReLU(Linear) back to the width.
 - speech-decoder post-net: Linear to `reduction` (2) x 80 log-mel bins and to 2 stop logits per step; Tacotron 2's
   residual post-net (5 x Conv1d kernel 5 without bias + BatchNorm, tanh on all but the last, dropout 0.5).
-Not here yet: the cross-modal vector quantizer and the HuBERT-style head.
+- cross-modal quantizer (`quantize`, `mix_codes`): fairseq's Gumbel quantizer (2 codebooks of 100 entries of
+  width / 2, no projection after it) on the encoder's output; at a share of the time steps, the same steps for every
+  example of the batch, the output is replaced by its codevectors before the decoder reads it.
+- HuBERT-style head (`label_logits`): final_proj to 256, cosine against one U(0, 1) embedding per label class over
+  logit_temp 0.1 (jaxssl.models.mert's), on the encoder's output before the quantizer mix.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxssl.models import bart, bert
+from jaxssl.models import mert as mert_model
 from jaxssl.models import wav2vec2 as w2v
 
 PAD_ID = 1  # fairseq's <pad>: the sinusoid tables' padding index
@@ -110,6 +115,13 @@ class SpeechT5(nn.Module):
     postnet_channels: int = 256
     postnet_kernel: int = 5
     postnet_dropout: float = 0.5
+    # cross-modal quantizer: G codebooks of V entries (width / G each) on the encoder's output
+    codebooks: int = 2
+    codebook_entries: int = 100
+    # HuBERT-style head: final_proj to final_dim, cosine / logit_temp against one embedding per label class
+    label_classes: int = 504  # 500 k-means units + fairseq's 4 special symbols (the reference's dict)
+    final_dim: int = 256
+    logit_temp: float = 0.1
 
     def setup(self):
         self.feature_extractor = w2v.FeatureEncoder(self.conv_channels, 'group', False, dtype=self.dtype)
@@ -147,6 +159,14 @@ class SpeechT5(nn.Module):
         ]  # fmt: skip
         # torch's BatchNorm1d: momentum 0.1 (flax's 0.9), eps 1e-5
         self.postnet_norms = [nn.BatchNorm(momentum=0.9, epsilon=1e-5) for _ in range(self.postnet_layers)]
+        # init_bert_params re-initialises the quantizer's projection to N(0, 0.02) (fairseq's own init is N(0, 1)).
+        entries = self.codebooks * self.codebook_entries
+        self.quantizer_weight_proj = nn.Dense(entries, kernel_init=nn.initializers.normal(0.02))
+        self.quantizer_codevectors = self.param(
+            'quantizer_codevectors', nn.initializers.uniform(1.0), (entries, self.width // self.codebooks)
+        )
+        self.final_proj = nn.Dense(self.final_dim, kernel_init=nn.initializers.normal(0.02))
+        self.label_embs = self.param('label_embs', nn.initializers.uniform(1.0), (self.label_classes, self.final_dim))
         self.decoder_layers = [
             bart.DecoderLayer(
                 self.width, self.heads, self.mlp, self.dropout, self.attention_dropout, self.activation_dropout,
@@ -243,6 +263,23 @@ class SpeechT5(nn.Module):
             y = self.postnet_drop(y, deterministic=deterministic)
         return before, before + y, self.prob_out(x).reshape(b, -1)
 
+    def quantize(
+        self, states: jax.Array, temperature: jax.Array | None, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Encoder states (B, T, width) -> (their codevectors (B, T, width), codes (B, T, G), the noise-free softmax
+        (B, T, G, V) for the diversity loss): a hard Gumbel-softmax at `temperature` (straight-through) in
+        training, the argmax in evaluation."""
+        b, t, _ = states.shape
+        logits = self.quantizer_weight_proj(states.astype(jnp.float32))
+        logits = logits.reshape(b, t, self.codebooks, self.codebook_entries)
+        table = self.quantizer_codevectors.reshape(self.codebooks, self.codebook_entries, -1)
+        return w2v.gumbel_codevectors(logits, table, temperature, None if deterministic else self.make_rng('gumbel'))
+
+    def label_logits(self, states: jax.Array) -> jax.Array:
+        """Encoder states (B, T, width) -> logits over the label classes (B, T, label_classes) float32:
+        cos(final_proj(x), label embedding) / logit_temp (the reference's HuBERT head, every class a candidate)."""
+        return mert_model.cosine_logits(self.final_proj(states.astype(jnp.float32)), self.label_embs, self.logit_temp)
+
     def _layerdrop(self, new: jax.Array, old: jax.Array, deterministic: bool) -> jax.Array:
         """LayerDrop: the block's output, or its input with probability `layerdrop` (one draw per block and batch)."""
         if deterministic or self.layerdrop <= 0:
@@ -260,6 +297,8 @@ class SpeechT5(nn.Module):
         """Init: every part once (speech and text pre-nets, encoder, both decoders) -> next-token logits."""
         x, valid, _ = self.speech_prenet(waveform, num_samples, None, True)
         memory = self.encode(x, valid)
+        self.label_logits(memory)
+        self.quantize(memory, None)
         self.text_prenet(tokens, True)
         frames = jnp.zeros((waveform.shape[0], 2, self.mel_bins))
         speaker = jnp.ones((waveform.shape[0], self.speaker_dim))
@@ -276,3 +315,16 @@ def make(variant: str, vocab_size: int, **kwargs: Any) -> SpeechT5:
     if variant not in VARIANTS:
         raise ValueError(f"unknown SpeechT5 variant '{variant}'; valid: {', '.join(VARIANTS)}")
     return SpeechT5(vocab_size, **{**VARIANTS[variant], **kwargs})
+
+
+def code_positions(rng: jax.Array, length: int, share: float) -> jax.Array:
+    """(length,) bool: floor(share x length) time steps drawn without replacement (the reference's randperm), the
+    steps whose encoder output the codevectors replace, for every example of the batch alike."""
+    chosen = jax.random.permutation(rng, length)[: int(share * length)]
+    return jnp.zeros((length,), bool).at[chosen].set(True)
+
+
+def mix_codes(states: jax.Array, vectors: jax.Array, positions: jax.Array) -> jax.Array:
+    """The encoder's output (B, T, width) with the time steps in `positions` (T,) replaced by their codevectors."""
+    chex.assert_equal_shape((states, vectors))
+    return jnp.where(positions[None, :, None], vectors.astype(states.dtype), states)

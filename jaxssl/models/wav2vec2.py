@@ -161,6 +161,26 @@ class PositionalConv(nn.Module):
         return nn.gelu(y + bias, approximate=False)
 
 
+def gumbel_codevectors(
+    logits: jax.Array, table: jax.Array, temperature: jax.Array | None, rng: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """fairseq's GumbelVectorQuantizer after its projection: logits (B, T, G, V) and codebooks (G, V, d) -> (the
+    chosen entries concatenated (B, T, G d), codes (B, T, G) int32, the noise-free softmax (B, T, G, V) float32).
+    With an `rng`: a hard Gumbel-softmax at `temperature` with straight-through gradients; without: the argmax."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    entries = logits.shape[-1]
+    if rng is None:
+        codes = jnp.argmax(logits, axis=-1)
+        weights = jax.nn.one_hot(codes, entries, dtype=jnp.float32)
+    else:
+        soft = jax.nn.softmax((logits + jax.random.gumbel(rng, logits.shape)) / temperature, axis=-1)
+        codes = jnp.argmax(soft, axis=-1)
+        weights = jax.nn.one_hot(codes, entries, dtype=jnp.float32) - jax.lax.stop_gradient(soft) + soft
+    b, t = logits.shape[:2]
+    vectors = jnp.einsum('btgv,gvd->btgd', weights, table).reshape(b, t, -1)
+    return vectors, codes.astype(jnp.int32), probs
+
+
 class Wav2Vec2(nn.Module):
     """Waveforms -> context vectors, quantized targets and the quantizer's statistics (see `__call__`)."""
 
@@ -261,19 +281,8 @@ class Wav2Vec2(nn.Module):
         `deterministic`."""
         b, t, _ = latents.shape
         logits = self.weight_proj(latents.astype(jnp.float32)).reshape(b, t, self.codebooks, self.codebook_entries)
-        probs = jax.nn.softmax(logits, axis=-1)
-        if deterministic:
-            codes = jnp.argmax(logits, axis=-1)
-            weights = jax.nn.one_hot(codes, self.codebook_entries, dtype=jnp.float32)
-        else:
-            gumbel = jax.random.gumbel(self.make_rng('gumbel'), logits.shape)
-            soft = jax.nn.softmax((logits + gumbel) / temperature, axis=-1)
-            codes = jnp.argmax(soft, axis=-1)
-            hard = jax.nn.one_hot(codes, self.codebook_entries, dtype=jnp.float32)
-            weights = hard - jax.lax.stop_gradient(soft) + soft  # straight-through
         table = self.codevectors.reshape(self.codebooks, self.codebook_entries, -1)
-        vectors = jnp.einsum('btgv,gvd->btgd', weights, table).reshape(b, t, -1)
-        return vectors, codes.astype(jnp.int32), probs
+        return gumbel_codevectors(logits, table, temperature, None if deterministic else self.make_rng('gumbel'))
 
     def __call__(
         self,
