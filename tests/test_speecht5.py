@@ -1,10 +1,11 @@
 """SpeechT5's encoder-decoder against transformers' SpeechT5 with converted weights (a tiny random configuration whose
 relative-position table is shorter than the utterance, so the clipping is exercised): the speech encoder with and
 without masked frames, the text encoder, speech-to-text logits with padded decoder inputs, and the speech decoder
-(pre-net with an x-vector, post-net with BatchNorm statistics); the sinusoid tables and relative indices by their
-formulas; the cross-modal quantizer (argmax entries, hard forward and straight-through gradient in training), the
-batch-shared code mix and the HuBERT head's cosine logits by hand. Weights too small at their init to show in the
-outputs are enlarged (mutations of those parts failed to fail otherwise)."""
+(pre-net with an x-vector, post-net with BatchNorm statistics). Weights too small at their init to show in the
+outputs are enlarged (mutations of those parts failed to fail otherwise). By their formulas or by hand: the sinusoid
+tables and relative indices; the cross-modal quantizer (argmax entries, hard forward and straight-through gradient
+in training), the batch-shared code mix and the HuBERT head's cosine logits; the speech losses (decoder inputs,
+L1 + stop BCE, masked prediction, diversity). The log-mel targets against transformers' feature extractor."""
 
 import math
 
@@ -243,3 +244,65 @@ def test_label_logits_are_cosines_over_the_temperature(tiny_params):
     cos = projected @ embs.T / np.linalg.norm(projected, axis=-1, keepdims=True) / np.linalg.norm(embs, axis=-1)
     assert got.shape == (2, 3, 7)
     np.testing.assert_allclose(got, cos / 0.1, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('samples', [16000, 6481])
+def test_log_mel_targets_equal_transformers_feature_extractor(samples):
+    from jaxssl.data import audio
+
+    wave = (np.random.default_rng(samples).normal(size=samples) * 0.1).astype(np.float32)
+    want = transformers.SpeechT5FeatureExtractor()(audio_target=wave, sampling_rate=16000, return_tensors='np')
+    got = audio.speecht5_log_mel(wave)
+    assert got.shape == (1 + samples // 256, 80) == want['input_values'].shape[1:]
+    np.testing.assert_allclose(got, want['input_values'][0], atol=2e-4)
+
+
+def test_decoder_inputs_thin_and_shift_the_frames():
+    from jaxssl.losses import speecht5 as losses
+
+    mel = np.arange(2 * 7 * 1, dtype=np.float32).reshape(2, 7, 1)
+    frames, mask = losses.decoder_inputs(jnp.asarray(mel), jnp.asarray([7, 4]), 2)
+    np.testing.assert_array_equal(frames[0, :, 0], [0, 1, 3])  # zero, then frames 1, 3 (5 is the last step's target)
+    np.testing.assert_array_equal(frames[1, :, 0], [0, 8, 10])
+    np.testing.assert_array_equal(mask, [[True, True, True], [True, True, False]])
+
+
+def test_reconstruction_and_prediction_losses_by_hand():
+    from jaxssl.losses import speecht5 as losses
+
+    rng = np.random.default_rng(5)
+    before, after, mel = rng.normal(size=(3, 2, 6, 4)).astype(np.float32)
+    mel = np.concatenate([mel, rng.normal(size=(2, 1, 4)).astype(np.float32)], axis=1)  # L = 7, T = 6
+    stop = rng.normal(size=(2, 6)).astype(np.float32)
+    lengths = np.array([7, 5])  # valid outputs: 6 and 4 frames
+    total, terms = losses.reconstruction_loss(before, after, stop, mel, lengths, 2)
+    l1 = lambda x: (np.abs(x[0] - mel[0, :6]).sum() + np.abs(x[1, :4] - mel[1, :4]).sum()) / (10 * 4)
+    labels = np.zeros((2, 6))
+    labels[0, 5] = labels[1, 3] = 1
+    p = 1 / (1 + np.exp(-stop.astype(np.float64)))
+    bce = -(5 * labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    want_bce = (bce[0].sum() + bce[1, :4].sum()) / 10
+    np.testing.assert_allclose(
+        [terms['l1_before'], terms['l1_after'], terms['stop_bce']], [l1(before), l1(after), want_bce], rtol=1e-5
+    )
+    np.testing.assert_allclose(total, l1(before) + l1(after) + want_bce, rtol=1e-5)
+
+    logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    labels = np.array([[1, 4, 0], [2, 2, 3]])
+    mask = np.array([[True, False, True], [False, True, False]])
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -(log_p[0, 0, 1] + log_p[0, 2, 0] + log_p[1, 1, 2]) / 3
+    nll, accuracy = losses.masked_prediction_loss(logits, labels, mask)
+    np.testing.assert_allclose(nll, want, rtol=1e-5)
+    hits = [logits[0, 0].argmax() == 1, logits[0, 2].argmax() == 0, logits[1, 1].argmax() == 2]
+    np.testing.assert_allclose(accuracy, np.mean(hits))
+
+
+def test_diversity_loss_from_uniform_to_collapsed():
+    from jaxssl.losses import speecht5 as losses
+
+    uniform = np.full((2, 3, 2, 4), 0.25, np.float32)
+    np.testing.assert_allclose(losses.diversity_loss(uniform), 0.0, atol=1e-5)  # perplexity G V: no penalty
+    collapsed = np.zeros((2, 3, 2, 4), np.float32)
+    collapsed[..., 0] = 1.0
+    np.testing.assert_allclose(losses.diversity_loss(collapsed), (8 - 2) / 8, atol=1e-5)  # one code a codebook

@@ -254,6 +254,24 @@ def byola_log_mel(waveform: np.ndarray, input_config: Any) -> np.ndarray:
     return np.log(mel + np.finfo(np.float32).eps).astype(np.float32)
 
 
+# --- SpeechT5's log-mel targets --------------------------------------------------------------------------------------
+SPEECHT5_N_FFT = 1024  # samples: 64 ms at 16 kHz
+SPEECHT5_HOP = 256  # samples: 16 ms, 62.5 frames a second
+
+
+def speecht5_log_mel(waveform: np.ndarray, sample_rate: float = 16000) -> np.ndarray:
+    """SpeechT5's speech-decoder targets (1 + len // 256, 80) float32: log10 of the librosa mel (Slaney scale and
+    norm, 80 to 7,600 Hz) of the STFT MAGNITUDE (power 1; 1,024-sample periodic Hann window, centred, reflect
+    padding), floored at 1e-10, with no normalisation (the reference's dataset; transformers'
+    SpeechT5FeatureExtractor targets)."""
+    x = np.asarray(waveform, np.float64)
+    if x.ndim != 1 or len(x) <= SPEECHT5_N_FFT // 2:
+        raise ValueError(f'expected a 1-D waveform of more than {SPEECHT5_N_FFT // 2} samples, got shape {x.shape}')
+    magnitude = np.sqrt(centred_power_spectrum(x, SPEECHT5_N_FFT, SPEECHT5_HOP))
+    mel = magnitude @ slaney_mel_filters(80, SPEECHT5_N_FFT, float(sample_rate), 80.0, 7600.0)
+    return np.log10(np.maximum(mel, 1e-10)).astype(np.float32)
+
+
 def crop_or_pad(waveform: np.ndarray, length: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """Exactly `length` samples, as the reference's extract_window: a shorter clip zero-padded symmetrically
     ((length - n) // 2 on the left, the rest on the right), a longer one cut at a start drawn from `rng` (the first
