@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxssl.models import wav2vec2 as w2v
+from jaxssl.models import wav2vec2_weights as w2v_weights
 from jaxssl.models.bert_weights import decoder_layer, dense, layer, norm
 
 
@@ -39,24 +39,13 @@ def to_flax(weights: dict[str, Any], encoder_depth: int, decoder_depth: int) -> 
         })  # fmt: skip
     prenet = 'encoder.prenet'
     if f'{prenet}.feature_encoder.conv_layers.0.conv.weight' in w:  # the speech-encoder pre-net
-        extractor: dict[str, Any] = {}
-        for i in range(len(w2v.KERNELS_STRIDES)):
-            p = f'{prenet}.feature_encoder.conv_layers.{i}'
-            extractor[f'conv_{i}'] = {
-                'kernel': w[f'{p}.conv.weight'].transpose(2, 1, 0)
-            }  # (out, in, k) -> (k, in, out)
-        extractor['norm_0'] = norm(w, f'{prenet}.feature_encoder.conv_layers.0.layer_norm')
-        pos = f'{prenet}.pos_conv_embed.conv'
-        g = w.get(f'{pos}.weight_g', w.get(f'{pos}.parametrizations.weight.original0'))
-        v = w.get(f'{pos}.weight_v', w.get(f'{pos}.parametrizations.weight.original1'))
-        if g is None or v is None:
-            raise KeyError(f'{pos}.weight_g / weight_v (or its parametrizations.weight.original0 / 1)')
+        extractor = w2v_weights.feature_extractor(w, f'{prenet}.feature_encoder', 'group', False)
         params.update(
             feature_extractor=extractor,
             feature_norm=norm(w, f'{prenet}.feature_projection.layer_norm'),
             post_extract_proj=dense(w, f'{prenet}.feature_projection.projection'),
             mask_emb=w[f'{prenet}.masked_spec_embed'],
-            pos_conv={'weight_v': v.transpose(2, 1, 0), 'weight_g': g.reshape(-1), 'bias': w[f'{pos}.bias']},
+            pos_conv=w2v_weights.positional_conv(w, f'{prenet}.pos_conv_embed.conv'),
         )
     if f'{prenet}.encode_positions.alpha' in w:  # the text-encoder pre-net
         params['text_position_scale'] = w[f'{prenet}.encode_positions.alpha'].reshape(())

@@ -49,6 +49,31 @@ def read_config(c: dict[str, Any], directory: str) -> dict[str, Any]:
     )
 
 
+def feature_extractor(w: dict[str, Any], prefix: str, mode: str, conv_bias: bool) -> dict[str, Any]:
+    """wav2vec2.FeatureEncoder params from transformers' conv_layers under `prefix` ('group' mode: a norm after the
+    first convolution only, transformers names it layer_norm too)."""
+    extractor: dict[str, Any] = {}
+    for i in range(len(w2v.KERNELS_STRIDES)):
+        p = f'{prefix}.conv_layers.{i}'
+        conv = {'kernel': w[f'{p}.conv.weight'].transpose(2, 1, 0)}  # (out, in, k) -> (k, in, out)
+        if conv_bias:
+            conv['bias'] = w[f'{p}.conv.bias']
+        extractor[f'conv_{i}'] = conv
+        if mode == 'layer' or i == 0:
+            extractor[f'norm_{i}'] = norm(w, f'{p}.layer_norm')
+    return extractor
+
+
+def positional_conv(w: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """wav2vec2.PositionalConv params from transformers' weight-normed pos_conv_embed.conv at `prefix`."""
+    # Weight norm: transformers < 4.40 / torch < 2.1 save weight_g / weight_v, later ones a parametrization.
+    g = w.get(f'{prefix}.weight_g', w.get(f'{prefix}.parametrizations.weight.original0'))
+    v = w.get(f'{prefix}.weight_v', w.get(f'{prefix}.parametrizations.weight.original1'))
+    if g is None or v is None:
+        raise KeyError(f'{prefix}.weight_g / weight_v (or its parametrizations.weight.original0 / 1)')
+    return {'weight_v': v.transpose(2, 1, 0), 'weight_g': g.reshape(-1), 'bias': w[f'{prefix}.bias']}
+
+
 def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any], quantizer: bool = True) -> dict[str, Any]:
     """A Wav2Vec2ForPreTraining (or, without `quantizer`, also a Wav2Vec2ForCTC) state dict -> Wav2Vec2 params
     (numpy): the encoder, and the quantizer and final projection when `quantizer`, the CTC head 'lm_head' when the
@@ -57,27 +82,13 @@ def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any], quantizer: bo
     if quantizer and 'quantizer.codevectors' not in w:
         raise KeyError('quantizer.codevectors: not a Wav2Vec2ForPreTraining checkpoint (no quantizer to continue)')
     m = 'wav2vec2.'
-    extractor: dict[str, Any] = {}
-    for i in range(len(w2v.KERNELS_STRIDES)):
-        p = f'{m}feature_extractor.conv_layers.{i}'
-        conv = {'kernel': w[f'{p}.conv.weight'].transpose(2, 1, 0)}  # (out, in, k) -> (k, in, out)
-        if fields['conv_bias']:
-            conv['bias'] = w[f'{p}.conv.bias']
-        extractor[f'conv_{i}'] = conv
-        if fields['extractor_mode'] == 'layer' or i == 0:
-            extractor[f'norm_{i}'] = norm(w, f'{p}.layer_norm')
-    # Weight norm: transformers < 4.40 / torch < 2.1 save weight_g / weight_v, later ones a parametrization.
-    pos = f'{m}encoder.pos_conv_embed.conv'
-    g = w.get(f'{pos}.weight_g', w.get(f'{pos}.parametrizations.weight.original0'))
-    v = w.get(f'{pos}.weight_v', w.get(f'{pos}.parametrizations.weight.original1'))
-    if g is None or v is None:
-        raise KeyError(f'{pos}.weight_g / weight_v (or its parametrizations.weight.original0 / 1)')
+    extractor = feature_extractor(w, f'{m}feature_extractor', fields['extractor_mode'], fields['conv_bias'])
     params: dict[str, Any] = {
         'feature_extractor': extractor,
         'feature_norm': norm(w, f'{m}feature_projection.layer_norm'),
         'post_extract_proj': dense(w, f'{m}feature_projection.projection'),
         'mask_emb': w[f'{m}masked_spec_embed'],
-        'pos_conv': {'weight_v': v.transpose(2, 1, 0), 'weight_g': g.reshape(-1), 'bias': w[f'{pos}.bias']},
+        'pos_conv': positional_conv(w, f'{m}encoder.pos_conv_embed.conv'),
         'encoder_norm': norm(w, f'{m}encoder.layer_norm'),
     }
     if quantizer:
