@@ -306,3 +306,33 @@ def test_diversity_loss_from_uniform_to_collapsed():
     collapsed = np.zeros((2, 3, 2, 4), np.float32)
     collapsed[..., 0] = 1.0
     np.testing.assert_allclose(losses.diversity_loss(collapsed), (8 - 2) / 8, atol=1e-5)  # one code a codebook
+
+
+def test_init_follows_init_bert_params(tiny_params):
+    """fairseq's init_bert_params: every Linear N(0, 0.02), zero bias; the post-net convolutions torch's uniform."""
+    _, params = tiny_params
+    for name in ('post_extract_proj', 'speech_prenet_layers_0', 'speech_prenet_final', 'feat_out', 'final_proj'):
+        kernel = np.asarray(params[name]['kernel'])
+        assert abs(kernel.std() - 0.02) < 0.004 and abs(kernel.mean()) < 0.004, name
+        np.testing.assert_array_equal(params[name]['bias'], 0.0)
+    conv = np.asarray(params['postnet_convs_0']['kernel'])  # (5, 80, 16): bound 1 / sqrt(5 x 80)
+    assert np.abs(conv).max() <= 1 / np.sqrt(400) and conv.std() > 0.5 / np.sqrt(3 * 400)
+
+
+def test_speech_decoder_trains_without_an_x_vector(tiny_params):
+    """Training mode: Tacotron dropout, batch-statistics BatchNorm whose running averages move, LayerDrop draws; no
+    speaker embedding (the prenet's x-vector branch skipped)."""
+    model, _ = tiny_params
+    waveform, tokens = jnp.zeros((2, SAMPLES)), jnp.full((2, 4), 5)
+    variables = model.init(jax.random.key(0), waveform, jnp.full((2,), SAMPLES), tokens, tokens > 1)
+    memory = jax.random.normal(jax.random.key(1), (2, 20, 32))
+    frames = jax.random.normal(jax.random.key(2), (2, 6, 80))
+    rngs = {name: jax.random.key(i) for i, name in enumerate(('dropout', 'layerdrop'))}
+    (before, after, stop), updated = model.apply(
+        variables, frames, jnp.ones((2, 6), bool), memory, jnp.ones((2, 20), bool), None, False,
+        method=speecht5.SpeechT5.decode_speech, rngs=rngs, mutable=['batch_stats'],
+    )  # fmt: skip
+    assert before.shape == after.shape == (2, 12, 80) and stop.shape == (2, 12)
+    assert np.isfinite(np.asarray(after)).all()
+    old, new = variables['batch_stats']['postnet_norms_0']['mean'], updated['batch_stats']['postnet_norms_0']['mean']
+    assert not np.allclose(old, new)

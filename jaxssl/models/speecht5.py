@@ -27,6 +27,13 @@ Laid out as the reference (and transformers' SpeechT5, whose weights `speecht5_t
   example of the batch, the output is replaced by its codevectors before the decoder reads it.
 - HuBERT-style head (`label_logits`): final_proj to 256, cosine against one U(0, 1) embedding per label class over
   logit_temp 0.1 (jaxssl.models.mert's), on the encoder's output before the quantizer mix.
+Left to the caller (the method): the quantizer's temperature, max(2 x 0.999995^step, 0.5), and the code mix, which
+the reference applies in evaluation too (with the argmax codes).
+Differences from the reference: Tacotron's pre-net dropout follows `deterministic` (the reference keeps it on at
+evaluation and inference too); with padded waveforms (the reference's pre-training crops every batch to its shortest
+utterance, so it has none) padded frames are zeroed before the positional convolution, a frame counts as valid only
+if its whole receptive field is, and the first convolution's channel norm takes its statistics over valid frames;
+flax's BatchNorm keeps the biased running variance where torch keeps the unbiased one.
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ from jaxssl.models import mert as mert_model
 from jaxssl.models import wav2vec2 as w2v
 
 PAD_ID = 1  # fairseq's <pad>: the sinusoid tables' padding index
+# fairseq's init_bert_params, applied to the whole model after construction: every Linear N(0, 0.02) with zero bias
+# (the quantizer's projection included); convolutions keep torch's default, uniform(+-1 / sqrt(fan_in)).
+BERT_INIT = nn.initializers.normal(0.02)
+TORCH_CONV_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
 # Named sizes: the reference's base (t5_transformer_base) and a CPU-sized 'tiny' for tests (not a reference size).
 VARIANTS: dict[str, dict[str, int]] = {
@@ -126,7 +137,7 @@ class SpeechT5(nn.Module):
     def setup(self):
         self.feature_extractor = w2v.FeatureEncoder(self.conv_channels, 'group', False, dtype=self.dtype)
         self.feature_norm = nn.LayerNorm(self.eps)
-        self.post_extract_proj = nn.Dense(self.width, dtype=self.dtype)
+        self.post_extract_proj = nn.Dense(self.width, dtype=self.dtype, kernel_init=BERT_INIT)
         self.mask_emb = self.param('mask_emb', nn.initializers.uniform(1.0), (self.width,))
         self.pos_conv = w2v.PositionalConv(self.width, self.pos_conv_kernel, self.pos_conv_groups, self.dtype)
         self.text_position_scale = self.param('text_position_scale', nn.initializers.ones, ())
@@ -144,28 +155,30 @@ class SpeechT5(nn.Module):
             )
             for i in range(self.encoder_depth)
         ]  # fmt: skip
-        self.speech_prenet_layers = [nn.Dense(self.prenet_units) for _ in range(self.prenet_layers)]
-        self.speech_prenet_final = nn.Dense(self.width, dtype=self.dtype)
+        self.speech_prenet_layers = [
+            nn.Dense(self.prenet_units, kernel_init=BERT_INIT) for _ in range(self.prenet_layers)
+        ]
+        self.speech_prenet_final = nn.Dense(self.width, dtype=self.dtype, kernel_init=BERT_INIT)
         self.prenet_drop = nn.Dropout(self.prenet_dropout)
         self.postnet_drop = nn.Dropout(self.postnet_dropout)
         self.speech_position_scale = self.param('speech_position_scale', nn.initializers.ones, ())
-        self.speaker_projection = nn.Dense(self.width, dtype=self.dtype)
-        self.feat_out = nn.Dense(self.mel_bins * self.reduction)
-        self.prob_out = nn.Dense(self.reduction)
+        self.speaker_projection = nn.Dense(self.width, dtype=self.dtype, kernel_init=BERT_INIT)
+        self.feat_out = nn.Dense(self.mel_bins * self.reduction, kernel_init=BERT_INIT)
+        self.prob_out = nn.Dense(self.reduction, kernel_init=BERT_INIT)
         self.postnet_convs = [
             nn.Conv(self.mel_bins if i == self.postnet_layers - 1 else self.postnet_channels, (self.postnet_kernel,),
-                    padding=[((self.postnet_kernel - 1) // 2,) * 2], use_bias=False)
+                    padding=[((self.postnet_kernel - 1) // 2,) * 2], use_bias=False, kernel_init=TORCH_CONV_INIT)
             for i in range(self.postnet_layers)
         ]  # fmt: skip
         # torch's BatchNorm1d: momentum 0.1 (flax's 0.9), eps 1e-5
         self.postnet_norms = [nn.BatchNorm(momentum=0.9, epsilon=1e-5) for _ in range(self.postnet_layers)]
         # init_bert_params re-initialises the quantizer's projection to N(0, 0.02) (fairseq's own init is N(0, 1)).
         entries = self.codebooks * self.codebook_entries
-        self.quantizer_weight_proj = nn.Dense(entries, kernel_init=nn.initializers.normal(0.02))
+        self.quantizer_weight_proj = nn.Dense(entries, kernel_init=BERT_INIT)
         self.quantizer_codevectors = self.param(
             'quantizer_codevectors', nn.initializers.uniform(1.0), (entries, self.width // self.codebooks)
         )
-        self.final_proj = nn.Dense(self.final_dim, kernel_init=nn.initializers.normal(0.02))
+        self.final_proj = nn.Dense(self.final_dim, kernel_init=BERT_INIT)
         self.label_embs = self.param('label_embs', nn.initializers.uniform(1.0), (self.label_classes, self.final_dim))
         self.decoder_layers = [
             bart.DecoderLayer(
