@@ -7,8 +7,8 @@ Laid out as the reference (and transformers' SpeechT5, whose weights `speecht5_t
   the width, dropout, masked frames replaced by a learned `mask_emb`, then + the weight-normalised grouped positional
   convolution (kernel 128, 16 groups, GELU) of the masked frames and + fairseq's fixed sinusoids (halves sin | cos,
   the first frame at position 2 as after a padding index of 1, padded frames 0).
-- text-encoder pre-net: the shared token embedding (not scaled) + alpha x espnet's interleaved sinusoids (positions
-  from 0, alpha a learned scalar, 1 at init), dropout.
+- text-encoder pre-net: the shared token embedding (not scaled) + alpha x espnet's interleaved sinusoids (the ViTs'
+  vit.sinusoid_table: positions from 0; alpha a learned scalar, 1 at init), dropout.
 - encoder: LayerNorm at its input (base is post-norm: no final LayerNorm), dropout, post-norm blocks
   (jaxssl.models.bert.Layer) whose self-attention adds relative positions on the keys: one table of
   2 x `max_relative` rows of head_dim, shared by every head and block, indexed by query minus key clipped to
@@ -46,7 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxssl.models import bart, bert
+from jaxssl.models import bart, bert, vit
 from jaxssl.models import mert as mert_model
 from jaxssl.models import wav2vec2 as w2v
 
@@ -80,13 +80,6 @@ def fairseq_positions(valid: jax.Array) -> jax.Array:
     """fairseq's make_positions: valid steps numbered PAD_ID + 1, PAD_ID + 2, ... in order, padded steps PAD_ID."""
     count = jnp.cumsum(valid.astype(jnp.int32), axis=-1)
     return jnp.where(valid, count + PAD_ID, PAD_ID)
-
-
-def espnet_sinusoids(length: int, width: int) -> jax.Array:
-    """espnet's PositionalEncoding table (length, width): sin at even, cos at odd channels, positions from 0."""
-    rates = jnp.exp(jnp.arange(0, width, 2, dtype=jnp.float32) * -(math.log(10000.0) / width))
-    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * rates
-    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(length, width)
 
 
 def relative_indices(length: int, max_relative: int) -> jax.Array:
@@ -209,7 +202,7 @@ class SpeechT5(nn.Module):
     def text_prenet(self, tokens: jax.Array, deterministic: bool) -> jax.Array:
         """Token ids (B, L) -> the encoder's input (B, L, width): embedding + alpha x espnet sinusoids."""
         chex.assert_rank(tokens, 2)
-        x = self.shared(tokens) + self.text_position_scale * espnet_sinusoids(tokens.shape[1], self.width)
+        x = self.shared(tokens) + self.text_position_scale * vit.sinusoid_table(tokens.shape[1], self.width)
         return self.drop(x.astype(self.dtype), deterministic=deterministic)
 
     def encode(self, x: jax.Array, valid: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -241,7 +234,7 @@ class SpeechT5(nn.Module):
         x = frames
         for layer in self.speech_prenet_layers:
             x = self.prenet_drop(nn.relu(layer(x)), deterministic=deterministic)
-        x = self.speech_prenet_final(x) + self.speech_position_scale * espnet_sinusoids(x.shape[1], self.width)
+        x = self.speech_prenet_final(x) + self.speech_position_scale * vit.sinusoid_table(x.shape[1], self.width)
         x = self.drop(x.astype(self.dtype), deterministic=deterministic)
         if speaker is None:
             return x

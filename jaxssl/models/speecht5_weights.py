@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from jaxssl.models import wav2vec2_weights as w2v_weights
-from jaxssl.models.bert_weights import decoder_layer, dense, layer, norm
+from jaxssl.models.bert_weights import decoder_layer, dense, norm
 
 
 def to_flax(weights: dict[str, Any], encoder_depth: int, decoder_depth: int) -> dict[str, Any]:
@@ -26,17 +26,7 @@ def to_flax(weights: dict[str, Any], encoder_depth: int, decoder_depth: int) -> 
         'relative_keys': {'embedding': w[f'{encoder}.embed_positions.pe_k.weight']},
     }
     for i in range(encoder_depth):
-        p = f'{encoder}.layers.{i}'
-        params[f'encoder_layer_{i}'] = layer(w, {
-            'query': f'{p}.attention.q_proj',
-            'key': f'{p}.attention.k_proj',
-            'value': f'{p}.attention.v_proj',
-            'attention_output': f'{p}.attention.out_proj',
-            'attention_norm': f'{p}.layer_norm',
-            'intermediate': f'{p}.feed_forward.intermediate_dense',
-            'output': f'{p}.feed_forward.output_dense',
-            'output_norm': f'{p}.final_layer_norm',
-        })  # fmt: skip
+        params[f'encoder_layer_{i}'] = w2v_weights.encoder_layer(w, f'{encoder}.layers.{i}')
     prenet = 'encoder.prenet'
     if f'{prenet}.feature_encoder.conv_layers.0.conv.weight' in w:  # the speech-encoder pre-net
         extractor = w2v_weights.feature_extractor(w, f'{prenet}.feature_encoder', 'group', False)

@@ -74,6 +74,20 @@ def positional_conv(w: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {'weight_v': v.transpose(2, 1, 0), 'weight_g': g.reshape(-1), 'bias': w[f'{prefix}.bias']}
 
 
+def encoder_layer(w: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """bert.Layer params from transformers' wav2vec 2.0-style encoder layer at `prefix` (SpeechT5's too)."""
+    return bert_weights.layer(w, {
+        'query': f'{prefix}.attention.q_proj',
+        'key': f'{prefix}.attention.k_proj',
+        'value': f'{prefix}.attention.v_proj',
+        'attention_output': f'{prefix}.attention.out_proj',
+        'attention_norm': f'{prefix}.layer_norm',
+        'intermediate': f'{prefix}.feed_forward.intermediate_dense',
+        'output': f'{prefix}.feed_forward.output_dense',
+        'output_norm': f'{prefix}.final_layer_norm',
+    })  # fmt: skip
+
+
 def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any], quantizer: bool = True) -> dict[str, Any]:
     """A Wav2Vec2ForPreTraining (or, without `quantizer`, also a Wav2Vec2ForCTC) state dict -> Wav2Vec2 params
     (numpy): the encoder, and the quantizer and final projection when `quantizer`, the CTC head 'lm_head' when the
@@ -99,17 +113,7 @@ def torch_to_flax(weights: dict[str, Any], fields: dict[str, Any], quantizer: bo
     if 'lm_head.weight' in w:
         params['lm_head'] = dense(w, 'lm_head')
     for i in range(fields['depth']):
-        p = f'{m}encoder.layers.{i}'
-        params[f'layers_{i}'] = bert_weights.layer(w, {
-            'query': f'{p}.attention.q_proj',
-            'key': f'{p}.attention.k_proj',
-            'value': f'{p}.attention.v_proj',
-            'attention_output': f'{p}.attention.out_proj',
-            'attention_norm': f'{p}.layer_norm',
-            'intermediate': f'{p}.feed_forward.intermediate_dense',
-            'output': f'{p}.feed_forward.output_dense',
-            'output_norm': f'{p}.final_layer_norm',
-        })  # fmt: skip
+        params[f'layers_{i}'] = encoder_layer(w, f'{m}encoder.layers.{i}')
     return params
 
 
