@@ -223,6 +223,13 @@ def test_code_mix_replaces_the_same_steps_of_every_example():
     positions = speecht5.code_positions(jax.random.key(3), 25, 0.1)
     assert int(positions.sum()) == 2  # floor(0.1 x 25)
     assert int(speecht5.code_positions(jax.random.key(3), 9, 0.1).sum()) == 0  # fewer than 10 steps: none
+    # A batch padded to 25 steps whose own length is 17: floor(1.7) of its first 17 steps, uniformly.
+    drawn = jax.vmap(lambda k: speecht5.code_positions(k, 25, 0.1, jnp.int32(17)))(
+        jax.random.split(jax.random.key(0), 400)
+    )
+    np.testing.assert_array_equal(np.asarray(drawn).sum(axis=1), 1)
+    counts = np.asarray(drawn).sum(axis=0)
+    assert counts[17:].sum() == 0 and counts[:17].min() > 8  # each of the 17 about 400 / 17 = 23.5 times
     states, vectors = jnp.zeros((3, 25, 4)), jnp.ones((3, 25, 4))
     mixed = np.asarray(speecht5.mix_codes(states, vectors, positions))
     np.testing.assert_array_equal(mixed[:, np.asarray(positions)], 1.0)

@@ -6,7 +6,8 @@ A row is [bos] tokens [eos] (here [CLS] ... [SEP]). In order:
    (n - 2)) tokens to mask, spent on spans of Poisson(lambda) lengths; each span's first token becomes [MASK] and
    the rest are deleted (a span of k tokens -> one [MASK]), zero-length spans insert a [MASK]. The first and last
    tokens are never masked. Every token counts as a word start: the reference's command passes no --bpe, so fairseq
-   builds no whole-word table and masks sub-words.
+   builds no whole-word table and masks sub-words. With `random_ratio` (BART's mask_random; 0 in E2S2, 0.1 in
+   SpeechT5), that share of the spans, and of the inserts rounded up, get a random id instead of [MASK].
    The row after this step is the "mask-only" input of E2S2's contrastive term.
 2. local shuffle (`local_shuffle`, add_shuffle): among the tokens other than [CLS] / [SEP] / [MASK], in consecutive
    blocks of 18, one token a block is a centre; in position order, each centre whose two neighbours are not special
@@ -49,6 +50,9 @@ class Noise:
     poisson_lambda: float = 3.0
     shuffle: bool = True
     replace_ratio: float = 0.15
+    # BART's mask_random: the share of masked spans, and (rounded up) of inserted tokens, given a random id in place
+    # of [MASK] (from the ids but `never_drawn`). E2S2 keeps fairseq's default 0; SpeechT5's text task 0.1.
+    random_ratio: float = 0.0
 
 
 @functools.cache  # once per run, not per row
@@ -96,6 +100,9 @@ def text_infilling(row: np.ndarray, noise: Noise, rng: np.random.Generator, max_
         starts = rng.permutation(np.arange(1, n - 1))[: len(lengths)]  # distinct word starts, bos / eos excluded
         lengths = lengths[: len(starts)]
         row[starts] = noise.mask_id
+        if noise.random_ratio > 0:
+            randomised = starts[rng.random(len(starts)) < noise.random_ratio]
+            row[randomised] = rng.choice(replacement_ids(noise.vocab_size, noise.never_drawn), len(randomised))
         # Each span deletes the next length - 1 tokens after its [MASK], never the last token; a span running into
         # another's [MASK] deletes it (the spans merge), as the reference's walk.
         for start, length in zip(starts, lengths, strict=True):
@@ -107,6 +114,9 @@ def text_infilling(row: np.ndarray, noise: Noise, rng: np.random.Generator, max_
         total = len(row) + inserts
         places = rng.permutation(total - 2)[:inserts] + 1
         out = np.full(total, noise.mask_id, row.dtype)
+        if noise.random_ratio > 0:  # add_insertion_noise: the first ceil(ratio x inserts) places get random ids
+            randomised = places[: math.ceil(inserts * noise.random_ratio)]
+            out[randomised] = rng.choice(replacement_ids(noise.vocab_size, noise.never_drawn), len(randomised))
         others = np.ones(total, bool)
         others[places] = False
         out[others] = row

@@ -7,7 +7,10 @@ speech_dataset.py; shared/reference notes), each a per-batch mean as the referen
   frames trimmed to a multiple of the reduction factor r; the decoder reads every r-th frame (r - 1, 2r - 1, ...)
   shifted right behind a zero frame; the stop label is 1 at the last valid output frame;
 - the quantizer's diversity: (G V - perplexity) / (G V), the perplexity of the noise-free code distribution
-  averaged over every position.
+  averaged over every position;
+and the text pre-training term (text_pretrain_criterion.py): the decoder's negative log-likelihood of the clean
+sequence, averaged over its tokens (<s> and </s> included): `masked_prediction_loss` with the target tokens as the
+mask.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def reconstruction_loss(
 
 
 def masked_prediction_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mean cross entropy over the masked frames, the accuracy there): logits (B, T, C), labels (B, T), mask (B, T)."""
+    """(mean cross entropy over the masked frames (or target tokens), the accuracy there): logits (B, T, C), labels
+    (B, T), mask (B, T)."""
     chex.assert_rank(logits, 3)
     chex.assert_equal_shape((labels, mask))
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -65,11 +69,15 @@ def masked_prediction_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array
     return jnp.sum(nll * weights) / count, accuracy
 
 
-def diversity_loss(probs: jax.Array) -> jax.Array:
+def diversity_loss(probs: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """(G V - perplexity) / (G V) of the noise-free code probabilities (B, T, G, V), averaged over every position
-    (padding included, as the reference)."""
+    (the reference's, padding included) or over those with `weights` (B, T) 1 (the steps of the reference's
+    collated batch, where ours are padded further to a fixed shape)."""
     chex.assert_rank(probs, 4)
     groups, entries = probs.shape[-2:]
-    mean = probs.astype(jnp.float32).reshape(-1, groups, entries).mean(axis=0)
+    weights = jnp.ones(probs.shape[:2]) if weights is None else weights.astype(jnp.float32)
+    chex.assert_shape(weights, probs.shape[:2])
+    total = jnp.einsum('btgv,bt->gv', probs.astype(jnp.float32), weights)
+    mean = total / jnp.maximum(weights.sum(), 1.0)
     ppl = jnp.sum(jnp.exp(-jnp.sum(mean * jnp.log(mean + 1e-7), axis=-1)))  # fairseq's log(p + 1e-7)
     return (groups * entries - ppl) / (groups * entries)

@@ -103,9 +103,12 @@ def mfcc_labels(
     batch: dict[str, np.ndarray], rng: np.random.Generator, *, groups: int, mask: Any, centroids: np.ndarray,
     sample_rate: int,
 ) -> dict[str, np.ndarray]:  # fmt: skip
-    """wav2vec 2.0's crop_and_mask, then each cropped clip's MFCC k-means labels at the encoder frames: 'labels'
-    (B, 1, T) int32."""
-    batch = wav2vec2.crop_and_mask(batch, rng, groups=groups, mask=mask)
+    """wav2vec 2.0's crop_and_mask, then `add_mfcc_labels`."""
+    return add_mfcc_labels(wav2vec2.crop_and_mask(batch, rng, groups=groups, mask=mask), centroids, sample_rate)
+
+
+def add_mfcc_labels(batch: dict[str, np.ndarray], centroids: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
+    """A cropped, masked batch + each clip's MFCC k-means labels at the encoder frames: 'labels' (B, 1, T) int32."""
     frames = batch['time_mask'].shape[1]
     labels = np.full((len(batch['waveform']), 1, frames), -1, np.int32)
     for i, (waveform, n) in enumerate(zip(batch['waveform'], batch['num_samples'], strict=True)):
@@ -114,6 +117,30 @@ def mfcc_labels(
         valid = min(int(w2v.frame_counts(n)), frames)
         labels[i, :, :valid] = label_frames(codes[None], valid, rate, sample_rate)
     return {**batch, 'labels': labels}
+
+
+def teacher_centroids(config: ml_collections.ConfigDict, source: Any) -> np.ndarray:
+    """The MFCC k-means teacher's (clusters, 39) centroids: read from `teacher.centroids`, or fitted on
+    `teacher.fit_clips` clips of `source`."""
+    t, c = config.teacher, config.input
+    if t.centroids:
+        try:
+            centroids = np.load(t.centroids)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"'teacher.centroids' {t.centroids}: {e}") from None
+        if centroids.ndim != 2 or centroids.shape[1] != 39 or len(centroids) < 2:
+            raise ConfigError(
+                f"'teacher.centroids' {t.centroids} holds shape {centroids.shape}; need (clusters, 39) MFCC centroids"
+            )
+        return centroids.astype(np.float64)
+    centroids, spread, used, skipped = mfcc_kmeans.fit_centroids(
+        source, c.sample_rate, t.clusters, clips=t.fit_clips, max_samples=c.max_samples, seed=config.seed
+    )
+    logging.info(
+        'MFCC k-means teacher: %d centroids from %d clips (%d unreadable skipped), mean squared distance %.3f',
+        len(centroids), used, skipped, spread,
+    )  # fmt: skip
+    return centroids
 
 
 # --- the in-batch noise mixture (device side) ------------------------------------------------------------------------
@@ -203,7 +230,7 @@ class Method(_audio.AudioMethod):
             self.stored_codebooks = self._encodec_codebooks()
             sizes = (encodec.CODEBOOK_SIZE,) * self.codebooks
         else:
-            self.centroids = self._teacher_centroids()
+            self.centroids = teacher_centroids(config, self.train_source())
             sizes = (len(self.centroids),)
         # Labels 0 .. V - 1; the 4 classes above them are fairseq's special symbols, never targets.
         sizes = tuple(v + mert.SPECIAL_SYMBOLS for v in sizes)
@@ -242,29 +269,6 @@ class Method(_audio.AudioMethod):
                 f'need an EnCodec 24 kHz with >= {self.codebooks} (teacher.bandwidth {t.bandwidth} kbps)'
             )
         return int(metadata['codebooks'])
-
-    def _teacher_centroids(self) -> np.ndarray:
-        t, c = self.config.teacher, self.config.input
-        if t.centroids:
-            try:
-                centroids = np.load(t.centroids)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"'teacher.centroids' {t.centroids}: {e}") from None
-            if centroids.ndim != 2 or centroids.shape[1] != 39 or len(centroids) < 2:
-                raise ConfigError(
-                    f"'teacher.centroids' {t.centroids} holds shape {centroids.shape}; need (clusters, 39) MFCC "
-                    'centroids'
-                )
-            return centroids.astype(np.float64)
-        centroids, spread, used, skipped = mfcc_kmeans.fit_centroids(
-            self.train_source(), c.sample_rate, t.clusters, clips=t.fit_clips, max_samples=c.max_samples,
-            seed=self.config.seed,
-        )  # fmt: skip
-        logging.info(
-            'MFCC k-means teacher: %d centroids from %d clips (%d unreadable skipped), mean squared distance %.3f',
-            len(centroids), used, skipped, spread,
-        )  # fmt: skip
-        return centroids
 
     def groups(self) -> int:
         return wav2vec2.reference_groups(self.config, self.mesh)

@@ -62,12 +62,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_encoder_config(config: ml_collections.ConfigDict, name: str) -> None:
-    """The keys every method on wav2vec 2.0's encoder and batches shares (wav2vec 2.0, MERT): the encoder's dtype,
-    dropouts and feature_grad_mult, the waveform input, the span masks, `loss.reference_batches`."""
+    """The keys every method on wav2vec 2.0's encoder and batches shares (wav2vec 2.0, MERT, SpeechT5): the encoder's
+    dtype, dropouts (those the config has) and feature_grad_mult, the waveform input, the span masks,
+    `loss.reference_batches`."""
     m = config.model
     check_choice(config, 'model.dtype', DTYPES)
     for key in ('dropout', 'attention_dropout', 'dropout_input', 'dropout_features', 'layerdrop'):
-        check_range(config, f'model.{key}', 0.0, 1.0)
+        if key in m:
+            check_range(config, f'model.{key}', 0.0, 1.0)
     if m.feature_grad_mult < 0:
         raise ConfigError(f"bad value {m.feature_grad_mult} for 'model.feature_grad_mult': must be >= 0")
     audio.check_audio_input_config(config)
@@ -111,19 +113,21 @@ def span_mask(
 
 
 def crop_and_mask(
-    batch: dict[str, np.ndarray], rng: np.random.Generator, *, groups: int, mask: Any
+    batch: dict[str, np.ndarray], rng: np.random.Generator, *, groups: int, mask: Any, keep_starts: bool = False
 ) -> dict[str, np.ndarray]:
     """One host batch of `groups` reference batches (consecutive rows) -> the batch cut and masked as fairseq's
     collater (pad=False: each utterance cut at a start drawn uniformly to the group's shortest) and
     compute_mask_indices (`span_mask` per row over the common length, then require_same_masks: rows with more masked
-    frames keep a uniform random subset of the group's smallest count). Adds 'time_mask' (B, T)."""
+    frames keep a uniform random subset of the group's smallest count). Adds 'time_mask' (B, T), and with
+    `keep_starts` 'crop_start' (B,) int32, the sample each cut starts at."""
     waveform, lengths = batch['waveform'].copy(), batch['num_samples'].copy()
+    starts = np.zeros(len(waveform), np.int32)
     frames = int(w2v.frame_counts(waveform.shape[1]))
     time_mask = np.zeros((len(waveform), frames), bool)
     for rows in np.split(np.arange(len(waveform)), groups):
         size = int(lengths[rows].min())
         for i in rows:
-            start = int(rng.integers(0, lengths[i] - size + 1))
+            start = starts[i] = int(rng.integers(0, lengths[i] - size + 1))
             waveform[i, :size] = waveform[i, start : start + size]
             waveform[i, size:] = 0
         lengths[rows] = size
@@ -132,7 +136,8 @@ def crop_and_mask(
         target = min(len(c) for c in chosen)
         for i, c in zip(rows, chosen, strict=True):
             time_mask[i, rng.choice(c, target, replace=False) if len(c) > target else c] = True
-    return {**batch, 'waveform': waveform, 'num_samples': lengths, 'time_mask': time_mask}
+    out = {**batch, 'waveform': waveform, 'num_samples': lengths, 'time_mask': time_mask}
+    return {**out, 'crop_start': starts} if keep_starts else out
 
 
 def sample_negatives(mask: jax.Array, num: int, rng: jax.Array) -> jax.Array:

@@ -56,9 +56,14 @@ PAD_ID = 1  # fairseq's <pad>: the sinusoid tables' padding index
 BERT_INIT = nn.initializers.normal(0.02)
 TORCH_CONV_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
-# Named sizes: the reference's base (t5_transformer_base) and a CPU-sized 'tiny' for tests (not a reference size).
+# Named sizes: the reference's base (t5_transformer_base); CPU-sized 'micro' (runlocal: the encoder of wav2vec 2.0's and
+# MERT's micro) and 'tiny' (tests), not reference sizes.
 VARIANTS: dict[str, dict[str, int]] = {
     'base': dict(width=768, encoder_depth=12, decoder_depth=6, heads=12, mlp=3072, conv_channels=512),
+    'micro': dict(
+        width=64, encoder_depth=2, decoder_depth=2, heads=4, mlp=256, conv_channels=128, prenet_units=32,
+        postnet_channels=32,
+    ),
     'tiny': dict(
         width=32, encoder_depth=2, decoder_depth=2, heads=4, mlp=64, conv_channels=32, prenet_units=16,
         postnet_channels=16,
@@ -185,11 +190,14 @@ class SpeechT5(nn.Module):
         self, waveform: jax.Array, num_samples: jax.Array, mask: jax.Array | None, deterministic: bool
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Waveforms (B, N) with their valid samples (B,) and the frames to mask (B, T) or None -> (the encoder's
-        input (B, T, width), the valid frames (B, T), the feature penalty: the mean square of the conv features)."""
+        input (B, T, width), the valid frames (B, T), the feature penalty: the mean square of the conv features over
+        the valid frames, as the reference's over its unpadded batches)."""
         chex.assert_rank(waveform, 2)
         features = w2v.scale_gradient(self.feature_extractor(waveform, num_samples), self.feature_grad_mult)
-        penalty = jnp.mean(jnp.square(features))
         valid = w2v.valid_frames(num_samples, features.shape[1])
+        weights = valid.astype(jnp.float32)
+        squares = jnp.einsum('btc,bt->', jnp.square(features.astype(jnp.float32)), weights)
+        penalty = squares / (jnp.maximum(weights.sum(), 1.0) * features.shape[-1])
         x = self.drop(self.post_extract_proj(self.feature_norm(features)), deterministic=deterministic)
         if mask is not None:
             chex.assert_shape(mask, x.shape[:2])
@@ -205,13 +213,18 @@ class SpeechT5(nn.Module):
         x = self.shared(tokens) + self.text_position_scale * vit.sinusoid_table(tokens.shape[1], self.width)
         return self.drop(x.astype(self.dtype), deterministic=deterministic)
 
-    def encode(self, x: jax.Array, valid: jax.Array, deterministic: bool = True) -> jax.Array:
-        """A pre-net's output (B, T, width) and its valid steps (B, T) -> the encoder's last states (B, T, width)."""
+    def encode(
+        self, x: jax.Array, valid: jax.Array, deterministic: bool = True, return_layers: bool = False
+    ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+        """A pre-net's output (B, T, width) and its valid steps (B, T) -> the encoder's last states (B, T, width)
+        (and, with `return_layers`, every block's output)."""
         x = self.drop(self.encoder_norm(x), deterministic=deterministic)
         table = self.relative_keys(relative_indices(x.shape[1], self.max_relative)).astype(self.dtype)
+        layers = []
         for layer in self.encoder_layers:
             x = self._layerdrop(layer(x, valid, deterministic, relative_keys=table), x, deterministic)
-        return x
+            layers.append(x)
+        return (x, layers) if return_layers else x
 
     def decode(
         self, tokens: jax.Array, mask: jax.Array, memory: jax.Array, memory_mask: jax.Array, deterministic: bool = True
@@ -323,11 +336,14 @@ def make(variant: str, vocab_size: int, **kwargs: Any) -> SpeechT5:
     return SpeechT5(vocab_size, **{**VARIANTS[variant], **kwargs})
 
 
-def code_positions(rng: jax.Array, length: int, share: float) -> jax.Array:
-    """(length,) bool: floor(share x length) time steps drawn without replacement (the reference's randperm), the
-    steps whose encoder output the codevectors replace, for every example of the batch alike."""
-    chosen = jax.random.permutation(rng, length)[: int(share * length)]
-    return jnp.zeros((length,), bool).at[chosen].set(True)
+def code_positions(rng: jax.Array, length: int, share: float, steps: jax.Array | int | None = None) -> jax.Array:
+    """(length,) bool: floor(share x steps) of the first `steps` time steps (default: all `length`; may be traced:
+    the batch's own length, which the reference's collater pads to) drawn without replacement (the reference's
+    randperm), the steps whose encoder output the codevectors replace, for every example of the batch alike."""
+    steps = length if steps is None else steps
+    keys = jnp.where(jnp.arange(length) < steps, jax.random.uniform(rng, (length,)), 2.0)
+    rank = jnp.argsort(jnp.argsort(keys))  # a uniform random order of the first `steps`, the rest after them
+    return rank < jnp.floor(share * jnp.asarray(steps, jnp.float32)).astype(jnp.int32)
 
 
 def mix_codes(states: jax.Array, vectors: jax.Array, positions: jax.Array) -> jax.Array:
