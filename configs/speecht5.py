@@ -94,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 800_000
     add_probe_config(c, label_keys=('label',), runlocal=arg.runlocal)
     c.eval.probes = ('linear', 'knn')
+    c.eval.pictures = 4  # clips whose log-mel and its reconstructions are drawn at each evaluation
     if arg.runlocal:
         c.optim.base_lr = 2e-3 * 256 / c.input.global_batch
         c.optim.warmup_steps = 30

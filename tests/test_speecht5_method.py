@@ -17,7 +17,13 @@ from jaxssl.models import wav2vec2 as w2v
 from tests.sharded_runs import assert_sharded_matches_one_device
 
 SPEC = 'configs/speecht5.py:runlocal'
-SMALL = ('model.variant=tiny', 'teacher.fit_clips=20', 'teacher.clusters=8', 'text.max_len=64', 'input.max_samples=8000')
+SMALL = (
+    'model.variant=tiny',
+    'teacher.fit_clips=20',
+    'teacher.clusters=8',
+    'text.max_len=64',
+    'input.max_samples=8000',
+)
 EVERY_BLOCK = 'model.layerdrop=0.0'  # so that every block gets a gradient
 
 
@@ -167,6 +173,16 @@ def test_represent_pools_unmasked_speech(method, batch):
     assert out['mean_pool'].shape == (4, 32) and out['tokens'].shape[:2] == (4, int(w2v.frame_counts(8000)))
     # Evaluation is deterministic: no mask, no dropout, no code mix.
     np.testing.assert_array_equal(out['mean_pool'], jax.jit(method.represent)(params, extra, views)['mean_pool'])
+
+
+def test_pictures_show_targets_and_reconstructions(method, stepped):
+    params, _, _, _, updated, _ = stepped
+    pictures = method.visualize(params, updated)
+    image = pictures['log_mel']
+    # 3 rows of 80 mel bins, 4 clips of 1 + 8000 // 256 = 32 frames side by side, 2-pixel gutters.
+    assert image.dtype == np.uint8 and image.shape == (3 * 80 + 2 * 2, 4 * (32 + 2), 3)
+    target = image[:80].astype(float)
+    assert target.std() > 10  # the words' spectra, not a blank
 
 
 @pytest.mark.parametrize(

@@ -298,5 +298,32 @@ class Method(_audio.AudioMethod):
         layers = {f'layer_{i}': h for i, h in enumerate(layers)}
         return wav2vec2.pooled_frames(hidden, layers, batch['num_samples'], self.model.encoder_depth)
 
+    def visualize(self, params, extra):
+        """The log-mel targets of the first `eval.pictures` clips of the eval split (row 1) and the speech decoder's
+        frames before (row 2) and after (row 3) the post-net, teacher-forced on masked speech as in training
+        (evaluation mode: no dropout, argmax codes in the mix); frequency upwards, time to the right."""
+        from jaxssl.evaluate import reconstruction
+
+        count = self.config.eval.pictures
+        if count <= 0:
+            return {}
+        clips = next(iter(self.eval_dataset(self.config.eval.split, count, count, 0, 1)))
+        speech = {'waveform': clips['waveform'][:, 0], 'num_samples': clips['num_samples'][:, 0]}
+        batch = self.batch_transform(groups=1)(speech, np.random.default_rng(self.config.seed))
+        out, _ = self.model.apply(
+            {'params': params, 'batch_stats': extra['batch_stats']}, jax.tree.map(jnp.asarray, batch),
+            jnp.float32(1.0), self.config.quantizer.share, True, method=speech_forward,
+            rngs={'codes': jax.random.key(self.config.seed)}, mutable=['batch_stats'],
+        )  # fmt: skip
+        frames = int(batch['mel_frames'].min()) // self.model.reduction * self.model.reduction
+        panels = {'target': batch['mel'], 'before': np.asarray(out['before']), 'after': np.asarray(out['after'])}
+        panels = {k: v[:, :frames] for k, v in panels.items()}
+        low, high = np.percentile(panels['target'], 1), panels['target'].max()
+        grey = {
+            k: np.repeat(np.clip((v.transpose(0, 2, 1)[:, ::-1] - low) / (high - low + 1e-6), 0, 1)[..., None], 3, -1)
+            for k, v in panels.items()
+        }  # fmt: skip
+        return {'log_mel': reconstruction.grid([grey], order=('target', 'before', 'after'))}
+
     def tokens_per_example(self) -> int:
         return self.frames
