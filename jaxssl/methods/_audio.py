@@ -70,3 +70,12 @@ class AudioMethod(base.Method):
 
     def host_metrics(self) -> dict[str, float]:
         return {'skipped_files': float(skipped_files())}
+
+
+def random_waveforms(batch_size: int, num_samples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Full-length noise waveforms ('waveform' (B, N) float32 at about a tenth of full scale, 'num_samples' (B,)):
+    the example batch of the waveform methods, before their batch transform."""
+    return {
+        'waveform': rng.normal(size=(batch_size, num_samples)).astype(np.float32) * 0.1,
+        'num_samples': np.full(batch_size, num_samples, np.int32),
+    }

@@ -222,11 +222,7 @@ class Method(_audio.AudioMethod):
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(0)
-        n = self.config.input.max_samples
-        batch = {
-            'waveform': rng.normal(size=(batch_size, n)).astype(np.float32) * 0.1,
-            'num_samples': np.full(batch_size, n, np.int32),
-        }
+        batch = _audio.random_waveforms(batch_size, self.config.input.max_samples, rng)
         return self.batch_transform(groups=1)(batch, rng)
 
     def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[Any, Any]:
