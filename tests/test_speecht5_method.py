@@ -199,6 +199,7 @@ def test_pictures_show_targets_and_reconstructions(method, stepped):
         ('teacher.clusters=1', "'teacher.clusters'"),
         ('loss.diversity_weight=-1.0', "'loss.diversity_weight'"),
         ('mask.length=100', "'mask.length'"),
+        ('input.dataset=folder', "'input.min_samples'"),  # runlocal's 0 lets through files too short to mask
     ],
 )
 def test_config_errors_name_the_key(override, key):

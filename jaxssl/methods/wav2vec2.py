@@ -54,11 +54,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     t0, t_min, decay = config.quantizer.temperature
     if not 0 < t_min <= t0 or not 0 < decay <= 1:
         raise ConfigError(f"bad 'quantizer.temperature' {tuple(config.quantizer.temperature)}: need 0 < min <= start")
-    if config.input.dataset == 'folder' and w2v.frame_counts(config.input.min_samples) < config.mask.length + 2:
-        raise ConfigError(
-            f"'input.min_samples' ({config.input.min_samples}) lets through files too short to mask spans of "
-            f"'mask.length' {config.mask.length} frames (320 samples each); the reference's is 32000"
-        )
 
 
 def check_encoder_config(config: ml_collections.ConfigDict, name: str) -> None:
@@ -83,6 +78,11 @@ def check_encoder_config(config: ml_collections.ConfigDict, name: str) -> None:
         raise ConfigError(
             f"'input.max_samples' ({config.input.max_samples}) gives {frames} latent frames: too few for spans of "
             f"'mask.length' {config.mask.length}"
+        )
+    if config.input.dataset == 'folder' and w2v.frame_counts(config.input.min_samples) < config.mask.length + 2:
+        raise ConfigError(
+            f"'input.min_samples' ({config.input.min_samples}) lets through files too short to mask spans of "
+            f"'mask.length' {config.mask.length} frames (320 samples each; the recipes skip files under 2-3 s)"
         )
     groups, micro_batch = config.loss.reference_batches, config.input.global_batch // config.train.grad_accum
     if groups < 0 or (groups and micro_batch % groups):
