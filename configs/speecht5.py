@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.feature_penalty_weight = 10.0  # --loss-weights [10, 0.1]
     c.loss.diversity_weight = 0.1
+    c.loss.reconstruction_weight = 1.0  # dec_weight: the speech decoder's L1 + stop BCE
     c.loss.text_share = 0.5  # the text loss's weight in each step (the reference: as many text as speech batches)
     c.loss.reference_batches = 0  # groups for the per-GPU crops and masks; 0: one per device
 

@@ -198,6 +198,7 @@ def test_pictures_show_targets_and_reconstructions(method, stepped):
         ('text.poisson_lambda=0.0', "'text.poisson_lambda'"),
         ('teacher.clusters=1', "'teacher.clusters'"),
         ('loss.diversity_weight=-1.0', "'loss.diversity_weight'"),
+        ('loss.reconstruction_weight=-1.0', "'loss.reconstruction_weight'"),
         ('mask.length=100', "'mask.length'"),
         ('input.dataset=folder', "'input.min_samples'"),  # runlocal's 0 lets through files too short to mask
     ],

@@ -12,9 +12,10 @@ start / (samples / frames)), as many frames as int(crop / (samples / frames))). 
   mean CE of the HuBERT head over the masked frames (encoder output before the code mix)
   + `loss.feature_penalty_weight` (10) x mean(feature encoder output ^ 2)
   + `loss.diversity_weight` (0.1) x (G V - perplexity) / (G V) of the quantizer over the batch's frames
-  + L1 of the log-mel before and after the post-net + the stop BCE (pos_weight 5) of the speech decoder, teacher-
-    forced on every second frame, reading the encoder output with floor(`quantizer.share` (0.1) x T) time steps
-    replaced by codevectors (the same steps for the whole batch).
+  + `loss.reconstruction_weight` (1, the reference's dec_weight) x (L1 of the log-mel before and after the
+    post-net + the stop BCE (pos_weight 5)) of the speech decoder, teacher-forced on every second frame, reading the
+    encoder output with floor(`quantizer.share` (0.1) x T) time steps replaced by codevectors (the same steps for
+    the whole batch).
 Text (`text.rows_per_utterance` sentences per utterance, drawn at random from `text.corpus` in the pipeline; jaxssl.
 data.char_denoising): BART's text infilling of the character sequence into the encoder, the decoder reads the clean
 sequence shifted right (after the same code mix) and predicts it:
@@ -70,7 +71,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"bad 'quantizer.temperature' {tuple(config.quantizer.temperature)}: need 0 < min <= start")
     check_range(config, 'quantizer.share', 0.0, 1.0)
     check_range(config, 'loss.text_share', 0.0, 1.0)
-    for key in ('feature_penalty_weight', 'diversity_weight'):
+    for key in ('feature_penalty_weight', 'diversity_weight', 'reconstruction_weight'):
         if config.loss[key] < 0:
             raise ConfigError(f"bad value {config.loss[key]} for 'loss.{key}': must be >= 0")
     x = config.text
@@ -256,7 +257,7 @@ class Method(_audio.AudioMethod):
         )
         speech_loss = (
             prediction + c.loss.feature_penalty_weight * speech['penalty'] + c.loss.diversity_weight * speech_diversity
-            + reconstruction
+            + c.loss.reconstruction_weight * reconstruction
         )  # fmt: skip
         metrics = {
             'speech': speech_loss, 'prediction': prediction, 'accuracy': accuracy, 'features_pen': speech['penalty'],
