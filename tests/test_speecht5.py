@@ -339,3 +339,38 @@ def test_speech_decoder_trains_without_an_x_vector(tiny_params):
     assert np.isfinite(np.asarray(after)).all()
     old, new = variables['batch_stats']['postnet_norms_0']['mean'], updated['batch_stats']['postnet_norms_0']['mean']
     assert not np.allclose(old, new)
+
+
+def test_padding_leaves_training_outputs_and_statistics_unchanged(tiny_params):
+    """Steps past the valid ones change nothing at the valid steps: the post-net's batch statistics (over valid
+    frames only) and its convolutions (zeros past the end, as past the reference's unpadded batches), and each
+    utterance's feature penalty (its valid frames)."""
+    model, _ = tiny_params
+    model = model.clone(dropout=0.0, attention_dropout=0.0, prenet_dropout=0.0, postnet_dropout=0.0, layerdrop=0.0)
+    waveform, tokens = jnp.zeros((2, SAMPLES)), jnp.full((2, 4), 5)
+    variables = model.init(jax.random.key(0), waveform, jnp.full((2,), SAMPLES), tokens, tokens > 1)
+    memory = jax.random.normal(jax.random.key(1), (2, 20, 32))
+    frames = jax.random.normal(jax.random.key(2), (2, 9, 80))
+
+    def decode(steps):
+        mask = jnp.arange(steps)[None, :] < 6
+        padded = jnp.where(mask[..., None], frames[:, :steps], 0.0)
+        return model.apply(
+            variables, padded, mask, memory, jnp.ones((2, 20), bool), None, False,
+            method=speecht5.SpeechT5.decode_speech, mutable=['batch_stats'],
+        )  # fmt: skip
+
+    (before, after, stop), stats = decode(6)
+    (before9, after9, stop9), stats9 = decode(9)
+    for got, want in ((before9, before), (after9, after), (stop9, stop)):
+        np.testing.assert_allclose(np.asarray(got)[:, :12], want, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats9, stats)
+
+    rng = np.random.default_rng(0)
+    speech = rng.normal(size=(2, SAMPLES)).astype(np.float32)
+    penalty = lambda w: model.apply(
+        variables, jnp.asarray(w), jnp.full((2,), SAMPLES), None, True, method=speecht5.SpeechT5.speech_prenet
+    )[2]  # fmt: skip
+    longer = np.concatenate([speech, rng.normal(size=(2, 3000)).astype(np.float32)], axis=1)  # noise past the end
+    np.testing.assert_allclose(penalty(longer), penalty(speech), rtol=1e-5)
+    assert penalty(speech).shape == (2,)

@@ -57,9 +57,12 @@ def test_denoising_rows_frame_the_decoder_and_mask_spans():
     assert (target[0, n:] == 1).all() and rows['text_target_mask'][0].sum() == n
     source = rows['text_source'][0, : rows['text_source_mask'][0].sum()]
     assert source[0] == 0 and source[-1] == 2 and (source == d.mask_id).any()
-    # Each span is one <mask>: the kept characters plus the spans' tokens make ceil(0.3 x (n - 2)) fewer.
-    kept = (source != d.mask_id).sum() - 2
-    assert kept == n - 2 - int(np.ceil(0.3 * (n - 2)))
+    # Each span is one <mask> in place of its tokens: ceil(0.3 x (n - 2)) tokens go (fewer when spans overlap or
+    # run into the last token), and the kept ones stay in order.
+    kept = source[(source != d.mask_id)][1:-1]
+    assert n - 2 - int(np.ceil(0.3 * (n - 2))) <= len(kept) < n - 2
+    it = iter(samples[0][1:-1])
+    assert all(any(k == t for t in it) for k in kept)  # a subsequence of the clean text
     with pytest.raises(ValueError, match='max_len'):
         char_denoising.denoising_rows(samples, noise, np.random.default_rng(0), 8)
 
@@ -85,6 +88,22 @@ def test_random_ratio_swaps_masks_for_symbols_but_never_pad():
     assert 0.8 < masks / spans < 0.97
 
 
+def test_inserted_masks_are_random_at_the_rounded_up_ratio():
+    """Zero-length spans insert tokens (fairseq's add_insertion_noise): ceil(ratio x inserts) of them get random ids,
+    so at a ratio of 0.01 nearly every row with an insert has one, where the spans' own 1% would give one in ~10."""
+    sample = np.concatenate([[0], np.arange(10, 70), [2]]).astype(np.int32)  # 62 tokens, ids 10..69
+    noise = text_noise.Noise(
+        mask_id=5, pad_id=1, special_ids=(0, 1, 2), vocab_size=5000, never_drawn=(0, 1, 5), mask_ratio=0.3,
+        poisson_lambda=1.0, shuffle=False, replace_ratio=0.0, random_ratio=0.01,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    rows = [text_noise.text_infilling(sample, noise, rng, 200) for _ in range(200)]
+    with_random = np.mean([(~np.isin(r, [*sample, 5])).any() for r in rows])  # ids 70+ only come from the draw
+    assert with_random > 0.9
+    off = text_noise.Noise(**{**noise.__dict__, 'random_ratio': 0.0})
+    assert not any((~np.isin(text_noise.text_infilling(sample, off, rng, 200), [*sample, 5])).any() for _ in range(50))
+
+
 def test_log_mel_targets_are_cut_from_the_whole_utterance():
     rng = np.random.default_rng(0)
     waveform = rng.normal(size=16000).astype(np.float32)
@@ -108,10 +127,18 @@ def test_batch_crops_labels_and_draws_text(method):
     frames = int(w2v.frame_counts(6000))
     assert batch['time_mask'][:2].sum(axis=1).tolist() == [batch['time_mask'][0].sum()] * 2  # require_same_masks
     assert (batch['labels'][:2, 0, :frames] >= 0).all() and (batch['labels'][:2, 0, frames:] == -1).all()
-    for i in range(4):  # the crop's own log-mel, taken from the whole utterance's frames
-        count = batch['mel_frames'][i]
-        assert abs(count - batch['num_samples'][i] / audio.SPEECHT5_HOP) <= 1
-        assert (batch['mel'][i, count:] == 0).all() and (batch['mel'][i, :count] != 0).all()
+    starts = []
+    for i in range(4):  # the log-mel of the whole utterance, cut where its waveform was
+        size, count = int(batch['num_samples'][i]), int(batch['mel_frames'][i])
+        windows = np.lib.stride_tricks.sliding_window_view(waveform[i, : lengths[i]], size)
+        start = int(np.flatnonzero((windows == batch['waveform'][i, :size]).all(axis=1))[0])
+        starts.append(start)
+        want = speecht5.cropped_log_mel(waveform[i, : lengths[i]], start, size, 16000)
+        assert count == len(want) and abs(count - size / audio.SPEECHT5_HOP) <= 1
+        np.testing.assert_array_equal(batch['mel'][i, :count], want)
+        assert (batch['mel'][i, count:] == 0).all()
+    assert max(starts) > 0  # some crops start inside their utterance: the targets follow them
+    assert speecht5.cropped_log_mel(np.zeros(500, np.float32), 0, 500, 16000).shape == (0, 80)  # one window or less
     rows = config.text.rows_per_utterance
     assert batch['text_source'].shape == (4, rows, config.text.max_len)
     assert (batch['text_target'][..., 0] == 0).all() and (batch['text_prev'][..., 0] == 2).all()
@@ -149,6 +176,32 @@ def test_loss_is_the_weighted_sum_of_its_terms(method, batch, stepped):
     np.testing.assert_allclose(float(loss), m['speech'], rtol=1e-5)
 
 
+def test_terms_are_normalised_per_reference_batch():
+    """Each reference batch (consecutive rows) its own means, as the reference normalises each of its batches."""
+    rng = np.random.default_rng(0)
+    b, t, f = 4, 6, 8
+    valid = np.arange(t)[None, :] < np.array([6, 6, 4, 4])[:, None]
+    speech = {
+        'logits': rng.normal(size=(b, t, 5)), 'penalty': rng.uniform(size=b),
+        'probs': jax.nn.softmax(rng.normal(size=(b, t, 2, 3)) * 3), 'valid': valid,
+        'before': rng.normal(size=(b, f, 80)), 'after': rng.normal(size=(b, f, 80)), 'stop': rng.normal(size=(b, f)),
+    }  # fmt: skip
+    batch = {
+        'labels': rng.integers(0, 5, (b, 1, t)), 'time_mask': valid & (rng.uniform(size=(b, t)) < 0.6),
+        'mel': rng.normal(size=(b, f + 2, 80)), 'mel_frames': np.array([8, 8, 5, 5]),
+    }  # fmt: skip
+    both = speecht5.speech_terms(speech, batch, 2, 2)
+    for g, rows in enumerate((slice(0, 2), slice(2, 4))):
+        half = speecht5.speech_terms(
+            {k: v[rows] for k, v in speech.items()}, {k: v[rows] for k, v in batch.items()}, 1, 2
+        )
+        for key, value in half.items():
+            np.testing.assert_allclose(both[key][g], value[0], rtol=1e-6, err_msg=key)
+    np.testing.assert_allclose(both['features_pen'], [speech['penalty'][:2].mean(), speech['penalty'][2:].mean()])
+    whole = speecht5.speech_terms(speech, batch, 1, 2)
+    assert abs(float(whole['speech_diversity'][0]) - float(both['speech_diversity'].mean())) > 1e-3
+
+
 def test_gradients_reach_every_trained_part(stepped):
     grads = stepped[-1]
     norms = {k: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(v))) for k, v in grads.items()}
@@ -171,8 +224,14 @@ def test_represent_pools_unmasked_speech(method, batch):
     views = {'waveform': batch['waveform'], 'num_samples': batch['num_samples']}
     out = jax.jit(method.represent)(params, extra, views)
     assert out['mean_pool'].shape == (4, 32) and out['tokens'].shape[:2] == (4, int(w2v.frame_counts(8000)))
-    # Evaluation is deterministic: no mask, no dropout, no code mix.
-    np.testing.assert_array_equal(out['mean_pool'], jax.jit(method.represent)(params, extra, views)['mean_pool'])
+    # Only each clip's own samples count: noise past them (and no mask, dropout or code mix) changes nothing.
+    shorter = {'waveform': batch['waveform'], 'num_samples': np.array([8000, 6000, 7000, 5000], np.int32)}
+    noisy = dict(shorter, waveform=batch['waveform'].copy())
+    for i, n in enumerate(shorter['num_samples']):
+        noisy['waveform'][i, n:] = np.random.default_rng(i).normal(size=8000 - n)
+    a, b = (jax.jit(method.represent)(params, extra, v) for v in (shorter, noisy))
+    np.testing.assert_allclose(a['mean_pool'], b['mean_pool'], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a['mean_pool'][1], out['mean_pool'][1])  # and the valid samples do count
 
 
 def test_pictures_show_targets_and_reconstructions(method, stepped):
@@ -181,8 +240,8 @@ def test_pictures_show_targets_and_reconstructions(method, stepped):
     image = pictures['log_mel']
     # 3 rows of 80 mel bins, 4 clips of 1 + 8000 // 256 = 32 frames side by side, 2-pixel gutters.
     assert image.dtype == np.uint8 and image.shape == (3 * 80 + 2 * 2, 4 * (32 + 2), 3)
-    target = image[:80].astype(float)
-    assert target.std() > 10  # the words' spectra, not a blank
+    rows = [image[i * 82 : i * 82 + 80].astype(float) for i in range(3)]
+    assert all(row.std() > 5 for row in rows)  # the words' spectra and the decoder's frames, not blanks
 
 
 @pytest.mark.parametrize(

@@ -7,26 +7,33 @@ Speech (per reference GPU batch, in the Grain pipeline): every utterance cut at 
 shortest and wav2vec 2.0's span masks (`mask.prob` 0.8, `mask.length` 10, at least 2 spans, require_same_masks:
 jaxssl.methods.wav2vec2.crop_and_mask); the masked-prediction labels of the cropped clip (HuBERT's first-iteration
 units: MFCC k-means, jaxssl.methods.mert's teacher); the decoder's 80-bin log-mel targets (jaxssl.data.audio.
-speecht5_log_mel, 62.5 frames a second) of the whole utterance, cut to the crop as the reference (start = int(crop
-start / (samples / frames)), as many frames as int(crop / (samples / frames))). On device:
+speecht5_log_mel, 62.5 frames a second) of the utterance as loaded (up to `input.max_samples`), cut to the crop as
+the reference (start = int(crop start / (samples / frames)), as many frames as int(crop / (samples / frames))).
+On device, per reference batch (`loss.reference_batches`, default one per device: each its own code steps and
+normalisation), then averaged:
   mean CE of the HuBERT head over the masked frames (encoder output before the code mix)
   + `loss.feature_penalty_weight` (10) x mean(feature encoder output ^ 2)
   + `loss.diversity_weight` (0.1) x (G V - perplexity) / (G V) of the quantizer over the batch's frames
   + `loss.reconstruction_weight` (1, the reference's dec_weight) x (L1 of the log-mel before and after the
     post-net + the stop BCE (pos_weight 5)) of the speech decoder, teacher-forced on every second frame, reading the
-    encoder output with floor(`quantizer.share` (0.1) x T) time steps replaced by codevectors (the same steps for
-    the whole batch).
+    encoder output with floor(`quantizer.share` (0.1) x T) of the batch's T time steps replaced by codevectors (the
+    same steps for all its rows).
 Text (`text.rows_per_utterance` sentences per utterance, drawn at random from `text.corpus` in the pipeline; jaxssl.
-data.char_denoising): BART's text infilling of the character sequence into the encoder, the decoder reads the clean
-sequence shifted right (after the same code mix) and predicts it:
-  mean NLL over the clean sequence's tokens + `loss.diversity_weight` x the quantizer's diversity over the batch.
+data.char_denoising; a reference batch's text rows are those of its utterances): BART's text infilling of the
+character sequence into the encoder, the decoder reads the clean sequence shifted right (after the same code mix)
+and predicts it:
+  mean NLL over the clean sequence's tokens + `loss.diversity_weight` x the quantizer's diversity over the batch's
+  steps (up to its longest row, padding within included, as the reference's collated batch).
 Each step: (1 - `loss.text_share`) x the speech loss + `loss.text_share` x the text loss. The reference's batches are
 each one modality, shuffled together in about equal numbers, each normalised by its own size and averaged over the
 update: text_share 0.5 is that average. The Gumbel temperature decays per update as max(2 x 0.999995^step, 0.5).
 
 Differences from the reference (docs/methods.md): no x-vectors (the speech decoder runs without its speaker input,
-none offline); MFCC k-means labels (the reference: HuBERT iteration-2 units, 500 classes); the code mix and the
-Tacotron pre-net dropout are off in evaluation; random symbols in the text noise leave out <pad>.
+none offline); MFCC k-means labels computed on the crop (the reference: HuBERT iteration-2 units, 500 classes, of
+the whole utterance, cropped); the post-net's BatchNorm statistics over the global batch's valid frames (the
+reference's: per GPU batch); `represent` has no code mix and no dropout (the reference keeps the mix and Tacotron's
+pre-net dropout on at evaluation; `visualize` keeps the mix); random symbols in the text noise leave out <s> and
+<pad>; text rows are padded to `text.max_len` (the reference's to each batch's longest: same values, more compute).
 
 Batch layout: 'waveform' (B, N) float32, 'num_samples' (B,) int32, 'time_mask' (B, T) bool, 'labels' (B, 1, T)
 int32 (-1: none), 'mel' (B, F, 80) float32 with 'mel_frames' (B,) int32, and the text rows 'text_source',
@@ -95,7 +102,11 @@ def mel_frames(max_samples: int) -> int:
 
 def cropped_log_mel(waveform: np.ndarray, start: int, size: int, sample_rate: int) -> np.ndarray:
     """The log-mel frames of a crop (`size` samples from `start`) cut from the whole utterance's, as the reference's
-    collater: start int(start / (N / F)), int(size / (N / F)) frames, no further than the last."""
+    collater: start int(start / (N / F)), int(size / (N / F)) frames, no further than the last. An utterance of one
+    window or less (which the configs' input.min_samples keep out) gives no frames: its decoder terms weigh nothing.
+    """
+    if len(waveform) <= audio.SPEECHT5_N_FFT // 2:
+        return np.zeros((0, 80), np.float32)
     mel = audio.speecht5_log_mel(waveform, sample_rate)
     ratio = len(waveform) / len(mel)
     first = int(start / ratio)
@@ -143,8 +154,22 @@ def corpus_samples(config: ml_collections.ConfigDict) -> tuple[char_denoising.Ch
 
 
 # --- the forward passes (device side; flax methods of the model) -----------------------------------------------------
+def grouped(x: jax.Array, groups: int) -> jax.Array:
+    """(B, ...) -> (groups, B / groups, ...): the reference batches, consecutive rows."""
+    return x.reshape(groups, -1, *x.shape[1:])
+
+
+def group_code_positions(model: speecht5_model.SpeechT5, valid: jax.Array, groups: int, share: float) -> jax.Array:
+    """(B, T) bool: each reference batch's own draw of floor(share x its length) steps (its length: its longest
+    row's, as the reference's collater pads to), the same steps for its rows."""
+    lengths = grouped(valid, groups).any(axis=1).sum(axis=1)
+    keys = jax.random.split(model.make_rng('codes'), groups)
+    draw = jax.vmap(lambda k, n: speecht5_model.code_positions(k, valid.shape[1], share, n))
+    return jnp.repeat(draw(keys, lengths), valid.shape[0] // groups, axis=0)
+
+
 def speech_forward(
-    model: speecht5_model.SpeechT5, batch: dict[str, jax.Array], temperature: jax.Array, share: float,
+    model: speecht5_model.SpeechT5, batch: dict[str, jax.Array], temperature: jax.Array, share: float, groups: int,
     deterministic: bool,
 ) -> dict[str, jax.Array]:  # fmt: skip
     """Masked waveforms -> the HuBERT head's logits, the feature penalty, the quantizer's probabilities and the speech
@@ -152,9 +177,7 @@ def speech_forward(
     x, valid, penalty = model.speech_prenet(batch['waveform'], batch['num_samples'], batch['time_mask'], deterministic)
     states = model.encode(x, valid, deterministic)
     vectors, _, probs = model.quantize(states, temperature, deterministic)
-    length = states.shape[1]
-    positions = speecht5_model.code_positions(model.make_rng('codes'), length, share, valid.sum(axis=1).max())
-    memory = speecht5_model.mix_codes(states, vectors, positions)
+    memory = speecht5_model.mix_codes(states, vectors, group_code_positions(model, valid, groups, share))
     frames, frame_mask = losses.decoder_inputs(batch['mel'], batch['mel_frames'], model.reduction)
     before, after, stop = model.decode_speech(frames, frame_mask, memory, valid, None, deterministic)
     return {
@@ -164,26 +187,58 @@ def speech_forward(
 
 
 def text_forward(
-    model: speecht5_model.SpeechT5, batch: dict[str, jax.Array], temperature: jax.Array, share: float,
+    model: speecht5_model.SpeechT5, batch: dict[str, jax.Array], temperature: jax.Array, share: float, groups: int,
     deterministic: bool,
 ) -> dict[str, jax.Array]:  # fmt: skip
     """Noised sentences -> the quantizer's probabilities and the text decoder's next-token logits (teacher-forced on
-    the clean sentences, reading the code-mixed encoder output)."""
+    the clean sentences, reading the code-mixed encoder output), and each row's steps of its collated reference
+    batch ('collated' (B K, L): up to the batch's longest row, where the reference pads to)."""
     source_mask = batch['text_source_mask'].astype(bool)
     states = model.encode(model.text_prenet(batch['text_source'], deterministic), source_mask, deterministic)
     vectors, _, probs = model.quantize(states, temperature, deterministic)
-    length = states.shape[1]
-    collated = source_mask.any(axis=0)  # the steps of the reference's batch, padded to its longest row only
-    positions = speecht5_model.code_positions(model.make_rng('codes'), length, share, collated.sum())
-    memory = speecht5_model.mix_codes(states, vectors, positions)
+    memory = speecht5_model.mix_codes(states, vectors, group_code_positions(model, source_mask, groups, share))
     prev_mask = batch['text_target_mask'].astype(bool)
     _, logits = model.decode(batch['text_prev'], prev_mask, memory, source_mask, deterministic)
+    collated = jnp.repeat(grouped(source_mask, groups).any(axis=1), source_mask.shape[0] // groups, axis=0)
     return {'logits': logits, 'probs': probs, 'collated': collated}
 
 
 def flat_text(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The text rows (B, K, L) as (B K, L)."""
+    """The text rows (B, K, L) as (B K, L): each utterance's K rows adjacent, so reference batches stay consecutive."""
     return {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in TEXT_KEYS}
+
+
+def speech_terms(
+    speech: dict[str, jax.Array], batch: dict[str, jax.Array], groups: int, reduction: int
+) -> dict[str, jax.Array]:
+    """The speech terms of each reference batch (groups,), each a mean over that batch (the reference normalises
+    each of its batches by its own masked frames)."""
+    labels = batch['labels'][:, 0]
+    masked = batch['time_mask'] & (labels >= 0)
+    g = functools.partial(grouped, groups=groups)
+    prediction, accuracy = jax.vmap(losses.masked_prediction_loss)(
+        g(speech['logits']), g(jnp.maximum(labels, 0)), g(masked)
+    )
+    reconstruction, terms = jax.vmap(functools.partial(losses.reconstruction_loss, reduction=reduction))(
+        g(speech['before']), g(speech['after']), g(speech['stop']), g(batch['mel']), g(batch['mel_frames'])
+    )
+    frames = g(speech['valid']).sum(axis=2).astype(jnp.float32)  # the features_pen of the whole batch
+    penalty = jnp.sum(g(speech['penalty']) * frames, axis=1) / jnp.maximum(frames.sum(axis=1), 1.0)
+    return {
+        'prediction': prediction, 'accuracy': accuracy, 'features_pen': penalty,
+        'speech_diversity': jax.vmap(losses.diversity_loss)(g(speech['probs']), g(speech['valid'])),
+        'reconstruction': reconstruction, **terms,
+        'masked_fraction': g(masked).sum(axis=(1, 2)) / jnp.maximum(g(speech['valid']).sum(axis=(1, 2)), 1),
+    }  # fmt: skip
+
+
+def text_terms(words: dict[str, jax.Array], flat: dict[str, jax.Array], groups: int) -> dict[str, jax.Array]:
+    """The text terms of each reference batch (groups,): the NLL per clean token and the diversity."""
+    g = functools.partial(grouped, groups=groups)
+    target_mask = flat['text_target_mask'].astype(bool)
+    nll, accuracy = jax.vmap(losses.masked_prediction_loss)(g(words['logits']), g(flat['text_target']), g(target_mask))
+    diversity = jax.vmap(losses.diversity_loss)(g(words['probs']), g(words['collated']))
+    return {'text_nll': nll, 'text_accuracy': accuracy, 'text_diversity': diversity}
 
 
 class Method(_audio.AudioMethod):
@@ -244,42 +299,29 @@ class Method(_audio.AudioMethod):
         temperature = self.temperature(step)
         streams = ('dropout', 'gumbel', 'layerdrop', 'codes')
         rngs = {k: base.stream(rng, k) for k in streams}
+        # Reference batches (one per device by default): each its own crop, masks, code steps and normalisation.
+        groups = self.groups() if batch['waveform'].shape[0] % self.groups() == 0 else 1  # 1: smaller than the mesh
         speech, updated = self.model.apply(
-            {'params': params, 'batch_stats': extra['batch_stats']}, batch, temperature, c.quantizer.share, False,
-            method=speech_forward, rngs=rngs, mutable=['batch_stats'],
+            {'params': params, 'batch_stats': extra['batch_stats']}, batch, temperature, c.quantizer.share, groups,
+            False, method=speech_forward, rngs=rngs, mutable=['batch_stats'],
         )  # fmt: skip
-        labels = batch['labels'][:, 0]
-        masked = batch['time_mask'] & (labels >= 0)
-        prediction, accuracy = losses.masked_prediction_loss(speech['logits'], jnp.maximum(labels, 0), masked)
-        speech_diversity = losses.diversity_loss(speech['probs'], speech['valid'])
-        reconstruction, terms = losses.reconstruction_loss(
-            speech['before'], speech['after'], speech['stop'], batch['mel'], batch['mel_frames'], self.model.reduction
-        )
+        t = {k: v.mean() for k, v in speech_terms(speech, batch, groups, self.model.reduction).items()}
         speech_loss = (
-            prediction + c.loss.feature_penalty_weight * speech['penalty'] + c.loss.diversity_weight * speech_diversity
-            + c.loss.reconstruction_weight * reconstruction
+            t['prediction'] + c.loss.feature_penalty_weight * t['features_pen']
+            + c.loss.diversity_weight * t['speech_diversity'] + c.loss.reconstruction_weight * t['reconstruction']
         )  # fmt: skip
-        metrics = {
-            'speech': speech_loss, 'prediction': prediction, 'accuracy': accuracy, 'features_pen': speech['penalty'],
-            'speech_diversity': speech_diversity, 'reconstruction': reconstruction, **terms,
-            'masked_fraction': jnp.sum(masked) / jnp.maximum(jnp.sum(speech['valid']), 1), 'temperature': temperature,
-        }  # fmt: skip
+        metrics = {**t, 'speech': speech_loss, 'temperature': temperature}
         loss = (1 - c.loss.text_share) * speech_loss
         if c.loss.text_share > 0:
             flat = flat_text(batch)
             text_rng = base.stream(rng, 'text')  # draws of its own, as the reference's separate text batches
             words = self.model.apply(
-                {'params': params}, flat, temperature, c.quantizer.share, False, method=text_forward,
+                {'params': params}, flat, temperature, c.quantizer.share, groups, False, method=text_forward,
                 rngs={k: base.stream(text_rng, k) for k in streams},
             )  # fmt: skip
-            target_mask = flat['text_target_mask'].astype(bool)
-            nll, text_accuracy = losses.masked_prediction_loss(words['logits'], flat['text_target'], target_mask)
-            collated = jnp.broadcast_to(words['collated'], words['probs'].shape[:2])
-            text_diversity = losses.diversity_loss(words['probs'], collated)
-            text_loss = nll + c.loss.diversity_weight * text_diversity
-            loss = loss + c.loss.text_share * text_loss
-            metrics |= {'text': text_loss, 'text_nll': nll, 'text_accuracy': text_accuracy,
-                        'text_diversity': text_diversity}  # fmt: skip
+            t = {k: v.mean() for k, v in text_terms(words, flat, groups).items()}
+            metrics |= {**t, 'text': t['text_nll'] + c.loss.diversity_weight * t['text_diversity']}
+            loss = loss + c.loss.text_share * metrics['text']
         metrics['loss'] = loss
         return loss, (metrics, {'batch_stats': jax.lax.stop_gradient(updated['batch_stats'])})
 
@@ -305,11 +347,15 @@ class Method(_audio.AudioMethod):
         if count <= 0:
             return {}
         clips = next(iter(self.eval_dataset(self.config.eval.split, count, count, 0, 1)))
-        speech = {'waveform': clips['waveform'][:, 0], 'num_samples': clips['num_samples'][:, 0]}
-        batch = self.batch_transform(groups=1)(speech, np.random.default_rng(self.config.seed))
+        usable = (clips['valid'] > 0) & (clips['num_samples'][:, 0] > audio.SPEECHT5_N_FFT)  # unreadable: zeros
+        if not usable.any():
+            return {}
+        speech = {'waveform': clips['waveform'][usable, 0], 'num_samples': clips['num_samples'][usable, 0]}
+        # Each clip its own reference batch: cut to nothing shorter.
+        batch = self.batch_transform(groups=int(usable.sum()))(speech, np.random.default_rng(self.config.seed))
         out, _ = self.model.apply(
             {'params': params, 'batch_stats': extra['batch_stats']}, jax.tree.map(jnp.asarray, batch),
-            jnp.float32(1.0), self.config.quantizer.share, True, method=speech_forward,
+            jnp.float32(1.0), self.config.quantizer.share, 1, True, method=speech_forward,
             rngs={'codes': jax.random.key(self.config.seed)}, mutable=['batch_stats'],
         )  # fmt: skip
         frames = int(batch['mel_frames'].min()) // self.model.reduction * self.model.reduction

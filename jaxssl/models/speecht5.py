@@ -190,14 +190,15 @@ class SpeechT5(nn.Module):
         self, waveform: jax.Array, num_samples: jax.Array, mask: jax.Array | None, deterministic: bool
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Waveforms (B, N) with their valid samples (B,) and the frames to mask (B, T) or None -> (the encoder's
-        input (B, T, width), the valid frames (B, T), the feature penalty: the mean square of the conv features over
-        the valid frames, as the reference's over its unpadded batches)."""
+        input (B, T, width), the valid frames (B, T), the feature penalty (B,): each example's mean square of the
+        conv features over its valid frames; the reference's, over its unpadded batches, is their frame-weighted
+        mean)."""
         chex.assert_rank(waveform, 2)
         features = w2v.scale_gradient(self.feature_extractor(waveform, num_samples), self.feature_grad_mult)
         valid = w2v.valid_frames(num_samples, features.shape[1])
         weights = valid.astype(jnp.float32)
-        squares = jnp.einsum('btc,bt->', jnp.square(features.astype(jnp.float32)), weights)
-        penalty = squares / (jnp.maximum(weights.sum(), 1.0) * features.shape[-1])
+        squares = jnp.einsum('btc,bt->b', jnp.square(features.astype(jnp.float32)), weights)
+        penalty = squares / (jnp.maximum(weights.sum(axis=1), 1.0) * features.shape[-1])
         x = self.drop(self.post_extract_proj(self.feature_norm(features)), deterministic=deterministic)
         if mask is not None:
             chex.assert_shape(mask, x.shape[:2])
@@ -267,16 +268,19 @@ class SpeechT5(nn.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Previous frames (B, L, mel_bins) with their mask, the encoder states and mask -> (frames before the
         post-net (B, L x reduction, mel_bins), after it (the same), stop logits (B, L x reduction)), float32. The
-        post-net's BatchNorm uses batch statistics unless `deterministic` (apply with mutable=['batch_stats'])."""
+        post-net's BatchNorm uses batch statistics unless `deterministic` (apply with mutable=['batch_stats']),
+        taken over the valid frames; its convolutions read zeros past each row's valid frames (as past the end of
+        the reference's batches, which are cut to their shortest utterance)."""
         x = self.speech_decoder_prenet(frames, speaker, deterministic)
         for layer in self.decoder_layers:
             x = self._layerdrop(layer(x, mask, memory, memory_mask, deterministic), x, deterministic)
         x = x.astype(jnp.float32)
         b = x.shape[0]
         before = self.feat_out(x).reshape(b, -1, self.mel_bins)
+        valid = jnp.repeat(mask, self.reduction, axis=1)[..., None]
         y = before
         for i, (conv, norm) in enumerate(zip(self.postnet_convs, self.postnet_norms, strict=True)):
-            y = norm(conv(y), use_running_average=deterministic)
+            y = norm(conv(jnp.where(valid, y, 0.0)), use_running_average=deterministic, mask=valid)
             if i < self.postnet_layers - 1:
                 y = jnp.tanh(y)
             y = self.postnet_drop(y, deterministic=deterministic)
@@ -347,6 +351,8 @@ def code_positions(rng: jax.Array, length: int, share: float, steps: jax.Array |
 
 
 def mix_codes(states: jax.Array, vectors: jax.Array, positions: jax.Array) -> jax.Array:
-    """The encoder's output (B, T, width) with the time steps in `positions` (T,) replaced by their codevectors."""
+    """The encoder's output (B, T, width) with the time steps in `positions` ((T,) for every example alike, or
+    (B, T)) replaced by their codevectors."""
     chex.assert_equal_shape((states, vectors))
-    return jnp.where(positions[None, :, None], vectors.astype(states.dtype), states)
+    positions = jnp.broadcast_to(positions, states.shape[:2])
+    return jnp.where(positions[..., None], vectors.astype(states.dtype), states)
