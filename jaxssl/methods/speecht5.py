@@ -120,7 +120,7 @@ def speech_and_text(
     """One host batch: the speech crop, masks, labels and log-mel targets (module doc), and `rows` noised sentences
     per utterance drawn uniformly from the encoded `samples` (with replacement: the reference upsamples its smaller
     modality)."""
-    whole = [w[:n].copy() for w, n in zip(batch['waveform'], batch['num_samples'], strict=True)]
+    whole = [w[:n] for w, n in zip(batch['waveform'], batch['num_samples'], strict=True)]  # crop_and_mask copies
     batch = wav2vec2.crop_and_mask(batch, rng, groups=groups, mask=mask, keep_starts=True)
     batch = mert.add_mfcc_labels(batch, centroids, sample_rate)
     mel = np.zeros((len(whole), frames, 80), np.float32)
@@ -353,10 +353,10 @@ class Method(_audio.AudioMethod):
         speech = {'waveform': clips['waveform'][usable, 0], 'num_samples': clips['num_samples'][usable, 0]}
         # Each clip its own reference batch: cut to nothing shorter.
         batch = self.batch_transform(groups=int(usable.sum()))(speech, np.random.default_rng(self.config.seed))
-        out, _ = self.model.apply(
+        out = self.model.apply(
             {'params': params, 'batch_stats': extra['batch_stats']}, jax.tree.map(jnp.asarray, batch),
             jnp.float32(1.0), self.config.quantizer.share, 1, True, method=speech_forward,
-            rngs={'codes': jax.random.key(self.config.seed)}, mutable=['batch_stats'],
+            rngs={'codes': jax.random.key(self.config.seed)},
         )  # fmt: skip
         frames = int(batch['mel_frames'].min()) // self.model.reduction * self.model.reduction
         panels = {'target': batch['mel'], 'before': np.asarray(out['before']), 'after': np.asarray(out['after'])}
