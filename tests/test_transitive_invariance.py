@@ -1,0 +1,305 @@
+"""Transitive Invariance: the ranking loss against a transcription of the reference's Caffe layer (forward and the
+hand-written backward, the fixed denominator, the choice of hard and random negatives and its distribution), the
+graph (tracks, inter edges within clusters, the transitive pairs, labels), the pair pipeline, the head's init, the
+config (reference recipe, errors naming the key), and a 2-step runlocal run on one device and sharded over 8 fake
+CPU devices with equal losses and parameters, its probes and its picture."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sharded_runs import assert_sharded_matches_one_device
+
+from jaxssl.config import ConfigError, load_config
+from jaxssl.data import transitive_graph as graph_data
+from jaxssl.losses import ranking
+from jaxssl.methods import transitive_invariance
+from jaxssl.models import ranking as ranking_model
+
+CONFIG = 'configs/transitive_invariance.py:runlocal'
+# Two classes of digits (800 nodes) and 10 clusters: a graph that builds in a second.
+SMALL_GRAPH = ('input.classes=(3, 8)', 'graph.clusters=10', 'input.global_batch=16')
+
+
+def unit_rows(rng, n, d, nonnegative=True):
+    x = rng.normal(size=(n, d))
+    x = np.abs(x) if nonnegative else x
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def reference_forward(x, labels, mask, neg_num, margin):
+    """RankHardLossLayer::Forward_cpu with a given mask (rows: anchors 0, 2, 4, ...)."""
+    num, dis = len(x), -(x @ x.T)
+    np.fill_diagonal(dis, 0.0)
+    loss = 0.0
+    for row, i in enumerate(range(0, num, 2)):
+        for j in range(num):
+            if mask[row, j]:
+                loss += max(0.0, dis[i, i + 1] - dis[i, j] + margin) + max(0.0, dis[i, i + 1] - dis[i + 1, j] + margin)
+    return loss / (neg_num * num // 2 * 2)
+
+
+def reference_backward(x, mask, neg_num, margin):
+    """RankHardLossLayer::Backward_cpu: the gradient of the loss with respect to the normalised features."""
+    num, dis = len(x), -(x @ x.T)
+    grad = np.zeros_like(x, dtype=np.float64)
+    for row, i in enumerate(range(0, num, 2)):
+        a, p = x[i], x[i + 1]
+        for j in range(num):
+            if not mask[row, j]:
+                continue
+            n = x[j]
+            if dis[i, i + 1] - dis[i, j] + margin > 0:
+                grad[i] += n - p
+                grad[i + 1] += -a
+                grad[j] += a
+            if dis[i, i + 1] - dis[i + 1, j] + margin > 0:
+                grad[i] += -p
+                grad[i + 1] += n - a
+                grad[j] += p
+    return grad / (neg_num * num // 2 * 2)
+
+
+def reference_candidates(x, labels, margin):
+    dis = -(x @ x.T)
+    return np.array(
+        [[labels[j] != labels[i] and dis[i, i + 1] - dis[i, j] + margin > 0 for j in range(len(x))]
+         for i in range(0, len(x), 2)]
+    )  # fmt: skip
+
+
+def choose(x, labels, key, **kw):
+    return np.asarray(ranking.choose_negatives(-(jnp.asarray(x) @ jnp.asarray(x).T), jnp.asarray(labels), key, **kw))
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_loss_and_gradient_match_the_caffe_layer(seed):
+    rng = np.random.default_rng(seed)
+    x = unit_rows(rng, 24, 8)
+    labels = np.repeat(rng.integers(0, 5, size=12), 2)  # pairs share a label; several pairs share one too
+    kw = dict(neg_num=4, hard_ratio=0.5, rand_ratio=0.5, margin=0.3)
+    key = jax.random.key(seed)
+    mask = choose(x, labels, key, **kw)
+    (loss, metrics), grad = jax.value_and_grad(ranking.rank_hard_loss, has_aux=True)(
+        jnp.asarray(x), jnp.asarray(labels), key, **kw
+    )
+    np.testing.assert_allclose(loss, reference_forward(x, labels, mask, 4, 0.3), rtol=1e-5)
+    np.testing.assert_allclose(grad, reference_backward(x, mask, 4, 0.3), rtol=1e-4, atol=1e-7)
+    assert 0 < float(metrics['negatives_per_pair']) <= 4
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_negatives_follow_the_reference_rule(seed):
+    rng = np.random.default_rng(seed)
+    x = unit_rows(rng, 32, 6, nonnegative=False)
+    labels = np.repeat(rng.integers(0, 6, size=16), 2)
+    margin = float(rng.choice([0.2, 1.0]))
+    candidates = reference_candidates(x, labels, margin)
+    dis = -(x @ x.T)
+    for hard_ratio, rand_ratio in ((0.5, 0.5), (1.0, 0.0), (0.0, 1.0), (0.25, 0.5)):
+        kw = dict(neg_num=4, hard_ratio=hard_ratio, rand_ratio=rand_ratio, margin=margin)
+        mask = choose(x, labels, jax.random.key(seed), **kw)
+        hard_num, rand_num = int(4 * hard_ratio), int(4 * rand_ratio)
+        for row, i in enumerate(range(0, 32, 2)):
+            chosen, cand = np.flatnonzero(mask[row]), np.flatnonzero(candidates[row])
+            assert set(chosen) <= set(cand)  # other labels, hinge still open
+            if len(cand) <= 4:
+                np.testing.assert_array_equal(chosen, cand)
+                continue
+            assert len(chosen) == hard_num + rand_num
+            hardest = cand[np.argsort(dis[i, cand], kind='stable')[:4]]
+            assert len(set(chosen) & set(hardest)) >= hard_num
+            if hard_ratio == 1.0:
+                assert set(chosen) == set(hardest)
+
+
+def test_random_choice_is_uniform_and_hard_choice_stays_in_the_pool():
+    """One anchor row with 12 candidates, over 4,000 draws: the hard half is a uniform 2-subset of the 4 hardest; the
+    random half is uniform over the other 10 (8 left outside the pool + the pool's 2 not taken)."""
+    rng = np.random.default_rng(0)
+    x = unit_rows(rng, 14, 5)
+    labels = np.array([0, 0, *range(1, 13)])  # one pair, 12 candidates
+    kw = dict(neg_num=4, hard_ratio=0.5, rand_ratio=0.5, margin=2.0)  # margin 2: every hinge stays open
+    keys = jax.random.split(jax.random.key(1), 4000)
+    distances = -(jnp.asarray(x) @ jnp.asarray(x).T)
+    masks = np.asarray(
+        jax.vmap(lambda k: ranking.choose_negatives(distances, jnp.asarray(labels), k, **kw))(keys)
+    )[:, 0]  # fmt: skip
+    assert (masks.sum(1) == 4).all() and not masks[:, :2].any()
+    hardest = 2 + np.argsort(np.asarray(distances)[0, 2:], kind='stable')[:4]
+    assert (masks[:, hardest].sum(1) >= 2).all()
+    # Each pool member is chosen with p 1/2 (hard half) + 1/2 x 2/10 (random half) = 0.6; the others with 2/10.
+    rate = masks.mean(0)
+    np.testing.assert_allclose(rate[hardest], 0.6, atol=0.04)
+    others = np.setdiff1d(np.arange(2, 14), hardest)
+    np.testing.assert_allclose(rate[others], 0.2, atol=0.03)
+
+
+def test_denominator_is_fixed_whatever_is_chosen():
+    """Two pairs of one label each and nothing else: no candidates, loss 0; one pair apart with a single candidate
+    each: the loss is still divided by 2 x neg_num x pairs."""
+    x = np.eye(4, dtype=np.float32)[[0, 1, 2, 3]]
+    labels = np.array([0, 0, 0, 0])
+    loss, _ = ranking.rank_hard_loss(jnp.asarray(x), jnp.asarray(labels), jax.random.key(0))
+    assert float(loss) == 0.0
+    labels = np.array([0, 0, 1, 1])
+    loss, metrics = ranking.rank_hard_loss(jnp.asarray(x), jnp.asarray(labels), jax.random.key(0), margin=1.0)
+    # Orthogonal units: D = 0 off the diagonal, each anchor has 2 candidates (both open), each term max(0, 1) = 1.
+    # Sum = 2 anchors x 2 negatives x 2 terms = 8; denominator 4 x 4 / 2 x 2 = 16.
+    np.testing.assert_allclose(loss, 0.5)
+    assert float(metrics['negatives_per_pair']) == 2.0
+
+
+def test_head_is_the_reference_fc_relu_l2():
+    head = ranking_model.RankingHead(hidden_dim=64, out_dim=16, layers=2)
+    h = jax.random.normal(jax.random.key(0), (5, 32))
+    variables = head.init(jax.random.key(1), h)
+    params = variables['params']
+    assert jax.tree.map(jnp.shape, params) == {
+        'fc_0': {'kernel': (32, 64), 'bias': (64,)},
+        'fc_1': {'kernel': (64, 16), 'bias': (16,)},
+    }
+    np.testing.assert_allclose(np.asarray(params['fc_0']['kernel']).std(), 0.005, rtol=0.1)
+    np.testing.assert_array_equal(params['fc_1']['bias'], 1.0)
+    z = np.asarray(head.apply(variables, h))
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-6)
+    assert (z >= 0).all()
+    want = np.maximum(np.maximum(h @ params['fc_0']['kernel'] + params['fc_0']['bias'], 0) @ params['fc_1']['kernel']
+                      + params['fc_1']['bias'], 0)  # fmt: skip
+    np.testing.assert_allclose(z, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-5)
+
+
+def test_transitive_pairs_known_answer():
+    edges = np.array([[0, 1], [2, 0]])
+    pairs = graph_data.transitive_pairs(edges, 3, ('intra', 'inter', 'transitive'))
+    intra, inter, transitive = (pairs[pairs[:, 2] == k, :2].tolist() for k in range(3))
+    assert intra == [[0, 3], [1, 4], [2, 5]]  # <A_i, A'_i>
+    assert inter == [[0, 1], [2, 0]]  # <A_i, A_j>
+    # <A, B'>, <A', B>, <A', B'> for every edge (A'_i is view 3 + i).
+    assert transitive == [[0, 4], [2, 3], [3, 1], [5, 0], [3, 4], [5, 3]]
+    assert graph_data.transitive_pairs(edges, 3, ('intra',)).tolist() == [[0, 3, 0], [1, 4, 0], [2, 5, 0]]
+
+
+def test_inter_edges_join_nearest_members_of_a_cluster():
+    features = np.array([[1, 0], [0.9, 0.1], [0.6, 0.4], [0, 1], [0.1, 0.9]], np.float64)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    clusters = np.array([0, 0, 0, 1, 1])
+    edges = graph_data.inter_edges(features, clusters, neighbours=1)
+    assert edges.tolist() == [[0, 1], [1, 0], [2, 1], [3, 4], [4, 3]]
+    edges = graph_data.inter_edges(features, np.array([0, 0, 0, 1, 2]), neighbours=5)  # clusters of 3, 1 and 1
+    assert sorted(map(tuple, edges.tolist())) == [(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]
+
+
+def test_track_end_is_seeded_and_moves_the_object():
+    image = np.zeros((28, 28, 3), np.uint8)
+    image[8:20, 12:16] = 200  # a bar
+    end = graph_data.track_end(image, np.random.default_rng(3), graph_data.TrackConfig())
+    again = graph_data.track_end(image, np.random.default_rng(3), graph_data.TrackConfig())
+    np.testing.assert_array_equal(end, again)
+    assert end.shape == image.shape and end.dtype == np.uint8 and not np.array_equal(end, image)
+    assert end.max() > 0 and (end[..., 0] == end[..., 2]).all()  # still there, still grey
+    still = graph_data.TrackConfig(rotation=0.0, scale=0.0, shear=0.0, shift=0.0, gain=(1.0, 1.0), stroke_prob=0.0)
+    np.testing.assert_array_equal(graph_data.track_end(image, np.random.default_rng(3), still), image)
+    # A pure shift of a quarter side moves the bar by 7 px (the sign drawn by the generator).
+    shift = graph_data.TrackConfig(rotation=0.0, scale=0.0, shear=0.0, shift=0.25, gain=(1.0, 1.0), stroke_prob=0.0)
+    moved = graph_data.track_end(image, np.random.default_rng(5), shift)
+    assert moved.sum() > 0.5 * image.sum() and not np.array_equal(moved, image)
+
+
+@pytest.fixture(scope='module')
+def small_method():
+    config = load_config(CONFIG, list(SMALL_GRAPH))
+    return transitive_invariance.Method(config)
+
+
+def test_graph_labels_pairs_and_purity(small_method):
+    g = small_method.graph
+    n = len(g.labels)
+    assert n == 800 and g.views.shape == (1600, 28, 28, 3)
+    assert set(np.unique(g.labels)) == set(range(10))  # labels: the 10 clusters
+    # Inter edges stay inside a cluster, so every pair's two views share the loss's label.
+    first, second = g.pairs[:, 0] % n, g.pairs[:, 1] % n
+    np.testing.assert_array_equal(g.labels[first], g.labels[second])
+    kinds = np.bincount(g.pairs[:, 2], minlength=3)
+    assert kinds.tolist() == [800, len(g.edges), 3 * len(g.edges)] and len(g.edges) == 800 * 4
+    # Pixel clusters of 3s and 8s: most inter edges join one class (measured 0.96; a shuffled graph gives ~0.5).
+    assert g.stats['graph_inter_purity'] > 0.85
+    # The intra pairs hold a node's start and its track's end.
+    intra = g.pairs[g.pairs[:, 2] == 0]
+    np.testing.assert_array_equal(intra[:, 1], intra[:, 0] + n)
+
+
+def test_intra_only_graph_labels_each_node(tmp_path):
+    config = load_config(CONFIG, [*SMALL_GRAPH, "graph.pair_kinds=('intra',)"])
+    g = transitive_invariance.Method(config).graph
+    np.testing.assert_array_equal(g.labels, np.arange(800))
+    assert len(g.edges) == 0 and (g.pairs[:, 2] == 0).all() and 'graph_inter_purity' not in g.stats
+
+
+def test_pipeline_batches_pairs(small_method):
+    dataset, per_epoch = small_method.dataset(seed=0, process_index=0, process_count=1)
+    assert per_epoch == len(small_method.graph.pairs)
+    batch = next(iter(dataset))
+    assert batch['image'].shape == (16, 2, 32, 32, 3) and batch['image'].dtype == np.float32
+    assert batch['pair_label'].shape == (16,) and batch['pair_kind'].shape == (16,)
+    assert set(batch['pair_kind']) <= {0, 1, 2} and set(batch['pair_label']) <= set(range(10))
+    # The two views of a pair are different crops of different images, not one image twice.
+    assert not np.allclose(batch['image'][:, 0], batch['image'][:, 1])
+
+
+@pytest.mark.parametrize(
+    'override, key',
+    [
+        ("graph.pair_kinds=('intra', 'cousins')", "'graph.pair_kinds'"),
+        ('graph.pair_kinds=()', "'graph.pair_kinds'"),
+        ('graph.clusters=0', "'graph.clusters'"),
+        ('graph.neighbours=0', "'graph.neighbours'"),
+        ('loss.neg_num=0', "'loss.neg_num'"),
+        ('loss.hard_ratio=0.8', "'loss.hard_ratio'"),
+        ('loss.margin=-0.1', "'loss.margin'"),
+        ('graph.track.gain=(1.0, 0.5)', "'graph.track.gain'"),
+        ('graph.track.rotation=-1.0', "'graph.track.rotation'"),
+        ('input.num_sample=2', "'input.num_sample'"),
+        ('model.head_out=0', "'model.head_out'"),
+    ],
+)
+def test_config_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(CONFIG, [override])
+
+
+def test_reference_recipe():
+    config = load_config('configs/transitive_invariance.py')
+    loss = config.loss
+    assert (loss.neg_num, loss.hard_ratio, loss.rand_ratio, loss.margin) == (4, 0.5, 0.5, 1.0)
+    assert (config.model.head_hidden, config.model.head_out, config.model.head_init_std) == (4096, 1024, 0.005)
+    assert config.optim.name == 'sgd' and config.optim.momentum == 0.9 and config.optim.weight_decay == 5e-4
+    assert config.input.global_batch == 40 and config.train.steps == 600_000 and config.input.image_size == 227
+    np.testing.assert_allclose(config.optim.base_lr * config.input.global_batch / 256, 1e-3)
+    assert config.graph.pair_kinds == ('intra', 'inter', 'transitive')
+    assert load_config('configs/transitive_invariance.py:pairs=intra').graph.pair_kinds == ('intra',)
+
+
+def test_picture_shows_graph_pairs(small_method):
+    picture = small_method.visualize(None, None)['graph_pairs']
+    assert picture.shape == (8 * 28, 4 * 28, 3) and picture.dtype == np.uint8
+    g, n = small_method.graph, 800
+    i, j = g.edges[0]
+    np.testing.assert_array_equal(picture[:28, :28], g.views[i])
+    np.testing.assert_array_equal(picture[:28, 28:56], g.views[i + n])
+    np.testing.assert_array_equal(picture[:28, 84:], g.views[j + n])
+
+
+def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path):
+    """Random negatives only: which of two near-equal distances sorts first may differ between meshes in the last
+    bit, and the hard pool would then differ; the random choice does not depend on the order."""
+    summary, rows = assert_sharded_matches_one_device(
+        CONFIG, tmp_path, *SMALL_GRAPH, 'loss.hard_ratio=0.0', 'loss.rand_ratio=1.0', 'model.head_hidden=32',
+        'model.head_out=16', 'model.resnet_width=4', keys=('loss', 'positive_similarity'),
+    )  # fmt: skip
+    assert all(0.0 < r['loss'] < 2.0 and r['negatives_per_pair'] == 4.0 for r in rows)
+    assert rows[0]['graph_pairs'] == 800 * 17 and rows[0]['graph_inter_purity'] > 0.85
+    for key in ('pool', 'embedding'):
+        assert 0.0 <= summary[f'final_eval/label/{key}/knn'] <= 1.0
