@@ -61,6 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Inter edges: k-means of label-free features into `clusters`, then each node's `neighbours` nearest members of
     # its cluster (the 2017 counts are not verified: docs/methods.md).
     c.graph.clusters = 100 if arg.runlocal else 5000
+    # The features clustered: 'pixels' (grey 16 x 16, no earlier run needed) or the workdir of an earlier
+    # self-supervised run on the same training images (the paper clusters context-prediction features), whose
+    # `representation` is read (the 2015 intra-only run of this config: 'pool' or 'embedding').
+    c.graph.features = 'pixels'
+    c.graph.representation = 'pool'
     c.graph.neighbours = 4
     c.graph.node_size = 0 if arg.runlocal else 256  # objects resized to this square before cropping (0: as decoded)
     # A track's end view: the object under a random rotation, scale, shear and shift, a bolder or finer stroke and a

@@ -303,3 +303,48 @@ def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path):
     assert rows[0]['graph_pairs'] == 800 * 17 and rows[0]['graph_inter_purity'] > 0.85
     for key in ('pool', 'embedding'):
         assert 0.0 <= summary[f'final_eval/label/{key}/knn'] <= 1.0
+    # That run's features as the graph's (the paper clusters an earlier self-supervised model's features).
+    run = (f'graph.features={tmp_path / "one"}', 'graph.representation=embedding')
+    graph = transitive_invariance.Method(load_config(CONFIG, [*SMALL_GRAPH, *run])).graph
+    assert len(graph.edges) == 800 * 4 and 0.5 < graph.stats['graph_inter_purity'] <= 1.0
+    pixels = transitive_invariance.Method(load_config(CONFIG, list(SMALL_GRAPH))).graph
+    assert not np.array_equal(graph.edges, pixels.edges)
+    for bad, key in (((*run[:1], 'graph.representation=cls'), "'graph.representation'"),
+                     ((f'graph.features={tmp_path}',), 'graph.features')):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            _ = transitive_invariance.Method(load_config(CONFIG, [*SMALL_GRAPH, *bad])).graph
+
+
+class _Records:
+    """A source of three grey images, the middle one unreadable."""
+
+    label_keys = ('label',)
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        image = np.full((6, 6), 40 * (index + 1), np.uint8) if index != 1 else b'not an image'
+        return {'name': f'record {index}', 'image': image, 'kind': 'array' if index != 1 else 'bytes', 'label': index}
+
+
+def test_unreadable_images_are_skipped_and_counted():
+    from jaxssl import data
+
+    before = data.skipped_files()
+    images, classes, kept = transitive_invariance.load_nodes(_Records(), node_size=4)
+    assert images.shape == (2, 4, 4, 3) and classes.tolist() == [0, 2] and kept.tolist() == [0, 2]
+    assert data.skipped_files() == before + 1
+
+
+def test_vit_backbone_represents_and_embeds():
+    config = load_config(CONFIG, [*SMALL_GRAPH, 'model.variant=micro/8', 'model.head_hidden=32', 'model.head_out=16'])
+    method = transitive_invariance.Method(config)
+    batch = method.example_batch(4)  # four pairs of random images, four labels: 4 negatives for each pair
+    params, extra = method.init(jax.random.key(0), batch)
+    loss, (metrics, _) = method.loss(params, extra, batch, jax.random.key(1), 0)
+    assert np.isfinite(float(loss)) and float(metrics['negatives_per_pair']) == 4.0
+    features = method.represent(params, extra, {'image': jnp.asarray(batch['image'][:, 0])})
+    width = method.model.width
+    assert features['cls'].shape == features['mean_pool'].shape == (4, width) and features['embedding'].shape == (4, 16)
+    np.testing.assert_allclose(np.linalg.norm(features['embedding'], axis=1), 1.0, rtol=1e-5)

@@ -12,9 +12,10 @@ Here (a small reconstruction; docs/methods.md says what is known and what is not
 - tracks: the paper tracks moving objects through videos; a track's end view A' is made here by a random smooth
   deformation of the image (rotation, scale, shear, shift, a stroke-width change, a gain), seeded per node, so the
   instance is the same and its appearance is not;
-- inter edges: k-means of the A views' features (grey pixels at 16 x 16, centred and L2-normalised: a weak,
-  label-free feature in the role of the paper's context-prediction features), then each node's `neighbours`
-  nearest members of its own cluster (cosine);
+- inter edges: k-means of the A views' features, then each node's `neighbours` nearest members of its own cluster
+  (cosine). The features are an earlier self-supervised run's representation of the images (the paper's role for
+  Doersch et al.'s context prediction; e.g. the 2015 intra-only model), or grey pixels at 16 x 16, centred and
+  L2-normalised (a weak, label-free stand-in that needs no earlier run);
 - labels for the ranking loss's negatives: the cluster (two items of one cluster are never negatives of each other,
   as two patches of one video in 2015); with no inter edges mined, the node itself (2015's one label per video).
 """
@@ -143,15 +144,18 @@ def build_graph(
     starts: np.ndarray,
     classes: np.ndarray | None,
     *,
+    features: np.ndarray | None = None,
     kinds: tuple[str, ...],
     num_clusters: int,
     neighbours: int,
     track: TrackConfig,
     seed: int,
 ) -> Graph:
-    """The graph over the objects `starts` (uint8 (N, H, W, 3), their A views), deterministic in `seed`. Logs its
-    size and, given the objects' `classes` (N,), the share of inter edges that join one class (the graph's purity:
-    how far the label-free features already separate the classes; the labels are used for nothing else)."""
+    """The graph over the objects `starts` (uint8 (N, H, W, 3), their A views), deterministic in `seed`. Inter edges
+    come from `features` (N, D) (e.g. an earlier self-supervised run's; L2-normalised here) or, when None, from
+    `pixel_features`. Logs its size and, given the objects' `classes` (N,), the share of inter edges that join one
+    class (the graph's purity: how far the label-free features already separate the classes; the labels are used
+    for nothing else)."""
     started = time.monotonic()
     ends = np.stack([track_end(image, np.random.default_rng([seed, 1, i]), track) for i, image in enumerate(starts)])
     n = len(starts)
@@ -159,7 +163,13 @@ def build_graph(
     if 'inter' in kinds or 'transitive' in kinds:
         if not 1 <= num_clusters <= n:
             raise ValueError(f'graph.clusters={num_clusters} must be in [1, {n}] (the nodes)')
-        features = pixel_features(starts)
+        if features is None:
+            features = pixel_features(starts)
+        else:
+            features = np.asarray(features, np.float64)
+            if features.shape[0] != n:
+                raise ValueError(f'{features.shape[0]} feature rows for {n} objects')
+            features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
         clusters, _, _ = kmeans.kmeans(features, num_clusters, seed=seed, max_iter=100)
         edges = inter_edges(features, clusters, neighbours)
         labels = clusters.astype(np.int64)

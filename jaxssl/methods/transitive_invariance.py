@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any
 
 import chex
@@ -57,6 +58,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"bad value {kinds!r} for 'graph.pair_kinds': distinct names from {', '.join(graph_data.PAIR_KINDS)}"
         )
+    if not isinstance(config.graph.features, str) or not config.graph.features:
+        raise ConfigError(f"bad value {config.graph.features!r} for 'graph.features': 'pixels' or a run's workdir")
     node_size = config.graph.node_size
     if not isinstance(node_size, int) or node_size < 0:
         raise ConfigError(f"bad value {node_size!r} for 'graph.node_size': an integer >= 0 (0: as decoded)")
@@ -109,10 +112,11 @@ def _as_pair(record: dict[str, Any]) -> np.ndarray:
     return record['image']
 
 
-def load_nodes(source: Any, node_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Every readable image of `source` as uint8 (N, H, W, 3) (resized to node_size x node_size when > 0) and their
-    classes when the source has them. Unreadable files are skipped, logged and counted (host metric skipped_files)."""
-    images, classes = [], []
+def load_nodes(source: Any, node_size: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Every readable image of `source` as uint8 (N, H, W, 3) (resized to node_size x node_size when > 0), their
+    classes when the source has them, and their indices in the source. Unreadable files are skipped, logged and
+    counted (host metric skipped_files)."""
+    images, classes, kept = [], [], []
     for index in range(len(source)):
         record = source[index]
         try:
@@ -125,13 +129,14 @@ def load_nodes(source: Any, node_size: int) -> tuple[np.ndarray, np.ndarray | No
             image = image_data._resize(image, node_size, node_size, 'bicubic')
         images.append(image)
         classes.append(record.get('label', -1))
+        kept.append(index)
     if not images:
         raise ValueError(f'{source!r} has no readable image to build the graph from')
     shapes = {image.shape for image in images}
     if len(shapes) > 1:
         raise ConfigError(f"the training images have {len(shapes)} sizes: set 'graph.node_size' to resize them")
     labelled = 'label' in getattr(source, 'label_keys', ())
-    return np.stack(images), (np.asarray(classes) if labelled else None)
+    return np.stack(images), (np.asarray(classes) if labelled else None), np.asarray(kept)
 
 
 class Method(simclr.Method):
@@ -148,10 +153,15 @@ class Method(simclr.Method):
         """The object graph over the training images, built on first use (deterministic in config.seed)."""
         if self._graph is None:
             g = self.config.graph
-            starts, classes = load_nodes(image_data.make_image_source(self.config), g.node_size)
+            source = image_data.make_image_source(self.config)
+            starts, classes, kept = load_nodes(source, g.node_size)
+            features = None
+            if g.features != 'pixels' and ('inter' in g.pair_kinds or 'transitive' in g.pair_kinds):
+                features = self.run_features(g.features, g.representation, source)[kept]
             self._graph = graph_data.build_graph(
                 starts,
                 classes,
+                features=features,
                 kinds=tuple(g.pair_kinds),
                 num_clusters=g.clusters,
                 neighbours=g.neighbours,
@@ -159,6 +169,37 @@ class Method(simclr.Method):
                 seed=self.config.seed,
             )
         return self._graph
+
+    @staticmethod
+    def run_features(workdir: str, representation: str, source: Any) -> np.ndarray:
+        """float64 (len(source), D): the `representation` of an earlier image run (its latest checkpoint, the
+        workdir `graph.features` names) of every image of `source`, through that run's evaluation view."""
+        from jaxssl import train
+        from jaxssl.evaluate import features as features_lib
+        from jaxssl.evaluate.__main__ import load_run_config
+
+        if not os.path.isfile(os.path.join(workdir, 'config.json')):
+            raise ConfigError(f"graph.features: '{workdir}' is neither 'pixels' nor a training run's workdir")
+        config = load_run_config(workdir, ())
+        method, mesh, restored, _ = train.restore_checkpoint(config, workdir)
+        if method.input_key != 'image':
+            raise ConfigError(f"graph.features: '{workdir}' is a {config.method} run, not an image method's")
+        dataset, _ = image_data.make_image_eval_dataset(
+            config,
+            split=config.input.split,
+            batch_size=config.eval.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            source=source,
+        )
+        rows = features_lib.extract(method, restored['params'], restored['extra'], dataset, mesh)
+        if representation not in rows:
+            names = ', '.join(k for k, v in rows.items() if k not in ('index', 'valid') and v.ndim == 2)
+            raise ConfigError(f"bad value '{representation}' for 'graph.representation'; that run gives: {names}")
+        valid = rows['valid'] > 0  # the last batch's padding; unreadable images (skipped as nodes too)
+        out = np.zeros((len(source), rows[representation].shape[1]))
+        out[rows['index'][valid]] = rows[representation][valid]
+        return out
 
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
         image_data.check_image_input_config(self.config)  # paths are checked when a run starts, not at config load
