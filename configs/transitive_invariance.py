@@ -11,8 +11,9 @@ Examples:
   --config=configs/transitive_invariance.py --config.input.data_root=/data/patches   (<root>/train/<class>/<image>)
   --config=configs/transitive_invariance.py:runlocal
   --config=configs/transitive_invariance.py:runlocal,pairs=intra
-Reference: xiaolonw/caffe-video_triplet@c39ea1a (the loss, head and solver the 2017 paper builds on; the 2017 code
-was not released), shared/reference/methods/text_eeg_misc_mcl_e2s2_speecht5_eegformer_medical_cmim_fst.md section 10.
+Reference: xiaolonw/caffe-video_triplet (the 2015 loss, head, data layer and solver the 2017 paper builds on:
+c39ea1a's RankHardLoss, c8842be's rank_scripts/rank_vgg; the 2017 code was not released),
+shared/reference/methods/text_eeg_misc_mcl_e2s2_speecht5_eegformer_medical_cmim_fst.md section 10.
 docs/methods.md lists what is reconstructed.
 """
 
@@ -41,13 +42,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     add_backbone_config(c, 'resnet18' if arg.runlocal else arg.variant, arg.runlocal)
-    # The reference's head: fc6 4096 + ReLU, fc7 1024 + ReLU, then L2 normalisation (N(0, 0.005) weights, biases 1).
+    # The reference's head: fc6 4096 + ReLU, fc7 1024 + ReLU, then L2 normalisation.
     c.model.head_layers = 2
     c.model.head_hidden = 256 if arg.runlocal else 4096
     c.model.head_out = 128 if arg.runlocal else 1024
-    # The reference's init suits fc6's 9216 inputs (AlexNet's pool5); on runlocal's 128 pooled features it leaves
-    # every embedding nearly equal and the loss flat (1.000 for 100 steps): a wider init with a smaller bias there.
-    c.model.head_init_std = 0.1 if arg.runlocal else 0.005
+    # The VGG16 net's init: xavier (U(+-sqrt(3 / fan_in))) weights, biases 1; 'gaussian' with std 0.005 is the
+    # AlexNet net's, which suits its 9,216 fc6 inputs only. runlocal: N(0, 0.1) and biases 0.1, because with
+    # biases 1 the loss stays at 1.00 for the first 75 of its 100-300 steps (docs/methods.md).
+    c.model.head_init = 'gaussian' if arg.runlocal else 'xavier'
+    c.model.head_init_std = 0.1 if arg.runlocal else 0.005  # 'gaussian' only
     c.model.head_bias_init = 0.1 if arg.runlocal else 1.0
     c.model.layer_norm_eps = 1e-6  # ViT backbones only
     c.model.drop_path_rate = 0.0
@@ -67,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.graph.features = 'pixels'
     c.graph.representation = 'pool'
     c.graph.neighbours = 4
-    c.graph.node_size = 0 if arg.runlocal else 256  # objects resized to this square before cropping (0: as decoded)
+    c.graph.node_size = 0 if arg.runlocal else 227  # objects resized to this square before cropping (0: as decoded)
     # A track's end view: the object under a random rotation, scale, shear and shift, a bolder or finer stroke and a
     # gain (the paper tracks objects through videos; jaxssl.data.transitive_graph).
     c.graph.track = ml_collections.ConfigDict()
@@ -86,11 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.margin = 1.0
 
     add_image_input_config(c, runlocal=arg.runlocal)
-    # The reference resizes patches to 256 and takes random 227 crops (area 0.79, square) with a mirror.
-    c.input.crop_scale = (0.7, 1.0) if arg.runlocal else ((227 / 256) ** 2,) * 2
+    # The reference's VGG16 data layer: patches resized to 227, random 224 crops (area 0.974, square), mirrored.
+    c.input.crop_scale = (0.7, 1.0) if arg.runlocal else ((224 / 227) ** 2,) * 2
     c.input.crop_ratio = (1.0, 1.0)
     c.input.hflip = not arg.runlocal  # a mirrored digit is another shape
-    c.input.image_size = 32 if arg.runlocal else 227
+    c.input.image_size = 32 if arg.runlocal else 224
     c.input.global_batch = 64 if arg.runlocal else 40  # pairs; the reference's VGG16 solver: 80 patches
 
     c.optim = ml_collections.ConfigDict()

@@ -12,6 +12,21 @@ def _sq_distances(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
+CHUNK_DISTANCES = 2**24  # distances computed at once (128 MB in float64)
+
+
+def _nearest(x: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's nearest centre and its squared distance, (N,) each, computed CHUNK_DISTANCES at a time so that the
+    (N, K) matrix is never held (1.28M images x 5,000 centres would be 51 GB)."""
+    chunk = max(1, CHUNK_DISTANCES // len(centres))
+    labels, nearest = np.empty(len(x), np.int64), np.empty(len(x))
+    for start in range(0, len(x), chunk):
+        d = _sq_distances(x[start : start + chunk], centres)
+        labels[start : start + chunk] = d.argmin(1)
+        nearest[start : start + chunk] = d[np.arange(len(d)), labels[start : start + chunk]]
+    return labels, nearest
+
+
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Arthur & Vassilvitskii's seeding: each next centre drawn with probability proportional to its squared
     distance from the nearest chosen one. (k, D)."""
@@ -42,20 +57,18 @@ def kmeans(
     centres = kmeans_plus_plus(x, k, rng)
     threshold = tol * x.var(0).mean()
     for _ in range(max_iter):
-        distances = _sq_distances(x, centres)
-        labels = distances.argmin(1)
+        labels, nearest = _nearest(x, centres)
         counts = np.bincount(labels, minlength=k)
         new = np.zeros_like(centres)
         np.add.at(new, labels, x)
         for empty in np.flatnonzero(counts == 0):
-            far = int(distances[np.arange(len(x)), labels].argmax())
+            far = int(nearest.argmax())
             new[empty], counts[empty], labels[far] = x[far], 1, empty
-            distances[far] = 0.0
+            nearest[far] = 0.0
         new /= counts[:, None]
         shift = ((new - centres) ** 2).sum(1).max()
         centres = new
         if shift <= threshold:
             break
-    distances = _sq_distances(x, centres)
-    labels = distances.argmin(1)
-    return labels.astype(np.int32), centres, float(distances[np.arange(len(x)), labels].sum())
+    labels, nearest = _nearest(x, centres)
+    return labels.astype(np.int32), centres, float(nearest.sum())

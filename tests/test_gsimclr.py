@@ -40,6 +40,16 @@ def test_kmeans_recovers_separable_blobs():
     np.testing.assert_array_equal(kmeans.kmeans(x, 4, seed=1)[0], labels)  # deterministic per seed
 
 
+def test_kmeans_in_chunks_equals_kmeans_at_once(monkeypatch):
+    x = np.random.default_rng(0).normal(size=(300, 5))
+    want = kmeans.kmeans(x, 7, seed=2)
+    monkeypatch.setattr(kmeans, 'CHUNK_DISTANCES', 7 * 16)  # 16 rows at a time
+    got = kmeans.kmeans(x, 7, seed=2)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-12)
+
+
 def test_kmeans_rejects_more_clusters_than_points():
     with pytest.raises(ValueError, match='k=5'):
         kmeans.kmeans(np.zeros((4, 2)), 5)

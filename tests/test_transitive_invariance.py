@@ -4,6 +4,7 @@ graph (tracks, inter edges within clusters, the transitive pairs, labels), the p
 config (reference recipe, errors naming the key), and a 2-step runlocal run on one device and sharded over 8 fake
 CPU devices with equal losses and parameters, its probes and its picture."""
 
+import random
 import re
 
 import jax
@@ -14,6 +15,7 @@ from sharded_runs import assert_sharded_matches_one_device
 
 from jaxssl.config import ConfigError, load_config
 from jaxssl.data import transitive_graph as graph_data
+from jaxssl.data.transforms import normalize
 from jaxssl.losses import ranking
 from jaxssl.methods import transitive_invariance
 from jaxssl.models import ranking as ranking_model
@@ -137,6 +139,52 @@ def test_random_choice_is_uniform_and_hard_choice_stays_in_the_pool():
     np.testing.assert_allclose(rate[others], 0.2, atol=0.03)
 
 
+def reference_set_mask_row(dis, labels, i, neg_num, hard_ratio, rand_ratio, margin, rng):
+    """RankHardLossLayer::set_mask for the anchor i, transcribed (random_shuffle as random.shuffle)."""
+    hard_num, rand_num = int(neg_num * hard_ratio), int(neg_num * rand_ratio)
+    negpairs = [(dis[i, j], j) for j in range(len(labels))
+                if labels[j] != labels[i] and max(0.0, dis[i, i + 1] - dis[i, j] + margin) != 0]  # fmt: skip
+    if len(negpairs) <= neg_num:
+        return {j for _, j in negpairs}
+    negpairs.sort()
+    sid1, sid2 = [j for _, j in negpairs[:neg_num]], [j for _, j in negpairs[neg_num:]]
+    rng.shuffle(sid1)
+    chosen = set(sid1[: min(hard_num, len(sid1))])
+    sid2 += sid1[hard_num:]
+    rng.shuffle(sid2)
+    return chosen | set(sid2[: min(rand_num, len(sid2))])
+
+
+@pytest.mark.parametrize('hard_ratio, rand_ratio', [(0.5, 0.5), (0.25, 0.5), (0.75, 0.25), (0.0, 1.0)])
+def test_choice_frequencies_match_the_caffe_set_mask(hard_ratio, rand_ratio):
+    """Per-entry choice frequencies over 3,000 draws equal the transcription's, on rows with exact distance ties (the
+    hard pool's edge falls inside a tie: the lower index goes first), a row with exactly neg_num candidates (all
+    taken) and a row with closed hinges."""
+    e = np.eye(4)
+    rows = [e[0], e[0], e[1], e[1], *[(e[0] + e[1]) / np.sqrt(2)] * 3, *[(e[0] + e[2]) / np.sqrt(2)] * 2, e[2], e[3],
+            e[3], e[1], e[2]]  # fmt: skip
+    x = np.asarray(rows, np.float32)
+    labels = np.repeat(np.arange(7), 2)  # pairs (0, 1), (2, 3), ... share a label
+    dis = -(x.astype(np.float64) @ x.T.astype(np.float64))
+    # A hinge is open when a.x_j > a.p - margin (0.4): anchor 0 has 5 candidates at one distance (4-8: the pool is
+    # 4-7), anchor 2 exactly 4 (4, 5, 6, 12), anchors 6 and 8 seven, anchor 10 none, anchor 12 all 12 (2, 3 nearest,
+    # then 4-6 tied: 6 is out of the pool).
+    kw = dict(neg_num=4, hard_ratio=hard_ratio, rand_ratio=rand_ratio, margin=0.4)
+    keys = jax.random.split(jax.random.key(0), 3000)
+    masks = np.asarray(jax.vmap(lambda k: ranking.choose_negatives(jnp.asarray(dis, jnp.float32),
+                                                                   jnp.asarray(labels), k, **kw))(keys))  # fmt: skip
+    rng = random.Random(0)
+    for row, i in enumerate(range(0, len(x), 2)):
+        want = np.zeros(len(x))
+        for _ in range(3000):
+            want[list(reference_set_mask_row(dis, labels, i, **kw, rng=rng))] += 1 / 3000
+        np.testing.assert_allclose(masks[:, row].mean(0), want, atol=0.04, err_msg=f'anchor {i}')
+    assert (masks[:, 1] == np.isin(np.arange(14), [4, 5, 6, 12])).all()  # exactly neg_num candidates: all of them
+    assert not masks[:, 5].any()
+    if hard_ratio == 0.75:  # 3 of the pool 4-7 every time, so 8 (tied with them, higher index) only by the random one
+        assert (masks[:, 0, 4:8].sum(1) >= 3).all()
+
+
 def test_denominator_is_fixed_whatever_is_chosen():
     """Two pairs of one label each and nothing else: no candidates, loss 0; one pair apart with a single candidate
     each: the loss is still divided by 2 x neg_num x pairs."""
@@ -152,23 +200,30 @@ def test_denominator_is_fixed_whatever_is_chosen():
     assert float(metrics['negatives_per_pair']) == 2.0
 
 
-def test_head_is_the_reference_fc_relu_l2():
-    head = ranking_model.RankingHead(hidden_dim=64, out_dim=16, layers=2)
-    h = jax.random.normal(jax.random.key(0), (5, 32))
+@pytest.mark.parametrize('init', ['xavier', 'gaussian'])
+def test_head_is_the_reference_fc_relu_l2(init):
+    head = ranking_model.RankingHead(hidden_dim=256, out_dim=64, layers=2, weight_init=init)
+    h = jax.random.normal(jax.random.key(0), (5, 512))
     variables = head.init(jax.random.key(1), h)
     params = variables['params']
     assert jax.tree.map(jnp.shape, params) == {
-        'fc_0': {'kernel': (32, 64), 'bias': (64,)},
-        'fc_1': {'kernel': (64, 16), 'bias': (16,)},
+        'fc_0': {'kernel': (512, 256), 'bias': (256,)},
+        'fc_1': {'kernel': (256, 64), 'bias': (64,)},
     }
-    np.testing.assert_allclose(np.asarray(params['fc_0']['kernel']).std(), 0.005, rtol=0.1)
-    np.testing.assert_array_equal(params['fc_1']['bias'], 1.0)
+    for name, fan_in in (('fc_0', 512), ('fc_1', 256)):
+        kernel = np.asarray(params[name]['kernel'])
+        if init == 'xavier':  # Caffe's xavier: U(+-sqrt(3 / fan_in)), std 1 / sqrt(fan_in)
+            assert np.abs(kernel).max() <= np.sqrt(3 / fan_in) + 1e-7
+            np.testing.assert_allclose(kernel.std(), 1 / np.sqrt(fan_in), rtol=0.05)
+        else:  # the AlexNet prototxt's N(0, 0.005)
+            np.testing.assert_allclose(kernel.std(), 0.005, rtol=0.05)
+        np.testing.assert_array_equal(params[name]['bias'], 1.0)
     z = np.asarray(head.apply(variables, h))
-    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
     assert (z >= 0).all()
     want = np.maximum(np.maximum(h @ params['fc_0']['kernel'] + params['fc_0']['bias'], 0) @ params['fc_1']['kernel']
                       + params['fc_1']['bias'], 0)  # fmt: skip
-    np.testing.assert_allclose(z, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-5)
+    np.testing.assert_allclose(z, want / (np.linalg.norm(want, axis=1, keepdims=True) + 1e-6), rtol=1e-5)
 
 
 def test_transitive_pairs_known_answer():
@@ -202,10 +257,29 @@ def test_track_end_is_seeded_and_moves_the_object():
     assert end.max() > 0 and (end[..., 0] == end[..., 2]).all()  # still there, still grey
     still = graph_data.TrackConfig(rotation=0.0, scale=0.0, shear=0.0, shift=0.0, gain=(1.0, 1.0), stroke_prob=0.0)
     np.testing.assert_array_equal(graph_data.track_end(image, np.random.default_rng(3), still), image)
-    # A pure shift of a quarter side moves the bar by 7 px (the sign drawn by the generator).
+    # Replaying the generator's draws: a pure shift moves the bar's centroid by the drawn shift (rows, columns), and
+    # a pure zoom scales its offset from the centre by the drawn scale.
+    rows, cols = np.mgrid[:28, :28]
+
+    def centroid(img):
+        w = img[..., 0].astype(np.float64)
+        return np.array([(w * rows).sum(), (w * cols).sum()]) / w.sum()
+
     shift = graph_data.TrackConfig(rotation=0.0, scale=0.0, shear=0.0, shift=0.25, gain=(1.0, 1.0), stroke_prob=0.0)
+    replay = np.random.default_rng(5)
+    replay.uniform(), replay.uniform(), replay.uniform()  # rotation, scale, shear (all 0 here)
+    drawn = replay.uniform(-0.25, 0.25, size=2) * 28
     moved = graph_data.track_end(image, np.random.default_rng(5), shift)
-    assert moved.sum() > 0.5 * image.sum() and not np.array_equal(moved, image)
+    np.testing.assert_allclose(centroid(moved) - centroid(image), drawn, atol=0.35)  # rounding to uint8
+    assert np.abs(drawn).max() > 2  # a real move
+    zoom = graph_data.TrackConfig(rotation=0.0, scale=0.4, shear=0.0, shift=0.0, gain=(1.0, 1.0), stroke_prob=0.0)
+    replay = np.random.default_rng(7)
+    replay.uniform()
+    factor = replay.uniform(0.6, 1.4)
+    centre = np.array([13.5, 13.5])
+    zoomed = graph_data.track_end(image, np.random.default_rng(7), zoom)
+    np.testing.assert_allclose(centroid(zoomed) - centre, factor * (centroid(image) - centre), atol=0.35)
+    assert abs(factor - 1) > 0.2  # a real zoom
 
 
 @pytest.fixture(scope='module')
@@ -215,9 +289,9 @@ def small_method():
 
 
 def test_graph_labels_pairs_and_purity(small_method):
-    g = small_method.graph
+    g, nodes = small_method.graph, small_method._nodes
     n = len(g.labels)
-    assert n == 800 and g.views.shape == (1600, 28, 28, 3)
+    assert n == len(nodes) == 800 and nodes.view(0).shape == nodes.view(1599).shape == (28, 28, 3)
     assert set(np.unique(g.labels)) == set(range(10))  # labels: the 10 clusters
     # Inter edges stay inside a cluster, so every pair's two views share the loss's label.
     first, second = g.pairs[:, 0] % n, g.pairs[:, 1] % n
@@ -226,9 +300,13 @@ def test_graph_labels_pairs_and_purity(small_method):
     assert kinds.tolist() == [800, len(g.edges), 3 * len(g.edges)] and len(g.edges) == 800 * 4
     # Pixel clusters of 3s and 8s: most inter edges join one class (measured 0.96; a shuffled graph gives ~0.5).
     assert g.stats['graph_inter_purity'] > 0.85
-    # The intra pairs hold a node's start and its track's end.
+    # The intra pairs hold a node's start and its track's end, the same end at every read.
     intra = g.pairs[g.pairs[:, 2] == 0]
     np.testing.assert_array_equal(intra[:, 1], intra[:, 0] + n)
+    end = nodes.view(n + 5)
+    np.testing.assert_array_equal(end, nodes.view(n + 5))
+    track = graph_data.TrackConfig(**{**small_method.config.graph.track.to_dict(), 'gain': (0.6, 1.0)})
+    np.testing.assert_array_equal(end, graph_data.track_end(nodes.view(5), np.random.default_rng([0, 1, 5]), track))
 
 
 def test_intra_only_graph_labels_each_node(tmp_path):
@@ -245,8 +323,47 @@ def test_pipeline_batches_pairs(small_method):
     assert batch['image'].shape == (16, 2, 32, 32, 3) and batch['image'].dtype == np.float32
     assert batch['pair_label'].shape == (16,) and batch['pair_kind'].shape == (16,)
     assert set(batch['pair_kind']) <= {0, 1, 2} and set(batch['pair_label']) <= set(range(10))
-    # The two views of a pair are different crops of different images, not one image twice.
-    assert not np.allclose(batch['image'][:, 0], batch['image'][:, 1])
+
+
+def test_pipeline_rows_are_graph_pairs():
+    """With an identity view (no crop, no resize, no flip), every batch row is the two views of one graph pair, with
+    that pair's label and kind."""
+    config = load_config(CONFIG, [*SMALL_GRAPH, 'input.image_size=28', 'input.crop_scale=(1.0, 1.0)'])
+    method = transitive_invariance.Method(config)
+    g, nodes, n = method.graph, method._nodes, 800
+    batch = next(iter(method.dataset(seed=0, process_index=0, process_count=1)[0]))
+    views = normalize(np.stack([nodes.view(v) for v in range(2 * n)]))
+    flat = views.reshape(2 * n, -1)
+    for row in range(16):
+        first = np.flatnonzero(np.abs(flat - batch['image'][row, 0].reshape(1, -1)).max(1) < 1e-5)
+        second = np.flatnonzero(np.abs(flat - batch['image'][row, 1].reshape(1, -1)).max(1) < 1e-5)
+        matches = [p for p in range(len(g.pairs)) if g.pairs[p, 0] in first and g.pairs[p, 1] in second]
+        assert matches, f'row {row} is not a graph pair'
+        assert batch['pair_kind'][row] in g.pairs[matches, 2]
+        assert batch['pair_label'][row] == g.labels[g.pairs[matches[0], 0] % n]
+
+
+def test_loss_reads_pairs_adjacent_with_their_labels(small_method, monkeypatch):
+    """The method hands the ranking loss the 2B embeddings as (view 0, view 1) of each pair, adjacent, with each
+    pair's label on both: two copies of one image embed equally, whatever the other pairs."""
+    seen, original = {}, ranking.rank_hard_loss
+
+    def capture(embeddings, labels, rng, **kw):
+        seen.update(embeddings=embeddings, labels=labels)
+        return original(embeddings, labels, rng, **kw)
+
+    monkeypatch.setattr(ranking, 'rank_hard_loss', capture)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(4, 1, 32, 32, 3)).astype(np.float32)
+    batch = {'image': np.repeat(images, 2, axis=1), 'pair_label': np.array([7, 3, 9, 3], np.int32)}
+    batch['image'][2, 1] = rng.normal(size=(32, 32, 3))  # pair 2: two different images
+    params, extra = small_method.init(jax.random.key(0), small_method.example_batch(4))
+    small_method.loss(params, extra, jax.tree.map(jnp.asarray, batch), jax.random.key(1), 0)
+    z = np.asarray(seen['embeddings'])
+    np.testing.assert_array_equal(seen['labels'], [7, 7, 3, 3, 9, 9, 3, 3])
+    for k in (0, 1, 3):
+        np.testing.assert_allclose(z[2 * k], z[2 * k + 1], atol=1e-5)
+    assert not np.allclose(z[4], z[5], atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -276,8 +393,12 @@ def test_reference_recipe():
     assert (loss.neg_num, loss.hard_ratio, loss.rand_ratio, loss.margin) == (4, 0.5, 0.5, 1.0)
     assert (config.model.head_hidden, config.model.head_out, config.model.head_init_std) == (4096, 1024, 0.005)
     assert config.optim.name == 'sgd' and config.optim.momentum == 0.9 and config.optim.weight_decay == 5e-4
-    assert config.input.global_batch == 40 and config.train.steps == 600_000 and config.input.image_size == 227
+    assert config.input.global_batch == 40 and config.train.steps == 600_000 and config.input.image_size == 224
     np.testing.assert_allclose(config.optim.base_lr * config.input.global_batch / 256, 1e-3)
+    assert config.model.head_init == 'xavier' and config.model.head_bias_init == 1.0  # the VGG16 prototxt's
+    assert config.graph.node_size == 227 and config.input.hflip  # resized to 227, 224 crops, mirrored
+    np.testing.assert_allclose(config.input.crop_scale, ((224 / 227) ** 2,) * 2)
+    load_config('configs/transitive_invariance.py:variant=B')  # a ViT fits the 224 crops
     assert config.graph.pair_kinds == ('intra', 'inter', 'transitive')
     assert load_config('configs/transitive_invariance.py:pairs=intra').graph.pair_kinds == ('intra',)
 
@@ -285,11 +406,13 @@ def test_reference_recipe():
 def test_picture_shows_graph_pairs(small_method):
     picture = small_method.visualize(None, None)['graph_pairs']
     assert picture.shape == (8 * 28, 4 * 28, 3) and picture.dtype == np.uint8
-    g, n = small_method.graph, 800
+    g, nodes, n = small_method.graph, small_method._nodes, 800
     i, j = g.edges[0]
-    np.testing.assert_array_equal(picture[:28, :28], g.views[i])
-    np.testing.assert_array_equal(picture[:28, 28:56], g.views[i + n])
-    np.testing.assert_array_equal(picture[:28, 84:], g.views[j + n])
+    np.testing.assert_array_equal(picture[:28, :28], nodes.view(i))
+    np.testing.assert_array_equal(picture[:28, 28:56], nodes.view(i + n))
+    np.testing.assert_array_equal(picture[:28, 84:], nodes.view(j + n))
+    fresh = transitive_invariance.Method(small_method.config)
+    assert fresh.visualize(None, None) == {}  # no graph outside a training run: nothing built for a picture
 
 
 def test_runlocal_sharded_matches_one_device_and_evaluates(tmp_path):
@@ -332,9 +455,11 @@ def test_unreadable_images_are_skipped_and_counted():
     from jaxssl import data
 
     before = data.skipped_files()
-    images, classes, kept = transitive_invariance.load_nodes(_Records(), node_size=4)
-    assert images.shape == (2, 4, 4, 3) and classes.tolist() == [0, 2] and kept.tolist() == [0, 2]
+    kept, classes, features = graph_data.scan_nodes(_Records(), node_size=4)
+    assert kept.tolist() == [0, 2] and classes.tolist() == [0, 2] and features.shape == (2, 256)
     assert data.skipped_files() == before + 1
+    nodes = graph_data.Nodes(_Records(), kept, 4, graph_data.TrackConfig(), seed=0)
+    np.testing.assert_array_equal(nodes.view(1), np.full((4, 4, 3), 120, np.uint8))  # node 1 is record 2
 
 
 def test_vit_backbone_represents_and_embeds():

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from jaxssl import kmeans
+from jaxssl.data import images as image_data
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +81,14 @@ def track_end(image: np.ndarray, rng: np.random.Generator, track: TrackConfig) -
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def pixel_features(images: np.ndarray) -> np.ndarray:
-    """(N, 256) float32: each uint8 (H, W, 3) image as grey at 16 x 16 (bilinear), centred, L2-normalised."""
+def pixel_feature(image: np.ndarray) -> np.ndarray:
+    """(256,) float32: a uint8 (H, W, 3) image as grey at 16 x 16 (bilinear), centred, L2-normalised."""
     from PIL import Image
 
-    rows = []
-    for image in images:
-        grey = np.asarray(Image.fromarray(image).convert('L').resize((FEATURE_SIDE, FEATURE_SIDE), Image.BILINEAR))
-        row = grey.astype(np.float32).ravel()
-        row -= row.mean()
-        rows.append(row / max(float(np.linalg.norm(row)), 1e-6))
-    return np.stack(rows)
+    grey = np.asarray(Image.fromarray(image).convert('L').resize((FEATURE_SIDE, FEATURE_SIDE), Image.BILINEAR))
+    row = grey.astype(np.float32).ravel()
+    row -= row.mean()
+    return row / max(float(np.linalg.norm(row)), 1e-6)
 
 
 def inter_edges(features: np.ndarray, clusters: np.ndarray, neighbours: int) -> np.ndarray:
@@ -127,13 +125,68 @@ def transitive_pairs(edges: np.ndarray, num_nodes: int, kinds: tuple[str, ...]) 
     return np.concatenate(rows).astype(np.int64)
 
 
+class Nodes:
+    """The graph's objects, decoded on demand so that no copy of the images is held (Grain workers each get one of
+    this object): node i is record kept[i] of `source` (resized to node_size x node_size when > 0). View v < N is
+    node v's start A_v; view N + v its track end A'_v, redrawn from the generator (seed, 1, v) at every read."""
+
+    def __init__(self, source: Any, kept: np.ndarray, node_size: int, track: TrackConfig, seed: int):
+        self.source, self.kept, self.node_size, self.track, self.seed = source, kept, node_size, track, seed
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def start(self, node: int) -> np.ndarray:
+        """uint8 (H, W, 3); raises DecodeError when the image cannot be read."""
+        image = image_data.decode_image(self.source[int(self.kept[node])])
+        return image_data._resize(image, self.node_size, self.node_size, 'bicubic') if self.node_size else image
+
+    def view(self, index: int) -> np.ndarray:
+        n = len(self)
+        if index < n:
+            return self.start(index)
+        return track_end(self.start(index - n), np.random.default_rng([self.seed, 1, index - n]), self.track)
+
+
+def scan_nodes(source: Any, node_size: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """One pass over `source`: the indices of its readable images, their classes when it has them, and their pixel
+    features (N, 256). Unreadable images are skipped, logged and counted (skipped_files); all must have one size
+    (after resizing to node_size when > 0). Shows progress on large sets."""
+    from jaxssl.data import pipeline
+    from jaxssl.data.decode import DecodeError
+
+    kept, classes, features, shapes = [], [], [], set()
+    started = time.monotonic()
+    for index in range(len(source)):
+        record = source[index]
+        try:
+            image = image_data.decode_image(record)
+        except DecodeError as e:
+            pipeline._log_failure(record['name'], e)
+            pipeline._add_skipped(1)
+            continue
+        if node_size:
+            image = image_data._resize(image, node_size, node_size, 'bicubic')
+        shapes.add(image.shape)
+        kept.append(index)
+        classes.append(record.get('label', -1))
+        features.append(pixel_feature(image))
+        if (index + 1) % 100_000 == 0:
+            log.warning('transitive graph: scanned %d / %d images (%.0f s)', index + 1, len(source),
+                        time.monotonic() - started)  # fmt: skip
+    if not kept:
+        raise ValueError(f'{source!r} has no readable image to build the graph from')
+    if len(shapes) > 1:
+        raise ValueError(f'the training images have {len(shapes)} sizes: set graph.node_size to resize them')
+    labelled = 'label' in getattr(source, 'label_keys', ())
+    return np.asarray(kept), (np.asarray(classes) if labelled else None), np.stack(features)
+
+
 @dataclasses.dataclass
 class Graph:
-    """views: uint8 (2N, H, W, 3) (A_0..A_{N-1}, then A'_0..A'_{N-1}); labels: int64 (N,) the loss's label of each
-    node (its cluster, or itself); edges: int64 (E, 2) the inter edges; pairs: int64 (P, 3) (first view, second
-    view, kind id); stats: figures to log."""
+    """labels: int64 (N,) the loss's label of each node (its cluster, or itself); edges: int64 (E, 2) the inter
+    edges; pairs: int64 (P, 3) (first view, second view, kind id) over the 2N views of `Nodes`; stats: figures."""
 
-    views: np.ndarray
     labels: np.ndarray
     edges: np.ndarray
     pairs: np.ndarray
@@ -141,35 +194,26 @@ class Graph:
 
 
 def build_graph(
-    starts: np.ndarray,
+    features: np.ndarray,
     classes: np.ndarray | None,
     *,
-    features: np.ndarray | None = None,
     kinds: tuple[str, ...],
     num_clusters: int,
     neighbours: int,
-    track: TrackConfig,
     seed: int,
 ) -> Graph:
-    """The graph over the objects `starts` (uint8 (N, H, W, 3), their A views), deterministic in `seed`. Inter edges
-    come from `features` (N, D) (e.g. an earlier self-supervised run's; L2-normalised here) or, when None, from
-    `pixel_features`. Logs its size and, given the objects' `classes` (N,), the share of inter edges that join one
-    class (the graph's purity: how far the label-free features already separate the classes; the labels are used
-    for nothing else)."""
+    """The graph over N objects from their `features` (N, D) (pixel features, or an earlier self-supervised run's;
+    L2-normalised here), deterministic in `seed`. Logs its size and, given the objects' `classes` (N,), the share of
+    inter edges that join one class (the graph's purity: how far the label-free features already separate the
+    classes; the labels are used for nothing else). Raises ValueError when no pair results."""
     started = time.monotonic()
-    ends = np.stack([track_end(image, np.random.default_rng([seed, 1, i]), track) for i, image in enumerate(starts)])
-    n = len(starts)
+    n = len(features)
     stats = {'graph_nodes': float(n)}
     if 'inter' in kinds or 'transitive' in kinds:
         if not 1 <= num_clusters <= n:
             raise ValueError(f'graph.clusters={num_clusters} must be in [1, {n}] (the nodes)')
-        if features is None:
-            features = pixel_features(starts)
-        else:
-            features = np.asarray(features, np.float64)
-            if features.shape[0] != n:
-                raise ValueError(f'{features.shape[0]} feature rows for {n} objects')
-            features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+        features = np.asarray(features, np.float64)
+        features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
         clusters, _, _ = kmeans.kmeans(features, num_clusters, seed=seed, max_iter=100)
         edges = inter_edges(features, clusters, neighbours)
         labels = clusters.astype(np.int64)
@@ -179,33 +223,37 @@ def build_graph(
     else:
         edges, labels = np.zeros((0, 2), np.int64), np.arange(n, dtype=np.int64)
     pairs = transitive_pairs(edges, n, kinds)
+    if not len(pairs):
+        raise ValueError(f'the graph has no {" / ".join(kinds)} pairs: every cluster holds a single node')
     stats['graph_pairs'] = float(len(pairs))
     summary = ', '.join(f'{k[6:]} {v:g}' for k, v in stats.items())
     log.warning('transitive graph: %s in %.1f s', summary, time.monotonic() - started)
-    return Graph(np.concatenate([starts, ends]), labels, edges, pairs, stats)
+    return Graph(labels, edges, pairs, stats)
 
 
 class PairSource:
-    """The graph's pairs as a source for jaxssl.data.images's pipeline: record i holds pair i's two views as one
-    uint8 (2, H, W, 3) array, its loss label and its kind."""
+    """The graph's pairs as a source for jaxssl.data.images's pipeline: record i names pair i's two views, its loss
+    label and its kind; `load` (the pipeline's decode) reads both views, uint8 (2, H, W, 3)."""
 
-    def __init__(self, graph: Graph):
-        self.graph = graph
+    def __init__(self, graph: Graph, nodes: Nodes):
+        self.graph, self.nodes = graph, nodes
         self.label_keys = ('pair_label', 'pair_kind')
 
     def __len__(self) -> int:
         return len(self.graph.pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        first, second, kind = self.graph.pairs[index]
-        n = len(self.graph.labels)
+        first, second, kind = (int(v) for v in self.graph.pairs[index])
         return {
             'name': f'transitive_graph[{index}]',
-            'image': self.graph.views[[first, second]],
+            'image': (first, second),
             'kind': 'pair',
-            'pair_label': int(self.graph.labels[first % n]),
-            'pair_kind': int(kind),
+            'pair_label': int(self.graph.labels[first % len(self.nodes)]),
+            'pair_kind': kind,
         }
+
+    def load(self, record: dict[str, Any]) -> np.ndarray:
+        return np.stack([self.nodes.view(v) for v in record['image']])
 
     def __repr__(self) -> str:
         return f'PairSource({len(self)} pairs)'

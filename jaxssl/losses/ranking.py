@@ -25,6 +25,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PAIR_SIZE = 2  # the reference's pair_size: anchor, positive
 
@@ -54,7 +55,8 @@ def choose_negatives(
     to_positive = distances[anchors, anchors + 1]
     from_anchor = distances[anchors]
     candidates = (labels[None, :] != labels[anchors, None]) & (to_positive[:, None] - from_anchor + margin > 0)
-    hard_num, rand_num = int(neg_num * hard_ratio), int(neg_num * rand_ratio)  # C++'s int(float) truncation
+    # C++: int hard_num = neg_num * hard_ratio, with hard_ratio a float: the product rounded to float32, truncated.
+    hard_num, rand_num = (int(np.float32(neg_num) * np.float32(ratio)) for ratio in (hard_ratio, rand_ratio))
     pool = candidates & (_rank(jnp.where(candidates, from_anchor, jnp.inf)) < neg_num)
     hard_key, rand_key = jax.random.split(rng)
     hard = pool & (_rank(jnp.where(pool, jax.random.uniform(hard_key, pool.shape), jnp.inf)) < hard_num)
@@ -82,7 +84,10 @@ def rank_hard_loss(
     if n % PAIR_SIZE:
         raise ValueError(f'rank_hard_loss needs (anchor, positive) pairs: got {n} embeddings')
     x = embeddings.astype(jnp.float32)
-    distances = -x @ x.T
+    # Full float32 products (TF32 would move near-ties across the hard pool's edge); the diagonal is 0 as the layer
+    # never writes it (it matters only for a pair whose two items carry different labels).
+    distances = -jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
+    distances = jnp.where(jnp.eye(n, dtype=bool), 0.0, distances)
     chosen = jax.lax.stop_gradient(
         choose_negatives(
             jax.lax.stop_gradient(distances),

@@ -27,11 +27,9 @@ import ml_collections
 import numpy as np
 
 from jaxssl import data
-from jaxssl.config import ConfigError, check_range
+from jaxssl.config import ConfigError, check_choice, check_range, method_module
 from jaxssl.data import images as image_data
-from jaxssl.data import pipeline
 from jaxssl.data import transitive_graph as graph_data
-from jaxssl.data.decode import DecodeError
 from jaxssl.losses import ranking
 from jaxssl.methods import _image, base, simclr
 from jaxssl.methods.videomae import DTYPES
@@ -53,6 +51,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         group, name = key.split('.')
         if not isinstance(config[group][name], int) or config[group][name] < 1:
             raise ConfigError(f"bad value {config[group][name]!r} for '{key}': must be an integer >= 1")
+    check_choice(config, 'model.head_init', tuple(ranking_model.KERNEL_INITS))
     kinds = tuple(config.graph.pair_kinds)
     if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(graph_data.PAIR_KINDS):
         raise ConfigError(
@@ -69,7 +68,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             "'loss.hard_ratio' + 'loss.rand_ratio' must be <= 1: they split the loss.neg_num negatives of a pair"
         )
-    check_range(config, 'loss.margin', 0.0, 2.000001)  # D = -a.b lies in [-1, 0]: a margin above 2 never closes
+    # The embeddings are non-negative unit vectors, so a.p - a.n <= 1: at a margin >= 1 no hinge ever closes.
+    check_range(config, 'loss.margin', 0.0, 2.000001)
     track = config.graph.track
     check_range(config, 'graph.track.rotation', 0.0, 180.000001)
     for key in ('scale', 'shear', 'shift'):
@@ -85,13 +85,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def make_model(config: ml_collections.ConfigDict) -> ranking_model.RankingViT | simclr_model.ResNetWithHead:
     m = config.model
     if resnet.is_resnet(m.variant):
-        head = ranking_model.RankingHead(m.head_hidden, m.head_out, m.head_layers, m.head_init_std, m.head_bias_init)
+        head = ranking_model.RankingHead(
+            m.head_hidden, m.head_out, m.head_layers, m.head_init, m.head_init_std, m.head_bias_init
+        )
         return simclr_model.ResNetWithHead(simclr.make_resnet_backbone(config, zero_init_residual=False), head)
     return ranking_model.make_vit(
         m.variant,
         head_hidden=m.head_hidden,
         head_out=m.head_out,
         head_layers=m.head_layers,
+        head_init=m.head_init,
         head_init_std=m.head_init_std,
         head_bias_init=m.head_bias_init,
         layer_norm_eps=m.layer_norm_eps,
@@ -108,37 +111,6 @@ def pair_view(pair: np.ndarray, rng: np.random.Generator, *, view: image_data.Vi
     return {'image': np.stack([view(image, rng) for image in pair])}
 
 
-def _as_pair(record: dict[str, Any]) -> np.ndarray:
-    return record['image']
-
-
-def load_nodes(source: Any, node_size: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Every readable image of `source` as uint8 (N, H, W, 3) (resized to node_size x node_size when > 0), their
-    classes when the source has them, and their indices in the source. Unreadable files are skipped, logged and
-    counted (host metric skipped_files)."""
-    images, classes, kept = [], [], []
-    for index in range(len(source)):
-        record = source[index]
-        try:
-            image = image_data.decode_image(record)
-        except DecodeError as e:
-            pipeline._log_failure(record['name'], e)
-            pipeline._add_skipped(1)
-            continue
-        if node_size:
-            image = image_data._resize(image, node_size, node_size, 'bicubic')
-        images.append(image)
-        classes.append(record.get('label', -1))
-        kept.append(index)
-    if not images:
-        raise ValueError(f'{source!r} has no readable image to build the graph from')
-    shapes = {image.shape for image in images}
-    if len(shapes) > 1:
-        raise ConfigError(f"the training images have {len(shapes)} sizes: set 'graph.node_size' to resize them")
-    labelled = 'label' in getattr(source, 'label_keys', ())
-    return np.stack(images), (np.asarray(classes) if labelled else None), np.asarray(kept)
-
-
 class Method(simclr.Method):
     """Transitive Invariance pretraining for the trainer: SimCLR's backbones and BatchNorm state handling, the
     graph's pairs, the ranking head and loss."""
@@ -147,28 +119,34 @@ class Method(simclr.Method):
         base.Method.__init__(self, config)  # not SimCLR's __init__: it would build SimCLR's head
         self.model = make_model(config)
         self._graph: graph_data.Graph | None = None
+        self._nodes: graph_data.Nodes | None = None
 
     @property
     def graph(self) -> graph_data.Graph:
         """The object graph over the training images, built on first use (deterministic in config.seed)."""
         if self._graph is None:
-            g = self.config.graph
-            source = image_data.make_image_source(self.config)
-            starts, classes, kept = load_nodes(source, g.node_size)
-            features = None
+            self._graph, self._nodes = self.build_graph()
+        return self._graph
+
+    def build_graph(self) -> tuple[graph_data.Graph, graph_data.Nodes]:
+        g = self.config.graph
+        source = image_data.make_image_source(self.config)
+        try:
+            kept, classes, features = graph_data.scan_nodes(source, g.node_size)
             if g.features != 'pixels' and ('inter' in g.pair_kinds or 'transitive' in g.pair_kinds):
                 features = self.run_features(g.features, g.representation, source)[kept]
-            self._graph = graph_data.build_graph(
-                starts,
+            graph = graph_data.build_graph(
+                features,
                 classes,
-                features=features,
                 kinds=tuple(g.pair_kinds),
                 num_clusters=g.clusters,
                 neighbours=g.neighbours,
-                track=graph_data.TrackConfig(**{**g.track.to_dict(), 'gain': tuple(g.track.gain)}),
                 seed=self.config.seed,
             )
-        return self._graph
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        track = graph_data.TrackConfig(**{**g.track.to_dict(), 'gain': tuple(g.track.gain)})
+        return graph, graph_data.Nodes(source, kept, g.node_size, track, self.config.seed)
 
     @staticmethod
     def run_features(workdir: str, representation: str, source: Any) -> np.ndarray:
@@ -181,9 +159,9 @@ class Method(simclr.Method):
         if not os.path.isfile(os.path.join(workdir, 'config.json')):
             raise ConfigError(f"graph.features: '{workdir}' is neither 'pixels' nor a training run's workdir")
         config = load_run_config(workdir, ())
-        method, mesh, restored, _ = train.restore_checkpoint(config, workdir)
-        if method.input_key != 'image':
+        if method_module(config).Method.input_key != 'image':
             raise ConfigError(f"graph.features: '{workdir}' is a {config.method} run, not an image method's")
+        method, mesh, restored, _ = train.restore_checkpoint(config, workdir)
         dataset, _ = image_data.make_image_eval_dataset(
             config,
             split=config.input.split,
@@ -203,7 +181,7 @@ class Method(simclr.Method):
 
     def dataset(self, seed: int, process_index: int, process_count: int) -> tuple[Any, int]:
         image_data.check_image_input_config(self.config)  # paths are checked when a run starts, not at config load
-        source = graph_data.PairSource(self.graph)
+        source = graph_data.PairSource(self.graph, self._nodes)
         view = functools.partial(pair_view, view=image_data.make_pretrain_view(self.config))
         dataset = image_data.make_image_pretrain_dataset(
             self.config,
@@ -212,7 +190,7 @@ class Method(simclr.Method):
             process_count=process_count,
             view=view,
             source=source,
-            decode=_as_pair,
+            decode=source.load,
         )
         return dataset, len(source)
 
@@ -266,13 +244,17 @@ class Method(simclr.Method):
 
     def visualize(self, params, extra) -> dict[str, np.ndarray]:
         """Pairs of the graph: rows of A, A' (its track's end), B (an inter neighbour) and B' for up to 8 inter
-        edges spread over the list; rows of A, A' alone when no inter edges were mined."""
-        g, n = self.graph, len(self.graph.labels)
+        edges spread over the list; rows of A, A' alone when no inter edges were mined. None outside a training
+        run (building the graph on one process could wait on the others' feature extraction)."""
+        if self._graph is None:
+            return {}
+        g, nodes = self._graph, self._nodes
+        n = len(nodes)
         if len(g.edges):
             rows = [[i, i + n, j, j + n] for i, j in g.edges[np.linspace(0, len(g.edges) - 1, 8).astype(int)]]
         else:
             rows = [[i, i + n] for i in np.linspace(0, n - 1, 8).astype(int)]
-        tiles = g.views[np.asarray(rows)]  # (rows, columns, H, W, 3)
+        tiles = np.stack([np.stack([nodes.view(v) for v in row]) for row in rows])  # (rows, columns, H, W, 3)
         r, c, h, w, _ = tiles.shape
         return {'graph_pairs': tiles.transpose(0, 2, 1, 3, 4).reshape(r * h, c * w, 3)}
 
