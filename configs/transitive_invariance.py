@@ -61,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.graph = ml_collections.ConfigDict()
     c.graph.pair_kinds = PAIRS[arg.pairs]
+    # Each kind's share of the pairs drawn, one per pair_kinds entry (e.g. (1, 1, 1)); (): every pair once, so each
+    # kind in proportion to its count (transitive: 3 per edge, inter: 1 per edge, intra: 1 per node).
+    c.graph.kind_shares = ()
     # Inter edges: k-means of label-free features into `clusters`, then each node's `neighbours` nearest members of
     # its cluster (the 2017 counts are not verified: docs/methods.md).
     c.graph.clusters = 100 if arg.runlocal else 5000

@@ -237,6 +237,18 @@ def test_transitive_pairs_known_answer():
     assert graph_data.transitive_pairs(edges, 3, ('intra',)).tolist() == [[0, 3, 0], [1, 4, 0], [2, 5, 0]]
 
 
+def test_kind_shares_resample_the_pairs():
+    edges = np.stack([np.arange(30), (np.arange(30) + 1) % 30], axis=1)
+    pairs = graph_data.transitive_pairs(edges, 30, ('intra', 'inter', 'transitive'))  # 30 + 30 + 90
+    mixed = graph_data.mix_kinds(pairs, (1, 1, 2), ('intra', 'inter', 'transitive'), seed=0)
+    assert np.bincount(mixed[:, 2]).tolist() == [38, 38, 75]  # round(150 x 1/4, 1/4, 1/2)
+    rows = {tuple(r) for r in pairs.tolist()}
+    assert all(tuple(r) in rows for r in mixed.tolist())  # only graph pairs, drawn again
+    np.testing.assert_array_equal(mixed, graph_data.mix_kinds(pairs, (1, 1, 2), ('intra', 'inter', 'transitive'), 0))
+    same = graph_data.mix_kinds(pairs, (30, 30, 90), ('intra', 'inter', 'transitive'), seed=0)
+    np.testing.assert_array_equal(same, pairs)  # shares equal to the counts keep every pair once
+
+
 def test_inter_edges_join_nearest_members_of_a_cluster():
     features = np.array([[1, 0], [0.9, 0.1], [0.6, 0.4], [0, 1], [0.1, 0.9]], np.float64)
     features /= np.linalg.norm(features, axis=1, keepdims=True)
@@ -377,6 +389,8 @@ def test_loss_reads_pairs_adjacent_with_their_labels(small_method, monkeypatch):
         ('loss.hard_ratio=0.8', "'loss.hard_ratio'"),
         ('loss.margin=-0.1', "'loss.margin'"),
         ('graph.track.gain=(1.0, 0.5)', "'graph.track.gain'"),
+        ('graph.kind_shares=(1.0, 1.0)', "'graph.kind_shares'"),
+        ('graph.kind_shares=(0.0, 0.0, 0.0)', "'graph.kind_shares'"),
         ('graph.track.rotation=-1.0', "'graph.track.rotation'"),
         ('input.num_sample=2', "'input.num_sample'"),
         ('model.head_out=0', "'model.head_out'"),

@@ -125,6 +125,17 @@ def transitive_pairs(edges: np.ndarray, num_nodes: int, kinds: tuple[str, ...]) 
     return np.concatenate(rows).astype(np.int64)
 
 
+def mix_kinds(pairs: np.ndarray, shares: tuple[float, ...], kinds: tuple[str, ...], seed: int) -> np.ndarray:
+    """The pair list resampled so that kind k makes up shares[k] of it (same length, each kind's pairs drawn with
+    replacement unless a kind keeps all of its own, deterministic in `seed`), `shares` following `kinds`."""
+    total, rng, parts = len(pairs), np.random.default_rng([seed, 2]), []
+    for kind, share in zip(kinds, np.asarray(shares, np.float64) / sum(shares), strict=True):
+        own = pairs[pairs[:, 2] == KIND_IDS[kind]]
+        want = round(share * total)
+        parts.append(own if want == len(own) else own[rng.choice(len(own), size=want, replace=want > len(own))])
+    return np.concatenate(parts)
+
+
 class Nodes:
     """The graph's objects, decoded on demand so that no copy of the images is held (Grain workers each get one of
     this object): node i is record kept[i] of `source` (resized to node_size x node_size when > 0). View v < N is
@@ -201,11 +212,13 @@ def build_graph(
     num_clusters: int,
     neighbours: int,
     seed: int,
+    kind_shares: tuple[float, ...] = (),
 ) -> Graph:
     """The graph over N objects from their `features` (N, D) (pixel features, or an earlier self-supervised run's;
     L2-normalised here), deterministic in `seed`. Logs its size and, given the objects' `classes` (N,), the share of
     inter edges that join one class (the graph's purity: how far the label-free features already separate the
-    classes; the labels are used for nothing else). Raises ValueError when no pair results."""
+    classes; the labels are used for nothing else). `kind_shares` (one per kind, in `kinds` order) resamples the pairs
+    to those proportions; () keeps every pair once. Raises ValueError when no pair results."""
     started = time.monotonic()
     n = len(features)
     stats = {'graph_nodes': float(n)}
@@ -225,6 +238,8 @@ def build_graph(
     pairs = transitive_pairs(edges, n, kinds)
     if not len(pairs):
         raise ValueError(f'the graph has no {" / ".join(kinds)} pairs: every cluster holds a single node')
+    if kind_shares:
+        pairs = mix_kinds(pairs, kind_shares, kinds, seed)
     stats['graph_pairs'] = float(len(pairs))
     summary = ', '.join(f'{k[6:]} {v:g}' for k, v in stats.items())
     log.warning('transitive graph: %s in %.1f s', summary, time.monotonic() - started)

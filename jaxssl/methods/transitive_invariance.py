@@ -57,6 +57,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"bad value {kinds!r} for 'graph.pair_kinds': distinct names from {', '.join(graph_data.PAIR_KINDS)}"
         )
+    shares = tuple(config.graph.kind_shares)
+    if shares and (len(shares) != len(kinds) or min(shares) < 0 or sum(shares) <= 0):
+        raise ConfigError(
+            f"bad value {shares!r} for 'graph.kind_shares': () or one share >= 0 per graph.pair_kinds entry, not all 0"
+        )
     if not isinstance(config.graph.features, str) or not config.graph.features:
         raise ConfigError(f"bad value {config.graph.features!r} for 'graph.features': 'pixels' or a run's workdir")
     node_size = config.graph.node_size
@@ -142,6 +147,7 @@ class Method(simclr.Method):
                 num_clusters=g.clusters,
                 neighbours=g.neighbours,
                 seed=self.config.seed,
+                kind_shares=tuple(g.kind_shares),
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
