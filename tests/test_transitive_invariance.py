@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sharded_runs import assert_sharded_matches_one_device
 
+from jaxssl import optim
 from jaxssl.config import ConfigError, load_config
 from jaxssl.data import transitive_graph as graph_data
 from jaxssl.data.transforms import normalize
@@ -410,6 +411,10 @@ def test_reference_recipe():
     assert config.input.global_batch == 40 and config.train.steps == 600_000 and config.input.image_size == 224
     np.testing.assert_allclose(config.optim.base_lr * config.input.global_batch / 256, 1e-3)
     assert config.model.head_init == 'xavier' and config.model.head_bias_init == 1.0  # the VGG16 prototxt's
+    params = transitive_invariance.Method(config).model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)))['params']
+    multipliers = optim.lr_multipliers(params, config.optim.lr_rules)
+    assert multipliers['head']['fc_0']['bias'] == multipliers['head']['fc_1']['bias'] == 2.0  # Caffe's lr_mult 2
+    assert multipliers['head']['fc_0']['kernel'] == 1.0
     assert config.graph.node_size == 227 and config.input.hflip  # resized to 227, 224 crops, mirrored
     np.testing.assert_allclose(config.input.crop_scale, ((224 / 227) ** 2,) * 2)
     load_config('configs/transitive_invariance.py:variant=B')  # a ViT fits the 224 crops
