@@ -320,6 +320,11 @@ def test_graph_labels_pairs_and_purity(small_method):
     np.testing.assert_array_equal(end, nodes.view(n + 5))
     track = graph_data.TrackConfig(**{**small_method.config.graph.track.to_dict(), 'gain': (0.6, 1.0)})
     np.testing.assert_array_equal(end, graph_data.track_end(nodes.view(5), np.random.default_rng([0, 1, 5]), track))
+    # The pipeline's read of a pair (an intra pair decodes its node once) gives the two views.
+    source = graph_data.PairSource(g, nodes)
+    for index in (0, int(np.flatnonzero(g.pairs[:, 2] == 2)[0])):
+        first, second, _ = g.pairs[index]
+        np.testing.assert_array_equal(source.load(source[index]), np.stack([nodes.view(first), nodes.view(second)]))
 
 
 def test_intra_only_graph_labels_each_node(tmp_path):

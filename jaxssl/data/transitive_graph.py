@@ -152,11 +152,11 @@ class Nodes:
         image = image_data.decode_image(self.source[int(self.kept[node])])
         return image_data._resize(image, self.node_size, self.node_size, 'bicubic') if self.node_size else image
 
-    def view(self, index: int) -> np.ndarray:
-        n = len(self)
-        if index < n:
-            return self.start(index)
-        return track_end(self.start(index - n), np.random.default_rng([self.seed, 1, index - n]), self.track)
+    def view(self, index: int, start: np.ndarray | None = None) -> np.ndarray:
+        """View `index` (uint8 (H, W, 3)); `start`: its node's start image, when already decoded."""
+        node = index % len(self)
+        start = self.start(node) if start is None else start
+        return start if index == node else track_end(start, np.random.default_rng([self.seed, 1, node]), self.track)
 
 
 def scan_nodes(source: Any, node_size: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -268,7 +268,12 @@ class PairSource:
         }
 
     def load(self, record: dict[str, Any]) -> np.ndarray:
-        return np.stack([self.nodes.view(v) for v in record['image']])
+        first, second = record['image']
+        n = len(self.nodes)
+        start = self.nodes.start(first % n)
+        # An intra pair's two views are one node's: its image is decoded once.
+        shared = start if first % n == second % n else None
+        return np.stack([self.nodes.view(first, start), self.nodes.view(second, shared)])
 
     def __repr__(self) -> str:
         return f'PairSource({len(self)} pairs)'

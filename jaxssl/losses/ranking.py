@@ -14,7 +14,7 @@ integer label per embedding (the source video in 2015, the graph's cluster here)
 4. loss = sum over pairs and chosen n of max(0, D(a, p) - D(a, n) + m) + max(0, D(a, p) - D(p, n) + m), divided by
    the fixed count 2 * neg_num * N / 2, however many negatives were chosen.
 
-The choice is a mask held constant (stop_gradient), so autodiff gives the reference's hand-written backward pass
+The choice is a boolean mask, constant to autodiff, so autodiff gives the reference's hand-written backward pass
 (tests/test_transitive_invariance.py checks it against a transcription of Backward_cpu). The reference's
 random_shuffle-then-take-the-first-k is drawn here as the k smallest of independent uniform keys, the same uniform
 choice of a k-subset, and static in shape under jit.
@@ -88,16 +88,15 @@ def rank_hard_loss(
     # never writes it (it matters only for a pair whose two items carry different labels).
     distances = -jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
     distances = jnp.where(jnp.eye(n, dtype=bool), 0.0, distances)
-    chosen = jax.lax.stop_gradient(
-        choose_negatives(
-            jax.lax.stop_gradient(distances),
-            labels,
-            rng,
-            neg_num=neg_num,
-            hard_ratio=hard_ratio,
-            rand_ratio=rand_ratio,
-            margin=margin,
-        )
+    # A boolean mask: no gradient flows through the choice, as the layer's fixed mask_ in Backward_cpu.
+    chosen = choose_negatives(
+        jax.lax.stop_gradient(distances),
+        labels,
+        rng,
+        neg_num=neg_num,
+        hard_ratio=hard_ratio,
+        rand_ratio=rand_ratio,
+        margin=margin,
     )
     anchors = jnp.arange(0, n, PAIR_SIZE)
     to_positive = distances[anchors, anchors + 1][:, None]
