@@ -34,7 +34,7 @@ from jaxssl import rules as rules_lib
 from jaxssl.config import ConfigError
 
 OPTIMIZERS = ('adamw', 'adam', 'lars', 'sgd')
-SCHEDULES = ('cosine', 'linear', 'infinite', 'tri_stage', 'epoch_cosine', 'constant', 'poly')
+SCHEDULES = ('cosine', 'linear', 'infinite', 'tri_stage', 'epoch_cosine', 'constant', 'poly', 'step')
 COOLDOWNS = ('cosine', 'linear', 'inv_sqrt')  # the infinite schedule's cooldown shapes (the reference's options)
 # Schedule keys every config gets (add_schedule_defaults) so any of them can be selected on the command line; the
 # infinite schedule's values are the authors' final small-scale MAE runs (Pauljanson002/MAE-1 bin/mila/*.sh).
@@ -52,6 +52,8 @@ SCHEDULE_DEFAULTS = dict(
     final_lr_scale=0.05,  # tri_stage: the lr after the exponential decay, a fraction of the peak lr
     warmup_lr=1e-5,  # epoch_cosine: the constant lr of the warmup epochs (absolute, Dassl's WARMUP_CONS_LR)
     poly_power=0.9,  # poly: lr = peak (1 - step / steps)^power (DeepLab's, U2PL's and FST's), no warmup
+    step_boundaries=(0.5,),  # step: the lr is multiplied by step_factor at each of these fractions of the steps
+    step_factor=0.1,  # step: Caffe's 'step' policy gamma, Keras LearningRateScheduler drops (PredNet: 1e-3 -> 1e-4)
 )
 INV_SQRT_ALPHA = 10.0  # the reference's inverse-sqrt cooldown steepness
 
@@ -175,6 +177,20 @@ def epoch_cosine_schedule(peak: float, epochs: int, steps_per_epoch: int, warmup
     return schedule
 
 
+def step_schedule(peak: float, total_steps: int, warmup_steps: int, boundaries: tuple, factor: float):
+    """Linear warmup from 0 to the peak at step `warmup_steps`, then peak x factor^k after k of the boundaries
+    (fractions of total_steps, cut at int(fraction x total_steps)): Caffe's 'step' policy and PredNet's epoch-75
+    drop."""
+    cuts = jnp.asarray([int(b * total_steps) for b in boundaries], jnp.float32)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        drops = jnp.sum(step >= cuts)
+        return jnp.where(step < warmup_steps, peak * step / max(warmup_steps, 1), peak * factor**drops)
+
+    return schedule
+
+
 def add_schedule_defaults(optim_config: ml_collections.ConfigDict) -> None:
     """Adds the schedule keys (SCHEDULE_DEFAULTS) a config's `optim` section lacks; values it sets are kept."""
     for key, value in SCHEDULE_DEFAULTS.items():
@@ -205,6 +221,13 @@ def check_schedule_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"bad value {ratios} for 'optim.phase_ratio': three fractions >= 0 that add up to 1")
         if not 0 < o.init_lr_scale <= 1 or not 0 < o.final_lr_scale <= 1:
             raise ConfigError("'optim.init_lr_scale' / 'optim.final_lr_scale' must be in (0, 1]")
+        return
+    if o.schedule == 'step':
+        bounds = tuple(o.step_boundaries)
+        if not bounds or any(not 0 < b < 1 for b in bounds) or list(bounds) != sorted(bounds):
+            raise ConfigError(f"bad value {bounds} for 'optim.step_boundaries': increasing fractions in (0, 1)")
+        if not 0 < o.step_factor <= 1:
+            raise ConfigError(f"bad value {o.step_factor} for 'optim.step_factor': must be in (0, 1]")
         return
     if o.schedule != 'infinite':
         return
@@ -256,6 +279,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, 
         # Clamped at 0: XLA computes step / steps as step x (1 / steps), a hair above 1 at the end, and a negative
         # base to a fractional power is NaN.
         cycle = lambda step: peak * jnp.maximum(1.0 - jnp.minimum(step, task_steps) / task_steps, 0.0) ** o.poly_power
+        per_task = lambda step: cycle(jnp.mod(step, task_steps))
+    elif name == 'step':
+        cycle = step_schedule(peak, task_steps, warmup, tuple(o.step_boundaries), o.step_factor)
         per_task = lambda step: cycle(jnp.mod(step, task_steps))
     elif name == 'tri_stage':
         cycle = tri_stage_schedule(peak, task_steps, tuple(o.phase_ratio), o.init_lr_scale, o.final_lr_scale)

@@ -1,0 +1,83 @@
+"""PreludeNet's evidence on the built-in lit scenes: short runlocal runs of each training setting, several seeds, and
+a table of the end-of-run evaluation (depth RMSE, its spread over lightings, next-frame MSE, lighting invariance).
+
+    python benchmarks/prelude_net_evidence.py --steps=300 --seeds=0,1,2 --workdir=/tmp/prelude
+
+Settings (name: config overrides):
+  random     loss.prednet_weight=0, depth_grad_scale 0: the depth decoders on a frozen random PredNet
+  prelude    the default: PredNet loss for the encoder, depth loss for the decoders only (the paper's hybrid)
+  end2end    PredNet loss + depth gradients through the encoder (hybrid=1)
+  supervised depth loss only, end to end (no self-supervision)
+Each run is `python -m jaxssl.main --config=configs/prelude_net.py:runlocal,...` in its own process; a finished
+run (summary.json present) is not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+SETTINGS = {
+    'random': ['--config.loss.prednet_weight=0'],
+    'prelude': [],
+    'end2end': ['--config.model.depth_grad_scale=1.0'],
+    'supervised': ['--config.loss.prednet_weight=0', '--config.model.depth_grad_scale=1.0'],
+}
+COLUMNS = (
+    'depth_rmse/infer', 'depth_rmse/predict', 'depth_rmse/infer/spread', 'depth_shift_rmse/infer',
+    'next_frame_mse', 'copy_last_mse', 'invariance/r0', 'invariance/r1', 'invariance/r2',
+)  # fmt: skip
+
+
+def last_eval(workdir: str) -> dict[str, float]:
+    """The last evaluation record of a run's metrics.jsonl, without the 'eval/' prefix."""
+    found = {}
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        for line in f:
+            record = json.loads(line)
+            if any(k.startswith('eval/') for k in record):
+                found = {k[5:]: v for k, v in record.items() if k.startswith('eval/')}
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--steps', type=int, default=300)
+    parser.add_argument('--seeds', default='0,1,2')
+    parser.add_argument('--settings', default=','.join(SETTINGS))
+    parser.add_argument('--workdir', required=True)
+    parser.add_argument('--extra', default='', help='overrides for every run, space separated')
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(',')]
+    results: dict[str, list[dict[str, float]]] = {}
+    for name in args.settings.split(','):
+        for seed in seeds:
+            workdir = os.path.join(args.workdir, f'{name}_seed{seed}')
+            if not os.path.exists(os.path.join(workdir, 'summary.json')):
+                command = [
+                    sys.executable, '-m', 'jaxssl.main', '--config=configs/prelude_net.py:runlocal',
+                    f'--config.seed={seed}', f'--config.train.steps={args.steps}',
+                    f'--config.checkpoint.every={args.steps}', f'--workdir={workdir}', *SETTINGS[name],
+                    *args.extra.split(),
+                ]  # fmt: skip
+                print('running', ' '.join(command[2:]), flush=True)
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            results.setdefault(name, []).append(last_eval(workdir))
+    print(f'\n{args.steps} steps, seeds {args.seeds}: mean +- std over seeds\n')
+    print('| setting | ' + ' | '.join(COLUMNS) + ' |')
+    print('|---' * (len(COLUMNS) + 1) + '|')
+    for name, runs in results.items():
+        cells = []
+        for column in COLUMNS:
+            values = np.array([r[column] for r in runs if column in r])
+            cells.append(f'{values.mean():.3f} +- {values.std():.3f}' if len(values) else '-')
+        print(f'| {name} | ' + ' | '.join(cells) + ' |')
+
+
+if __name__ == '__main__':
+    main()
