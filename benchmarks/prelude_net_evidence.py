@@ -5,7 +5,9 @@ a table of the end-of-run evaluation (depth RMSE, its spread over lightings, nex
 
 Settings (name: config overrides):
   random     loss.prednet_weight=0, depth_grad_scale 0: the depth decoders on a frozen random PredNet
-  prelude    the default: PredNet loss for the encoder, depth loss for the decoders only (the paper's hybrid)
+  pretrained two stages: PredNet alone (loss.depth_weight=0), then the decoders on that frozen encoder
+             (init_from the first run, loss.prednet_weight=0): the frozen-feature readout
+  prelude    the default: PredNet loss for the encoder, depth loss for the decoders only, trained together
   end2end    PredNet loss + depth gradients through the encoder (hybrid=1)
   supervised depth loss only, end to end (no self-supervision)
 Each run is `python -m jaxssl.main --config=configs/prelude_net.py:runlocal,...` in its own process; a finished
@@ -24,14 +26,17 @@ import numpy as np
 
 SETTINGS = {
     'random': ['--config.loss.prednet_weight=0'],
+    'pretrained': ['--config.loss.prednet_weight=0'],
     'prelude': [],
     'end2end': ['--config.model.depth_grad_scale=1.0'],
     'supervised': ['--config.loss.prednet_weight=0', '--config.model.depth_grad_scale=1.0'],
 }
+FIRST_STAGE = {'pretrained': ['--config.loss.depth_weight=0']}  # its run is the second stage's init_from
 COLUMNS = (
     'depth_rmse/infer', 'depth_rmse/predict', 'depth_rmse/infer/spread', 'depth_shift_rmse/infer',
-    'next_frame_mse', 'copy_last_mse', 'invariance/r0', 'invariance/r1', 'invariance/r2',
+    'next_frame_mse', 'invariance/r0', 'invariance/r1', 'invariance/r2',
 )  # fmt: skip
+BASELINES = ('depth_rmse/pixel_mean', 'depth_rmse/copy_last', 'copy_last_mse')  # the same in every run
 
 
 def last_eval(workdir: str) -> dict[str, float]:
@@ -55,18 +60,27 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(',')]
     results: dict[str, list[dict[str, float]]] = {}
+
+    def train(workdir: str, seed: int, overrides: list[str]) -> None:
+        if os.path.exists(os.path.join(workdir, 'summary.json')):
+            return
+        command = [
+            sys.executable, '-m', 'jaxssl.main', '--config=configs/prelude_net.py:runlocal', f'--config.seed={seed}',
+            f'--config.train.steps={args.steps}', f'--config.checkpoint.every={args.steps}', f'--workdir={workdir}',
+            *overrides, *args.extra.split(),
+        ]  # fmt: skip
+        print('running', ' '.join(command[2:]), flush=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
     for name in args.settings.split(','):
         for seed in seeds:
             workdir = os.path.join(args.workdir, f'{name}_seed{seed}')
-            if not os.path.exists(os.path.join(workdir, 'summary.json')):
-                command = [
-                    sys.executable, '-m', 'jaxssl.main', '--config=configs/prelude_net.py:runlocal',
-                    f'--config.seed={seed}', f'--config.train.steps={args.steps}',
-                    f'--config.checkpoint.every={args.steps}', f'--workdir={workdir}', *SETTINGS[name],
-                    *args.extra.split(),
-                ]  # fmt: skip
-                print('running', ' '.join(command[2:]), flush=True)
-                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            overrides = list(SETTINGS[name])
+            if name in FIRST_STAGE:
+                first = os.path.join(args.workdir, f'{name}_stage1_seed{seed}')
+                train(first, seed, FIRST_STAGE[name])
+                overrides.append(f'--config.init_from={first}')
+            train(workdir, seed, overrides)
             results.setdefault(name, []).append(last_eval(workdir))
     print(f'\n{args.steps} steps, seeds {args.seeds}: mean +- std over seeds\n')
     print('| setting | ' + ' | '.join(COLUMNS) + ' |')
@@ -77,6 +91,8 @@ def main() -> None:
             values = np.array([r[column] for r in runs if column in r])
             cells.append(f'{values.mean():.3f} +- {values.std():.3f}' if len(values) else '-')
         print(f'| {name} | ' + ' | '.join(cells) + ' |')
+    first = next(iter(results.values()))[0]
+    print('\nbaselines: ' + ', '.join(f'{k} {first[k]:.4f}' for k in BASELINES if k in first))
 
 
 if __name__ == '__main__':

@@ -12,9 +12,11 @@ Examples:
                    (<root>/{train,val}/*.npz: 'frames' (T, H, W, 3) or (K, T, H, W, 3) under K lightings, 'depth')
   --config=configs/prelude_net.py:runlocal
   --config=configs/prelude_net.py:runlocal --config.loss.prednet_weight=0   (random encoder: depth decoders only)
-Recipe: PredNet's kitti_train.py (4 layers (3, 48, 96, 192), 3x3 filters, 128 x 160 frames, 10 steps, the L_0
-loss, Adam 1e-3 then 1e-4 after half of the 150 epochs of 500 clips, batch 4). The depth decoders' widths, the depth
-loss (L1) and its weight are ours: PreludeNet's are not public. Sources: jaxssl/models/prednet.py, docs/methods.md.
+Recipe: PredNet's kitti_train.py (4 layers (3, 48, 96, 192), 3x3 filters, 10 steps, the L_0 loss, Adam 1e-3 then
+1e-4 after half of the 150 epochs of 500 clips, batch 4), on square 128 x 128 frames (KITTI's are 128 x 160); the
+final weights are evaluated (kitti_train.py keeps those of the best validation loss). The depth decoders' widths,
+the depth loss (L1) and its weight are ours: PreludeNet's are not public. Sources: jaxssl/models/prednet.py,
+docs/methods.md.
 """
 
 import ml_collections
@@ -63,12 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.step_factor = 0.1
     c.optim.warmup_steps = 0
     c.optim.warmup_epochs = 0
-    c.optim.epochs = 150 * 500 // 2000  # 150 epochs of 500 clips, in passes over the 2,000 built-in scenes
+    c.optim.epochs = 1  # unused: train.steps is set
     c.optim.weight_decay = 0.0
     c.optim.clip_grad = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
-    c.optim.eps = 1e-7  # Keras's epsilon
+    c.optim.eps = 1e-7  # Keras's value (Keras adds it before the bias correction, optax after: ~3e-6 at step 1)
     c.optim.no_decay = ()
     c.optim.lr_rules = ()
 

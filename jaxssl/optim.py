@@ -20,6 +20,7 @@ previous task's workdir continues the schedule where the earlier tasks left it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -224,7 +225,7 @@ def check_schedule_config(config: ml_collections.ConfigDict) -> None:
         return
     if o.schedule == 'step':
         bounds = tuple(o.step_boundaries)
-        if not bounds or any(not 0 < b < 1 for b in bounds) or list(bounds) != sorted(bounds):
+        if not bounds or any(not 0 < b < 1 for b in bounds) or any(a >= b for a, b in itertools.pairwise(bounds)):
             raise ConfigError(f"bad value {bounds} for 'optim.step_boundaries': increasing fractions in (0, 1)")
         if not 0 < o.step_factor <= 1:
             raise ConfigError(f"bad value {o.step_factor} for 'optim.step_factor': must be in (0, 1]")
@@ -281,6 +282,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, 
         cycle = lambda step: peak * jnp.maximum(1.0 - jnp.minimum(step, task_steps) / task_steps, 0.0) ** o.poly_power
         per_task = lambda step: cycle(jnp.mod(step, task_steps))
     elif name == 'step':
+        first_cut = int(o.step_boundaries[0] * task_steps)
+        if warmup > first_cut:
+            raise ConfigError(
+                f"'optim.schedule' step: the warmup ({warmup} steps) runs past the first drop at step {first_cut} "
+                "('optim.step_boundaries')"
+            )
         cycle = step_schedule(peak, task_steps, warmup, tuple(o.step_boundaries), o.step_factor)
         per_task = lambda step: cycle(jnp.mod(step, task_steps))
     elif name == 'tri_stage':

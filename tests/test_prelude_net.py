@@ -221,8 +221,14 @@ def test_step_schedule_drops_at_the_boundaries():
     np.testing.assert_allclose(got, [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5], rtol=1e-6)
     warm = optim.step_schedule(1e-3, 100, 10, (0.5,), 0.1)
     assert float(warm(5)) == pytest.approx(5e-4) and float(warm(10)) == pytest.approx(1e-3)
-    with pytest.raises(ConfigError, match=r'optim\.step_boundaries'):
-        load_config(CONFIG, ['optim.step_boundaries=(0.7,0.2)'])
+    for bad in ('(0.7,0.2)', '(0.5,0.5)'):
+        with pytest.raises(ConfigError, match=r'optim\.step_boundaries'):
+            load_config(CONFIG, [f'optim.step_boundaries={bad}'])
+    with pytest.raises(ConfigError, match='runs past the first drop'):
+        optim.learning_rate_schedule(load_config(CONFIG, ['optim.warmup_steps=200']), 300, 100)
+    # The full recipe: 150 epochs of 125 steps, the drop after epoch 75.
+    full = optim.learning_rate_schedule(load_config('configs/prelude_net.py', []), 18_750, 125)
+    assert float(full(9374)) == pytest.approx(1e-3) and float(full(9375)) == pytest.approx(1e-4)
 
 
 # --- data, config, method --------------------------------------------------------------------------------------------
@@ -235,11 +241,13 @@ def write_clip(path, lightings=2, frames=5, size=20, depth_fill=3.0):
 
 
 def test_folder_clips_are_cropped_and_bad_files_skipped(tmp_path):
+    from jaxssl import data
+
     for split in ('train', 'val'):
         (tmp_path / split).mkdir()
         write_clip(tmp_path / split / 'a.npz')
         write_clip(tmp_path / split / 'b.npz', lightings=1)
-    (tmp_path / 'train' / 'broken.npz').write_bytes(b'not a zip')
+    (tmp_path / 'train' / 'broken.npz').write_bytes((tmp_path / 'train' / 'a.npz').read_bytes()[:300])  # truncated
     config = load_config(CONFIG, [*TINY, 'input.dataset=folder', f'input.data_root={tmp_path}', 'input.depth_scale=6'])
     clips = prelude_net.Clips(config, 'train')
     item = clips.decode(clips.source[0])
@@ -247,13 +255,49 @@ def test_folder_clips_are_cropped_and_bad_files_skipped(tmp_path):
     assert view['frames'].shape == (3, 16, 16, 3) and view['frames'].max() <= 1
     np.testing.assert_allclose(view['depth'][view['valid'] > 0], 0.5)  # 3 / depth_scale 6
     assert view['valid'][:, :2].sum() == 0 and view['valid'][:, 2:].all()  # the crop starts at the file's row 2
-    with pytest.raises(DecodeError, match='cannot read'):
+    with pytest.raises(DecodeError, match=r'cannot read .*broken'):
         clips.decode(clips.source[2])
     method = prelude_net.Method(config)
+    before = data.skipped_files()
     batch = next(iter(method.dataset(0, 0, 1)[0]))
-    assert batch['frames'].shape == (8, 3, 16, 16, 3) and method.host_metrics()['skipped_files'] >= 0
+    assert batch['frames'].shape == (8, 3, 16, 16, 3) and np.isfinite(batch['frames']).all()
+    assert data.skipped_files() > before  # the truncated file was drawn, replaced and counted
     with pytest.raises(ConfigError, match='different numbers of lightings'):
         method.evaluate(None, {}, None)
+
+
+def test_evaluation_known_answers_on_a_folder_with_identical_lightings(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / 'train').mkdir()
+    (tmp_path / 'val').mkdir()
+    depth = np.broadcast_to(2.0 + np.arange(4.0)[:, None, None], (4, 16, 16)).copy()  # 2, 3, 4, 5 over the steps
+    depth[:, :2] = 0.0  # two invalid rows
+    clips = []
+    for name in ('c0', 'c1', 'c2'):
+        once = rng.uniform(size=(1, 4, 16, 16, 3)).astype(np.float32)
+        clips.append(once[0])
+        np.savez(tmp_path / 'val' / f'{name}.npz', frames=np.concatenate([once, once]), depth=depth)  # K = 2, equal
+    np.savez(tmp_path / 'train' / 'c0.npz', frames=clips[0], depth=depth)
+    (tmp_path / 'val' / 'broken.npz').write_bytes(b'PK not really')
+    overrides = [*TINY, 'input.frames=4', 'input.dataset=folder', f'input.data_root={tmp_path}', 'input.depth_scale=10']
+    method = prelude_net.Method(load_config(CONFIG, [*overrides, 'eval.scenes=4']))
+    params, _ = method.init(jax.random.key(0), method.example_batch(2))
+    got = method.evaluate(params, {}, None)
+    assert got['eval_skipped_files'] == 1
+    for level in range(3):
+        assert got[f'invariance/r{level}'] == 1.0  # the same frames under both "lightings"
+    assert got['depth_shift_rmse/infer'] == 0 and got['depth_rmse/infer/spread'] == 0
+    assert got['depth_rmse/copy_last'] == pytest.approx(1.0)  # depth grows by 1 a step
+    assert got['depth_rmse/pixel_mean'] == pytest.approx(math.sqrt(1.25))  # 2..5 about their mean 3.5
+    frames = np.stack(clips)
+    assert got['copy_last_mse'] == pytest.approx(np.mean((frames[:, 1:] - frames[:, :-1]) ** 2), rel=1e-6)
+    out = method.model.apply({'params': params}, frames)
+    valid = depth > 0
+    want = np.sqrt(np.mean((np.asarray(out['infer']) * 10 - depth)[:, valid] ** 2))
+    assert got['depth_rmse/infer/lighting0'] == pytest.approx(want, rel=1e-5)
+    want = np.sqrt(np.mean((np.asarray(out['predict'][:, 1:]) * 10 - depth[1:])[:, valid[1:]] ** 2))
+    assert got['depth_rmse/predict/lighting1'] == pytest.approx(want, rel=1e-5)
+    assert got['next_frame_mse'] == pytest.approx(np.mean((np.asarray(out['prediction'])[:, 1:] - frames[:, 1:]) ** 2))
 
 
 @pytest.mark.parametrize(
@@ -268,6 +312,10 @@ def test_folder_clips_are_cropped_and_bad_files_skipped(tmp_path):
         ('input.lighting=sunny', 'input.lighting'),
         ('input.dataset=folder', 'input.data_root'),
         ('eval.batch_size=1', 'eval.batch_size'),
+        ('model.dtype=bf16', 'model.dtype'),
+        ('input.split=test', 'input.split'),
+        ('eval.split=test', 'eval.split'),
+        ('loss.layer_weights=(0.0,0.0,0.0)', 'loss.layer_weights'),
     ],
 )
 def test_bad_config_fails_fast_naming_the_key(override, key):
@@ -290,4 +338,5 @@ def test_trains_sharded_like_one_device_and_evaluates(tmp_path):
     for k in range(len(lit_scenes.EVAL_LIGHTINGS)):
         assert evaluation[f'eval/depth_rmse/infer/lighting{k}'] > 0
     assert -10 < evaluation['eval/invariance/r2'] <= 1 and evaluation['eval/copy_last_mse'] > 0
+    assert 0 < evaluation['eval/depth_rmse/pixel_mean'] < lit_scenes.FAR
     assert (tmp_path / 'sharded' / 'pictures').exists()

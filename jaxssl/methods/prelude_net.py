@@ -17,7 +17,8 @@ depth gradient reaches the encoder scaled by model.depth_grad_scale (0: the pape
 
 Evaluation on the val scenes, each rendered under every lighting of lit_scenes.EVAL_LIGHTINGS (or each lighting a
 folder file holds): depth RMSE of both decoders per lighting (world units) and its spread over lightings; next-frame
-MSE against the copy-last-frame baseline (kitti_evaluate.py's measures); and the lighting invariance of each
+MSE against the copy-last-frame baseline (kitti_evaluate.py's measures); the depth RMSE of each pixel's mean depth
+over the eval clips (what a decoder that ignores its input reaches); and the lighting invariance of each
 encoder layer, 1 - E|R(scene, lighting k) - R(scene, reference)|^2 / E|R(scene) - R(other scene)|^2 under the
 reference lighting (1: lighting changes nothing, 0: it changes R as much as another scene does), and of the
 inferred depth (RMSE between lightings).
@@ -73,6 +74,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"bad value {i.frames!r} for 'input.frames': PredNet needs 2 or more frames")
     check_choice(config, 'input.dataset', DATASETS)
     check_choice(config, 'input.lighting', LIGHTINGS)
+    check_choice(config, 'model.dtype', ('float32', 'bfloat16'))
+    if c.prednet_weight > 0 and max(c.layer_weights) == 0:
+        raise ConfigError("'loss.layer_weights' are all 0 while 'loss.prednet_weight' > 0: the PredNet loss would be 0")
+    # The splits are checked now, not when the evaluation at the end of a long run first reads them.
+    for key in ('input.split', 'eval.split'):
+        split = i.split if key == 'input.split' else config.eval.split
+        if i.dataset == 'lit_scenes' and split not in lit_scenes.SPLIT_SIZES:
+            raise ConfigError(
+                f"bad value '{split}' for '{key}': the built-in lit scenes have {sorted(lit_scenes.SPLIT_SIZES)}"
+            )
+        if i.dataset == 'folder' and i.data_root and not glob.glob(os.path.join(i.data_root, split, '*.npz')):
+            raise ConfigError(
+                f"'{key}' {split}: no .npz clips in {os.path.join(i.data_root, split)} ('input.data_root')"
+            )
     if i.dataset == 'folder' and not i.data_root:
         raise ConfigError("'input.data_root' is empty: input.dataset 'folder' reads <data_root>/{train,val}/*.npz")
     if not i.depth_scale > 0:
@@ -113,11 +128,13 @@ def load_clip(record: dict[str, Any], size: int, frames: int) -> dict[str, np.nd
     try:
         with np.load(record['path'], allow_pickle=False) as f:
             clip, depth = np.asarray(f['frames']), np.asarray(f['depth'], np.float32)
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        raise DecodeError(f'cannot read {record["name"]}: {e}') from e
+    except Exception as e:  # a missing, truncated or corrupt file (BadZipFile, zlib.error, ...): skip it
+        raise DecodeError(f'cannot read {record["name"]}: {type(e).__name__}: {e}') from e
     clip = clip[None] if clip.ndim == 4 else clip
-    if clip.ndim != 5 or clip.shape[-1] != 3 or depth.shape != clip.shape[1:4]:
+    if clip.ndim != 5 or clip.shape[0] < 1 or clip.shape[-1] != 3 or depth.shape != clip.shape[1:4]:
         raise DecodeError(f'{record["name"]}: frames {clip.shape} and depth {depth.shape} do not match (K, T, H, W, 3)')
+    if not (np.issubdtype(clip.dtype, np.integer) or np.issubdtype(clip.dtype, np.floating)):
+        raise DecodeError(f'{record["name"]}: frames of dtype {clip.dtype}, need uint8 or floats')
     if clip.shape[1] < frames or min(clip.shape[2:4]) < size:
         raise DecodeError(f'{record["name"]}: {clip.shape[1:4]} (T, H, W) is smaller than {frames} x {size} x {size}')
     clip = clip.astype(np.float32) / 255.0 if clip.dtype == np.uint8 else clip.astype(np.float32)
@@ -185,8 +202,9 @@ class Clips:
 
 
 def invariance(features: jax.Array, reference: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum over the batch of |f - ref|^2, sum of |ref - ref of the next scene|^2) for (B, ...) features of the same
-    scenes under another lighting and the reference one; 1 - first / second is the invariance."""
+    """(sum over the batch of |f - ref|^2, sum of |ref - ref of the previous scene in the batch (the first: the
+    last)|^2) for (B, ...) features of the same scenes under another lighting and the reference one; 1 - first /
+    second is the invariance. Which scenes are compared depends on the batch (eval.batch_size)."""
     within = jnp.sum((features - reference) ** 2, axis=tuple(range(1, features.ndim)))
     between = jnp.sum((reference - jnp.roll(reference, 1, axis=0)) ** 2, axis=tuple(range(1, features.ndim)))
     return within.sum(), between.sum()
@@ -269,7 +287,8 @@ class Method(base.Method):
         return loss, (metrics, extra)
 
     def represent(self, params, extra, batch):
-        """Each layer's R at the last step, averaged over space: 'r<l>' (B, R_l)."""
+        """Each layer's R at the last step (formed from the frames before the last), averaged over space:
+        'r<level>' (B, R_level)."""
         frames = batch['frames']
         out = self.model.apply({'params': params}, frames.reshape(-1, *frames.shape[-4:]), return_states=True)
         return {f'r{level}': r[:, -1].mean(axis=(1, 2)) for level, r in enumerate(out['r'])}
@@ -279,43 +298,51 @@ class Method(base.Method):
     def _forward(self):
         return jax.jit(lambda params, frames: self.model.apply({'params': params}, frames, return_states=True))
 
-    def _eval_clips(self) -> tuple[Clips, list[Any]]:
-        clips = Clips(self.config, self.config.eval.split, self.config.eval.scenes)
-        items, skipped = [], 0
-        for index in range(len(clips.source)):
+    def _eval_records(self, clips: Clips) -> tuple[list[dict[str, Any]], int, int]:
+        """(the readable records among the first eval.scenes of eval.split, how many were skipped, the lighting
+        count they share). Each is decoded once here to check it and again when its batch is evaluated, so a folder
+        split is never held in memory whole."""
+        records, kinds, skipped = [], set(), 0
+        for index in range(min(len(clips.source), self.config.eval.scenes)):
+            record = clips.source[index]
             try:
-                items.append(clips.decode(clips.source[index]))
+                kinds.add(len(clips.eval_lightings(clips.decode(record))))
+                records.append(record)
             except DecodeError:
                 skipped += 1
-        if len(items) < 2:
-            raise ConfigError(f"'eval.split' {self.config.eval.split}: {len(items)} readable clips, need 2 or more")
-        kinds = {len(clips.eval_lightings(item)) for item in items}
+        if len(records) < 2:
+            raise ConfigError(f"'eval.split' {self.config.eval.split}: {len(records)} readable clips, need 2 or more")
         if len(kinds) != 1:
             raise ConfigError(f'eval clips hold different numbers of lightings ({sorted(kinds)}); need one count')
-        self._eval_skipped = skipped
-        return clips, items
+        return records, skipped, kinds.pop()
 
     def evaluate(self, params, extra, mesh):
         e, i = self.config.eval, self.config.input
-        clips, items = self._eval_clips()
-        params = jax.device_get(params)
+        clips = Clips(self.config, e.split, e.scenes)
+        records, skipped, kinds = self._eval_records(clips)
+        params = jax.device_put(jax.device_get(params), jax.local_devices()[0])  # on one device, once
         sums: dict[str, float] = {}
+        pixel: dict[str, np.ndarray] = {}  # per-pixel sums of valid depth over clips and steps
 
         def add(key, value):
             sums[key] = sums.get(key, 0.0) + float(value)
 
         # Batches of eval.batch_size to 2 x eval.batch_size - 1 clips: never one alone, since the invariance
         # measure compares the scenes within a batch.
-        for chunk_index in np.array_split(np.arange(len(items)), max(1, len(items) // e.batch_size)):
-            chunk = [items[j] for j in chunk_index]
-            views = [clips.views(item, clips.eval_lightings(item)) for item in chunk]
+        for chunk_index in np.array_split(np.arange(len(records)), max(1, len(records) // e.batch_size)):
+            items = [clips.decode(records[j]) for j in chunk_index]
+            views = [clips.views(item, clips.eval_lightings(item)) for item in items]
             depth = np.stack([v['depth'] for v in views]) * i.depth_scale
             valid = np.stack([v['valid'] for v in views])
-            outputs = []
-            for k in range(views[0]['frames'].shape[0]):
+            for name, value in (('n', valid), ('s1', depth * valid), ('s2', depth**2 * valid)):
+                pixel[name] = pixel.get(name, 0.0) + value.sum(axis=(0, 1))
+            both = valid[:, 1:] * valid[:, :-1]
+            add('copy_depth/sq', ((depth[:, 1:] - depth[:, :-1]) ** 2 * both).sum())
+            add('copy_depth/n', both.sum())
+            reference = None
+            for k in range(kinds):
                 frames = np.stack([v['frames'][k] for v in views])
                 out = jax.device_get(self._forward(params, frames))
-                outputs.append(out)
                 for head in ('infer', 'predict'):
                     skip = 1 if head == 'predict' else 0
                     err = (out[head][:, skip:] * i.depth_scale - depth[:, skip:]) ** 2 * valid[:, skip:]
@@ -324,30 +351,34 @@ class Method(base.Method):
                 add(f'frame/sq/{k}', ((out['prediction'][:, 1:] - frames[:, 1:]) ** 2).mean(axis=(1, 2, 3, 4)).sum())
                 add(f'copy/sq/{k}', ((frames[:, :-1] - frames[:, 1:]) ** 2).mean(axis=(1, 2, 3, 4)).sum())
                 add(f'frame/n/{k}', len(frames))
-            for k in range(1, len(outputs)):
-                for level, (r, ref) in enumerate(zip(outputs[k]['r'], outputs[0]['r'], strict=True)):
-                    within, between = invariance(jnp.asarray(r), jnp.asarray(ref))
+                if reference is None:
+                    reference = out
+                    continue
+                for level, (r, ref) in enumerate(zip(out['r'], reference['r'], strict=True)):
+                    within, between = invariance(r, ref)
                     add(f'inv/w/{level}', within)
                     add(f'inv/b/{level}', between)
-                shift = (outputs[k]['infer'] - outputs[0]['infer']) ** 2 * valid
-                add('shift/sq', (shift * i.depth_scale**2).sum())
+                add('shift/sq', ((out['infer'] - reference['infer']) ** 2 * valid * i.depth_scale**2).sum())
                 add('shift/n', valid.sum())
-        kinds = len(clips.eval_lightings(items[0]))
-        results: dict[str, float] = {'eval_skipped_files': float(self._eval_skipped)}
+        results: dict[str, float] = {'eval_skipped_files': float(skipped)}
         for head in ('infer', 'predict'):
             rmse = [np.sqrt(sums[f'{head}/sq/{k}'] / max(sums[f'{head}/n/{k}'], 1.0)) for k in range(kinds)]
             results.update({f'depth_rmse/{head}/lighting{k}': float(v) for k, v in enumerate(rmse)})
             results[f'depth_rmse/{head}'] = float(np.mean(rmse))
             results[f'depth_rmse/{head}/spread'] = float(np.max(rmse) - np.min(rmse))
+        # Baselines a decoder reaches without looking: each pixel's mean depth over the eval clips (infer's), and
+        # the previous step's true depth (predict's).
+        residual = pixel['s2'] - pixel['s1'] ** 2 / np.maximum(pixel['n'], 1.0)
+        results['depth_rmse/pixel_mean'] = float(np.sqrt(residual.sum() / max(pixel['n'].sum(), 1.0)))
+        results['depth_rmse/copy_last'] = float(np.sqrt(sums['copy_depth/sq'] / max(sums['copy_depth/n'], 1.0)))
         frame = [sums[f'frame/sq/{k}'] / sums[f'frame/n/{k}'] for k in range(kinds)]
         copy = [sums[f'copy/sq/{k}'] / sums[f'frame/n/{k}'] for k in range(kinds)]
         results['next_frame_mse'] = float(np.mean(frame))
         results['copy_last_mse'] = float(np.mean(copy))
         if kinds > 1:
             for level in range(len(self.config.model.stack_sizes)):
-                results[f'invariance/r{level}'] = float(
-                    1.0 - sums[f'inv/w/{level}'] / max(sums[f'inv/b/{level}'], 1e-12)
-                )
+                within, between = sums[f'inv/w/{level}'], sums[f'inv/b/{level}']
+                results[f'invariance/r{level}'] = float(1.0 - within / max(between, 1e-12))
             results['depth_shift_rmse/infer'] = float(np.sqrt(sums['shift/sq'] / max(sums['shift/n'], 1.0)))
         return results
 
@@ -358,13 +389,21 @@ class Method(base.Method):
 
         if self.config.eval.pictures <= 0:
             return {}
-        clips = Clips(self.config, self.config.eval.split, 1)
-        item = clips.decode(clips.source[0])
+        clips = Clips(self.config, self.config.eval.split)
+        for index in range(len(clips.source)):  # the first readable clip
+            try:
+                item = clips.decode(clips.source[index])
+                break
+            except DecodeError:
+                continue
+        else:
+            return {}
+        params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
         views = clips.views(item, clips.eval_lightings(item))
         depth = np.repeat(np.clip(views['depth'], 0, 1)[..., None], 3, axis=-1)
         panels = []
         for frames in views['frames']:
-            out = jax.device_get(self._forward(jax.device_get(params), frames[None]))
+            out = jax.device_get(self._forward(params, frames[None]))
             grey = lambda d: np.repeat(np.clip(d[0], 0, 1)[..., None], 3, axis=-1)
             panels.append({
                 'frames': frames, 'prediction': out['prediction'][0], 'depth': depth,

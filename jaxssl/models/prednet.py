@@ -66,7 +66,8 @@ def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
         return x
     if scale == 0.0:
         return jax.lax.stop_gradient(x)
-    return scale * x + (1.0 - scale) * jax.lax.stop_gradient(x)
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + scale * (x - frozen)  # exactly x forward
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Any, init: Any = GLOROT_UNIFORM) -> nn.Conv:
