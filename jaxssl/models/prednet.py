@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxssl.models.wav2vec2 import scale_gradient  # fairseq's GradMultiply: x forward, gradient x scale
+
 GLOROT_UNIFORM = nn.initializers.xavier_uniform()  # Keras's Conv2D default
 
 
@@ -58,16 +60,6 @@ def upsample(x: jax.Array) -> jax.Array:
 def max_pool(x: jax.Array) -> jax.Array:
     """2x2 max-pooling, stride 2, valid (Keras's MaxPooling2D)."""
     return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
-
-
-def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
-    """x in the forward pass; its gradient times `scale` in the backward pass."""
-    if scale == 1.0:
-        return x
-    if scale == 0.0:
-        return jax.lax.stop_gradient(x)
-    frozen = jax.lax.stop_gradient(x)
-    return frozen + scale * (x - frozen)  # exactly x forward
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Any, init: Any = GLOROT_UNIFORM) -> nn.Conv:
