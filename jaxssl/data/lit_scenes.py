@@ -10,8 +10,9 @@ every pixel's colour but no depth. The same scene can thus be rendered under any
 the invariance evaluation needs.
 
 Depth is the camera-space z distance (world units), clipped to FAR; the sky and ground farther than FAR have no
-depth target (`valid` 0). World: y up, the ground is y = 0,
-the camera looks along +z, pitched down, and moves along +z.
+depth target (`valid` 0). World: y up, the ground is y = 0, the camera looks along +z, pitched down, and moves
+along +z. The built-in lightings keep the sun ahead of the camera or beside it (azimuth within +-90 degrees), so
+shadows fall toward the camera or sideways, where they are seen; the ground casts none.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 SPLIT_SIZES = {'train': 2000, 'val': 64}
 SPLIT_SALT = {'train': 0, 'val': 1}
-FAR = 20.0  # depth is clipped here and divided by it for the targets
+FAR = 20.0  # depth is clipped here; the config's input.depth_scale divides it for the targets
 FOV_DEGREES = 60.0
 AMBIENT = 0.3  # the share of light that is not the sun's (it is scaled by the illumination, not shadowed)
 SKY = np.array([0.55, 0.7, 0.9])

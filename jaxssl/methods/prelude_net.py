@@ -7,7 +7,8 @@ kitti_evaluate.py); PreludeNet's own code, decoder wiring, loss weights and data
 the hybrid rule and the data are reconstructions (jaxssl.models.prednet, jaxssl.data.lit_scenes, docs/methods.md).
 
 Batch: 'frames' (B, T, S, S, 3) in [0, 1] (PredNet's input, X / 255, no normalisation), 'depth' (B, T, S, S) divided
-by input.depth_scale, 'valid' (B, T, S, S) 1 where depth is defined (not the sky).
+by input.depth_scale, 'valid' (B, T, S, S) 1 where depth has a target (not the sky, nor beyond the renderer's far
+limit).
 
 Loss = prednet_weight x PredNet's loss + depth_weight x (infer L1 + predict L1). PredNet's loss as kitti_train.py: the
 mean |E_l| of each layer and step, weighted by layer (L_0: (1, 0, 0, 0); L_all: (1, 0.1, 0.1, 0.1)) and by step
@@ -17,11 +18,11 @@ depth gradient reaches the encoder scaled by model.depth_grad_scale (0: the pape
 
 Evaluation on the val scenes, each rendered under every lighting of lit_scenes.EVAL_LIGHTINGS (or each lighting a
 folder file holds): depth RMSE of both decoders per lighting (world units) and its spread over lightings; next-frame
-MSE against the copy-last-frame baseline (kitti_evaluate.py's measures); the depth RMSE of each pixel's mean depth
-over the eval clips (what a decoder that ignores its input reaches); and the lighting invariance of each
-encoder layer, 1 - E|R(scene, lighting k) - R(scene, reference)|^2 / E|R(scene) - R(other scene)|^2 under the
-reference lighting (1: lighting changes nothing, 0: it changes R as much as another scene does), and of the
-inferred depth (RMSE between lightings).
+MSE against the copy-last-frame baseline (kitti_evaluate.py's measures); two depth baselines that look at nothing,
+each pixel's mean depth over the eval clips (infer's) and the previous step's true depth (predict's); and the
+lighting invariance of each encoder layer, 1 - E|R(scene, lighting k) - R(scene, reference)|^2 / E|R(scene) -
+R(other scene)|^2 under the reference lighting (1: lighting changes nothing, 0: it changes R as much as another
+scene does), and of the inferred depth (RMSE between lightings).
 """
 
 from __future__ import annotations
