@@ -298,6 +298,12 @@ def test_evaluation_known_answers_on_a_folder_with_identical_lightings(tmp_path)
     want = np.sqrt(np.mean((np.asarray(out['predict'][:, 1:]) * 10 - depth[1:])[:, valid[1:]] ** 2))
     assert got['depth_rmse/predict/lighting1'] == pytest.approx(want, rel=1e-5)
     assert got['next_frame_mse'] == pytest.approx(np.mean((np.asarray(out['prediction'])[:, 1:] - frames[:, 1:]) ** 2))
+    # represent: each layer's R at the last step, pooled over space, for clips with a views axis too.
+    features = method.represent(params, {}, {'frames': jnp.asarray(frames[:, None])})
+    out = method.model.apply({'params': params}, frames, return_states=True)
+    for level, width in enumerate((3, 16, 32)):  # runlocal's R sizes
+        np.testing.assert_allclose(features[f'r{level}'], out['r'][level][:, -1].mean(axis=(1, 2)), rtol=1e-6)
+        assert features[f'r{level}'].shape == (3, width)
 
 
 @pytest.mark.parametrize(
