@@ -10,7 +10,9 @@ bounds (`optim.clamp`), and a per-step lr schedule (`optim.schedule`):
 - 'tri_stage': fairseq's wav2vec 2.0 fine-tuning schedule (`tri_stage_schedule`): warmup, hold, exponential decay;
 - 'epoch_cosine': Dassl's (CoOp, CoCoOp, MaPLe, GOPro; `epoch_cosine_schedule`): the lr changes once per epoch,
   `optim.warmup_lr` for the warmup epochs, then torch's CosineAnnealingLR over `optim.epochs` epochs;
-- 'constant': the linear warmup, if any, then the peak lr throughout (UNFUSED's SGD without a scheduler).
+- 'constant': the linear warmup, if any, then the peak lr throughout (UNFUSED's SGD without a scheduler);
+- 'one_cycle': torch's OneCycleLR (NeRF-MAE's): cosine from peak / one_cycle_div up to the peak over one_cycle_pct of
+  the steps, then cosine down to peak / one_cycle_div / one_cycle_final_div (its own warmup: no optim.warmup_*).
 
 Continual pretraining over a sequence of tasks: `optim.task_steps` (> 0) makes the schedule restart every
 task_steps steps (cosine / linear: one full cycle per task, i.e. repeated cosine; infinite: tasks after the first
@@ -35,7 +37,7 @@ from jaxssl import rules as rules_lib
 from jaxssl.config import ConfigError
 
 OPTIMIZERS = ('adamw', 'adam', 'lars', 'sgd')
-SCHEDULES = ('cosine', 'linear', 'infinite', 'tri_stage', 'epoch_cosine', 'constant', 'poly', 'step')
+SCHEDULES = ('cosine', 'linear', 'infinite', 'tri_stage', 'epoch_cosine', 'constant', 'poly', 'step', 'one_cycle')
 COOLDOWNS = ('cosine', 'linear', 'inv_sqrt')  # the infinite schedule's cooldown shapes (the reference's options)
 # Schedule keys every config gets (add_schedule_defaults) so any of them can be selected on the command line; the
 # infinite schedule's values are the authors' final small-scale MAE runs (Pauljanson002/MAE-1 bin/mila/*.sh).
@@ -55,6 +57,9 @@ SCHEDULE_DEFAULTS = dict(
     poly_power=0.9,  # poly: lr = peak (1 - step / steps)^power (DeepLab's, U2PL's and FST's), no warmup
     step_boundaries=(0.5,),  # step: the lr is multiplied by step_factor at each of these fractions of the steps
     step_factor=0.1,  # step: Caffe's 'step' policy gamma, Keras LearningRateScheduler drops (PredNet: 1e-3 -> 1e-4)
+    one_cycle_pct=0.3,  # one_cycle: torch OneCycleLR's defaults (pct_start, div_factor, final_div_factor)
+    one_cycle_div=25.0,
+    one_cycle_final_div=1e4,
 )
 INV_SQRT_ALPHA = 10.0  # the reference's inverse-sqrt cooldown steepness
 
@@ -192,6 +197,26 @@ def step_schedule(peak: float, total_steps: int, warmup_steps: int, boundaries: 
     return schedule
 
 
+def one_cycle_schedule(peak: float, total_steps: int, pct: float, div: float, final_div: float) -> optax.Schedule:
+    """torch.optim.lr_scheduler.OneCycleLR (anneal_strategy 'cos', two phases) as a function of the step: from
+    peak / div up to the peak at step pct x total - 1, then down to peak / div / final_div at the last step."""
+    initial = peak / div
+    final = initial / final_div
+    up_end = float(pct * total_steps) - 1.0
+    down_end = float(total_steps - 1)
+
+    def anneal(start: float, end: float, fraction: jax.Array) -> jax.Array:
+        return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * fraction) + 1.0)
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        up = anneal(initial, peak, step / max(up_end, 1e-9))
+        down = anneal(peak, final, jnp.minimum((step - up_end) / max(down_end - up_end, 1e-9), 1.0))
+        return jnp.where(step <= up_end, up, down)
+
+    return schedule
+
+
 def add_schedule_defaults(optim_config: ml_collections.ConfigDict) -> None:
     """Adds the schedule keys (SCHEDULE_DEFAULTS) a config's `optim` section lacks; values it sets are kept."""
     for key, value in SCHEDULE_DEFAULTS.items():
@@ -229,6 +254,13 @@ def check_schedule_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"bad value {bounds} for 'optim.step_boundaries': increasing fractions in (0, 1)")
         if not 0 < o.step_factor <= 1:
             raise ConfigError(f"bad value {o.step_factor} for 'optim.step_factor': must be in (0, 1]")
+        return
+    if o.schedule == 'one_cycle':
+        if not 0 < o.one_cycle_pct < 1:
+            raise ConfigError(f"bad value {o.one_cycle_pct} for 'optim.one_cycle_pct': must be in (0, 1)")
+        for key in ('one_cycle_div', 'one_cycle_final_div'):
+            if not o[key] >= 1:
+                raise ConfigError(f"bad value {o[key]} for 'optim.{key}': must be >= 1")
         return
     if o.schedule != 'infinite':
         return
@@ -289,6 +321,13 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, 
                 "('optim.step_boundaries')"
             )
         cycle = step_schedule(peak, task_steps, warmup, tuple(o.step_boundaries), o.step_factor)
+        per_task = lambda step: cycle(jnp.mod(step, task_steps))
+    elif name == 'one_cycle':
+        if warmup:
+            raise ConfigError(
+                "'optim.schedule' one_cycle warms up by itself: set 'optim.warmup_steps' and 'optim.warmup_epochs' to 0"
+            )
+        cycle = one_cycle_schedule(peak, task_steps, o.one_cycle_pct, o.one_cycle_div, o.one_cycle_final_div)
         per_task = lambda step: cycle(jnp.mod(step, task_steps))
     elif name == 'tri_stage':
         cycle = tri_stage_schedule(peak, task_steps, tuple(o.phase_ratio), o.init_lr_scale, o.final_lr_scale)

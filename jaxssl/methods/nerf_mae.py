@@ -1,0 +1,358 @@
+"""NeRF-MAE (Irshad, Zakharov, Guizilini, Gaidon, Kira, Ambrus, ECCV 2024): masked autoencoding of radiance grids.
+
+Reference code: zubair-irshad/NeRF-MAE@721b5ee (nerf_mae/model/mae/swin_mae3d.py SwinTransformer_MAE3D_New,
+run_swin_mae3d.py, train_mae3d.sh; nerf_rpn/datasets.py). Network: jaxssl.models.swin3d.
+
+Batch: 'grid' (B, R, R, R, 4) RGB + alpha zero-padded to R^3, 'valid' (B, R, R, R) 1 on the scene's own voxels
+(jaxssl.data.radiance_grids).
+
+Masking (window_masking_3d, 'random'): the token grid (R / p per side) is cut into cubes of `mask_unit` tokens per
+side (4 tokens = 16 voxels in the reference); each cube is masked with probability `mask_ratio` (0.75), one draw
+for the whole batch (the reference masks mask[:, cube] for every scene alike); tokens past the last whole cube are
+never masked. Masked tokens become the mask token after the position table.
+
+Loss (forward_loss): L = L_rgb + L_alpha with
+  L_rgb = sum over voxels with target alpha > 0.01, visible ones too, of |rgb_pred - rgb|^2 (the 3 channels summed)
+          / their count (raw RGB outputs, no activation);
+  L_alpha = sum over masked voxels of the scene's own extent of (sigmoid(alpha_logit) - alpha)^2 / their count;
+both pooled over the batch.
+
+Evaluation on the val grids (fixed masks): the reference's PSNR of RGB on occupied voxels (all, and masked only),
+alpha MSE on masked voxels, each beside a baseline that looks at nothing (the val set's mean colour / mean alpha);
+and a voxel-labelling probe (the paper's voxel labelling, here on frozen features): every stage's output is
+repeated up to the token grid and concatenated (MSM's multi-level features), a class-balanced ridge regression onto
+one-hot token labels (each token's majority voxel class) is fitted on `eval.probe_scenes` grids of input.split and
+scored on val: mIoU over the classes and accuracy.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxssl import data
+from jaxssl.config import ConfigError, check_choice, check_range
+from jaxssl.data import images, radiance_grids
+from jaxssl.data.decode import DecodeError
+from jaxssl.methods import base
+from jaxssl.models.swin3d import NeRFMAE
+
+DATASETS = ('rooms', 'folder')
+PROBE_RIDGE = 1e-3  # ridge strength, relative to the mean diagonal of the weighted feature covariance
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    m, i, e = config.model, config.input, config.eval
+    depths, heads = tuple(m.depths), tuple(m.heads)
+    if not depths or len(depths) != len(heads) or min(depths) < 1:
+        raise ConfigError(f"bad values {depths} / {heads} for 'model.depths' / 'model.heads': one of each per stage")
+    if m.width % 6:
+        raise ConfigError(f"bad value {m.width} for 'model.width': the 3-D sin-cos table needs a multiple of 6")
+    for s, h in enumerate(heads):
+        if h < 1 or (m.width * 2**s) % h:
+            raise ConfigError(f"bad value {heads} for 'model.heads': stage {s}'s width {m.width * 2**s} / heads")
+    if i.resolution % m.patch:
+        raise ConfigError(f"bad value {i.resolution} for 'input.resolution': must be divisible by 'model.patch'")
+    tokens = i.resolution // m.patch
+    if tokens % 2 ** (len(depths) - 1):
+        raise ConfigError(
+            f"bad value {i.resolution} for 'input.resolution': its {tokens} tokens per side must halve evenly "
+            f"{len(depths) - 1} times (the decoder's skips)"
+        )
+    if m.window < 1:
+        raise ConfigError(f"bad value {m.window} for 'model.window': must be >= 1")
+    if not 1 <= config.mask.unit <= tokens:
+        raise ConfigError(f"bad value {config.mask.unit} for 'mask.unit': tokens per cube side, 1 to {tokens}")
+    check_range(config, 'mask.ratio', 0.0, 1.0)
+    check_range(config, 'model.drop_path', 0.0, 1.0)
+    check_choice(config, 'input.dataset', DATASETS)
+    check_choice(config, 'input.density', radiance_grids.DENSITY_KINDS)
+    if i.dataset == 'folder' and not i.data_root:
+        raise ConfigError("'input.data_root' is empty: input.dataset 'folder' reads <data_root>/{train,val}/*.npz")
+    for key, split in (('input.split', i.split), ('eval.split', e.split)):
+        if i.dataset == 'rooms' and split not in radiance_grids.SPLIT_SIZES:
+            raise ConfigError(
+                f"bad value '{split}' for '{key}': the built-in rooms have {sorted(radiance_grids.SPLIT_SIZES)}"
+            )
+        if i.dataset == 'folder' and not glob.glob(os.path.join(i.data_root, split, '*.npz')):
+            raise ConfigError(f"'{key}' {split}: no .npz grids in {os.path.join(i.data_root, split)}")
+    for key in ('scenes', 'batch_size', 'probe_scenes'):
+        if e[key] < 1:
+            raise ConfigError(f"bad value {e[key]} for 'eval.{key}': must be >= 1")
+
+
+def grid_source(config: ml_collections.ConfigDict, split: str, size: int | None = None) -> Any:
+    i = config.input
+    if i.dataset == 'rooms':
+        return radiance_grids.RoomSource(split, size)
+    return radiance_grids.FolderSource(i.data_root, split, size)
+
+
+def cube_mask(rng: jax.Array, tokens: int, unit: int, ratio: float) -> jax.Array:
+    """(1, n, n, n) bool, True = masked: cubes of unit^3 tokens masked with probability `ratio`, one draw shared by
+    the batch; the tokens past the last whole cube stay visible (window_masking_3d's loop)."""
+    cubes = tokens // unit
+    drawn = jax.random.bernoulli(rng, ratio, (cubes,) * 3)
+    mask = jnp.repeat(jnp.repeat(jnp.repeat(drawn, unit, 0), unit, 1), unit, 2)
+    rest = tokens - cubes * unit
+    return jnp.pad(mask, [(0, rest)] * 3)[None]
+
+
+def voxel_mask(token_mask: jax.Array, patch: int) -> jax.Array:
+    """(1, n, n, n) token mask -> (1, R, R, R) voxel mask."""
+    for axis in (1, 2, 3):
+        token_mask = jnp.repeat(token_mask, patch, axis=axis)
+    return token_mask
+
+
+def nerf_mae_loss(
+    prediction: jax.Array, grid: jax.Array, valid: jax.Array, masked: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(L_rgb, L_alpha) of forward_loss: prediction / grid (B, R, R, R, 4), valid (B, R, R, R), masked (1 or B,
+    R, R, R) voxels. Counts of zero give 0, not NaN."""
+    occupied = (grid[..., 3] > radiance_grids.OCCUPIED).astype(jnp.float32)
+    rgb_error = jnp.sum((prediction[..., :3] - grid[..., :3]) ** 2, axis=-1)
+    loss_rgb = jnp.sum(rgb_error * occupied) / jnp.maximum(jnp.sum(occupied), 1.0)
+    region = valid * masked.astype(jnp.float32)
+    alpha_error = (jax.nn.sigmoid(prediction[..., 3]) - grid[..., 3]) ** 2
+    loss_alpha = jnp.sum(alpha_error * region) / jnp.maximum(jnp.sum(region), 1.0)
+    return loss_rgb, loss_alpha
+
+
+def token_labels(labels: np.ndarray, valid: np.ndarray, patch: int, classes: int) -> np.ndarray:
+    """(B, n, n, n) majority voxel class of each token; -1 for tokens outside the scene or without labels."""
+    b, r = labels.shape[0], labels.shape[1]
+    n = r // patch
+    cells = labels.reshape(b, n, patch, n, patch, n, patch).transpose(0, 1, 3, 5, 2, 4, 6).reshape(b, n, n, n, -1)
+    counts = np.stack([(cells == k).sum(-1) for k in range(classes)], axis=-1)
+    majority = counts.argmax(-1)
+    inside = valid.reshape(b, n, patch, n, patch, n, patch).max(axis=(2, 4, 6)) > 0
+    return np.where(inside & (counts.sum(-1) > 0), majority, -1)
+
+
+def multilevel_features(stages: list[jax.Array]) -> jax.Array:
+    """Every stage's output repeated up to the first stage's grid and concatenated: (B, n, n, n, sum of widths)."""
+    n = stages[0].shape[1]
+    parts = []
+    for x in stages:
+        f = n // x.shape[1]
+        for axis in (1, 2, 3):
+            x = jnp.repeat(x, f, axis=axis)
+        parts.append(x)
+    return jnp.concatenate(parts, axis=-1)
+
+
+def composite(grid: np.ndarray, axis: int = 1) -> np.ndarray:
+    """An orthographic picture of a (R, R, R, 4) RGB + alpha grid: front-to-back alpha compositing along `axis`,
+    white behind; the third axis (up) is drawn upward. (R, R, 3) in [0, 1]."""
+    g = np.moveaxis(np.asarray(grid, np.float64), axis, 1)  # (X, depth, Z, 4)
+    rgb, alpha = np.clip(g[..., :3], 0, 1), np.clip(g[..., 3:], 0, 1)
+    transmittance = np.cumprod(np.concatenate([np.ones_like(alpha[:, :1]), 1 - alpha[:, :-1]], axis=1), axis=1)
+    image = np.sum(transmittance * alpha * rgb, axis=1) + np.prod(1 - alpha, axis=1)
+    return np.clip(image.transpose(1, 0, 2)[::-1], 0, 1)
+
+
+class Method(base.Method):
+    """NeRF-MAE pretraining for the trainer."""
+
+    input_key = 'grid'
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        m = config.model
+        self.model = NeRFMAE(
+            patch=m.patch, width=m.width, depths=tuple(m.depths), heads=tuple(m.heads), window=m.window,
+            drop_path=m.drop_path,
+        )  # fmt: skip
+        self.tokens = config.input.resolution // m.patch
+
+    # --- data ----------------------------------------------------------------------------------------------------
+    def _decode(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        return radiance_grids.load_grid(record, self.config.input.resolution, self.config.input.density)
+
+    def dataset(self, seed, process_index, process_count):
+        source = grid_source(self.config, self.config.input.split)
+        view = lambda item, rng: {'grid': item['grid'], 'valid': item['valid']}
+        dataset = images.make_image_pretrain_dataset(
+            self.config, seed=seed, process_index=process_index, process_count=process_count,
+            view=view, source=source, decode=self._decode,
+        )  # fmt: skip
+        return dataset, len(source)
+
+    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        r = self.config.input.resolution
+        rng = np.random.default_rng(0)
+        return {
+            'grid': rng.uniform(size=(batch_size, r, r, r, 4)).astype(np.float32),
+            'valid': np.ones((batch_size, r, r, r), np.float32),
+        }
+
+    def host_metrics(self) -> dict[str, float]:
+        return {'skipped_files': float(data.skipped_files())}
+
+    # --- model ---------------------------------------------------------------------------------------------------
+    def _mask(self, rng: jax.Array) -> jax.Array:
+        return cube_mask(rng, self.tokens, self.config.mask.unit, self.config.mask.ratio)
+
+    def init(self, rng, batch):
+        grid = jnp.asarray(batch['grid'])
+        return self.model.init(rng, grid, self._mask(rng))['params'], {}
+
+    def loss(self, params, extra, batch, rng, step):
+        token_mask = self._mask(base.stream(rng, 'mask'))
+        out = self.model.apply({'params': params}, batch['grid'], token_mask, base.stream(rng, 'drop_path'))
+        masked = voxel_mask(token_mask, self.config.model.patch)
+        loss_rgb, loss_alpha = nerf_mae_loss(out['prediction'], batch['grid'], batch['valid'], masked)
+        loss = loss_rgb + loss_alpha
+        metrics = {
+            'loss': loss,
+            'loss_rgb': loss_rgb,
+            'loss_alpha': loss_alpha,
+            'masked_fraction': jnp.mean(token_mask.astype(jnp.float32)),
+        }
+        return loss, (metrics, extra)
+
+    def represent(self, params, extra, batch):
+        """Each stage's output averaged over its grid: 'stage<s>' (B, width 2^s)."""
+        grid = batch['grid'].reshape(-1, *batch['grid'].shape[-4:])
+        out = self.model.apply({'params': params}, grid)
+        return {f'stage{s}': x.mean(axis=(1, 2, 3)) for s, x in enumerate(out['stages'])}
+
+    # --- evaluation ----------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _forward(self):
+        def forward(params, grid, token_mask):
+            out = self.model.apply({'params': params}, grid, token_mask)
+            return out['prediction'], multilevel_features(out['stages'])
+
+        return jax.jit(forward)
+
+    def _batches(self, split: str, scenes: int):
+        """Decoded grids of `split` in batches of eval.batch_size, unreadable ones skipped: (list of batches,
+        skipped count). Each batch: 'grid', 'valid', 'labels' numpy arrays."""
+        source = grid_source(self.config, split, scenes)
+        items, skipped = [], 0
+        for index in range(len(source)):
+            try:
+                items.append(self._decode(source[index]))
+            except DecodeError:
+                skipped += 1
+        size = self.config.eval.batch_size
+        chunks = [items[k : k + size] for k in range(0, len(items), size)]
+        return [{key: np.stack([it[key] for it in chunk]) for key in chunk[0]} for chunk in chunks], skipped
+
+    def evaluate(self, params, extra, mesh):
+        e, patch = self.config.eval, self.config.model.patch
+        params = jax.device_put(jax.device_get(params), jax.local_devices()[0])  # on one device, once
+        classes = len(radiance_grids.CLASSES)
+        val, skipped = self._batches(e.split, e.scenes)
+        if not val:
+            raise ConfigError(f"'eval.split' {e.split}: no readable grids")
+        sums: dict[str, float] = {}
+
+        def add(key, value):
+            sums[key] = sums.get(key, 0.0) + float(value)
+
+        key = jax.random.PRNGKey(e.mask_seed)
+        val_features = []
+        for batch in val:
+            key, sub = jax.random.split(key)
+            token_mask = self._mask(sub)
+            pred, _ = jax.device_get(self._forward(params, batch['grid'], token_mask))
+            _, features = jax.device_get(self._forward(params, batch['grid'], None))
+            val_features.append(features)
+            masked = np.asarray(voxel_mask(token_mask, patch))
+            grid, valid = batch['grid'], batch['valid']
+            occupied = grid[..., 3] > radiance_grids.OCCUPIED
+            sq = np.sum((pred[..., :3] - grid[..., :3]) ** 2, axis=-1)
+            region = valid * masked
+            for name, where in (('all', occupied), ('masked', occupied & (masked > 0))):
+                add(f'rgb/sq/{name}', sq[where].sum())
+                add(f'rgb/n/{name}', where.sum() * 3)
+                add(f'rgb/s1/{name}', grid[..., :3][where].sum())
+                add(f'rgb/s2/{name}', (grid[..., :3][where] ** 2).sum())
+            alpha = 1.0 / (1.0 + np.exp(-pred[..., 3]))
+            add('alpha/sq', ((alpha - grid[..., 3]) ** 2 * region).sum())
+            add('alpha/n', region.sum())
+            add('alpha/s1', (grid[..., 3] * region).sum())
+            add('alpha/s2', (grid[..., 3] ** 2 * region).sum())
+        results: dict[str, float] = {'eval_skipped_files': float(skipped)}
+        psnr = lambda mse: float(-10.0 * np.log10(max(mse, 1e-12)))
+        for name in ('all', 'masked'):
+            n = max(sums[f'rgb/n/{name}'], 1.0)
+            mean = sums[f'rgb/s1/{name}'] / n
+            results[f'psnr/{name}'] = psnr(sums[f'rgb/sq/{name}'] / n)
+            results[f'psnr/{name}/mean_colour'] = psnr(sums[f'rgb/s2/{name}'] / n - mean**2)
+        n = max(sums['alpha/n'], 1.0)
+        results['alpha_mse/masked'] = sums['alpha/sq'] / n
+        results['alpha_mse/masked/mean_alpha'] = sums['alpha/s2'] / n - (sums['alpha/s1'] / n) ** 2
+        results.update(self._voxel_probe(params, val, val_features, classes))
+        return results
+
+    def _voxel_probe(self, params, val, val_features, classes) -> dict[str, float]:
+        """Class-balanced ridge regression from multi-level token features to one-hot token labels: fitted on
+        eval.probe_scenes grids of input.split, scored on the val grids."""
+        e, patch = self.config.eval, self.config.model.patch
+        train, _ = self._batches(self.config.input.split, e.probe_scenes)
+
+        def rows(batches, features):
+            xs, ys = [], []
+            for batch, f in zip(batches, features, strict=True):
+                y = token_labels(batch['labels'], batch['valid'], patch, classes).reshape(-1)
+                keep = y >= 0
+                xs.append(np.asarray(f, np.float64).reshape(-1, f.shape[-1])[keep])
+                ys.append(y[keep])
+            return np.concatenate(xs), np.concatenate(ys)
+
+        train_features = [jax.device_get(self._forward(params, b['grid'], None)[1]) for b in train]
+        x, y = rows(train, train_features)
+        if len(x) == 0 or len(np.unique(y)) < 2:
+            return {}  # no labelled tokens (a folder without 'labels'): no probe
+        x_val, y_val = rows(val, val_features)
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        design = lambda f: np.concatenate([(f - mean) / std, np.ones((len(f), 1))], axis=1)
+        a = design(x)
+        counts = np.bincount(y, minlength=classes).astype(np.float64)
+        weight = (1.0 / np.maximum(counts, 1.0))[y]
+        gram = a.T @ (a * weight[:, None])
+        ridge = PROBE_RIDGE * np.trace(gram) / len(gram)
+        w = np.linalg.solve(gram + ridge * np.eye(len(gram)), a.T @ (np.eye(classes)[y] * weight[:, None]))
+        pred = (design(x_val) @ w).argmax(-1)
+        ious = []
+        for k in np.unique(y_val):
+            union = np.sum((pred == k) | (y_val == k))
+            ious.append(np.sum((pred == k) & (y_val == k)) / union)
+        return {'voxel_probe/miou': float(np.mean(ious)), 'voxel_probe/accuracy': float(np.mean(pred == y_val))}
+
+    def visualize(self, params, extra):
+        """The first eval.pictures val grids, composited along the second axis: the masked input (masked voxels
+        empty), the prediction (sigmoid alpha) and the target."""
+        from jaxssl.evaluate import reconstruction
+
+        count = self.config.eval.pictures
+        if count <= 0:
+            return {}
+        batches, _ = self._batches(self.config.eval.split, count)
+        if not batches:
+            return {}
+        params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
+        token_mask = self._mask(jax.random.PRNGKey(self.config.eval.mask_seed))
+        masked = np.asarray(voxel_mask(token_mask, self.config.model.patch))[0]
+        panels = []
+        for batch in batches:
+            pred, _ = jax.device_get(self._forward(params, batch['grid'], token_mask))
+            for grid, p in zip(batch['grid'], pred, strict=True):
+                shown = np.concatenate([p[..., :3], 1.0 / (1.0 + np.exp(-p[..., 3:]))], axis=-1)
+                hidden = grid * (1.0 - masked[..., None])
+                panels.append({
+                    'masked': composite(hidden)[None], 'reconstruction': composite(shown)[None],
+                    'target': composite(grid)[None],
+                })  # fmt: skip
+        return {'reconstruction': reconstruction.grid(panels[:count], order=('masked', 'reconstruction', 'target'))}
