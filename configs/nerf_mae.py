@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.split = 'val'
     c.eval.scenes = 16 if arg.runlocal else 64  # val grids for PSNR and the voxel probe's test tokens
     c.eval.probe_scenes = 32 if arg.runlocal else 64  # input.split grids the voxel probe is fitted on
+    c.eval.probe_tokens = 4096  # at most this many random tokens per grid in the probe (40^3 = 64,000 at 160^3)
     c.eval.batch_size = 8 if arg.runlocal else 4
     c.eval.mask_seed = 0  # the evaluation's masks are fixed
     c.eval.pictures = 2

@@ -22,7 +22,7 @@ alpha MSE on masked voxels, each beside a baseline that looks at nothing (the va
 and a voxel-labelling probe (the paper's voxel labelling, here on frozen features): every stage's output is
 repeated up to the token grid and concatenated (MSM's multi-level features), a class-balanced ridge regression onto
 one-hot token labels (each token's majority voxel class) is fitted on `eval.probe_scenes` grids of input.split and
-scored on val: mIoU over the classes and accuracy.
+scored on val: mIoU over the classes and accuracy (at most eval.probe_tokens random tokens per grid).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             )
         if i.dataset == 'folder' and not glob.glob(os.path.join(i.data_root, split, '*.npz')):
             raise ConfigError(f"'{key}' {split}: no .npz grids in {os.path.join(i.data_root, split)}")
-    for key in ('scenes', 'batch_size', 'probe_scenes'):
+    for key in ('scenes', 'batch_size', 'probe_scenes', 'probe_tokens'):
         if e[key] < 1:
             raise ConfigError(f"bad value {e[key]} for 'eval.{key}': must be >= 1")
 
@@ -234,56 +234,100 @@ class Method(base.Method):
 
         return jax.jit(forward)
 
-    def _batches(self, split: str, scenes: int):
-        """Decoded grids of `split` in batches of eval.batch_size, unreadable ones skipped: (list of batches,
-        skipped count). Each batch: 'grid', 'valid', 'labels' numpy arrays."""
+    def _batches(self, split: str, scenes: int, skipped: list[int] | None = None):
+        """Decoded grids of the first `scenes` of `split`, in batches of eval.batch_size ('grid', 'valid',
+        'labels'), decoded as they are needed (a 160^3 split is never held whole); unreadable ones are skipped and
+        counted in `skipped[0]`."""
         source = grid_source(self.config, split, scenes)
-        items, skipped = [], 0
+        chunk = []
         for index in range(len(source)):
             try:
-                items.append(self._decode(source[index]))
+                chunk.append(self._decode(source[index]))
             except DecodeError:
-                skipped += 1
-        size = self.config.eval.batch_size
-        chunks = [items[k : k + size] for k in range(0, len(items), size)]
-        return [{key: np.stack([it[key] for it in chunk]) for key in chunk[0]} for chunk in chunks], skipped
+                if skipped is not None:
+                    skipped[0] += 1
+            if len(chunk) == self.config.eval.batch_size or (chunk and index == len(source) - 1):
+                yield {key: np.stack([item[key] for item in chunk]) for key in chunk[0]}
+                chunk = []
+
+    def _probe_rows(self, batch: dict[str, np.ndarray], features: np.ndarray, rng: np.random.Generator):
+        """(design rows [features, 1] float64, token labels) of a batch's labelled tokens, at most
+        eval.probe_tokens per grid (a random subset)."""
+        classes, cap = len(radiance_grids.CLASSES), self.config.eval.probe_tokens
+        labels = token_labels(batch['labels'], batch['valid'], self.config.model.patch, classes)
+        xs, ys = [], []
+        for f, y in zip(features, labels, strict=True):
+            y = y.reshape(-1)
+            keep = np.flatnonzero(y >= 0)
+            if len(keep) > cap:
+                keep = np.sort(rng.choice(keep, cap, replace=False))
+            xs.append(np.asarray(f, np.float64).reshape(-1, f.shape[-1])[keep])
+            ys.append(y[keep])
+        x = np.concatenate(xs)
+        return np.concatenate([x, np.ones((len(x), 1))], axis=1), np.concatenate(ys)
+
+    def _fit_probe(self, params) -> np.ndarray | None:
+        """The voxel probe's weights (features + 1, classes): a ridge regression onto one-hot token labels with
+        each class weighted by 1 / its token count, from per-class Gram matrices accumulated over eval.probe_scenes
+        grids of input.split. None when they hold fewer than 2 labelled classes (a folder without 'labels')."""
+        classes = len(radiance_grids.CLASSES)
+        rng = np.random.default_rng(0)
+        gram, moment, counts = None, None, np.zeros(classes)
+        for batch in self._batches(self.config.input.split, self.config.eval.probe_scenes):
+            features = jax.device_get(self._forward(params, batch['grid'], None)[1])
+            a, y = self._probe_rows(batch, features, rng)
+            if gram is None:
+                gram = np.zeros((classes, a.shape[1], a.shape[1]))
+                moment = np.zeros((a.shape[1], classes))
+            for k in np.unique(y):
+                rows = a[y == k]
+                gram[k] += rows.T @ rows
+                moment[:, k] += rows.sum(0)
+                counts[k] += len(rows)
+        if gram is None or np.count_nonzero(counts) < 2:
+            return None
+        weight = 1.0 / np.maximum(counts, 1.0)
+        total = np.einsum('k,kij->ij', weight, gram)
+        ridge = PROBE_RIDGE * np.trace(total) / len(total)
+        return np.linalg.solve(total + ridge * np.eye(len(total)), moment * weight)
 
     def evaluate(self, params, extra, mesh):
         e, patch = self.config.eval, self.config.model.patch
         params = jax.device_put(jax.device_get(params), jax.local_devices()[0])  # on one device, once
-        classes = len(radiance_grids.CLASSES)
-        val, skipped = self._batches(e.split, e.scenes)
-        if not val:
-            raise ConfigError(f"'eval.split' {e.split}: no readable grids")
+        probe = self._fit_probe(params)
         sums: dict[str, float] = {}
 
         def add(key, value):
             sums[key] = sums.get(key, 0.0) + float(value)
 
-        key = jax.random.PRNGKey(e.mask_seed)
-        val_features = []
-        for batch in val:
+        key, skipped, rng = jax.random.PRNGKey(e.mask_seed), [0], np.random.default_rng(1)
+        predicted, truth = [], []
+        for batch in self._batches(e.split, e.scenes, skipped):
             key, sub = jax.random.split(key)
             token_mask = self._mask(sub)
             pred, _ = jax.device_get(self._forward(params, batch['grid'], token_mask))
-            _, features = jax.device_get(self._forward(params, batch['grid'], None))
-            val_features.append(features)
             masked = np.asarray(voxel_mask(token_mask, patch))
             grid, valid = batch['grid'], batch['valid']
             occupied = grid[..., 3] > radiance_grids.OCCUPIED
             sq = np.sum((pred[..., :3] - grid[..., :3]) ** 2, axis=-1)
-            region = valid * masked
             for name, where in (('all', occupied), ('masked', occupied & (masked > 0))):
                 add(f'rgb/sq/{name}', sq[where].sum())
                 add(f'rgb/n/{name}', where.sum() * 3)
                 add(f'rgb/s1/{name}', grid[..., :3][where].sum())
                 add(f'rgb/s2/{name}', (grid[..., :3][where] ** 2).sum())
+            region = valid * masked
             alpha = 1.0 / (1.0 + np.exp(-pred[..., 3]))
             add('alpha/sq', ((alpha - grid[..., 3]) ** 2 * region).sum())
             add('alpha/n', region.sum())
             add('alpha/s1', (grid[..., 3] * region).sum())
             add('alpha/s2', (grid[..., 3] ** 2 * region).sum())
-        results: dict[str, float] = {'eval_skipped_files': float(skipped)}
+            if probe is not None:
+                a, y = self._probe_rows(batch, jax.device_get(self._forward(params, grid, None)[1]), rng)
+                predicted.append((a @ probe).argmax(-1))
+                truth.append(y)
+        if not sums:
+            raise ConfigError(f"'eval.split' {e.split}: no readable grids")
+        results: dict[str, float] = {'eval_skipped_files': float(skipped[0])}
         psnr = lambda mse: float(-10.0 * np.log10(max(mse, 1e-12)))
         for name in ('all', 'masked'):
             n = max(sums[f'rgb/n/{name}'], 1.0)
@@ -293,43 +337,12 @@ class Method(base.Method):
         n = max(sums['alpha/n'], 1.0)
         results['alpha_mse/masked'] = sums['alpha/sq'] / n
         results['alpha_mse/masked/mean_alpha'] = sums['alpha/s2'] / n - (sums['alpha/s1'] / n) ** 2
-        results.update(self._voxel_probe(params, val, val_features, classes))
+        if predicted:
+            pred, y = np.concatenate(predicted), np.concatenate(truth)
+            ious = [np.sum((pred == k) & (y == k)) / np.sum((pred == k) | (y == k)) for k in np.unique(y)]
+            results['voxel_probe/miou'] = float(np.mean(ious))
+            results['voxel_probe/accuracy'] = float(np.mean(pred == y))
         return results
-
-    def _voxel_probe(self, params, val, val_features, classes) -> dict[str, float]:
-        """Class-balanced ridge regression from multi-level token features to one-hot token labels: fitted on
-        eval.probe_scenes grids of input.split, scored on the val grids."""
-        e, patch = self.config.eval, self.config.model.patch
-        train, _ = self._batches(self.config.input.split, e.probe_scenes)
-
-        def rows(batches, features):
-            xs, ys = [], []
-            for batch, f in zip(batches, features, strict=True):
-                y = token_labels(batch['labels'], batch['valid'], patch, classes).reshape(-1)
-                keep = y >= 0
-                xs.append(np.asarray(f, np.float64).reshape(-1, f.shape[-1])[keep])
-                ys.append(y[keep])
-            return np.concatenate(xs), np.concatenate(ys)
-
-        train_features = [jax.device_get(self._forward(params, b['grid'], None)[1]) for b in train]
-        x, y = rows(train, train_features)
-        if len(x) == 0 or len(np.unique(y)) < 2:
-            return {}  # no labelled tokens (a folder without 'labels'): no probe
-        x_val, y_val = rows(val, val_features)
-        mean, std = x.mean(0), x.std(0) + 1e-6
-        design = lambda f: np.concatenate([(f - mean) / std, np.ones((len(f), 1))], axis=1)
-        a = design(x)
-        counts = np.bincount(y, minlength=classes).astype(np.float64)
-        weight = (1.0 / np.maximum(counts, 1.0))[y]
-        gram = a.T @ (a * weight[:, None])
-        ridge = PROBE_RIDGE * np.trace(gram) / len(gram)
-        w = np.linalg.solve(gram + ridge * np.eye(len(gram)), a.T @ (np.eye(classes)[y] * weight[:, None]))
-        pred = (design(x_val) @ w).argmax(-1)
-        ious = []
-        for k in np.unique(y_val):
-            union = np.sum((pred == k) | (y_val == k))
-            ious.append(np.sum((pred == k) & (y_val == k)) / union)
-        return {'voxel_probe/miou': float(np.mean(ious)), 'voxel_probe/accuracy': float(np.mean(pred == y_val))}
 
     def visualize(self, params, extra):
         """The first eval.pictures val grids, composited along the second axis: the masked input (masked voxels
@@ -339,7 +352,7 @@ class Method(base.Method):
         count = self.config.eval.pictures
         if count <= 0:
             return {}
-        batches, _ = self._batches(self.config.eval.split, count)
+        batches = list(self._batches(self.config.eval.split, count))
         if not batches:
             return {}
         params = jax.device_put(jax.device_get(params), jax.local_devices()[0])
