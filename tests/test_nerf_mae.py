@@ -318,6 +318,18 @@ def test_token_labels_and_the_voxel_probe():
     assert nerf_mae.multilevel_features(feats).shape == (1, 4, 4, 4, 5)
 
 
+def test_composite_known_answers():
+    grid = np.zeros((4, 3, 4, 4), np.float32)
+    grid[1, 0, 2] = [1.0, 0.0, 0.0, 0.5]  # half-opaque red in front of
+    grid[1, 2, 2] = [0.0, 0.0, 1.0, 1.0]  # opaque blue
+    grid[2, 1, 0] = [0.0, 1.0, 0.0, 1.0]  # opaque green on the lowest layer
+    image = nerf_mae.composite(grid)  # along the second axis; the third is drawn upward
+    assert image.shape == (4, 4, 3)
+    np.testing.assert_allclose(image[1, 1], [0.5, 0.0, 0.5])  # row 1 from the top = third-axis index 2
+    np.testing.assert_allclose(image[3, 2], [0.0, 1.0, 0.0])
+    np.testing.assert_allclose(image[0, 0], [1.0, 1.0, 1.0])  # nothing: white
+
+
 def test_evaluation_known_answers_with_a_stand_in_network(tmp_path):
     """A stand-in forward that predicts RGB + 0.1 and the exact alpha, and whose token features are the one-hot
     majority label: PSNR 20 on every occupied voxel, alpha MSE 0, the probe perfect, baselines recomputed."""

@@ -345,8 +345,8 @@ class Method(base.Method):
         return results
 
     def visualize(self, params, extra):
-        """The first eval.pictures val grids, composited along the second axis: the masked input (masked voxels
-        empty), the prediction (sigmoid alpha) and the target."""
+        """The first eval.pictures val grids, one row each, composited along the second axis: the masked input
+        (masked voxels empty), the prediction (sigmoid alpha) and the target, left to right."""
         from jaxssl.evaluate import reconstruction
 
         count = self.config.eval.pictures
@@ -364,8 +364,5 @@ class Method(base.Method):
             for grid, p in zip(batch['grid'], pred, strict=True):
                 shown = np.concatenate([p[..., :3], 1.0 / (1.0 + np.exp(-p[..., 3:]))], axis=-1)
                 hidden = grid * (1.0 - masked[..., None])
-                panels.append({
-                    'masked': composite(hidden)[None], 'reconstruction': composite(shown)[None],
-                    'target': composite(grid)[None],
-                })  # fmt: skip
-        return {'reconstruction': reconstruction.grid(panels[:count], order=('masked', 'reconstruction', 'target'))}
+                panels.append({'views': np.stack([composite(hidden), composite(shown), composite(grid)])})
+        return {'reconstruction': reconstruction.grid(panels[:count], order=('views',))}
