@@ -60,6 +60,8 @@ SCHEDULE_DEFAULTS = dict(
     one_cycle_pct=0.3,  # one_cycle: torch OneCycleLR's defaults (pct_start, div_factor, final_div_factor)
     one_cycle_div=25.0,
     one_cycle_final_div=1e4,
+    one_cycle_beta1=(0.85, 0.95),  # one_cycle: Adam's beta1 cycled from the high value down and back, opposite the
+    # lr (OneCycleLR's cycle_momentum with base / max momentum); () keeps optim.b1 fixed
 )
 INV_SQRT_ALPHA = 10.0  # the reference's inverse-sqrt cooldown steepness
 
@@ -217,6 +219,20 @@ def one_cycle_schedule(peak: float, total_steps: int, pct: float, div: float, fi
     return schedule
 
 
+def beta1_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule | None:
+    """OneCycleLR's momentum cycle for Adam's beta1 (`optim.one_cycle_beta1` = (low, high)): high at the start,
+    annealed like the lr's phases but the other way (low at the lr's peak, high again at the end); None when the
+    schedule is not one_cycle or the pair is empty (optim.b1 then stays fixed)."""
+    o = schedule_fields(config.optim)
+    if o.schedule != 'one_cycle' or not tuple(o.one_cycle_beta1):
+        return None
+    low, high = tuple(o.one_cycle_beta1)
+    task_steps = o.task_steps or total_steps
+    # The lr curve from `high` through `low` and back: a one-cycle schedule over (high - b1) shifted by `high`.
+    dip = one_cycle_schedule(high - low, task_steps, o.one_cycle_pct, float('inf'), 1.0)
+    return lambda step: high - dip(jnp.mod(jnp.asarray(step) + o.schedule_offset, task_steps))
+
+
 def add_schedule_defaults(optim_config: ml_collections.ConfigDict) -> None:
     """Adds the schedule keys (SCHEDULE_DEFAULTS) a config's `optim` section lacks; values it sets are kept."""
     for key, value in SCHEDULE_DEFAULTS.items():
@@ -261,6 +277,9 @@ def check_schedule_config(config: ml_collections.ConfigDict) -> None:
         for key in ('one_cycle_div', 'one_cycle_final_div'):
             if not o[key] >= 1:
                 raise ConfigError(f"bad value {o[key]} for 'optim.{key}': must be >= 1")
+        beta1 = tuple(o.one_cycle_beta1)
+        if beta1 and (len(beta1) != 2 or not 0 <= beta1[0] <= beta1[1] < 1):
+            raise ConfigError(f"bad value {beta1} for 'optim.one_cycle_beta1': () or (low, high), 0 <= low <= high < 1")
         return
     if o.schedule != 'infinite':
         return
@@ -504,21 +523,29 @@ def make_optimizer(
     # A function: multi_transform hands each group a partial tree. decay_vectors: absent from most configs.
     mask = lambda p: decay_mask(p, no_decay, o.get('decay_vectors', False))
     decay = weight_decay_schedule(config, total_steps)
+    b1_schedule = beta1_schedule(config, total_steps)
+    if b1_schedule is not None and name not in ('adamw', 'adam'):
+        raise ConfigError(f"'optim.one_cycle_beta1' cycles Adam's beta1: set it to () for optim.name '{name}'")
 
     def core(shift: int) -> list[optax.GradientTransformation]:
         """The optimiser proper; `shift` offsets the step its schedules see (a group that starts late)."""
         lr = (lambda step: schedule(step + shift)) if shift else schedule
         wd = (lambda step: decay(step + shift)) if shift and callable(decay) else decay
+        if b1_schedule is None:
+            adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
+        else:  # OneCycleLR's momentum cycle; the bias correction uses the current beta1, as torch's Adam
+            b1 = (lambda step: b1_schedule(step + shift)) if shift else b1_schedule
+            adam = optax.inject_hyperparams(optax.scale_by_adam)(b1=b1, b2=o.b2, eps=o.eps)
         if name == 'adamw':
             return [
-                optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+                adam,
                 optax.add_decayed_weights(wd, mask=mask),
                 optax.scale_by_learning_rate(lr),
             ]
         if name == 'adam':
             return [
                 optax.add_decayed_weights(wd, mask=mask),
-                optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+                adam,
                 optax.scale_by_learning_rate(lr),
             ]
         if name == 'sgd':  # the lr scales the momentum buffer, as torch's (LARS's momentum trails the lr)

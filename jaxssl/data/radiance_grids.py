@@ -45,14 +45,14 @@ def density_to_alpha(density: np.ndarray, kind: str) -> np.ndarray:
 
 def pad_grid(grid: np.ndarray, resolution: int, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """torch_utils.pad_tensor: a (W, L, H, 4) grid zero-padded at the far ends to R^3, with 'valid' 1 on the
-    original voxels; labels (if any) padded with 0 (free)."""
+    original voxels; labels (if any) padded with -1 (no label: the padding is not part of the scene)."""
     pads = [(0, resolution - s) for s in grid.shape[:3]]
     out = {
         'grid': np.pad(grid.astype(np.float32), [*pads, (0, 0)]),
         'valid': np.pad(np.ones(grid.shape[:3], np.float32), pads),
     }
     if labels is not None:
-        out['labels'] = np.pad(labels.astype(np.int32), pads)
+        out['labels'] = np.pad(labels.astype(np.int32), pads, constant_values=-1)
     return out
 
 
@@ -66,28 +66,32 @@ def sample_room(rng: np.random.Generator, resolution: int) -> dict[str, np.ndarr
     axis."""
     low = max(round(0.6 * resolution), 4)
     shape = tuple(int(s) for s in rng.integers(low, resolution + 1, size=3))
-    coords = np.stack(np.meshgrid(*[np.arange(s) + 0.5 for s in shape], indexing='ij'), axis=-1)
-    log_density = rng.normal(-4.0, 0.5, size=shape)  # free space: exp(sigma) ~ 0.02, alpha ~ 2e-4
-    rgb = rng.uniform(size=(*shape, 3))  # free space: arbitrary colours, never supervised (alpha <= 0.01)
+    log_density = rng.normal(-4.0, 0.5, size=shape).astype(np.float32)  # free space: exp(sigma) ~ 0.02, alpha ~ 2e-4
+    rgb = rng.random(size=(*shape, 3), dtype=np.float32)  # free space: arbitrary colours, never supervised
     labels = np.zeros(shape, np.int32)
-    floaters = rng.uniform(size=shape) < 0.002  # a NeRF's stray low-density blobs: alpha 0.01-0.18
+    floaters = rng.random(size=shape, dtype=np.float32) < 0.002  # a NeRF's stray low-density blobs: alpha 0.01-0.18
     log_density[floaters] = np.log(rng.uniform(1.0, 20.0, size=int(floaters.sum())))
 
-    def paint(inside: np.ndarray, label: int) -> None:
+    def paint(box: tuple[slice, ...], inside: np.ndarray, label: int) -> None:
+        """Fills the voxels `inside` (a mask over the sub-grid `box`) with one solid of random colour."""
         colour = rng.uniform(0.1, 0.9, size=3)
-        noise = rng.normal(0.0, 0.03, size=(int(inside.sum()), 3))
-        rgb[inside] = np.clip(colour + noise, 0.0, 1.0)
-        log_density[inside] = np.log(rng.uniform(100.0, 1000.0)) + rng.normal(0.0, 0.1, size=int(inside.sum()))
-        labels[inside] = label
+        count = int(inside.sum())
+        rgb[box][inside] = np.clip(colour + rng.normal(0.0, 0.03, size=(count, 3)), 0.0, 1.0)
+        log_density[box][inside] = np.log(rng.uniform(100.0, 1000.0)) + rng.normal(0.0, 0.1, size=count)
+        labels[box][inside] = label
 
     floor = max(resolution // 16, 1)
-    paint(coords[..., 2] < floor, CLASSES.index('floor'))
+    paint((slice(None), slice(None), slice(0, floor)), np.ones((*shape[:2], floor), bool), CLASSES.index('floor'))
     for _ in range(int(rng.integers(2, 6))):
         kind = CLASSES[int(rng.integers(2, len(CLASSES)))]
         radius = rng.uniform(0.08, 0.2) * resolution
         centre = np.array([rng.uniform(radius, s - radius) if s > 2 * radius else s / 2 for s in shape])
         centre[2] = floor + radius  # resting on the floor
-        d = coords - centre
+        # Only the object's bounding box is visited (a 160^3 room would otherwise cost seconds).
+        box = tuple(
+            slice(max(int(c - radius) - 1, 0), min(int(c + radius) + 2, s)) for c, s in zip(centre, shape, strict=True)
+        )
+        d = np.stack(np.meshgrid(*[np.arange(b.start, b.stop) + 0.5 for b in box], indexing='ij'), axis=-1) - centre
         if kind == 'box':
             half = radius * rng.uniform(0.6, 1.0, size=3)
             inside = np.all(np.abs(d) <= half, axis=-1)
@@ -95,7 +99,7 @@ def sample_room(rng: np.random.Generator, resolution: int) -> dict[str, np.ndarr
             inside = np.sum(d**2, axis=-1) <= radius**2
         else:  # an upright cylinder
             inside = (d[..., 0] ** 2 + d[..., 1] ** 2 <= (0.7 * radius) ** 2) & (np.abs(d[..., 2]) <= radius)
-        paint(inside, CLASSES.index(kind))
+        paint(box, inside, CLASSES.index(kind))
     return {'rgbsigma': np.concatenate([rgb, log_density[..., None]], axis=-1).astype(np.float32), 'labels': labels}
 
 
@@ -138,10 +142,10 @@ class FolderSource:
         return {'name': self.files[index], 'path': self.files[index]}
 
 
-def load_grid(record: dict[str, Any], resolution: int, density: str) -> dict[str, np.ndarray]:
-    """A record's padded example: 'grid' float32 (R, R, R, 4) with alpha in the last channel, 'valid' float32
-    (R, R, R), 'labels' int32 (R, R, R) (-1 where a file has none). Raises DecodeError on anything to skip and
-    count: unreadable files, wrong shapes, grids larger than R, values out of range."""
+def read_grid(record: dict[str, Any], resolution: int, density: str) -> dict[str, np.ndarray]:
+    """A record's unpadded grid: 'grid' float32 (W, L, H, 4) with alpha in the last channel and 'labels' int32
+    (W, L, H) (-1 everywhere when a file has none). Raises DecodeError on anything to skip and count: unreadable
+    files, wrong shapes, grids larger than R, NaN, alpha outside [0, 1]."""
     if 'room' in record:
         split, index, seed = record['room']
         arrays = sample_room(scene_seed(split, index, seed), resolution)
@@ -158,10 +162,10 @@ def load_grid(record: dict[str, Any], resolution: int, density: str) -> dict[str
         raise DecodeError(f'{record["name"]}: rgbsigma {grid.shape}, need (W, L, H, 4)')
     if max(grid.shape[:3]) > resolution:
         raise DecodeError(f'{record["name"]}: grid {grid.shape[:3]} is larger than input.resolution {resolution}')
-    if grid.dtype == np.uint8:
+    if grid.dtype == np.uint8:  # all four channels / 255, the fourth taken as alpha (the reference's path breaks)
         grid = grid.astype(np.float32) / 255.0
     elif np.issubdtype(grid.dtype, np.floating):
-        grid = grid.astype(np.float32).copy()
+        grid = grid.astype(np.float32)  # a copy
         grid[..., 3] = density_to_alpha(grid[..., 3], 'log' if 'room' in record else density)
     else:
         raise DecodeError(f'{record["name"]}: rgbsigma of dtype {grid.dtype}, need floats or uint8')
@@ -170,9 +174,27 @@ def load_grid(record: dict[str, Any], resolution: int, density: str) -> dict[str
     if grid[..., 3].min() < 0 or grid[..., 3].max() > 1:
         raise DecodeError(f'{record["name"]}: alpha outside [0, 1] (is input.density right?)')
     labels = arrays.get('labels')
-    if labels is not None and labels.shape != grid.shape[:3]:
-        raise DecodeError(f'{record["name"]}: labels {labels.shape} do not match the grid {grid.shape[:3]}')
-    out = pad_grid(grid, resolution, labels if labels is not None else np.zeros(grid.shape[:3], np.int32))
     if labels is None:
-        out['labels'] = np.full(out['labels'].shape, -1, np.int32)
-    return out
+        labels = np.full(grid.shape[:3], -1, np.int32)
+    elif labels.shape != grid.shape[:3] or not np.issubdtype(labels.dtype, np.integer):
+        raise DecodeError(f'{record["name"]}: labels {labels.shape} {labels.dtype}, need integers {grid.shape[:3]}')
+    return {'grid': grid, 'labels': labels.astype(np.int32)}
+
+
+def augment(item: dict[str, np.ndarray], rng: np.random.Generator, rotate_prob: float, flip_prob: float):
+    """The reference's training augmentation (nerf_rpn/datasets.py augment_rpn_inputs, z up, no boxes): with
+    probability rotate_prob a 90-degree turn about the third (up) axis (first two axes swapped, then the first
+    reversed), then each of the first two axes reversed with probability flip_prob. On the unpadded grid."""
+    grid, labels = item['grid'], item['labels']
+    if rng.random() < rotate_prob:
+        grid, labels = np.swapaxes(grid, 0, 1)[::-1], np.swapaxes(labels, 0, 1)[::-1]
+    for axis in (0, 1):
+        if rng.random() < flip_prob:
+            grid, labels = np.flip(grid, axis), np.flip(labels, axis)
+    return {'grid': grid, 'labels': labels}
+
+
+def load_grid(record: dict[str, Any], resolution: int, density: str) -> dict[str, np.ndarray]:
+    """read_grid's example padded to R^3 ('grid', 'valid', 'labels'): what the evaluation reads."""
+    item = read_grid(record, resolution, density)
+    return pad_grid(item['grid'], resolution, item['labels'])

@@ -22,7 +22,8 @@ alpha MSE on masked voxels, each beside a baseline that looks at nothing (the va
 and a voxel-labelling probe (the paper's voxel labelling, here on frozen features): every stage's output is
 repeated up to the token grid and concatenated (MSM's multi-level features), a class-balanced ridge regression onto
 one-hot token labels (each token's majority voxel class) is fitted on `eval.probe_scenes` grids of input.split and
-scored on val: mIoU over the classes and accuracy (at most eval.probe_tokens random tokens per grid).
+scored on val: mIoU over the classes and accuracy (at most eval.probe_tokens random tokens per grid); beside it the
+same probe on each token's raw voxels ('voxel_probe/input'), which sees no context.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     depths, heads = tuple(m.depths), tuple(m.heads)
     if not depths or len(depths) != len(heads) or min(depths) < 1:
         raise ConfigError(f"bad values {depths} / {heads} for 'model.depths' / 'model.heads': one of each per stage")
-    if m.width % 6:
+    if m.width < 6 or m.width % 6:
         raise ConfigError(f"bad value {m.width} for 'model.width': the 3-D sin-cos table needs a multiple of 6")
+    if m.patch < 1 or i.resolution < m.patch:
+        raise ConfigError(f"bad value {m.patch} for 'model.patch': voxels per token side, 1 to input.resolution")
     for s, h in enumerate(heads):
         if h < 1 or (m.width * 2**s) % h:
             raise ConfigError(f"bad value {heads} for 'model.heads': stage {s}'s width {m.width * 2**s} / heads")
@@ -71,6 +74,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 1 <= config.mask.unit <= tokens:
         raise ConfigError(f"bad value {config.mask.unit} for 'mask.unit': tokens per cube side, 1 to {tokens}")
     check_range(config, 'mask.ratio', 0.0, 1.0)
+    check_range(config, 'input.rotate_prob', 0.0, 1.0 + 1e-9)
+    check_range(config, 'input.flip_prob', 0.0, 1.0 + 1e-9)
     check_range(config, 'model.drop_path', 0.0, 1.0)
     check_choice(config, 'input.dataset', DATASETS)
     check_choice(config, 'input.density', radiance_grids.DENSITY_KINDS)
@@ -83,7 +88,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             )
         if i.dataset == 'folder' and not glob.glob(os.path.join(i.data_root, split, '*.npz')):
             raise ConfigError(f"'{key}' {split}: no .npz grids in {os.path.join(i.data_root, split)}")
-    for key in ('scenes', 'batch_size', 'probe_scenes', 'probe_tokens'):
+    for key in ('scenes', 'batch_size', 'probe_scenes', 'probe_tokens', 'probe_classes'):
         if e[key] < 1:
             raise ConfigError(f"bad value {e[key]} for 'eval.{key}': must be >= 1")
 
@@ -127,11 +132,12 @@ def nerf_mae_loss(
 
 
 def token_labels(labels: np.ndarray, valid: np.ndarray, patch: int, classes: int) -> np.ndarray:
-    """(B, n, n, n) majority voxel class of each token; -1 for tokens outside the scene or without labels."""
+    """(B, n, n, n) majority voxel class (0 to classes - 1) of each token; -1 for tokens outside the scene or
+    without labels in that range."""
     b, r = labels.shape[0], labels.shape[1]
     n = r // patch
     cells = labels.reshape(b, n, patch, n, patch, n, patch).transpose(0, 1, 3, 5, 2, 4, 6).reshape(b, n, n, n, -1)
-    counts = np.stack([(cells == k).sum(-1) for k in range(classes)], axis=-1)
+    counts = np.stack([(cells == k).sum(-1) for k in range(classes)], axis=-1)  # labels outside [0, classes): none
     majority = counts.argmax(-1)
     inside = valid.reshape(b, n, patch, n, patch, n, patch).max(axis=(2, 4, 6)) > 0
     return np.where(inside & (counts.sum(-1) > 0), majority, -1)
@@ -178,11 +184,17 @@ class Method(base.Method):
         return radiance_grids.load_grid(record, self.config.input.resolution, self.config.input.density)
 
     def dataset(self, seed, process_index, process_count):
-        source = grid_source(self.config, self.config.input.split)
-        view = lambda item, rng: {'grid': item['grid'], 'valid': item['valid']}
+        i = self.config.input
+        source = grid_source(self.config, i.split)
+
+        def view(item: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+            item = radiance_grids.augment(item, rng, i.rotate_prob, i.flip_prob)
+            padded = radiance_grids.pad_grid(item['grid'], i.resolution)
+            return {'grid': padded['grid'], 'valid': padded['valid']}
+
         dataset = images.make_image_pretrain_dataset(
-            self.config, seed=seed, process_index=process_index, process_count=process_count,
-            view=view, source=source, decode=self._decode,
+            self.config, seed=seed, process_index=process_index, process_count=process_count, view=view,
+            source=source, decode=lambda record: radiance_grids.read_grid(record, i.resolution, i.density),
         )  # fmt: skip
         return dataset, len(source)
 
@@ -227,12 +239,16 @@ class Method(base.Method):
 
     # --- evaluation ----------------------------------------------------------------------------------------------
     @functools.cached_property
-    def _forward(self):
-        def forward(params, grid, token_mask):
-            out = self.model.apply({'params': params}, grid, token_mask)
-            return out['prediction'], multilevel_features(out['stages'])
+    def _predict(self):
+        """(params, grid, token mask) -> the prediction (B, R, R, R, 4)."""
+        return jax.jit(
+            lambda params, grid, token_mask: self.model.apply({'params': params}, grid, token_mask)['prediction']
+        )
 
-        return jax.jit(forward)
+    @functools.cached_property
+    def _features(self):
+        """(params, grid) -> unmasked multi-level token features (B, n, n, n, D); XLA drops the unused decoder."""
+        return jax.jit(lambda params, grid: multilevel_features(self.model.apply({'params': params}, grid)['stages']))
 
     def _batches(self, split: str, scenes: int, skipped: list[int] | None = None):
         """Decoded grids of the first `scenes` of `split`, in batches of eval.batch_size ('grid', 'valid',
@@ -253,7 +269,7 @@ class Method(base.Method):
     def _probe_rows(self, batch: dict[str, np.ndarray], features: np.ndarray, rng: np.random.Generator):
         """(design rows [features, 1] float64, token labels) of a batch's labelled tokens, at most
         eval.probe_tokens per grid (a random subset)."""
-        classes, cap = len(radiance_grids.CLASSES), self.config.eval.probe_tokens
+        classes, cap = self.config.eval.probe_classes, self.config.eval.probe_tokens
         labels = token_labels(batch['labels'], batch['valid'], self.config.model.patch, classes)
         xs, ys = [], []
         for f, y in zip(features, labels, strict=True):
@@ -261,21 +277,37 @@ class Method(base.Method):
             keep = np.flatnonzero(y >= 0)
             if len(keep) > cap:
                 keep = np.sort(rng.choice(keep, cap, replace=False))
-            xs.append(np.asarray(f, np.float64).reshape(-1, f.shape[-1])[keep])
+            xs.append(np.asarray(f.reshape(-1, f.shape[-1])[keep], np.float64))
             ys.append(y[keep])
         x = np.concatenate(xs)
         return np.concatenate([x, np.ones((len(x), 1))], axis=1), np.concatenate(ys)
 
-    def _fit_probe(self, params) -> np.ndarray | None:
-        """The voxel probe's weights (features + 1, classes): a ridge regression onto one-hot token labels with
+    def _probe_features(self, params) -> dict[str, Any]:
+        """The voxel probe's inputs, batch -> (B, n, n, n, D) token features: 'voxel_probe' the network's
+        multi-level features, 'voxel_probe/input' each token's own voxels (p^3 x RGB + alpha, a baseline that
+        knows nothing beyond its token)."""
+        p = self.config.model.patch
+
+        def voxels(batch):
+            b, r = batch['grid'].shape[:2]
+            n = r // p
+            cells = batch['grid'].reshape(b, n, p, n, p, n, p, 4).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+            return cells.reshape(b, n, n, n, -1)
+
+        return {
+            'voxel_probe': lambda batch: jax.device_get(self._features(params, batch['grid'])),
+            'voxel_probe/input': voxels,
+        }
+
+    def _fit_probe(self, featurize, skipped: list[int]) -> np.ndarray | None:
+        """A voxel probe's weights (features + 1, classes): a ridge regression onto one-hot token labels with
         each class weighted by 1 / its token count, from per-class Gram matrices accumulated over eval.probe_scenes
         grids of input.split. None when they hold fewer than 2 labelled classes (a folder without 'labels')."""
-        classes = len(radiance_grids.CLASSES)
+        classes = self.config.eval.probe_classes
         rng = np.random.default_rng(0)
         gram, moment, counts = None, None, np.zeros(classes)
-        for batch in self._batches(self.config.input.split, self.config.eval.probe_scenes):
-            features = jax.device_get(self._forward(params, batch['grid'], None)[1])
-            a, y = self._probe_rows(batch, features, rng)
+        for batch in self._batches(self.config.input.split, self.config.eval.probe_scenes, skipped):
+            a, y = self._probe_rows(batch, featurize(batch), rng)
             if gram is None:
                 gram = np.zeros((classes, a.shape[1], a.shape[1]))
                 moment = np.zeros((a.shape[1], classes))
@@ -294,18 +326,22 @@ class Method(base.Method):
     def evaluate(self, params, extra, mesh):
         e, patch = self.config.eval, self.config.model.patch
         params = jax.device_put(jax.device_get(params), jax.local_devices()[0])  # on one device, once
-        probe = self._fit_probe(params)
+        featurizers, fit_skipped = self._probe_features(params), [0]
+        probes = {name: self._fit_probe(featurize, fit_skipped) for name, featurize in featurizers.items()}
+        probes = {name: w for name, w in probes.items() if w is not None}
         sums: dict[str, float] = {}
 
         def add(key, value):
             sums[key] = sums.get(key, 0.0) + float(value)
 
-        key, skipped, rng = jax.random.PRNGKey(e.mask_seed), [0], np.random.default_rng(1)
-        predicted, truth = [], []
+        key, skipped = jax.random.PRNGKey(e.mask_seed), [0]
+        rngs = {name: np.random.default_rng(1) for name in probes}  # the same tokens for every probe
+        predicted: dict[str, list[np.ndarray]] = {name: [] for name in probes}
+        truth: dict[str, list[np.ndarray]] = {name: [] for name in probes}
         for batch in self._batches(e.split, e.scenes, skipped):
             key, sub = jax.random.split(key)
             token_mask = self._mask(sub)
-            pred, _ = jax.device_get(self._forward(params, batch['grid'], token_mask))
+            pred = jax.device_get(self._predict(params, batch['grid'], token_mask))
             masked = np.asarray(voxel_mask(token_mask, patch))
             grid, valid = batch['grid'], batch['valid']
             occupied = grid[..., 3] > radiance_grids.OCCUPIED
@@ -313,35 +349,38 @@ class Method(base.Method):
             for name, where in (('all', occupied), ('masked', occupied & (masked > 0))):
                 add(f'rgb/sq/{name}', sq[where].sum())
                 add(f'rgb/n/{name}', where.sum() * 3)
-                add(f'rgb/s1/{name}', grid[..., :3][where].sum())
-                add(f'rgb/s2/{name}', (grid[..., :3][where] ** 2).sum())
+                for c in range(3):  # per channel: the baseline predicts the mean colour
+                    add(f'rgb/s1/{name}/{c}', grid[..., c][where].sum())
+                    add(f'rgb/s2/{name}/{c}', (grid[..., c][where] ** 2).sum())
             region = valid * masked
             alpha = 1.0 / (1.0 + np.exp(-pred[..., 3]))
             add('alpha/sq', ((alpha - grid[..., 3]) ** 2 * region).sum())
             add('alpha/n', region.sum())
             add('alpha/s1', (grid[..., 3] * region).sum())
             add('alpha/s2', (grid[..., 3] ** 2 * region).sum())
-            if probe is not None:
-                a, y = self._probe_rows(batch, jax.device_get(self._forward(params, grid, None)[1]), rng)
-                predicted.append((a @ probe).argmax(-1))
-                truth.append(y)
+            for name, w in probes.items():
+                a, y = self._probe_rows(batch, featurizers[name](batch), rngs[name])
+                predicted[name].append((a @ w).argmax(-1))
+                truth[name].append(y)
         if not sums:
             raise ConfigError(f"'eval.split' {e.split}: no readable grids")
-        results: dict[str, float] = {'eval_skipped_files': float(skipped[0])}
+        # Each probe's fitting pass reads the same files: count its skips once.
+        skipped_fit = fit_skipped[0] // max(len(featurizers), 1)
+        results: dict[str, float] = {'eval_skipped_files': float(skipped[0] + skipped_fit)}
         psnr = lambda mse: float(-10.0 * np.log10(max(mse, 1e-12)))
         for name in ('all', 'masked'):
-            n = max(sums[f'rgb/n/{name}'], 1.0)
-            mean = sums[f'rgb/s1/{name}'] / n
+            n = max(sums[f'rgb/n/{name}'], 1.0)  # channel values: voxels x 3
+            baseline = sum(sums[f'rgb/s2/{name}/{c}'] - sums[f'rgb/s1/{name}/{c}'] ** 2 / (n / 3) for c in range(3))
             results[f'psnr/{name}'] = psnr(sums[f'rgb/sq/{name}'] / n)
-            results[f'psnr/{name}/mean_colour'] = psnr(sums[f'rgb/s2/{name}'] / n - mean**2)
+            results[f'psnr/{name}/mean_colour'] = psnr(baseline / n)
         n = max(sums['alpha/n'], 1.0)
         results['alpha_mse/masked'] = sums['alpha/sq'] / n
         results['alpha_mse/masked/mean_alpha'] = sums['alpha/s2'] / n - (sums['alpha/s1'] / n) ** 2
-        if predicted:
-            pred, y = np.concatenate(predicted), np.concatenate(truth)
+        for name in probes:
+            pred, y = np.concatenate(predicted[name]), np.concatenate(truth[name])
             ious = [np.sum((pred == k) & (y == k)) / np.sum((pred == k) | (y == k)) for k in np.unique(y)]
-            results['voxel_probe/miou'] = float(np.mean(ious))
-            results['voxel_probe/accuracy'] = float(np.mean(pred == y))
+            results[f'{name}/miou'] = float(np.mean(ious))
+            results[f'{name}/accuracy'] = float(np.mean(pred == y))
         return results
 
     def visualize(self, params, extra):
@@ -360,7 +399,7 @@ class Method(base.Method):
         masked = np.asarray(voxel_mask(token_mask, self.config.model.patch))[0]
         panels = []
         for batch in batches:
-            pred, _ = jax.device_get(self._forward(params, batch['grid'], token_mask))
+            pred = jax.device_get(self._predict(params, batch['grid'], token_mask))
             for grid, p in zip(batch['grid'], pred, strict=True):
                 shown = np.concatenate([p[..., :3], 1.0 / (1.0 + np.exp(-p[..., 3:]))], axis=-1)
                 hidden = grid * (1.0 - masked[..., None])

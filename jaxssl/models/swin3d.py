@@ -18,9 +18,10 @@ SwinTransformer_MAE3D_New, which run_swin_mae3d.py trains; unetr_block.py; torch
   conv3 -> InstanceNorm -> LeakyReLU(0.01) -> conv3 -> InstanceNorm, + the input (through conv1 + InstanceNorm when
   the widths differ), LeakyReLU. InstanceNorm3d is torch's default: no affine, eps 1e-5, per sample and channel.
 
-Init: every Linear N(0, 0.02) truncated at +-2 std with zero bias (the reference's loop over modules, run after the
-blocks'), the bias tables N(0, 0.02), the mask token N(0, 0.02); convolutions torch's default kernel (kaiming
-uniform, a = sqrt 5) with zero biases (torch draws small uniform biases).
+Init: every Linear N(0, 0.02) with zero bias (the reference's trunc_normal_ loop over modules, run after the
+blocks'; its +-2 cut never bites at this std), the bias tables N(0, 0.02), the mask token N(0, 0.02); convolutions
+torch's default kernel (kaiming uniform, a = sqrt 5, the transposed ones with torch's fan: out x k^3) with zero
+biases (torch draws small uniform biases).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import numpy as np
 
 from jaxssl.models.vit import drop_path
 
-DENSE_INIT = nn.initializers.truncated_normal(0.02)  # torch trunc_normal_(std=.02): cut at +-2 absolute
+DENSE_INIT = nn.initializers.normal(0.02)  # torch trunc_normal_(std=.02) cuts at +-2 absolute: never, at this std
+# ConvTranspose3d's weight is (in, out, k, k, k) in torch, whose kaiming_uniform_ takes the fan from its second axis.
+TORCH_CONV_TRANSPOSE_INIT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_out', 'uniform')
 TORCH_CONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')  # kaiming_uniform_(a=sqrt 5)
 SHIFT_MASK = -100.0  # torchvision's value between tokens of different shifted regions
 LEAKY_SLOPE = 0.01  # unetr_block.py's LeakyReLU
@@ -193,7 +196,7 @@ class BlockUpsample(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, (b, sx, sy, sz, c) = self.factor, x.shape
-        kernel = self.param('kernel', TORCH_CONV_INIT, (k, k, k, c, self.features))
+        kernel = self.param('kernel', TORCH_CONV_TRANSPOSE_INIT, (k, k, k, c, self.features))
         bias = self.param('bias', nn.initializers.zeros, (self.features,))
         y = jnp.einsum('bxyzc,ijkco->bxiyjzko', x, kernel) + bias
         return y.reshape(b, sx * k, sy * k, sz * k, self.features)
