@@ -61,16 +61,18 @@ def install_torchvision_stand_ins() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--reference', required=True, help='a NeRF-MAE checkout (holds nerf_mae/model/mae/)')
+    parser.add_argument('--resolution', type=int, default=96, help='voxels a side, a multiple of 32')
     args = parser.parse_args()
     np.float = float  # noqa: NPY001 (the reference's torch_utils.py uses it)
     install_torchvision_stand_ins()
     sys.path.insert(0, args.reference)
-    check()
+    check(args.resolution)
 
 
-def check() -> None:
-    """Runs both at a small size: 64^3 grids, patch 4, width 12, four stages (the reference's decoder needs four),
-    two scenes of different extents (padding), float64 for the reference."""
+def check(resolution: int) -> None:
+    """Runs both at a small size: patch 4, width 12, four stages (the reference's decoder needs four), two
+    scenes of different extents (padding), float64 for the reference. At 96^3 (24 tokens) stage 2's 6 tokens are
+    padded to 8 and shifted, the case of stage 3 at 160^3. Raises AssertionError on a mismatch."""
     import jax
     import jax.numpy as jnp
     from flax import traverse_util
@@ -81,7 +83,7 @@ def check() -> None:
     from jaxssl.models.swin3d import NeRFMAE, sincos_3d
 
     torch.set_default_dtype(torch.float64)
-    R, P, C, DEPTHS, HEADS = 64, 4, 12, (2, 2, 2, 2), (1, 2, 2, 4)
+    R, P, C, DEPTHS, HEADS = resolution, 4, 12, (2, 2, 2, 2), (1, 2, 2, 4)
     ref = SwinTransformer_MAE3D_New(
         patch_size=[P] * 3,
         embed_dim=C,
@@ -134,9 +136,9 @@ def check() -> None:
                 sd[f'{a}.conv_block.{c}.weight'] = t(f'{b}/conv_block/{c}/kernel', 4, 3, 0, 1, 2)
                 sd[f'{a}.conv_block.{c}.bias'] = t(f'{b}/conv_block/{c}/bias')
     missing, unexpected = ref.load_state_dict({k: v.double() for k, v in sd.items()}, strict=False)
-    print('missing', missing, 'unexpected', unexpected)
+    assert not unexpected and all('relative_position_index' in k or k == 'pos_embed' for k in missing), missing
     rng = np.random.default_rng(0)
-    scenes = [rng.uniform(size=(4, 50, 64, 41)), rng.uniform(size=(4, 64, 37, 60))]
+    scenes = [rng.uniform(size=(4, R - 14, R, R - 23)), rng.uniform(size=(4, R, R - 27, R - 4))]
     for sc in scenes:
         sc[3] = np.where(rng.uniform(size=sc[3].shape) < 0.6, 0.0, sc[3])
     with torch.no_grad():
@@ -155,20 +157,18 @@ def check() -> None:
     out = ours.apply({'params': params}, jnp.asarray(grid), jnp.asarray(token_mask[:1]))
     pred = np.asarray(out['prediction'])
     want = out_ref.permute(0, 2, 3, 4, 1).numpy()
-    print('prediction max abs diff', np.abs(pred - want).max(), 'scale', np.abs(want).max())
+    print(f'{R}^3: prediction max abs diff {np.abs(pred - want).max():.2e}, outputs up to {np.abs(want).max():.2f}')
+    assert np.abs(pred - want).max() < 1e-4 * max(np.abs(want).max(), 1.0)
     lr, la = nerf_mae.nerf_mae_loss(
         out['prediction'], jnp.asarray(grid), jnp.asarray(valid), nerf_mae.voxel_mask(jnp.asarray(token_mask[:1]), P)
     )
-    print('loss rgb', float(lr), float(rgb_ref), 'alpha', float(la), float(alpha_ref))
-    print(
-        'pos table',
-        np.abs(ref.pos_embed.numpy()[0] - sincos_3d(C, n)).max(),
-    )
-    print(
-        'params',
-        sum(p.numel() for p in ref.parameters() if p.requires_grad),
-        sum(np.prod(v.shape) for v in jax.tree.leaves(params)),
-    )
+    print(f'L_rgb {float(lr):.7f} (reference {float(rgb_ref):.7f}), L_alpha {float(la):.7f} ({float(alpha_ref):.7f})')
+    np.testing.assert_allclose([float(lr), float(la)], [float(rgb_ref), float(alpha_ref)], rtol=1e-5)
+    table = np.abs(ref.pos_embed.numpy()[0] - sincos_3d(C, n)).max()
+    counts = sum(p.numel() for p in ref.parameters() if p.requires_grad), sum(v.size for v in jax.tree.leaves(params))
+    print(f'position tables differ by {table:.1e}; trainable parameters {counts[0]:,} (reference) / {counts[1]:,}')
+    assert table < 1e-6 and counts[0] == counts[1]
+    print('OK: equal to the reference')
 
 
 if __name__ == '__main__':
