@@ -189,6 +189,19 @@ def test_masked_tokens_lose_their_content_and_position(tiny):
     np.testing.assert_allclose(stages(other), stages(grid), atol=1e-5)
 
 
+def test_stochastic_depth_only_in_training(tiny):
+    _, params, grid, mask, apply = tiny
+    plain = swin3d.NeRFMAE(**TINY)  # drop_path 0: an rng changes nothing
+    dropping = swin3d.NeRFMAE(**{**TINY, 'drop_path': 0.5})
+    run = lambda model, rng: model.apply({'params': params}, jnp.asarray(grid), mask, rng)['prediction']
+    deterministic = apply(params, grid, mask)['prediction']
+    np.testing.assert_allclose(run(plain, jax.random.PRNGKey(1)), deterministic, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dropping.apply({'params': params}, jnp.asarray(grid), mask)['prediction'],
+                               deterministic, rtol=1e-4, atol=1e-5)  # fmt: skip
+    a, b = run(dropping, jax.random.PRNGKey(1)), run(dropping, jax.random.PRNGKey(2))
+    assert np.all(np.isfinite(a)) and not np.allclose(a, b) and not np.allclose(a, deterministic)
+
+
 def test_sincos_table_is_the_references_axis_order():
     np.testing.assert_allclose(swin3d.sincos_3d(24, 5), reference_sincos(24, 5), atol=1e-6)
     with pytest.raises(ValueError, match='divisible by 6'):
