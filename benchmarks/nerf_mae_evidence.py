@@ -14,30 +14,22 @@ Each run is `python -m jaxssl.main --config=configs/nerf_mae.py:runlocal,...` in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+from evidence_runs import last_eval, print_table
 
 SETTINGS = {
     'random': ['--config.optim.base_lr=0', '--config.train.steps=1', '--config.checkpoint.every=1'],
     'pretrained': [],
 }
-COLUMNS = ('voxel_probe/miou', 'voxel_probe/accuracy', 'psnr/all', 'psnr/masked', 'alpha_mse/masked')
+COLUMNS = (
+    'voxel_probe/miou', 'voxel_probe/accuracy', 'voxel_probe/input/miou', 'psnr/all', 'psnr/masked',
+    'alpha_mse/masked',
+)  # fmt: skip
 BASELINES = ('psnr/all/mean_colour', 'psnr/masked/mean_colour', 'alpha_mse/masked/mean_alpha')
-
-
-def last_eval(workdir: str) -> dict[str, float]:
-    """The last evaluation record of a run's metrics.jsonl, without the 'eval/' prefix."""
-    found = {}
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        for line in f:
-            record = json.loads(line)
-            if any(k.startswith('eval/') for k in record):
-                found = {k[5:]: v for k, v in record.items() if k.startswith('eval/')}
-    return found
 
 
 def main() -> None:
@@ -64,14 +56,7 @@ def main() -> None:
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             results.setdefault(name, []).append(last_eval(workdir))
     print(f'\n{args.steps} steps, seeds {args.seeds}: mean +- std over seeds\n')
-    print('| setting | ' + ' | '.join(COLUMNS) + ' |')
-    print('|---' * (len(COLUMNS) + 1) + '|')
-    for name, runs in results.items():
-        cells = []
-        for column in COLUMNS:
-            values = np.array([r[column] for r in runs if column in r])
-            cells.append(f'{values.mean():.3f} +- {values.std():.3f}' if len(values) else '-')
-        print(f'| {name} | ' + ' | '.join(cells) + ' |')
+    print_table(results, COLUMNS)
     if 'pretrained' in results and 'random' in results:
         gains = [
             p['voxel_probe/miou'] - r['voxel_probe/miou']

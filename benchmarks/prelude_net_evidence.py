@@ -17,12 +17,11 @@ run (summary.json present) is not rerun.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 
-import numpy as np
+from evidence_runs import last_eval, print_table
 
 SETTINGS = {
     'random': ['--config.loss.prednet_weight=0'],
@@ -37,17 +36,6 @@ COLUMNS = (
     'next_frame_mse', 'invariance/r0', 'invariance/r1', 'invariance/r2',
 )  # fmt: skip
 BASELINES = ('depth_rmse/pixel_mean', 'depth_rmse/copy_last', 'copy_last_mse')  # the same in every run
-
-
-def last_eval(workdir: str) -> dict[str, float]:
-    """The last evaluation record of a run's metrics.jsonl, without the 'eval/' prefix."""
-    found = {}
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        for line in f:
-            record = json.loads(line)
-            if any(k.startswith('eval/') for k in record):
-                found = {k[5:]: v for k, v in record.items() if k.startswith('eval/')}
-    return found
 
 
 def main() -> None:
@@ -83,14 +71,7 @@ def main() -> None:
             train(workdir, seed, overrides)
             results.setdefault(name, []).append(last_eval(workdir))
     print(f'\n{args.steps} steps, seeds {args.seeds}: mean +- std over seeds\n')
-    print('| setting | ' + ' | '.join(COLUMNS) + ' |')
-    print('|---' * (len(COLUMNS) + 1) + '|')
-    for name, runs in results.items():
-        cells = []
-        for column in COLUMNS:
-            values = np.array([r[column] for r in runs if column in r])
-            cells.append(f'{values.mean():.3f} +- {values.std():.3f}' if len(values) else '-')
-        print(f'| {name} | ' + ' | '.join(cells) + ' |')
+    print_table(results, COLUMNS)
     first = next(iter(results.values()))[0]
     print('\nbaselines: ' + ', '.join(f'{k} {first[k]:.4f}' for k in BASELINES if k in first))
 
