@@ -4,7 +4,7 @@ Reference code: zubair-irshad/NeRF-MAE@721b5ee (nerf_mae/model/mae/swin_mae3d.py
 run_swin_mae3d.py, train_mae3d.sh; nerf_rpn/datasets.py). Network: jaxssl.models.swin3d.
 
 Batch: 'grid' (B, R, R, R, 4) RGB + alpha zero-padded to R^3, 'valid' (B, R, R, R) 1 on the scene's own voxels
-(jaxssl.data.radiance_grids).
+(jaxssl.data.radiance_grids); training grids are turned and flipped first, as the reference's loader does.
 
 Masking (window_masking_3d, 'random'): the token grid (R / p per side) is cut into cubes of `mask_unit` tokens per
 side (4 tokens = 16 voxels in the reference); each cube is masked with probability `mask_ratio` (0.75), one draw
@@ -17,8 +17,9 @@ Loss (forward_loss): L = L_rgb + L_alpha with
   L_alpha = sum over masked voxels of the scene's own extent of (sigmoid(alpha_logit) - alpha)^2 / their count;
 both pooled over the batch.
 
-Evaluation on the val grids (fixed masks): the reference's PSNR of RGB on occupied voxels (all, and masked only),
-alpha MSE on masked voxels, each beside a baseline that looks at nothing (the val set's mean colour / mean alpha);
+Evaluation on the val grids (fixed masks): PSNR of RGB on occupied voxels (all, and masked only; the reference's
+measure, pooled over the val set here, averaged over batches there), alpha MSE on masked voxels, each beside a
+baseline that looks at nothing (the val set's mean colour per channel / mean alpha);
 and a voxel-labelling probe (the paper's voxel labelling, here on frozen features): every stage's output is
 repeated up to the token grid and concatenated (MSM's multi-level features), a class-balanced ridge regression onto
 one-hot token labels (each token's majority voxel class) is fitted on `eval.probe_scenes` grids of input.split and
@@ -46,7 +47,7 @@ from jaxssl.methods import base
 from jaxssl.models.swin3d import NeRFMAE
 
 DATASETS = ('rooms', 'folder')
-PROBE_RIDGE = 1e-3  # ridge strength, relative to the mean diagonal of the weighted feature covariance
+PROBE_RIDGE = 1e-3  # ridge strength, relative to the mean diagonal of the class-weighted Gram matrix
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
