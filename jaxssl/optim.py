@@ -531,9 +531,9 @@ def make_optimizer(
         """The optimiser proper; `shift` offsets the step its schedules see (a group that starts late)."""
         lr = (lambda step: schedule(step + shift)) if shift else schedule
         wd = (lambda step: decay(step + shift)) if shift and callable(decay) else decay
-        if b1_schedule is None:
+        if name in ('adamw', 'adam') and b1_schedule is None:
             adam = optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)
-        else:  # OneCycleLR's momentum cycle; the bias correction uses the current beta1, as torch's Adam
+        elif name in ('adamw', 'adam'):  # OneCycleLR's momentum cycle; the bias correction uses the current beta1
             b1 = (lambda step: b1_schedule(step + shift)) if shift else b1_schedule
             adam = optax.inject_hyperparams(optax.scale_by_adam)(b1=b1, b2=o.b2, eps=o.eps)
         if name == 'adamw':

@@ -1,16 +1,16 @@
 """Radiance grids for NeRF-MAE: the built-in procedural rooms, users' grids in NeRF-MAE's .npz format, and the
 reference's density-to-alpha conversions and zero padding.
 
-NeRF-MAE pretrains on Instant-NGP grids sampled in each scene's canonical frame: (W, L, H, 4) arrays of RGB in
-[0, 1] and density, stored as `rgbsigma` in one .npz per scene (zubair-irshad/NeRF-MAE@721b5ee nerf_rpn/datasets.py).
-The loader turns density into alpha (`density_to_alpha`: Front3D / HM3D / Hypersim grids hold log densities, ScanNet's
-raw ones) and the model zero-pads every grid to R^3 (R = 160; 200 for Hypersim) with a validity mask
-(torch_utils.pad_tensor). Those grids are not available offline, so `RoomSource` draws grids of the same kind: a
-room of random extent (each side 0.6 R to R) with a floor slab and 2-5 boxes, spheres and cylinders of random size
-and colour, stored as log densities (solid: exp(sigma) in [100, 1000], alpha 0.63-1; free space: alpha ~ 0 with a
+NeRF-MAE pretrains on Instant-NGP grids sampled in each scene's canonical frame: (W, L, H, 4) arrays of RGB in [0, 1]
+and density, stored as `rgbsigma` in one .npz per scene (zubair-irshad/NeRF-MAE@721b5ee nerf_rpn/datasets.py). The
+loader turns density into alpha (`density_to_alpha`: Front3D / HM3D / Hypersim grids hold log densities, ScanNet's raw
+ones) and the model zero-pads every grid to R^3 (R = 160; its 200 for Hypersim cannot pass its decoder) with a
+validity mask (torch_utils.pad_tensor). Those grids are not available offline, so `RoomSource` draws grids of the same
+kind: a room of random extent (each side 0.6 R to R) with a floor slab and 2-5 boxes, spheres and cylinders of random
+size and colour, stored as log densities (solid: exp(sigma) in [100, 1000], alpha 0.63-1; free space: alpha ~ 0 with a
 few low-density floaters, as NeRFs leave) with uncorrelated colours in free space (a NeRF's colour there is
-arbitrary). Each voxel also has a label (0 free, 1 floor, 2 box, 3 sphere, 4 cylinder) for the voxel-labelling
-probe. A scene is drawn from its own seed (split, index), so a split needs no storage.
+arbitrary). Each voxel also has a label (0 free, 1 floor, 2 box, 3 sphere, 4 cylinder) for the voxel-labelling probe.
+A scene is drawn from its own seed (split, index), so a split needs no storage.
 """
 
 from __future__ import annotations
