@@ -406,6 +406,7 @@ def test_evaluation_known_answers_with_a_stand_in_network(tmp_path):
             labels = np.where(rgbsigma[..., 3] > 0, 1 + (rgbsigma[..., 0] > 0.4), 0)
             np.savez(tmp_path / split / f'{k}.npz', rgbsigma=rgbsigma, labels=labels)
     (tmp_path / 'val' / 'broken.npz').write_bytes(b'not a zip')
+    (tmp_path / 'train' / 'broken.npz').write_bytes(b'not a zip')  # in the probe's fitting split: counted once
     overrides = ['input.dataset=folder', f'input.data_root={tmp_path}', 'input.density=alpha', 'eval.batch_size=2']
     method = nerf_mae.Method(load_config(CONFIG, overrides))
 
@@ -422,7 +423,7 @@ def test_evaluation_known_answers_with_a_stand_in_network(tmp_path):
 
     method.__dict__['_predict'], method.__dict__['_features'] = predict, features
     got = method.evaluate({}, {}, None)
-    assert got['eval_skipped_files'] == 1
+    assert got['eval_skipped_files'] == 2
     assert got['psnr/all'] == pytest.approx(20.0, abs=1e-3) and got['psnr/masked'] == pytest.approx(20.0, abs=1e-3)
     assert got['alpha_mse/masked'] == pytest.approx(0.0, abs=1e-8)
     assert got['voxel_probe/miou'] == 1.0 and got['voxel_probe/accuracy'] == 1.0

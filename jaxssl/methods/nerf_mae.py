@@ -300,36 +300,41 @@ class Method(base.Method):
             'voxel_probe/input': voxels,
         }
 
-    def _fit_probe(self, featurize, skipped: list[int]) -> np.ndarray | None:
-        """A voxel probe's weights (features + 1, classes): a ridge regression onto one-hot token labels with
+    def _fit_probes(self, featurizers: dict[str, Any], skipped: list[int]) -> dict[str, np.ndarray]:
+        """Each voxel probe's weights (features + 1, classes): a ridge regression onto one-hot token labels with
         each class weighted by 1 / its token count, from per-class Gram matrices accumulated over eval.probe_scenes
-        grids of input.split. None when they hold fewer than 2 labelled classes (a folder without 'labels')."""
+        grids of input.split, read once for all probes. A probe is left out when its grids hold fewer than 2
+        labelled classes (a folder without 'labels')."""
         classes = self.config.eval.probe_classes
-        rng = np.random.default_rng(0)
-        gram, moment, counts = None, None, np.zeros(classes)
+        rngs = {name: np.random.default_rng(0) for name in featurizers}  # the same tokens for every probe
+        sums: dict[str, list[Any]] = {}  # name -> [gram, moment, counts]
         for batch in self._batches(self.config.input.split, self.config.eval.probe_scenes, skipped):
-            a, y = self._probe_rows(batch, featurize(batch), rng)
-            if gram is None:
-                gram = np.zeros((classes, a.shape[1], a.shape[1]))
-                moment = np.zeros((a.shape[1], classes))
-            for k in np.unique(y):
-                rows = a[y == k]
-                gram[k] += rows.T @ rows
-                moment[:, k] += rows.sum(0)
-                counts[k] += len(rows)
-        if gram is None or np.count_nonzero(counts) < 2:
-            return None
-        weight = 1.0 / np.maximum(counts, 1.0)
-        total = np.einsum('k,kij->ij', weight, gram)
-        ridge = PROBE_RIDGE * np.trace(total) / len(total)
-        return np.linalg.solve(total + ridge * np.eye(len(total)), moment * weight)
+            for name, featurize in featurizers.items():
+                a, y = self._probe_rows(batch, featurize(batch), rngs[name])
+                if name not in sums:
+                    sums[name] = [np.zeros((classes, a.shape[1], a.shape[1])), np.zeros((a.shape[1], classes)),
+                                  np.zeros(classes)]  # fmt: skip
+                gram, moment, counts = sums[name]
+                for k in np.unique(y):
+                    rows = a[y == k]
+                    gram[k] += rows.T @ rows
+                    moment[:, k] += rows.sum(0)
+                    counts[k] += len(rows)
+        probes = {}
+        for name, (gram, moment, counts) in sums.items():
+            if np.count_nonzero(counts) < 2:
+                continue
+            weight = 1.0 / np.maximum(counts, 1.0)
+            total = np.einsum('k,kij->ij', weight, gram)
+            ridge = PROBE_RIDGE * np.trace(total) / len(total)
+            probes[name] = np.linalg.solve(total + ridge * np.eye(len(total)), moment * weight)
+        return probes
 
     def evaluate(self, params, extra, mesh):
         e, patch = self.config.eval, self.config.model.patch
         params = jax.device_put(jax.device_get(params), jax.local_devices()[0])  # on one device, once
         featurizers, fit_skipped = self._probe_features(params), [0]
-        probes = {name: self._fit_probe(featurize, fit_skipped) for name, featurize in featurizers.items()}
-        probes = {name: w for name, w in probes.items() if w is not None}
+        probes = self._fit_probes(featurizers, fit_skipped)
         sums: dict[str, float] = {}
 
         def add(key, value):
@@ -365,9 +370,7 @@ class Method(base.Method):
                 truth[name].append(y)
         if not sums:
             raise ConfigError(f"'eval.split' {e.split}: no readable grids")
-        # Each probe's fitting pass reads the same files: count its skips once.
-        skipped_fit = fit_skipped[0] // max(len(featurizers), 1)
-        results: dict[str, float] = {'eval_skipped_files': float(skipped[0] + skipped_fit)}
+        results: dict[str, float] = {'eval_skipped_files': float(skipped[0] + fit_skipped[0])}
         psnr = lambda mse: float(-10.0 * np.log10(max(mse, 1e-12)))
         for name in ('all', 'masked'):
             n = max(sums[f'rgb/n/{name}'], 1.0)  # channel values: voxels x 3
